@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Measure llama.cpp's reference CPU speed (via llama-cpp-python's low-level API).
+
+Runs llama.cpp on the same GGUF and thread count as PSA-Serve's C++ bench and
+prints ONE JSON object on stdout (everything else goes to stderr):
+
+    {"impl": "llama.cpp", "version": str, "threads": n,
+     "prefill_tps": {"512": x, "2048": x, "8192": x},
+     "decode_tps": {"1": {"512": x, ...}, "8": {...}, "32": {...}},
+     "meta": {...}}
+
+"meta" is extra information (token source, flash-attention setting, decode
+steps, load average, skipped configurations, and with --flash-attn best the
+per-setting numbers); consumers may ignore it.  A
+configuration that was skipped or failed is null.
+
+Method (one fresh llama_context per (context C, batch B) configuration, created
+with n_seq_max=B and, by default, kv_unified=false so every sequence owns its
+own KV stream of pad256(C + R*N + 1) cells; n_ctx = B * that, n_batch =
+n_ubatch = 512, type_k = type_v = f16, n_threads = n_threads_batch =
+--threads, flash_attn_type = --flash-attn):
+
+  * prefill: C prompt tokens are decoded into sequence 0 from an empty cache in
+    chunks of 512 tokens, only the last token requesting logits.  prefill_tps =
+    C / seconds.  This is done once per batch size, so the reported value is the
+    best (minimum-time) of those runs for that C.
+  * decode: sequence 0's KV is copied to sequences 1..B-1 with
+    llama_memory_seq_cp (a full per-stream copy, applied during the next
+    llama_decode), one untimed warm-up step is run, then N (--decode-tokens)
+    timed steps, each one llama_decode of a llama_batch holding one token per
+    sequence (logits requested for every sequence).  decode_tps = B * N /
+    seconds.  With --reps R the N timed steps are repeated R times (the
+    sequences keep growing) and the fastest repetition is reported.
+
+Prompt tokens are real text: the haystack essays (*.txt in sorted filename
+order, LICENSE* excluded, joined by blank lines) tokenized without BOS; decode
+steps feed the following essay tokens.  With --tokens random (or if the
+haystack is unavailable and --tokens auto), uniformly random token ids from the
+vocabulary (seed 0) are used instead; meta.token_source says which.
+
+A configuration whose estimated memory (weights + KV + 0.75 GiB of buffers)
+exceeds --max-mem-gib (default 16) or the currently available RAM is skipped
+with a note on stderr.  On SIGINT/SIGTERM the configurations finished so far
+are still printed (the rest null) and the exit status is 130.  Requires
+Python 3.11, numpy and llama_cpp only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = Path("/root/.cache/psa-serve/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_HAYSTACK = REPO_ROOT / ".." / "shared" / "eval" / "haystack"
+N_BATCH = 512
+GIB = 1024 ** 3
+
+
+def log(msg: str) -> None:
+    print(f"[llamacpp_bench] {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg: str) -> NoReturn:
+    print(f"llamacpp_bench.py: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=(
+            "Benchmark llama.cpp (through llama-cpp-python's low-level API) prefill and "
+            "batched decode throughput on a GGUF model; prints one JSON object on stdout."
+        ),
+    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF model file (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp n_threads and n_threads_batch (default: %(default)s)")
+    p.add_argument("--contexts", type=int_list, default=[512, 2048, 8192],
+                   help="comma-separated context lengths C, prompt tokens per sequence (default: 512,2048,8192)")
+    p.add_argument("--batches", type=int_list, default=[1, 8, 32],
+                   help="comma-separated decode batch sizes B, concurrent sequences (default: 1,8,32)")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="timed decode steps N per configuration (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=1,
+                   help="repeat the N timed decode steps this many times per configuration "
+                        "(continuing the same sequences) and report the fastest (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="only context 512 and batches 1,8 (overrides --contexts/--batches)")
+    p.add_argument("--haystack", type=Path, default=DEFAULT_HAYSTACK,
+                   help="essay directory for prompt tokens "
+                        "(default: ../shared/eval/haystack relative to the repo root)")
+    p.add_argument("--tokens", choices=["auto", "haystack", "random"], default="auto",
+                   help="prompt token source; auto = haystack essays if readable, else random ids (default: %(default)s)")
+    p.add_argument("--flash-attn", choices=["auto", "on", "off", "best"], default="auto",
+                   help="llama.cpp flash_attn_type; auto is llama.cpp's own default; best runs "
+                        "the whole sweep with on and with off and reports the faster of the two "
+                        "for every entry (twice the time) (default: %(default)s)")
+    p.add_argument("--kv-unified", choices=["on", "off"], default="off",
+                   help="llama.cpp kv_unified: off gives every sequence its own KV stream "
+                        "(default: %(default)s)")
+    p.add_argument("--max-mem-gib", type=float, default=16.0,
+                   help="skip configurations whose estimated memory exceeds this many GiB (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log output")
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.decode_tokens < 1:
+        p.error("--decode-tokens must be >= 1")
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    if args.quick:
+        args.contexts = [512]
+        args.batches = [1, 8]
+    return args
+
+
+def pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_essay_text(haystack: Path) -> str | None:
+    if not haystack.is_dir():
+        return None
+    files = sorted(f for f in haystack.glob("*.txt") if not f.name.upper().startswith("LICENSE"))
+    if not files:
+        return None
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        try:
+            import numpy as np
+            import llama_cpp
+        except ImportError as e:
+            die(f"cannot import numpy/llama_cpp ({e}); run with the reference venv, e.g. "
+                "/root/.cache/psa-serve/venv-ref/bin/python bench/llamacpp_bench.py")
+        self.np = np
+        self.lc = llama_cpp
+        self.args = args
+        try:
+            from llama_cpp import _logger
+            _logger.set_verbose(args.verbose)
+        except Exception:  # pragma: no cover - logging is cosmetic
+            pass
+        if not args.model.is_file():
+            die(f"model file not found: {args.model} (use --model)")
+        lc = llama_cpp
+        lc.llama_backend_init()
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self.model = lc.llama_model_load_from_file(str(args.model).encode(), mp)
+        if not self.model:
+            die(f"llama.cpp failed to load {args.model}")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        n_layer = lc.llama_model_n_layer(self.model)
+        n_head = lc.llama_model_n_head(self.model)
+        n_head_kv = lc.llama_model_n_head_kv(self.model)
+        n_embd = lc.llama_model_n_embd(self.model)
+        self.kv_bytes_per_cell = n_layer * 2 * n_head_kv * (n_embd // n_head) * 2  # K+V, f16
+        self.weight_bytes = int(lc.llama_model_size(self.model))
+        try:
+            cpp_ver = lc.llama_version().decode()
+        except Exception:
+            cpp_ver = "unknown"
+        self.version = f"llama-cpp-python {lc.__version__} (llama.cpp {cpp_ver})"
+        self.fa_types = {"auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                         "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+        self.fa = self.fa_types["auto" if args.flash_attn == "best" else args.flash_attn]
+        self.notes: list[str] = []
+        self.interrupted = False
+        self._prepare_tokens()
+
+    # -- tokens ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        n = len(data) + 16
+        buf = (self.lc.llama_token * n)()
+        got = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n, False, False)
+        if got < 0:
+            n = -got
+            buf = (self.lc.llama_token * n)()
+            got = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n, False, False)
+            if got < 0:
+                die("llama_tokenize failed on the haystack text")
+        return list(buf[:got])
+
+    def _prepare_tokens(self) -> None:
+        need = max(self.args.contexts) + self.args.reps * self.args.decode_tokens + 1
+        source = self.args.tokens
+        ids: list[int] = []
+        if source in ("auto", "haystack"):
+            text = load_essay_text(self.args.haystack)
+            if text is None:
+                if source == "haystack":
+                    die(f"no essay .txt files in {self.args.haystack} (use --haystack or --tokens random)")
+                log(f"haystack {self.args.haystack} not readable; using random token ids")
+            else:
+                ids = self.tokenize(text)
+                if len(ids) < need:
+                    if source == "haystack":
+                        die(f"haystack has {len(ids)} tokens, need {need}")
+                    log(f"haystack has only {len(ids)} tokens (< {need}); using random token ids")
+                    ids = []
+        if ids:
+            self.token_source = f"haystack essays ({self.args.haystack.resolve()})"
+        else:
+            rng = self.np.random.default_rng(0)
+            ids = [int(x) for x in rng.integers(0, self.n_vocab, size=need)]
+            self.token_source = "random token ids (numpy default_rng seed 0)"
+        self.ids = ids
+        log(f"token source: {self.token_source}")
+
+    # -- contexts -------------------------------------------------------------
+    def estimate_bytes(self, ctx_cells: int) -> int:
+        return self.weight_bytes + ctx_cells * self.kv_bytes_per_cell + int(0.75 * GIB)
+
+    def new_context(self, n_ctx: int, n_seq: int):
+        lc = self.lc
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = N_BATCH
+        cp.n_ubatch = N_BATCH
+        cp.n_seq_max = n_seq
+        cp.n_threads = self.args.threads
+        cp.n_threads_batch = self.args.threads
+        cp.flash_attn_type = self.fa
+        cp.kv_unified = self.args.kv_unified == "on"
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(self.model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama_init_from_model failed (n_ctx={n_ctx}, n_seq_max={n_seq})")
+        return ctx
+
+    def decode(self, ctx, batch) -> None:
+        rc = self.lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def prefill(self, ctx, batch, n: int) -> float:
+        """Decode self.ids[:n] into sequence 0 (empty cache); return seconds."""
+        t0 = time.perf_counter()
+        for start in range(0, n, N_BATCH):
+            m = min(N_BATCH, n - start)
+            batch.n_tokens = m
+            for i in range(m):
+                batch.token[i] = self.ids[start + i]
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if start + i == n - 1 else 0
+            self.decode(ctx, batch)
+        self.lc.llama_synchronize(ctx)
+        return time.perf_counter() - t0
+
+    def run_config(self, C: int, B: int) -> tuple[float | None, float | None]:
+        """Return (prefill seconds for C tokens, decode tok/s) for one configuration."""
+        lc = self.lc
+        N = self.args.decode_tokens
+        R = self.args.reps
+        cells_per_seq = pad256(C + R * N + 1)
+        n_ctx = cells_per_seq * B
+        est = self.estimate_bytes(n_ctx)
+        avail = mem_available()
+        why = None
+        if est > self.args.max_mem_gib * GIB:
+            why = f"--max-mem-gib {self.args.max_mem_gib:g}"
+        elif avail is not None and est > avail:
+            why = f"available RAM {avail / GIB:.1f} GiB"
+        if why:
+            note = f"skip C={C} B={B}: estimated {est / GIB:.2f} GiB exceeds {why}"
+            log(note)
+            self.notes.append(note)
+            return None, None
+        ctx = self.new_context(n_ctx, B)
+        batch = lc.llama_batch_init(max(N_BATCH, B), 0, 1)
+        try:
+            mem = lc.llama_get_memory(ctx)
+            lc.llama_memory_clear(mem, True)
+            t_pre = self.prefill(ctx, batch, C)
+            log(f"C={C} B={B}: prefill {C} tokens in {t_pre:.2f}s ({C / t_pre:.1f} tok/s), "
+                f"KV {n_ctx} cells = {n_ctx * self.kv_bytes_per_cell / GIB:.2f} GiB")
+            for s in range(1, B):
+                lc.llama_memory_seq_cp(mem, 0, s, -1, -1)
+
+            def step(k: int) -> None:  # k = 0 is the warm-up step at position C
+                tok = self.ids[C + k]
+                batch.n_tokens = B
+                for s in range(B):
+                    batch.token[s] = tok
+                    batch.pos[s] = C + k
+                    batch.n_seq_id[s] = 1
+                    batch.seq_id[s][0] = s
+                    batch.logits[s] = 1
+                self.decode(ctx, batch)
+
+            step(0)  # applies the pending seq copies; untimed
+            lc.llama_synchronize(ctx)
+            for s in range(B):
+                pmax = lc.llama_memory_seq_pos_max(mem, s)
+                if pmax != C:
+                    raise RuntimeError(f"sequence {s} holds positions up to {pmax}, expected {C}")
+            times = []
+            for r in range(R):
+                t0 = time.perf_counter()
+                for k in range(1 + r * N, 1 + (r + 1) * N):
+                    step(k)
+                lc.llama_synchronize(ctx)
+                times.append(time.perf_counter() - t0)
+                log(f"C={C} B={B}: decode {N} steps at positions {C + 1 + r * N}.. in {times[-1]:.2f}s "
+                    f"-> {B * N / times[-1]:.1f} tok/s")
+            tps = B * N / min(times)
+            return t_pre, tps
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+
+    def warmup(self) -> None:
+        ctx = self.new_context(N_BATCH, 1)
+        batch = self.lc.llama_batch_init(N_BATCH, 0, 1)
+        try:
+            self.prefill(ctx, batch, min(N_BATCH, len(self.ids)))
+        finally:
+            self.lc.llama_batch_free(batch)
+            self.lc.llama_free(ctx)
+
+    def sweep(self, fa_name: str, prefill: dict, decode: dict) -> None:
+        """Run every (C, B) with flash_attn_type fa_name; fill prefill/decode in place."""
+        a = self.args
+        self.fa = self.fa_types[fa_name]
+        for C in a.contexts:
+            best: float | None = None
+            for B in a.batches:
+                t_pre, tps = None, None
+                if not self.interrupted:
+                    try:
+                        t_pre, tps = self.run_config(C, B)
+                    except RuntimeError as e:
+                        note = f"flash_attn={fa_name} C={C} B={B} failed: {e}"
+                        log(note)
+                        self.notes.append(note)
+                    except KeyboardInterrupt:  # SIGINT/SIGTERM: report what we have
+                        self.interrupted = True
+                        note = (f"interrupted at flash_attn={fa_name} C={C} B={B}; "
+                                "remaining configurations are null")
+                        log(note)
+                        self.notes.append(note)
+                if t_pre is not None and (best is None or t_pre < best):
+                    best = t_pre
+                decode[str(B)][str(C)] = None if tps is None else round(tps, 2)
+            prefill[str(C)] = None if best is None else round(C / best, 2)
+
+    def run(self) -> dict:
+        a = self.args
+        loadavg = list(os.getloadavg())
+        log(f"{self.version}; model {a.model}; threads {a.threads}; contexts {a.contexts}; "
+            f"batches {a.batches}; decode steps {a.decode_tokens} x {a.reps}; "
+            f"flash_attn {a.flash_attn}; load average {loadavg[0]:.2f}")
+        self.warmup()
+        modes = ["on", "off"] if a.flash_attn == "best" else [a.flash_attn]
+        per_mode = {}
+        for m in modes:
+            log(f"sweep with flash_attn={m}")
+            pre: dict[str, float | None] = {}
+            dec: dict[str, dict[str, float | None]] = {str(b): {} for b in a.batches}
+            self.sweep(m, pre, dec)
+            per_mode[m] = {"prefill_tps": pre, "decode_tps": dec}
+
+        def best(vals):
+            vals = [v for v in vals if v is not None]
+            return max(vals) if vals else None
+
+        prefill = {str(C): best(per_mode[m]["prefill_tps"][str(C)] for m in modes) for C in a.contexts}
+        decode = {str(B): {str(C): best(per_mode[m]["decode_tps"][str(B)][str(C)] for m in modes)
+                           for C in a.contexts} for B in a.batches}
+        meta = {
+            "token_source": self.token_source,
+            "decode_tokens": a.decode_tokens,
+            "decode_reps": a.reps,
+            "decode_stat": "fastest of decode_reps timed runs of decode_tokens steps",
+            "prefill_stat": "min time over one run per batch size",
+            "flash_attn": a.flash_attn,
+            "kv_type": "f16",
+            "n_batch": N_BATCH,
+            "n_ubatch": N_BATCH,
+            "kv_unified": a.kv_unified == "on",
+            "loadavg_at_start": loadavg,
+            "loadavg_at_end": list(os.getloadavg()),
+            "notes": self.notes,
+        }
+        if a.flash_attn == "best":
+            meta["per_flash_attn"] = per_mode
+        return {
+            "impl": "llama.cpp",
+            "version": self.version,
+            "threads": a.threads,
+            "prefill_tps": prefill,
+            "decode_tps": decode,
+            "meta": meta,
+        }
+
+    def close(self) -> None:
+        self.lc.llama_model_free(self.model)
+
+
+def _sigterm(signum, frame):  # turn SIGTERM into KeyboardInterrupt for partial results
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    b = Bench(args)
+    try:
+        result = b.run()
+    finally:
+        b.close()
+    print(json.dumps(result), flush=True)
+    return 130 if b.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+// Single-sequence generation loop: prefill, then sample and decode until an
+// end-of-generation token, a stop string or max_tokens. Streams text pieces
+// that are always whole UTF-8 and never part of a stop string.
+#ifndef PSA_COMPUTE_WORKER_RUNTIME_GENERATOR_H_
+#define PSA_COMPUTE_WORKER_RUNTIME_GENERATOR_H_
+
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "compute_worker/runtime/llama_runtime.h"
+#include "compute_worker/runtime/sampler.h"
+
+namespace psa {
+
+struct GenerationRequest {
+  std::vector<TokenId> prompt;
+  SamplingParams sampling;
+  int max_tokens = 128;
+  std::vector<std::string> stop_strings;
+  bool ignore_eos = false;  // keep going past end-of-generation tokens
+};
+
+struct GenerationResult {
+  std::vector<TokenId> tokens;  // generated ids (stop strings' tokens included)
+  std::string text;             // generated text, cut before any stop string
+  std::string finish_reason;    // "eos", "stop" or "length"
+  double prefill_seconds = 0;
+  double decode_seconds = 0;    // from the first token to the last
+};
+
+// Called with each new token and the text it releases (possibly empty);
+// returning false cancels the generation (finish_reason "cancelled").
+using TokenCallback = std::function<bool(TokenId token, std::string_view text)>;
+
+absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& request,
+                                          const TokenCallback& on_token = nullptr);
+
+// Bytes at the end of s that form an incomplete UTF-8 sequence (0..3).
+size_t IncompleteUtf8Suffix(std::string_view s);
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_RUNTIME_GENERATOR_H_

@@ -1,0 +1,75 @@
+// CPU forward pass of a Llama-family model over a batch of sequences.
+//
+// One Forward() call takes any mix of prompt chunks (prefill) and single
+// tokens (decode) from different sequences: all their rows go through every
+// weight matrix together, and attention runs per sequence against its own
+// KV cache through the configured AttentionBackend. Not thread-safe: one
+// runtime per thread of control; it parallelises internally (OpenMP).
+#ifndef PSA_COMPUTE_WORKER_RUNTIME_LLAMA_RUNTIME_H_
+#define PSA_COMPUTE_WORKER_RUNTIME_LLAMA_RUNTIME_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/attention.h"
+#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/runtime/matmul.h"
+
+namespace psa {
+
+struct RuntimeOptions {
+  int threads = 0;            // 0: OpenMP default (all cores)
+  int max_batch_tokens = 512; // rows per Forward() pass; longer prompts are chunked
+  int max_context = 0;        // 0: the model's training context
+};
+
+// One sequence's part of a batch: `tokens` are appended at positions
+// kv->length() onwards; logits are produced for the last token if wanted.
+struct BatchEntry {
+  KvCache* kv = nullptr;
+  absl::Span<const TokenId> tokens;
+  bool want_logits = true;
+};
+
+class LlamaRuntime {
+ public:
+  LlamaRuntime(const LlamaModel& model, RuntimeOptions options,
+               std::unique_ptr<AttentionBackend> attention = nullptr);
+
+  const LlamaModel& model() const { return model_; }
+  const RuntimeOptions& options() const { return options_; }
+  int max_context() const { return max_context_; }
+  KvCache NewCache() const;
+
+  // Runs the batch. logits gets one row of n_vocab floats per entry with
+  // want_logits, in entry order. Entries longer than max_batch_tokens are
+  // split into several passes. INVALID_ARGUMENT (and no change to any cache)
+  // for unknown token ids, empty entries, or contexts past max_context.
+  absl::Status Forward(absl::Span<const BatchEntry> batch, std::vector<float>* logits);
+
+  // Convenience: prefill one sequence, returning the last token's logits.
+  absl::Status Prefill(KvCache* kv, absl::Span<const TokenId> tokens, std::vector<float>* logits);
+
+ private:
+  // One pass over at most max_batch_tokens rows.
+  void ForwardPass(absl::Span<const BatchEntry> batch, float* logits);
+  void EnsureRope(int positions);
+
+  const LlamaModel& model_;
+  RuntimeOptions options_;
+  std::unique_ptr<AttentionBackend> attention_;
+  int max_context_;
+  // RoPE cos/sin per position and rotated pair, computed as ggml does.
+  std::vector<float> rope_cos_, rope_sin_;
+  int rope_positions_ = 0;
+  // Scratch reused across passes.
+  std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, logits_rows_;
+  PackedActivations packed_;
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_RUNTIME_LLAMA_RUNTIME_H_

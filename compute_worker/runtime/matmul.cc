@@ -1,0 +1,269 @@
+#include "compute_worker/runtime/matmul.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace psa {
+namespace {
+
+#if defined(__AVX2__)
+
+// Sum of products of 32 unsigned bytes with 32 signed bytes, as 8 int32 lanes.
+inline __m256i DotU8S8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 16 bytes of nibbles -> 32 bytes 0..15: low nibbles (elements 0..15), then high.
+inline __m256i UnpackNibbles(const uint8_t* qs) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline __m256 Fp16Pair(uint16_t a, uint16_t b) {
+  return _mm256_set1_ps(Fp16ToFp32(a) * Fp16ToFp32(b));
+}
+
+// One weight row against N activation rows; the weight block is unpacked
+// once and reused for every activation row.
+template <int N>
+void DotQ4_1xQ8_1(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ4_1*>(w_row);
+  const BlockQ8_1* x[N];
+  __m256 acc[N];
+  float mins[N];
+  for (int t = 0; t < N; ++t) {
+    x[t] = reinterpret_cast<const BlockQ8_1*>(x_rows[t]);
+    acc[t] = _mm256_setzero_ps();
+    mins[t] = 0;
+  }
+  for (int b = 0; b < nb; ++b) {
+    const __m256i q4 = UnpackNibbles(w[b].qs);
+    const float dw = Fp16ToFp32(w[b].d), mw = Fp16ToFp32(w[b].m);
+    for (int t = 0; t < N; ++t) {
+      const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
+      const __m256 p = _mm256_cvtepi32_ps(DotU8S8(q4, q8));
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * Fp16ToFp32(x[t][b].d)), p, acc[t]);
+      mins[t] += mw * Fp16ToFp32(x[t][b].s);
+    }
+  }
+  for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]) + mins[t];
+}
+
+// |a|.sign(b, a) turns a signed x signed product into unsigned x signed.
+inline __m256i DotS8S8(__m256i a, __m256i b) {
+  return DotU8S8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+template <int N>
+void DotQ4_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ4_0*>(w_row);
+  const BlockQ8_0* x[N];
+  __m256 acc[N];
+  for (int t = 0; t < N; ++t) {
+    x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+    acc[t] = _mm256_setzero_ps();
+  }
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int b = 0; b < nb; ++b) {
+    const __m256i q4 = _mm256_sub_epi8(UnpackNibbles(w[b].qs), eight);
+    for (int t = 0; t < N; ++t) {
+      const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
+      const __m256 p = _mm256_cvtepi32_ps(DotS8S8(q4, q8));
+      acc[t] = _mm256_fmadd_ps(Fp16Pair(w[b].d, x[t][b].d), p, acc[t]);
+    }
+  }
+  for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+}
+
+template <int N>
+void DotQ8_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
+  const BlockQ8_0* x[N];
+  __m256 acc[N];
+  for (int t = 0; t < N; ++t) {
+    x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+    acc[t] = _mm256_setzero_ps();
+  }
+  for (int b = 0; b < nb; ++b) {
+    const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
+    const __m256i ax = _mm256_sign_epi8(qw, qw);
+    for (int t = 0; t < N; ++t) {
+      const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
+      const __m256 p = _mm256_cvtepi32_ps(DotU8S8(ax, _mm256_sign_epi8(q8, qw)));
+      acc[t] = _mm256_fmadd_ps(Fp16Pair(w[b].d, x[t][b].d), p, acc[t]);
+    }
+  }
+  for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+}
+
+#else  // scalar fallback
+
+template <int N>
+void DotQ4_1xQ8_1(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ4_1*>(w_row);
+  for (int t = 0; t < N; ++t) {
+    const auto* x = reinterpret_cast<const BlockQ8_1*>(x_rows[t]);
+    float sum = 0;
+    for (int b = 0; b < nb; ++b) {
+      int s = 0;
+      for (int j = 0; j < kQK / 2; ++j) {
+        s += (w[b].qs[j] & 0xF) * x[b].qs[j] + (w[b].qs[j] >> 4) * x[b].qs[j + kQK / 2];
+      }
+      sum += Fp16ToFp32(w[b].d) * Fp16ToFp32(x[b].d) * s + Fp16ToFp32(w[b].m) * Fp16ToFp32(x[b].s);
+    }
+    out[t] = sum;
+  }
+}
+template <int N>
+void DotQ4_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ4_0*>(w_row);
+  for (int t = 0; t < N; ++t) {
+    const auto* x = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+    float sum = 0;
+    for (int b = 0; b < nb; ++b) {
+      int s = 0;
+      for (int j = 0; j < kQK / 2; ++j) {
+        s += ((w[b].qs[j] & 0xF) - 8) * x[b].qs[j] + ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + kQK / 2];
+      }
+      sum += Fp16ToFp32(w[b].d) * Fp16ToFp32(x[b].d) * s;
+    }
+    out[t] = sum;
+  }
+}
+template <int N>
+void DotQ8_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
+  const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
+  for (int t = 0; t < N; ++t) {
+    const auto* x = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+    float sum = 0;
+    for (int b = 0; b < nb; ++b) {
+      int s = 0;
+      for (int j = 0; j < kQK; ++j) s += w[b].qs[j] * x[b].qs[j];
+      sum += Fp16ToFp32(w[b].d) * Fp16ToFp32(x[b].d) * s;
+    }
+    out[t] = sum;
+  }
+}
+#endif
+
+float DotF32(const float* a, const float* b, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Dispatches one weight row against up to 4 activation rows.
+template <int N>
+void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, int64_t cols,
+             float* out) {
+  const int nb = static_cast<int>(cols / kQK);
+  switch (type) {
+    case GgmlType::kQ4_1: DotQ4_1xQ8_1<N>(w_row, x_rows, nb, out); return;
+    case GgmlType::kQ4_0: DotQ4_0xQ8_0<N>(w_row, x_rows, nb, out); return;
+    case GgmlType::kQ8_0: DotQ8_0xQ8_0<N>(w_row, x_rows, nb, out); return;
+    default: {
+      // Float weights: decode the row, then plain fp32 dots.
+      thread_local std::vector<float> row;
+      row.resize(cols);
+      DequantizeRow(type, w_row, row.data(), cols);
+      for (int t = 0; t < N; ++t) {
+        out[t] = DotF32(row.data(), reinterpret_cast<const float*>(x_rows[t]), cols);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+GgmlType ActivationTypeFor(GgmlType weight) {
+  switch (weight) {
+    case GgmlType::kQ4_1: return GgmlType::kQ8_1;
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ8_0: return GgmlType::kQ8_0;
+    default: return GgmlType::kF32;
+  }
+}
+
+void PackActivations(GgmlType weight, const float* x, int n, int64_t cols, int64_t ld,
+                     PackedActivations* out) {
+  out->type = ActivationTypeFor(weight);
+  out->n = n;
+  out->cols = cols;
+  out->row_bytes = RowBytes(out->type, cols);
+  out->data.resize(out->row_bytes * n);
+  for (int i = 0; i < n; ++i) {
+    QuantizeRow(out->type, x + i * ld, out->data.data() + i * out->row_bytes, cols);
+  }
+}
+
+float DotRow(GgmlType weight_type, const uint8_t* w_row, const uint8_t* x_row, int64_t cols) {
+  float out;
+  DotRows<1>(weight_type, w_row, &x_row, cols, &out);
+  return out;
+}
+
+void MatMul(const WeightMatrix& w, const PackedActivations& x, float* y, int64_t ldy,
+            int64_t row_begin, int64_t row_end) {
+  if (row_end < 0) row_end = w.rows;
+  const int n = x.n;
+  constexpr int64_t kRowChunk = 16;
+  const int64_t n_chunks = (row_end - row_begin + kRowChunk - 1) / kRowChunk;
+#pragma omp parallel for schedule(static) if (n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t r0 = row_begin + c * kRowChunk;
+    const int64_t r1 = std::min(row_end, r0 + kRowChunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* w_row = w.row(r);
+      int t = 0;
+      float out[4];
+      for (; t + 4 <= n; t += 4) {
+        const uint8_t* rows[4] = {x.row(t), x.row(t + 1), x.row(t + 2), x.row(t + 3)};
+        DotRows<4>(w.type, w_row, rows, w.cols, out);
+        for (int k = 0; k < 4; ++k) y[(t + k) * ldy + r] = out[k];
+      }
+      for (; t < n; ++t) {
+        const uint8_t* rows[1] = {x.row(t)};
+        DotRows<1>(w.type, w_row, rows, w.cols, out);
+        y[t * ldy + r] = out[0];
+      }
+    }
+  }
+}
+
+const char* MatMulIsa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace psa

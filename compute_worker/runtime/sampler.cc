@@ -1,0 +1,70 @@
+#include "compute_worker/runtime/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace psa {
+
+absl::Status SamplingParams::Validate() const {
+  if (!(temperature >= 0.0f) || !std::isfinite(temperature)) {
+    return absl::InvalidArgumentError(absl::StrCat("temperature must be >= 0, got ", temperature));
+  }
+  if (top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", top_k));
+  if (!(top_p > 0.0f && top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", top_p));
+  }
+  return absl::OkStatus();
+}
+
+Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+
+TokenId ArgMax(const float* logits, int n) {
+  return static_cast<TokenId>(std::max_element(logits, logits + n) - logits);
+}
+
+TokenId Sampler::Sample(const float* logits, int n_vocab) {
+  if (params_.temperature <= 0.0f || params_.top_k == 1) return ArgMax(logits, n_vocab);
+  candidates_.resize(n_vocab);
+  for (int i = 0; i < n_vocab; ++i) candidates_[i] = {logits[i], i};
+  auto by_logit = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  size_t n = candidates_.size();
+  if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < n) {
+    n = params_.top_k;
+    std::partial_sort(candidates_.begin(), candidates_.begin() + n, candidates_.end(), by_logit);
+  } else {
+    std::sort(candidates_.begin(), candidates_.end(), by_logit);
+  }
+  // Softmax with temperature over the kept candidates (sorted, max first).
+  const float max = candidates_[0].first;
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    candidates_[i].first = std::exp((candidates_[i].first - max) / params_.temperature);
+    sum += candidates_[i].first;
+  }
+  // Nucleus: the smallest prefix whose probability reaches top_p.
+  if (params_.top_p < 1.0f) {
+    double acc = 0;
+    for (size_t i = 0; i < n; ++i) {
+      acc += candidates_[i].first / sum;
+      if (acc >= params_.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+    sum = 0;
+    for (size_t i = 0; i < n; ++i) sum += candidates_[i].first;
+  }
+  std::uniform_real_distribution<double> uniform(0.0, sum);
+  double r = uniform(rng_);
+  for (size_t i = 0; i < n; ++i) {
+    r -= candidates_[i].first;
+    if (r <= 0) return candidates_[i].second;
+  }
+  return candidates_[n - 1].second;
+}
+
+}  // namespace psa

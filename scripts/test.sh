@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, fetches the default model,
+# builds, and runs every test (unit, integration against llama.cpp fixtures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export PSA_MODEL="$(scripts/fetch_model.sh)"
+scripts/build.sh
+ctest --test-dir "${PSA_BUILD_DIR:-build}" --output-on-failure --timeout 900 "$@"

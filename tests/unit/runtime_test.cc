@@ -1,0 +1,351 @@
+// Forward pass on tiny generated models: agreement with a naive reference
+// implementation, batch/chunk invariance, and input validation.
+#include "compute_worker/runtime/llama_runtime.h"
+
+#include <cmath>
+#include <random>
+
+#include "compute_worker/runtime/generator.h"
+#include "compute_worker/runtime/sampler.h"
+#include "gtest/gtest.h"
+#include "tests/unit/tiny_gguf.h"
+
+namespace psa {
+namespace {
+
+std::unique_ptr<LlamaModel> TinyModel(const testing::TinyModelSpec& spec) {
+  auto bytes = testing::BuildTinyLlamaGguf(spec);
+  const std::string path = testing::WriteTempFile(bytes, "runtime_test_" + std::to_string(spec.seed) + ".gguf");
+  auto m = LlamaModel::Load(path);
+  EXPECT_TRUE(m.ok()) << m.status().message();
+  return m.ok() ? std::move(*m) : nullptr;
+}
+
+std::vector<float> Dequantize(const WeightMatrix& w) {
+  std::vector<float> out(w.rows * w.cols);
+  for (int64_t r = 0; r < w.rows; ++r) DequantizeRow(w.type, w.row(r), &out[r * w.cols], w.cols);
+  return out;
+}
+
+// Straightforward double-precision Llama forward over a whole prompt,
+// returning the last position's logits.
+std::vector<double> ReferenceForward(const LlamaModel& m, const std::vector<TokenId>& tokens) {
+  const LlamaHparams& hp = m.hparams();
+  const int E = hp.n_embd, D = hp.head_dim, H = hp.n_head, KV = hp.n_head_kv, F = hp.n_ff;
+  const int n = static_cast<int>(tokens.size());
+  auto matvec = [](const std::vector<float>& w, int rows, int cols, const std::vector<double>& x) {
+    std::vector<double> y(rows, 0.0);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) y[r] += static_cast<double>(w[r * cols + c]) * x[c];
+    return y;
+  };
+  auto norm = [&](const std::vector<double>& x, const std::vector<float>& w) {
+    double ss = 0;
+    for (double v : x) ss += v * v;
+    const double s = 1.0 / std::sqrt(ss / x.size() + hp.rms_eps);
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * s * w[i];
+    return y;
+  };
+  auto rope = [&](std::vector<double>& v, int heads, int pos) {
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < hp.rope_dim / 2; ++i) {
+        const double theta = pos * std::pow(static_cast<double>(hp.rope_base), -2.0 * i / hp.rope_dim);
+        const double a = v[h * D + 2 * i], b = v[h * D + 2 * i + 1];
+        v[h * D + 2 * i] = a * std::cos(theta) - b * std::sin(theta);
+        v[h * D + 2 * i + 1] = a * std::sin(theta) + b * std::cos(theta);
+      }
+  };
+  const std::vector<float> embd = Dequantize(m.token_embd());
+  std::vector<std::vector<double>> x(n, std::vector<double>(E));
+  for (int t = 0; t < n; ++t)
+    for (int i = 0; i < E; ++i) x[t][i] = embd[static_cast<size_t>(tokens[t]) * E + i];
+  for (int l = 0; l < hp.n_layer; ++l) {
+    const LayerWeights& w = m.layer(l);
+    const auto wq = Dequantize(w.wq), wk = Dequantize(w.wk), wv = Dequantize(w.wv),
+               wo = Dequantize(w.wo), wg = Dequantize(w.w_gate), wu = Dequantize(w.w_up),
+               wd = Dequantize(w.w_down);
+    std::vector<std::vector<double>> q(n), k(n), v(n);
+    for (int t = 0; t < n; ++t) {
+      const auto xn = norm(x[t], w.attn_norm);
+      q[t] = matvec(wq, E, E, xn);
+      k[t] = matvec(wk, KV * D, E, xn);
+      v[t] = matvec(wv, KV * D, E, xn);
+      rope(q[t], H, t);
+      rope(k[t], KV, t);
+    }
+    for (int t = 0; t < n; ++t) {
+      std::vector<double> att(E, 0.0);
+      for (int h = 0; h < H; ++h) {
+        const int g = h / (H / KV);
+        std::vector<double> s(t + 1);
+        double mx = -1e300;
+        for (int j = 0; j <= t; ++j) {
+          double d = 0;
+          for (int i = 0; i < D; ++i) d += q[t][h * D + i] * k[j][g * D + i];
+          s[j] = d / std::sqrt(static_cast<double>(D));
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (double& e : s) sum += (e = std::exp(e - mx));
+        for (int j = 0; j <= t; ++j)
+          for (int i = 0; i < D; ++i) att[h * D + i] += s[j] / sum * v[j][g * D + i];
+      }
+      const auto o = matvec(wo, E, E, att);
+      for (int i = 0; i < E; ++i) x[t][i] += o[i];
+      const auto hn = norm(x[t], w.ffn_norm);
+      auto gt = matvec(wg, F, E, hn);
+      const auto up = matvec(wu, F, E, hn);
+      for (int i = 0; i < F; ++i) gt[i] = gt[i] / (1 + std::exp(-gt[i])) * up[i];
+      const auto dn = matvec(wd, E, F, gt);
+      for (int i = 0; i < E; ++i) x[t][i] += dn[i];
+    }
+  }
+  const auto out_w = Dequantize(m.output());
+  return matvec(out_w, hp.n_vocab, E, norm(x[n - 1], m.output_norm()));
+}
+
+std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenId> t(n);
+  for (auto& x : t) x = rng() % vocab;
+  return t;
+}
+
+// max |a - b| relative to max |a|.
+double MaxRelativeDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, scale = 1e-30;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(a[i])));
+  }
+  return diff / scale;
+}
+
+TEST(RuntimeTest, MatchesReferenceWithFloatWeights) {
+  testing::TinyModelSpec spec;
+  spec.weight_type = GgmlType::kF32;
+  spec.embd_type = GgmlType::kF32;
+  spec.seed = 11;
+  auto model = TinyModel(spec);
+  ASSERT_NE(model, nullptr);
+  LlamaRuntime rt(*model, RuntimeOptions{});
+  const auto tokens = RandomTokens(40, model->hparams().n_vocab, 3);
+  KvCache kv = rt.NewCache();
+  std::vector<float> logits;
+  ASSERT_TRUE(rt.Prefill(&kv, tokens, &logits).ok());
+  const auto ref = ReferenceForward(*model, tokens);
+  double max_err = 0, max_ref = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    max_err = std::max(max_err, std::fabs(logits[i] - ref[i]));
+    max_ref = std::max(max_ref, std::fabs(ref[i]));
+  }
+  // Only the fp16 KV cache, query and probabilities differ from the reference.
+  EXPECT_LT(max_err, 2e-3 * std::max(1.0, max_ref)) << "max_ref " << max_ref;
+}
+
+TEST(RuntimeTest, QuantizedWeightsStayCloseToReference) {
+  for (GgmlType t : {GgmlType::kQ4_1, GgmlType::kQ4_0, GgmlType::kQ8_0, GgmlType::kF16,
+                     GgmlType::kBF16}) {
+    testing::TinyModelSpec spec;
+    spec.weight_type = t;
+    spec.tied_output = false;
+    spec.seed = 20 + static_cast<int>(t);
+    auto model = TinyModel(spec);
+    ASSERT_NE(model, nullptr);
+    LlamaRuntime rt(*model, RuntimeOptions{});
+    const auto tokens = RandomTokens(24, model->hparams().n_vocab, 5);
+    KvCache kv = rt.NewCache();
+    std::vector<float> logits;
+    ASSERT_TRUE(rt.Prefill(&kv, tokens, &logits).ok());
+    const auto ref = ReferenceForward(*model, tokens);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      num += (logits[i] - ref[i]) * (logits[i] - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    // Activation quantisation (Q8) is the only approximation beyond fp16.
+    EXPECT_LT(std::sqrt(num / den), 0.03) << TypeName(t);
+  }
+}
+
+TEST(RuntimeTest, ChunkedPrefillAndStepwiseDecodeGiveIdenticalLogits) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  const auto tokens = RandomTokens(37, model->hparams().n_vocab, 9);
+  LlamaRuntime whole(*model, RuntimeOptions{});
+  KvCache kv1 = whole.NewCache();
+  std::vector<float> a, b, c;
+  ASSERT_TRUE(whole.Prefill(&kv1, tokens, &a).ok());
+
+  RuntimeOptions small;
+  small.max_batch_tokens = 5;
+  LlamaRuntime chunked(*model, small);
+  KvCache kv2 = chunked.NewCache();
+  ASSERT_TRUE(chunked.Prefill(&kv2, tokens, &b).ok());
+  // Long chunks take the blocked prefill attention kernel, short ones the
+  // decode kernel: the same sums in another order.
+  EXPECT_LT(MaxRelativeDiff(a, b), 1e-4);
+
+  KvCache kv3 = whole.NewCache();
+  for (TokenId t : tokens) ASSERT_TRUE(whole.Prefill(&kv3, {&t, 1}, &c).ok());
+  EXPECT_LT(MaxRelativeDiff(a, c), 1e-4);
+  EXPECT_EQ(kv3.length(), 37);
+
+  // The same chunking twice is bit-exact.
+  KvCache kv4 = chunked.NewCache();
+  ASSERT_TRUE(chunked.Prefill(&kv4, tokens, &c).ok());
+  EXPECT_EQ(b, c);
+}
+
+TEST(RuntimeTest, BatchedDecodeOfMixedLengthsEqualsOneByOne) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  const int V = model->hparams().n_vocab;
+  LlamaRuntime rt(*model, RuntimeOptions{});
+  const std::vector<int> lengths = {1, 5, 17, 33};
+  std::vector<KvCache> solo, batched;
+  std::vector<std::vector<float>> solo_logits(lengths.size());
+  std::vector<float> tmp;
+  std::vector<TokenId> next;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const auto p = RandomTokens(lengths[i], V, 100 + i);
+    solo.push_back(rt.NewCache());
+    batched.push_back(rt.NewCache());
+    ASSERT_TRUE(rt.Prefill(&solo[i], p, &tmp).ok());
+    ASSERT_TRUE(rt.Prefill(&batched[i], p, &tmp).ok());
+    next.push_back(static_cast<TokenId>((7 * i + 3) % V));
+    ASSERT_TRUE(rt.Prefill(&solo[i], {&next[i], 1}, &solo_logits[i]).ok());
+  }
+  // One pass mixing decode tokens with a prompt chunk of a new sequence.
+  KvCache fresh = rt.NewCache();
+  const auto fresh_prompt = RandomTokens(9, V, 77);
+  std::vector<BatchEntry> batch;
+  for (size_t i = 0; i < lengths.size(); ++i) batch.push_back({&batched[i], {&next[i], 1}, true});
+  batch.push_back({&fresh, fresh_prompt, true});
+  std::vector<float> logits;
+  ASSERT_TRUE(rt.Forward(batch, &logits).ok());
+  ASSERT_EQ(logits.size(), (lengths.size() + 1) * V);
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    std::vector<float> row(logits.begin() + i * V, logits.begin() + (i + 1) * V);
+    EXPECT_EQ(row, solo_logits[i]) << "sequence " << i;
+    EXPECT_EQ(batched[i].length(), lengths[i] + 1);
+  }
+  KvCache fresh_solo = rt.NewCache();
+  ASSERT_TRUE(rt.Prefill(&fresh_solo, fresh_prompt, &tmp).ok());
+  EXPECT_EQ(std::vector<float>(logits.end() - V, logits.end()), tmp);
+}
+
+TEST(RuntimeTest, BadInputsAreRejectedAndLeaveCachesUnchanged) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  RuntimeOptions opts;
+  opts.max_context = 16;
+  LlamaRuntime rt(*model, opts);
+  KvCache kv = rt.NewCache();
+  std::vector<float> logits;
+  const std::vector<TokenId> ok = {1, 2, 3};
+  ASSERT_TRUE(rt.Prefill(&kv, ok, &logits).ok());
+
+  const std::vector<TokenId> bad_id = {1, model->hparams().n_vocab};
+  auto s = rt.Prefill(&kv, bad_id, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("outside the vocabulary"), absl::string_view::npos);
+  EXPECT_EQ(kv.length(), 3);
+
+  const std::vector<TokenId> too_long(14, 1);
+  s = rt.Prefill(&kv, too_long, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("limit of 16"), absl::string_view::npos);
+  EXPECT_EQ(kv.length(), 3);
+
+  EXPECT_EQ(rt.Prefill(&kv, {}, &logits).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<BatchEntry> twice = {{&kv, ok, true}, {&kv, ok, true}};
+  EXPECT_EQ(rt.Forward(twice, &logits).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(kv.length(), 3);
+}
+
+TEST(GeneratorTest, GreedyStopsAtMaxTokensAndIsDeterministic) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  LlamaRuntime rt(*model, RuntimeOptions{});
+  GenerationRequest req;
+  req.prompt = {5, 6, 7};
+  req.max_tokens = 12;
+  req.ignore_eos = true;
+  auto a = Generate(rt, req);
+  auto b = Generate(rt, req);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->tokens.size(), 12u);
+  EXPECT_EQ(a->tokens, b->tokens);
+  EXPECT_EQ(a->finish_reason, "length");
+  EXPECT_EQ(a->text, model->tokenizer().Decode(a->tokens));
+}
+
+TEST(GeneratorTest, StopStringsCancellationAndErrors) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  LlamaRuntime rt(*model, RuntimeOptions{});
+  GenerationRequest req;
+  req.prompt = {5, 6, 7};
+  req.max_tokens = 20;
+  req.ignore_eos = true;
+  auto full = Generate(rt, req);
+  ASSERT_TRUE(full.ok());
+  ASSERT_GE(full->text.size(), 4u);
+  // Stop at the first occurrence of a substring of the greedy text.
+  req.stop_strings = {full->text.substr(2, 2)};
+  std::string streamed;
+  auto stopped = Generate(rt, req, [&](TokenId, std::string_view piece) {
+    streamed += piece;
+    return true;
+  });
+  ASSERT_TRUE(stopped.ok());
+  EXPECT_EQ(stopped->finish_reason, "stop");
+  EXPECT_EQ(stopped->text, full->text.substr(0, full->text.find(req.stop_strings[0])));
+  EXPECT_EQ(streamed, stopped->text);
+
+  req.stop_strings.clear();
+  int calls = 0;
+  auto cancelled = Generate(rt, req, [&](TokenId, std::string_view) { return ++calls < 3; });
+  ASSERT_TRUE(cancelled.ok());
+  EXPECT_EQ(cancelled->finish_reason, "cancelled");
+  EXPECT_EQ(cancelled->tokens.size(), 3u);
+
+  req.sampling.top_p = 0;
+  EXPECT_EQ(Generate(rt, req).status().code(), absl::StatusCode::kInvalidArgument);
+  req.sampling.top_p = 1;
+  req.prompt.clear();
+  EXPECT_EQ(Generate(rt, req).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SamplerTest, GreedyTopKAndSeeds) {
+  std::vector<float> logits = {0.1f, 2.0f, 1.9f, -1.0f, 1.0f};
+  SamplingParams greedy;
+  EXPECT_EQ(Sampler(greedy).Sample(logits.data(), 5), 1);
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_k = 1;
+  EXPECT_EQ(Sampler(p).Sample(logits.data(), 5), 1);
+  p.top_k = 2;
+  p.seed = 3;
+  Sampler s1(p), s2(p);
+  std::vector<int> counts(5);
+  for (int i = 0; i < 2000; ++i) {
+    const TokenId a = s1.Sample(logits.data(), 5);
+    EXPECT_EQ(a, s2.Sample(logits.data(), 5));  // same seed, same stream
+    ++counts[a];
+  }
+  EXPECT_EQ(counts[0] + counts[3] + counts[4], 0);  // outside the top 2
+  // p(1)/p(2) = e^0.1 ~ 1.105 at temperature 1.
+  EXPECT_NEAR(static_cast<double>(counts[1]) / counts[2], 1.105, 0.15);
+  p.top_k = 0;
+  p.top_p = 0.01f;
+  EXPECT_EQ(Sampler(p).Sample(logits.data(), 5), 1);
+  p.temperature = -1;
+  EXPECT_FALSE(p.Validate().ok());
+}
+
+}  // namespace
+}  // namespace psa
