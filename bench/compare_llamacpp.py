@@ -8,7 +8,7 @@ Runs (or loads saved results of) two benchmarks that print the same JSON schema
      "decode_tps": {"<batch>": {"<ctx>": tok/s or null, ...}, ...}}
 
   * ours:      <ours> --model M --threads T --contexts C,.. --batches B,..
-               --decode-tokens N --json      (default build/bench/psa_runtime_bench)
+               --decode_tokens N --json      (default build/bench/psa_runtime_bench)
   * llama.cpp: <ref-python> bench/llamacpp_bench.py with the same settings
                (plus --flash-attn/--reps from --ref-flash-attn/--ref-reps)
 
@@ -149,10 +149,11 @@ def run_cmd(cmd: list[str], origin: str) -> dict:
     return parse_json_output(proc.stdout, origin)
 
 
-def common_flags(args: argparse.Namespace) -> list[str]:
+def common_flags(args: argparse.Namespace, sep: str = "-") -> list[str]:
+    """Shared settings; our C++ bench spells multi-word flags with '_' (absl)."""
     return ["--model", str(args.model), "--threads", str(args.threads),
             "--contexts", args.contexts, "--batches", args.batches,
-            "--decode-tokens", str(args.decode_tokens)]
+            f"--decode{sep}tokens", str(args.decode_tokens)]
 
 
 def ref_usable(py: Path) -> str | None:
@@ -178,7 +179,7 @@ def get_ours(args: argparse.Namespace) -> dict | None:
     if not args.ours.exists():
         raise CompareError(f"our bench binary {args.ours} does not exist (build it, or pass --ours, "
                            "--ours-json or --ref-only)")
-    res = run_cmd([str(args.ours.absolute())] + common_flags(args) + ["--json"], "ours")
+    res = run_cmd([str(args.ours.absolute())] + common_flags(args, "_") + ["--json"], "ours")
     if args.save_ours:
         args.save_ours.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     return res
@@ -250,8 +251,8 @@ def format_table(ours: dict | None, ref: dict | None) -> str:
     lines = []
     for who, res in (("ours", ours), ("llama.cpp", ref)):
         if res:
-            lines.append(f"{who}: {res.get('impl', '?')} {res.get('version', '?')}, "
-                         f"threads={res.get('threads', '?')}")
+            extra = "".join(f", {k}={res[k]}" for k in ("version", "isa") if k in res)
+            lines.append(f"{who}: {res.get('impl', '?')}{extra}, threads={res.get('threads', '?')}")
 
     def fmt(cells: list[str]) -> str:
         return "  ".join(cells[i].ljust(widths[i]) if i == 0 else cells[i].rjust(widths[i])

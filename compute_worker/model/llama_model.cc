@@ -90,7 +90,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     if (!v.ok()) return v.status();
     hp.n_head_kv = *v;
   }
-  if (hp.n_embd % hp.n_head != 0 || hp.n_head % hp.n_head_kv != 0) {
+  if (hp.n_embd % hp.n_head != 0 || hp.n_head % hp.n_head_kv != 0 ||
+      hp.n_head / hp.n_head_kv > 16) {
     return absl::InvalidArgumentError(absl::StrCat("inconsistent heads: embedding ", hp.n_embd,
                                                    ", heads ", hp.n_head, ", kv heads ",
                                                    hp.n_head_kv));

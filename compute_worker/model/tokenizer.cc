@@ -333,8 +333,11 @@ std::string Tokenizer::TokenBytes(TokenId id, bool render_special) const {
   if (ty == kControl || ty == kUnknown || ty == kUnused) return render_special ? s : std::string();
   if (ty == kUserDefined) return s;
   if (kind_ == Kind::kSentencePiece) {
-    if (ty == kByte && s.size() == 6) {
-      return std::string(1, static_cast<char>(std::stoi(s.substr(3, 2), nullptr, 16)));
+    if (ty == kByte) {
+      for (int b = 0; b < 256; ++b) {
+        if (byte_tokens_[b] == id) return std::string(1, static_cast<char>(b));
+      }
+      return {};  // a byte token that is not "<0xXX>": nothing to render
     }
     std::string out;
     for (size_t i = 0; i < s.size();) {

@@ -1,6 +1,6 @@
 // The attention step of a decoder layer, behind one interface so that dense
-// attention and the sparse policies (top-k, PSA) are interchangeable and can
-// be compared side by side in the same engine.
+// attention and the sparse policies (top-k, PSA) are interchangeable and are
+// compared side by side in the same engine.
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_ATTENTION_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_ATTENTION_H_
 
@@ -16,21 +16,34 @@ struct AttentionShape {
   int n_head_kv = 0;
   int head_dim = 0;
   float scale = 0;  // usually 1/sqrt(head_dim)
+  int group() const { return n_head / n_head_kv; }
 };
 
-// One unit of attention work: query head `head` of `n_q` consecutive query
-// rows of one sequence. Query row i is at position q_pos0 + i and attends to
-// positions [0, q_pos0 + i] of `kv` (causal).
+// What one query head did in one decode step (sparse policies fill it).
+struct HeadStepStats {
+  int blocks_touched = 0;  // blocks whose keys and values were read
+  int blocks_total = 0;    // blocks in the context (the last may be partial)
+  int iterations = 0;      // PSA: progressive iterations run
+  float captured = 0;      // PSA: estimated attention mass captured (1 for dense)
+};
+
+// One unit of attention work: the query heads of one KV head (its GQA group)
+// for n_q consecutive query rows of one sequence. Query row i is at position
+// q_pos0 + i and attends to positions [0, q_pos0 + i] of `kv` (causal).
 struct AttentionTask {
   const KvCache* kv = nullptr;
   int layer = 0;
-  int head = 0;
+  int kv_head = 0;
   int q_pos0 = 0;
   int n_q = 0;
-  const float* q = nullptr;  // row i at q + i * q_stride, RoPE applied
+  // Query head g of the group, row i: q + i * q_stride + g * head_dim
+  // (RoPE applied); outputs likewise.
+  const float* q = nullptr;
   int q_stride = 0;
-  float* out = nullptr;      // row i at out + i * out_stride
+  float* out = nullptr;
   int out_stride = 0;
+  // Optional, one entry per head of the group: stats of the last query row.
+  HeadStepStats* stats = nullptr;
 };
 
 class AttentionBackend {

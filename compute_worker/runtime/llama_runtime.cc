@@ -41,9 +41,9 @@ LlamaRuntime::LlamaRuntime(const LlamaModel& model, RuntimeOptions options,
   max_context_ = options_.max_context > 0 ? options_.max_context : model.hparams().n_ctx_train;
 }
 
-KvCache LlamaRuntime::NewCache() const {
+KvCache LlamaRuntime::NewCache(int block_size) const {
   const LlamaHparams& hp = model_.hparams();
-  return KvCache(hp.n_layer, hp.n_head_kv, hp.head_dim);
+  return KvCache(hp.n_layer, hp.n_head_kv, hp.head_dim, block_size);
 }
 
 void LlamaRuntime::EnsureRope(int positions) {
@@ -124,6 +124,8 @@ absl::Status LlamaRuntime::Forward(absl::Span<const BatchEntry> batch, std::vect
       part.tokens = b.tokens.subspan(consumed[e], take);
       consumed[e] += take;
       part.want_logits = b.want_logits && consumed[e] == b.tokens.size();
+      part.attention = b.attention;
+      part.stats = consumed[e] == b.tokens.size() ? b.stats : nullptr;
       pass.push_back(part);
       budget -= static_cast<int>(take);
       // A sequence can appear only once per pass: its next chunk needs this
@@ -180,9 +182,11 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
   const AttentionShape shape{hp.n_head, hp.n_head_kv, D, 1.0f / std::sqrt(static_cast<float>(D))};
   const int half = hp.rope_dim / 2;
 
-  // Attention work items: (entry, head, chunk of query rows).
+  // Attention work items: (entry, KV head, chunk of query rows). The last
+  // chunk of an entry holds its last token, whose stats are recorded.
   struct Item {
-    int entry, head, row0, n_q;
+    int entry, kv_head, row0, n_q;
+    bool last;
   };
   std::vector<Item> items;
   {
@@ -191,13 +195,18 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     for (size_t e = 0; e < batch.size(); ++e) {
       const int len = static_cast<int>(batch[e].tokens.size());
       for (int c = 0; c < len; c += kQueryChunk) {
-        for (int h = 0; h < hp.n_head; ++h) {
-          items.push_back({static_cast<int>(e), h, row + c, std::min(kQueryChunk, len - c)});
+        for (int h = 0; h < hp.n_head_kv; ++h) {
+          items.push_back({static_cast<int>(e), h, row + c, std::min(kQueryChunk, len - c),
+                           c + kQueryChunk >= len});
         }
+      }
+      if (batch[e].stats != nullptr) {
+        batch[e].stats->assign(static_cast<size_t>(hp.n_layer) * hp.n_head, HeadStepStats{});
       }
       row += len;
     }
   }
+  const int group = hp.n_head / hp.n_head_kv;
 
   for (int l = 0; l < hp.n_layer; ++l) {
     const LayerWeights& w = model_.layer(l);
@@ -227,17 +236,22 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
 #pragma omp parallel for schedule(dynamic, 1)
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
+      const BatchEntry& b = batch[it.entry];
       AttentionTask t;
-      t.kv = batch[it.entry].kv;
+      t.kv = b.kv;
       t.layer = l;
-      t.head = it.head;
+      t.kv_head = it.kv_head;
       t.q_pos0 = row_pos[it.row0];
       t.n_q = it.n_q;
-      t.q = &q_[static_cast<size_t>(it.row0) * E + it.head * D];
+      const size_t head0 = static_cast<size_t>(it.kv_head) * group * D;
+      t.q = &q_[static_cast<size_t>(it.row0) * E + head0];
       t.q_stride = E;
-      t.out = &attn_[static_cast<size_t>(it.row0) * E + it.head * D];
+      t.out = &attn_[static_cast<size_t>(it.row0) * E + head0];
       t.out_stride = E;
-      attention_->Run(shape, t);
+      if (it.last && b.stats != nullptr) {
+        t.stats = &(*b.stats)[static_cast<size_t>(l) * hp.n_head + it.kv_head * group];
+      }
+      (b.attention != nullptr ? b.attention : attention_.get())->Run(shape, t);
     }
 
     PackActivations(w.wo.type, attn_.data(), n, E, E, &packed_);

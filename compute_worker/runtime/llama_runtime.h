@@ -32,6 +32,11 @@ struct BatchEntry {
   KvCache* kv = nullptr;
   absl::Span<const TokenId> tokens;
   bool want_logits = true;
+  // Attention for this entry's rows (null: the runtime's default backend).
+  const AttentionBackend* attention = nullptr;
+  // If set, resized to n_layer * n_head and filled with what each (layer,
+  // query head) did for the entry's last token.
+  std::vector<HeadStepStats>* stats = nullptr;
 };
 
 class LlamaRuntime {
@@ -40,9 +45,11 @@ class LlamaRuntime {
                std::unique_ptr<AttentionBackend> attention = nullptr);
 
   const LlamaModel& model() const { return model_; }
+  const AttentionBackend& default_attention() const { return *attention_; }
   const RuntimeOptions& options() const { return options_; }
   int max_context() const { return max_context_; }
-  KvCache NewCache() const;
+  // An empty cache for this model (block_size 0: the default).
+  KvCache NewCache(int block_size = 0) const;
 
   // Runs the batch. logits gets one row of n_vocab floats per entry with
   // want_logits, in entry order. Entries longer than max_batch_tokens are

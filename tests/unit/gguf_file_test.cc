@@ -585,7 +585,11 @@ TEST(GgufFileTest, RandomMutationsNeverCrash) {
       auto model = LlamaModel::FromGguf(std::move(*file));
       if (!model.ok()) continue;
       ++loaded;
-      (*model)->tokenizer().Encode("<s>in the water! <|im_end|>", true, true);
+      const Tokenizer& tok = (*model)->tokenizer();
+      tok.Encode("<s>in the water! <|im_end|>", true, true);
+      std::vector<TokenId> all(tok.vocab_size());
+      for (int i = 0; i < tok.vocab_size(); ++i) all[i] = i;
+      tok.Decode(all, /*render_special=*/true);
     }
     // Mutations land in strings often enough that some files still load.
     EXPECT_GT(parsed, 0) << tokenizer;

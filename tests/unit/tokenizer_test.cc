@@ -23,7 +23,7 @@ std::unique_ptr<Tokenizer> TinyTokenizer(const std::string& kind) {
 TEST(TokenizerTest, BytePairRoundTripsAnyBytes) {
   auto tok = TinyTokenizer("gpt2");
   ASSERT_NE(tok, nullptr);
-  for (const std::string text : {"the cat", "  spaces\tand\nlines ", "Ünïcödé 日本 🙂", "x\xff\xfe y",
+  for (const std::string& text : std::vector<std::string>{"the cat", "  spaces\tand\nlines ", "Ünïcödé 日本 🙂", "x\xff\xfe y",
                                  std::string("nul\0byte", 8)}) {
     const auto ids = tok->Encode(text, false, false);
     EXPECT_EQ(tok->Decode(ids), text);

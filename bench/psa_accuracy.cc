@@ -1,0 +1,375 @@
+// psa_accuracy: how closely top-k and PSA attention follow dense attention on
+// the real model and real long text, and how much KV each touches.
+//
+// For each context length C, the first C tokens of the haystack essays are
+// prefilled densely; then every policy decodes the next `steps` essay tokens
+// (teacher forcing) on its own copy of the cache. Per step it compares the
+// policy's next-token distribution with dense's (top-1 agreement, KL) and
+// its attention outputs with dense attention recomputed on the same cache
+// (relative error). A needle-in-a-haystack probe plants a pass key at several
+// depths and asks for it with greedy decoding.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/llama_runtime.h"
+#include "compute_worker/runtime/sampler.h"
+#include "compute_worker/runtime/sparse_attention.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF model file (required).");
+ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files.");
+ABSL_FLAG(std::string, contexts, "2048,4096,8192", "Context lengths.");
+ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context.");
+ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
+ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
+ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
+ABSL_FLAG(bool, certified, false, "Also sweep PSA with the certified stop.");
+ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
+ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
+ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
+ABSL_FLAG(std::string, layers_csv, "", "Write PSA's per-layer KV fraction to this CSV file.");
+
+namespace psa {
+namespace {
+
+std::vector<std::string> SplitList(const std::string& s) {
+  return absl::StrSplit(s, ',', absl::SkipEmpty());
+}
+
+[[noreturn]] void Die(const std::string& msg) {
+  std::cerr << "error: " << msg << "\n";
+  std::exit(1);
+}
+
+std::string ReadHaystack(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".txt" && e.path().filename() != "LICENSE.txt") {
+      files.push_back(e.path());
+    }
+  }
+  if (ec || files.empty()) Die(absl::StrCat("no essays (*.txt) in ", dir, " (--haystack)"));
+  std::sort(files.begin(), files.end());
+  std::string text;
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (!text.empty()) text += "\n\n";
+    text += ss.str();
+  }
+  return text;
+}
+
+// Wraps a policy and, for every decode task, recomputes dense attention on
+// the same cache to measure the output's relative error.
+class ProbedAttention : public AttentionBackend {
+ public:
+  explicit ProbedAttention(std::unique_ptr<AttentionBackend> inner) : inner_(std::move(inner)) {}
+  std::string_view name() const override { return inner_->name(); }
+  void Run(const AttentionShape& shape, const AttentionTask& task) const override {
+    inner_->Run(shape, task);
+    if (task.n_q != 1) return;
+    const int n = shape.group() * shape.head_dim;
+    std::vector<float> ref(n);
+    AttentionTask t = task;
+    t.out = ref.data();
+    t.stats = nullptr;
+    dense_.Run(shape, t);
+    double num = 0, den = 0;
+    for (int i = 0; i < n; ++i) {
+      num += (task.out[i] - ref[i]) * (task.out[i] - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    err_sum_ += std::sqrt(num / std::max(den, 1e-30));
+    ++err_count_;
+  }
+  double MeanRelativeError() const { return err_count_ ? err_sum_ / err_count_ : 0; }
+  void Reset() { err_sum_ = 0, err_count_ = 0; }
+
+ private:
+  std::unique_ptr<AttentionBackend> inner_;
+  DenseAttention dense_;
+  mutable std::mutex mu_;
+  mutable double err_sum_ = 0;
+  mutable int64_t err_count_ = 0;
+};
+
+struct PolicyResult {
+  std::string policy;
+  int context = 0;
+  int steps = 0;
+  int agree = 0;
+  double kl_sum = 0;
+  double rel_err = 0;
+  int64_t touched = 0, total = 0;  // blocks over (layer, head, step)
+  double captured_sum = 0;
+  int64_t captured_n = 0;
+  double iterations_sum = 0;
+  int needles_found = 0, needles = 0;
+  std::vector<double> layer_touched, layer_total;
+  double Agreement() const { return steps ? static_cast<double>(agree) / steps : 0; }
+  double KvFraction() const { return total ? static_cast<double>(touched) / total : 0; }
+};
+
+std::vector<double> Softmax(const float* logits, int n) {
+  std::vector<double> p(n);
+  const float mx = *std::max_element(logits, logits + n);
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += (p[i] = std::exp(static_cast<double>(logits[i]) - mx));
+  for (double& x : p) x /= s;
+  return p;
+}
+
+double Kl(const std::vector<double>& p, const std::vector<double>& q) {
+  double kl = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] > 0) kl += p[i] * (std::log(p[i]) - std::log(std::max(q[i], 1e-300)));
+  }
+  return kl;
+}
+
+void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, PolicyResult* r) {
+  const int n_layer = static_cast<int>(stats.size()) / n_head;
+  r->layer_touched.resize(n_layer, 0);
+  r->layer_total.resize(n_layer, 0);
+  for (int l = 0; l < n_layer; ++l) {
+    for (int h = 0; h < n_head; ++h) {
+      const HeadStepStats& s = stats[static_cast<size_t>(l) * n_head + h];
+      r->touched += s.blocks_touched;
+      r->total += s.blocks_total;
+      r->layer_touched[l] += s.blocks_touched;
+      r->layer_total[l] += s.blocks_total;
+      r->iterations_sum += s.iterations;
+      if (s.captured >= 0) {
+        r->captured_sum += s.captured;
+        ++r->captured_n;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace psa
+
+int main(int argc, char** argv) {
+  using namespace psa;
+  absl::SetProgramUsageMessage(
+      "Compares PSA and top-k attention with dense on the real model and long text.\n"
+      "  psa_accuracy --model M.gguf [--contexts 2048,4096,8192] [--csv out.csv]");
+  absl::ParseCommandLine(argc, argv);
+  const std::string path = absl::GetFlag(FLAGS_model);
+  if (path.empty()) Die("--model is required");
+  auto model_or = LlamaModel::Load(path);
+  if (!model_or.ok()) Die(std::string(model_or.status().message()));
+  const LlamaModel& model = **model_or;
+  const Tokenizer& tok = model.tokenizer();
+  const int V = model.hparams().n_vocab, n_head = model.hparams().n_head;
+  RuntimeOptions opts;
+  opts.threads = absl::GetFlag(FLAGS_threads);
+  LlamaRuntime rt(model, opts);
+
+  std::vector<int> contexts;
+  for (const std::string& c : SplitList(absl::GetFlag(FLAGS_contexts))) {
+    int v;
+    if (!absl::SimpleAtoi(c, &v) || v < 64) Die("bad --contexts entry " + c);
+    contexts.push_back(v);
+  }
+  const int steps = absl::GetFlag(FLAGS_steps);
+
+  // The policies under test; dense is the reference.
+  std::vector<AttentionPolicy> policies;
+  for (const std::string& e : SplitList(absl::GetFlag(FLAGS_epsilons))) {
+    AttentionPolicy p;
+    p.kind = AttentionPolicy::Kind::kPsa;
+    if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
+    p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
+    policies.push_back(p);
+    if (absl::GetFlag(FLAGS_certified)) {
+      p.certified = true;
+      policies.push_back(p);
+    }
+  }
+  for (const std::string& k : SplitList(absl::GetFlag(FLAGS_topk))) {
+    AttentionPolicy p;
+    p.kind = AttentionPolicy::Kind::kTopK;
+    if (!absl::SimpleAtoi(k, &p.top_k)) Die("bad --topk entry " + k);
+    policies.push_back(p);
+  }
+  for (const AttentionPolicy& p : policies) {
+    if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));
+  }
+  std::vector<std::unique_ptr<ProbedAttention>> backends;
+  for (const AttentionPolicy& p : policies) {
+    backends.push_back(std::make_unique<ProbedAttention>(MakeAttention(p)));
+  }
+
+  const std::vector<TokenId> essay = tok.Encode(ReadHaystack(absl::GetFlag(FLAGS_haystack)), false, false);
+  std::vector<PolicyResult> results;
+  using Clock = std::chrono::steady_clock;
+
+  for (int C : contexts) {
+    if (C + steps > static_cast<int>(essay.size()) || C + steps > rt.max_context()) {
+      std::cerr << "skip context " << C << ": not enough text or over the model's context\n";
+      continue;
+    }
+    std::vector<float> logits;
+    KvCache base = rt.NewCache();
+    const auto t0 = Clock::now();
+    if (auto s = rt.Prefill(&base, {essay.data(), static_cast<size_t>(C)}, &logits); !s.ok()) {
+      Die(std::string(s.message()));
+    }
+    std::cerr << "context " << C << ": prefill "
+              << std::chrono::duration<double>(Clock::now() - t0).count() << " s\n";
+
+    // Dense trajectory.
+    std::vector<std::vector<float>> dense_logits;
+    {
+      KvCache kv = base;
+      std::vector<float> lg = logits;
+      for (int s = 0; s < steps; ++s) {
+        const TokenId t = essay[C + s];
+        if (auto st = rt.Prefill(&kv, {&t, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+        dense_logits.push_back(lg);
+      }
+    }
+    for (size_t pi = 0; pi < policies.size(); ++pi) {
+      PolicyResult r;
+      r.policy = policies[pi].ToString();
+      r.context = C;
+      backends[pi]->Reset();
+      KvCache kv = base;
+      std::vector<HeadStepStats> stats;
+      std::vector<float> lg;
+      for (int s = 0; s < steps; ++s) {
+        const TokenId t = essay[C + s];
+        BatchEntry e{&kv, {&t, 1}, true, backends[pi].get(), &stats};
+        if (auto st = rt.Forward({&e, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+        Accumulate(stats, n_head, &r);
+        const auto& ref = dense_logits[s];
+        r.agree += ArgMax(lg.data(), V) == ArgMax(ref.data(), V);
+        r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
+        ++r.steps;
+      }
+      r.rel_err = backends[pi]->MeanRelativeError();
+      std::cerr << absl::StrFormat("  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f\n", r.policy,
+                                   r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction());
+      results.push_back(std::move(r));
+    }
+
+    // Needle in a haystack: pass key at several depths, asked in ChatML.
+    const int depths = absl::GetFlag(FLAGS_needle_depths);
+    for (int di = 0; di < depths; ++di) {
+      const double depth = depths == 1 ? 0.5 : static_cast<double>(di) / (depths - 1);
+      const std::string key = std::to_string(10000 + (C * 7 + di * 7919) % 89999);
+      const std::vector<TokenId> needle =
+          tok.Encode(absl::StrCat(" The pass key is ", key, ". Remember it. "), false, false);
+      const std::vector<TokenId> head = tok.Encode("<|im_start|>user\n", false, true);
+      const std::vector<TokenId> tail = tok.Encode(
+          "\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n",
+          false, true);
+      const int fill = C - static_cast<int>(head.size() + needle.size() + tail.size());
+      const int at = static_cast<int>(depth * fill);
+      std::vector<TokenId> prompt = head;
+      prompt.insert(prompt.end(), essay.begin(), essay.begin() + at);
+      prompt.insert(prompt.end(), needle.begin(), needle.end());
+      prompt.insert(prompt.end(), essay.begin() + at, essay.begin() + fill);
+      prompt.insert(prompt.end(), tail.begin(), tail.end());
+      KvCache nbase = rt.NewCache();
+      std::vector<float> first;
+      if (auto s = rt.Prefill(&nbase, prompt, &first); !s.ok()) Die(std::string(s.message()));
+      auto answer = [&](const AttentionBackend* backend) {
+        KvCache kv = nbase;
+        std::vector<float> lg = first;
+        std::vector<TokenId> out;
+        for (int i = 0; i < 10; ++i) {
+          const TokenId t = ArgMax(lg.data(), V);
+          if (tok.IsEndOfGeneration(t)) break;
+          out.push_back(t);
+          BatchEntry e{&kv, {&t, 1}, true, backend, nullptr};
+          if (auto s = rt.Forward({&e, 1}, &lg); !s.ok()) Die(std::string(s.message()));
+        }
+        return tok.Decode(out);
+      };
+      const std::string dense_answer = answer(&rt.default_attention());
+      std::cerr << absl::StrFormat("  needle C=%d depth %.0f%%: dense says '%s' (%s)\n", C,
+                                   depth * 100, dense_answer,
+                                   dense_answer.find(key) != std::string::npos ? "found" : "missed");
+      for (size_t pi = 0; pi < policies.size(); ++pi) {
+        PolicyResult& r = results[results.size() - policies.size() + pi];
+        r.needles += 1;
+        r.needles_found += answer(backends[pi].get()).find(key) != std::string::npos;
+      }
+      PolicyResult* dense_row = nullptr;
+      for (auto& r : results) {
+        if (r.context == C && r.policy == "dense") dense_row = &r;
+      }
+      if (dense_row == nullptr) {
+        results.push_back(PolicyResult{});
+        dense_row = &results.back();
+        dense_row->policy = "dense";
+        dense_row->context = C;
+        dense_row->steps = steps;
+        dense_row->agree = steps;
+        dense_row->touched = dense_row->total = 1;
+      }
+      dense_row->needles += 1;
+      dense_row->needles_found += dense_answer.find(key) != std::string::npos;
+    }
+  }
+
+  std::printf("%-7s %-24s %8s %10s %9s %8s %9s %6s %8s\n", "context", "policy", "top1", "KL",
+              "relerr", "KV frac", "captured", "iters", "needle");
+  for (const PolicyResult& r : results) {
+    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %9s %6.2f %8s\n", r.context, r.policy.c_str(),
+                r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err, r.KvFraction(),
+                r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
+                r.layer_total.empty()
+                    ? 1.0
+                    : r.iterations_sum / (static_cast<double>(r.layer_total.size()) * n_head * r.steps),
+                r.needles ? absl::StrFormat("%d/%d", r.needles_found, r.needles).c_str() : "-");
+  }
+  if (const std::string csv = absl::GetFlag(FLAGS_csv); !csv.empty()) {
+    std::ofstream out(csv);
+    out << "context,policy,kind,top1,kl,rel_err,kv_fraction,captured,needles_found,needles\n";
+    for (const PolicyResult& r : results) {
+      const std::string kind = r.policy.substr(0, r.policy.find('('));
+      out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
+          << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
+          << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
+          << r.needles << "\n";
+    }
+    std::cerr << "wrote " << csv << "\n";
+  }
+  if (const std::string lcsv = absl::GetFlag(FLAGS_layers_csv); !lcsv.empty()) {
+    std::ofstream out(lcsv);
+    out << "context,policy,layer,kv_fraction\n";
+    for (const PolicyResult& r : results) {
+      for (size_t l = 0; l < r.layer_total.size(); ++l) {
+        out << r.context << ",\"" << r.policy << "\"," << l << ","
+            << (r.layer_total[l] ? r.layer_touched[l] / r.layer_total[l] : 0) << "\n";
+      }
+    }
+    std::cerr << "wrote " << lcsv << "\n";
+  }
+  return 0;
+}

@@ -1,0 +1,244 @@
+#include "compute_worker/runtime/sparse_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "compute_worker/runtime/fp16_kernels.h"
+
+namespace psa {
+namespace {
+
+constexpr int kMaxGroup = 16;
+
+// Online-softmax state of one query head.
+struct HeadState {
+  float m = -INFINITY;          // running max of scores
+  double l = 0;                 // exp-sum in the running scale (AS_acc)
+  double as_min = INFINITY;     // smallest full-block exp-sum, running scale
+  std::vector<float> acc;       // sum of exp(s - m) * v
+  bool active = true;
+  int blocks = 0;
+  int iterations = 0;
+  float captured = 1.0f;
+};
+
+// Upper bound of scale * q.k over a block from its key max/min.
+inline float BlockUpperBound(const float* q, const float* kmax, const float* kmin, int d,
+                             float scale) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < d; ++i) s += std::max(q[i] * kmax[i], q[i] * kmin[i]);
+  return s * scale;
+}
+
+}  // namespace
+
+absl::Status AttentionPolicy::Validate() const {
+  if (kind == Kind::kPsa) {
+    if (!(epsilon > 0.0f && epsilon <= 1.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat("epsilon must be in (0, 1], got ", epsilon));
+    }
+    if (group_blocks < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("group_blocks must be >= 1, got ", group_blocks));
+    }
+  }
+  if (kind == Kind::kTopK && top_k < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 1, got ", top_k));
+  }
+  if (sink_blocks < 0 || local_blocks < 0) {
+    return absl::InvalidArgumentError("sink_blocks and local_blocks must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+std::string AttentionPolicy::ToString() const {
+  switch (kind) {
+    case Kind::kDense: return "dense";
+    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, ")");
+    case Kind::kPsa:
+      return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks, certified ? ",certified" : "",
+                          ")");
+  }
+  return "?";
+}
+
+std::unique_ptr<AttentionBackend> MakeAttention(const AttentionPolicy& policy) {
+  if (policy.kind == AttentionPolicy::Kind::kDense) return std::make_unique<DenseAttention>();
+  return std::make_unique<SparseAttention>(policy);
+}
+
+std::string_view SparseAttention::name() const {
+  return policy_.kind == AttentionPolicy::Kind::kTopK ? "topk" : "psa";
+}
+
+void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
+  if (task.n_q > 1) {  // prefill chunk: dense
+    dense_.Run(shape, task);
+    return;
+  }
+  RunQuery(shape, task, 0, task.stats != nullptr);
+}
+
+void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask& task, int row,
+                               bool record) const {
+  const KvCache& kv = *task.kv;
+  const int d = shape.head_dim, group = shape.group(), B = kv.block_size();
+  const int n_keys = task.q_pos0 + row + 1;
+  const int n_blocks = (n_keys + B - 1) / B;
+  // Blocks with metadata: committed and entirely inside the visible range.
+  const int n_meta = std::min(kv.full_blocks(), n_keys / B);
+  const int sink = std::min(policy_.sink_blocks, n_meta);
+  const int local_begin = std::max(sink, n_meta - policy_.local_blocks);
+
+  const float* qs[kMaxGroup];
+  for (int g = 0; g < group; ++g) qs[g] = task.q + static_cast<size_t>(row) * task.q_stride + g * d;
+
+  // Score the candidates (blocks between the sinks and the newest blocks).
+  thread_local std::vector<float> ub;      // [group][candidate]
+  thread_local std::vector<float> gscore;  // [candidate]
+  thread_local std::vector<int> order;
+  const int n_cand = std::max(0, local_begin - sink);
+  ub.resize(static_cast<size_t>(group) * n_cand);
+  gscore.assign(n_cand, -INFINITY);
+  for (int c = 0; c < n_cand; ++c) {
+    const int b = sink + c;
+    const float* mx = kv.KeyMax(task.layer, task.kv_head, b);
+    const float* mn = kv.KeyMin(task.layer, task.kv_head, b);
+    for (int g = 0; g < group; ++g) {
+      const float u = BlockUpperBound(qs[g], mx, mn, d, shape.scale);
+      ub[static_cast<size_t>(g) * n_cand + c] = u;
+      gscore[c] = std::max(gscore[c], u);
+    }
+  }
+  order.resize(n_cand);
+  std::iota(order.begin(), order.end(), 0);
+  const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
+  const int forced = sink + (n_blocks - local_begin);
+  int take = n_cand;  // candidates to consider, in order
+  if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
+  auto by_score = [&](int a, int b) {
+    return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
+  };
+  if (take < n_cand) {
+    std::partial_sort(order.begin(), order.begin() + take, order.end(), by_score);
+  } else {
+    std::sort(order.begin(), order.end(), by_score);
+  }
+
+  // Certified stop: suffix sums of exp(ub - M) over the processing order.
+  const bool certified = !topk && policy_.certified;
+  thread_local std::vector<double> suffix;  // [group][take + 1]
+  float ub_max[kMaxGroup];
+  if (certified) {
+    suffix.assign(static_cast<size_t>(group) * (take + 1), 0.0);
+    for (int g = 0; g < group; ++g) {
+      const float* u = &ub[static_cast<size_t>(g) * n_cand];
+      ub_max[g] = -INFINITY;
+      for (int k = 0; k < take; ++k) ub_max[g] = std::max(ub_max[g], u[order[k]]);
+      double* suf = &suffix[static_cast<size_t>(g) * (take + 1)];
+      for (int k = take - 1; k >= 0; --k) suf[k] = suf[k + 1] + std::exp(u[order[k]] - ub_max[g]);
+    }
+  }
+
+  thread_local std::vector<HeadState> heads;
+  heads.resize(group);
+  for (HeadState& h : heads) {
+    h = HeadState{};
+    h.acc.assign(d, 0.0f);
+  }
+  thread_local std::vector<float> krow, scores;  // scores: [group][B]
+  krow.resize(d);
+  scores.resize(static_cast<size_t>(group) * B);
+
+  // Exact attention over one block for every still-active head.
+  auto process_block = [&](int b) {
+    const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
+    const int n = t1 - t0;
+    for (int t = t0; t < t1; ++t) {
+      Fp16RowToFp32(kv.Keys(task.layer, task.kv_head) + static_cast<size_t>(t) * d, krow.data(), d);
+      for (int g = 0; g < group; ++g) {
+        if (heads[g].active) scores[g * B + (t - t0)] = DotF32(qs[g], krow.data(), d) * shape.scale;
+      }
+    }
+    for (int g = 0; g < group; ++g) {
+      HeadState& h = heads[g];
+      if (!h.active) continue;
+      float* s = &scores[g * B];
+      const float bm = *std::max_element(s, s + n);
+      if (bm > h.m) {
+        const float r = std::exp(h.m - bm);  // 0 on the first block
+        h.l *= r;
+        if (!std::isinf(h.as_min)) h.as_min *= r;
+        ScaleF32(r, h.acc.data(), d);
+        h.m = bm;
+      }
+      double sum = 0;
+      for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - h.m));
+      h.l += sum;
+      if (n == B) h.as_min = std::min(h.as_min, sum);
+      ++h.blocks;
+    }
+    for (int t = t0; t < t1; ++t) {
+      Fp16RowToFp32(kv.Values(task.layer, task.kv_head) + static_cast<size_t>(t) * d, krow.data(), d);
+      for (int g = 0; g < group; ++g) {
+        if (heads[g].active) AxpyF32(scores[g * B + (t - t0)], krow.data(), heads[g].acc.data(), d);
+      }
+    }
+  };
+
+  // Iteration 1: the sinks and the newest blocks.
+  for (int b = 0; b < sink; ++b) process_block(b);
+  for (int b = local_begin; b < n_blocks; ++b) process_block(b);
+  int next = 0;  // position in `order`
+  const int G = topk ? std::max(1, take) : policy_.group_blocks;
+  const bool can_stop = !topk && policy_.epsilon < 1.0f;
+  for (int it = 1;; ++it) {
+    int active = 0;
+    for (int g = 0; g < group; ++g) {
+      HeadState& h = heads[g];
+      if (!h.active) continue;
+      h.iterations = it;
+      const int left = take - next;
+      if (left == 0) {
+        h.captured = topk ? -1.0f : 1.0f;
+        h.active = false;
+        continue;
+      }
+      if (can_stop) {
+        double unseen;
+        if (certified) {
+          unseen = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
+                   std::exp(static_cast<double>(ub_max[g]) - h.m);
+        } else {
+          unseen = std::isinf(h.as_min) ? INFINITY : h.as_min * left;
+        }
+        const double p = h.l / (h.l + unseen);
+        if (p >= policy_.epsilon) {
+          h.captured = static_cast<float>(p);
+          h.active = false;
+          continue;
+        }
+      }
+      ++active;
+    }
+    if (active == 0) break;
+    const int end = std::min(take, next + G);
+    for (; next < end; ++next) process_block(sink + order[next]);
+  }
+
+  for (int g = 0; g < group; ++g) {
+    float* out = task.out + static_cast<size_t>(row) * task.out_stride + g * d;
+    const float inv = static_cast<float>(1.0 / heads[g].l);
+    for (int i = 0; i < d; ++i) out[i] = heads[g].acc[i] * inv;
+    if (record) {
+      task.stats[g] = HeadStepStats{heads[g].blocks, n_blocks, heads[g].iterations,
+                                    heads[g].captured};
+    }
+  }
+}
+
+}  // namespace psa

@@ -1,0 +1,63 @@
+// Block-sparse decode attention: top-k block selection (Quest-style) and
+// Progressive Sparse Attention (PSA), behind the AttentionBackend interface.
+//
+// Both score every full KV block with its key metadata: for query q the
+// upper bound  ub_j = scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji)  of
+// q.k over the block. One selection serves a GQA group: the group's score
+// is the max over its query heads. Sink blocks and the newest blocks (the
+// partial tail included) are always attended.
+//
+//  - topk: the k best-scored blocks (sinks and newest count towards k).
+//  - psa:  blocks in descending score, G per iteration, merged by online
+//    softmax; each query head stops on its own once the accumulated mass
+//    P_acc = AS_acc / (AS_acc + AS_min * N_left) reaches epsilon (AS_min:
+//    smallest per-block exp-sum seen). With `certified`, the unseen mass is
+//    instead bounded by sum_j B * exp(ub_j - m), so P_acc is a guaranteed
+//    lower bound on the captured fraction.
+//
+// Prefill rows (tasks with several queries) use dense attention: PSA is a
+// decode-time policy.
+#ifndef PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
+#define PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "compute_worker/runtime/attention.h"
+
+namespace psa {
+
+struct AttentionPolicy {
+  enum class Kind { kDense, kTopK, kPsa };
+  Kind kind = Kind::kPsa;
+  float epsilon = 0.95f;   // psa: target captured attention mass
+  int group_blocks = 4;    // psa: blocks per progressive iteration (G)
+  bool certified = false;  // psa: stop on the guaranteed bound
+  int top_k = 64;          // topk: blocks attended per step
+  int sink_blocks = 1;     // always attended: the first blocks ...
+  int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)
+
+  absl::Status Validate() const;  // INVALID_ARGUMENT naming the bad field
+  std::string ToString() const;   // e.g. "psa(eps=0.95,G=4)"
+};
+
+class SparseAttention : public AttentionBackend {
+ public:
+  explicit SparseAttention(const AttentionPolicy& policy) : policy_(policy) {}
+  std::string_view name() const override;
+  void Run(const AttentionShape& shape, const AttentionTask& task) const override;
+  const AttentionPolicy& policy() const { return policy_; }
+
+ private:
+  void RunQuery(const AttentionShape& shape, const AttentionTask& task, int row,
+                bool record) const;
+  AttentionPolicy policy_;
+  DenseAttention dense_;
+};
+
+// The backend for a policy: DenseAttention for kDense, else SparseAttention.
+std::unique_ptr<AttentionBackend> MakeAttention(const AttentionPolicy& policy);
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_

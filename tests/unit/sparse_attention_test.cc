@@ -1,0 +1,233 @@
+// Sparse attention policies against dense attention on synthetic KV caches.
+#include "compute_worker/runtime/sparse_attention.h"
+
+#include <cmath>
+#include <random>
+
+#include "compute_worker/model/ggml_types.h"
+#include "compute_worker/runtime/llama_runtime.h"
+#include "compute_worker/runtime/generator.h"
+#include "gtest/gtest.h"
+#include "tests/unit/tiny_gguf.h"
+
+namespace psa {
+namespace {
+
+constexpr int kHeadDim = 64;
+
+// A one-layer cache with random keys/values; `hot` blocks get keys aligned
+// with `dir` (so a query along dir concentrates its attention there) and
+// all-ones values (so the right answer is easy to tell from noise).
+KvCache RandomCache(int n_head_kv, int length, int block, uint32_t seed,
+                    const std::vector<int>& hot = {}, const std::vector<float>& dir = {}) {
+  KvCache kv(1, n_head_kv, kHeadDim, block);
+  kv.Reserve(length);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (int h = 0; h < n_head_kv; ++h) {
+    for (int t = 0; t < length; ++t) {
+      const bool is_hot = std::find(hot.begin(), hot.end(), t / block) != hot.end();
+      for (int i = 0; i < kHeadDim; ++i) {
+        const float k = n(rng) + (is_hot ? 6.0f * dir[i] : 0.0f);
+        const float v = is_hot ? 1.0f + 0.1f * n(rng) : n(rng);
+        kv.KeySlot(0, h, t)[i] = Fp32ToFp16(k);
+        kv.ValueSlot(0, h, t)[i] = Fp32ToFp16(v);
+      }
+    }
+  }
+  kv.Commit(length);
+  return kv;
+}
+
+struct Output {
+  std::vector<float> out;
+  std::vector<HeadStepStats> stats;
+};
+
+Output Attend(const AttentionBackend& backend, const AttentionShape& shape, const KvCache& kv,
+              const std::vector<float>& q, int kv_head) {
+  Output o;
+  o.out.assign(shape.group() * shape.head_dim, 0.0f);
+  o.stats.resize(shape.group());
+  AttentionTask t;
+  t.kv = &kv;
+  t.kv_head = kv_head;
+  t.q_pos0 = kv.length() - 1;
+  t.n_q = 1;
+  t.q = q.data();
+  t.q_stride = static_cast<int>(q.size());
+  t.out = o.out.data();
+  t.out_stride = static_cast<int>(o.out.size());
+  t.stats = o.stats.data();
+  backend.Run(shape, t);
+  return o;
+}
+
+double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - ref[i]) * (a[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, scale);
+  std::vector<float> q(heads * kHeadDim);
+  for (float& x : q) x = n(rng);
+  return q;
+}
+
+AttentionPolicy Psa(float eps, bool certified = false) {
+  AttentionPolicy p;
+  p.kind = AttentionPolicy::Kind::kPsa;
+  p.epsilon = eps;
+  p.certified = certified;
+  return p;
+}
+
+AttentionPolicy TopK(int k) {
+  AttentionPolicy p;
+  p.kind = AttentionPolicy::Kind::kTopK;
+  p.top_k = k;
+  return p;
+}
+
+// Dense rounds probabilities to fp16 (llama.cpp parity); the sparse engine
+// keeps them in fp32, so "equal" means within that rounding.
+constexpr double kSameAsDense = 2e-3;
+
+TEST(SparseAttentionTest, FullBudgetEqualsDenseForManyShapes) {
+  DenseAttention dense;
+  SparseAttention psa1(Psa(1.0f)), psa1c(Psa(1.0f, true)), topk_all(TopK(1 << 20));
+  for (int group : {1, 3}) {
+    const AttentionShape shape{2 * group, 2, kHeadDim, 0.125f};
+    for (int length : {1, 5, 16, 17, 64, 100, 257}) {
+      for (int block : {16, 32}) {
+        const KvCache kv = RandomCache(2, length, block, length * 31 + block);
+        const auto q = RandomQuery(group, length);
+        for (int kv_head : {0, 1}) {
+          const Output ref = Attend(dense, shape, kv, q, kv_head);
+          for (const SparseAttention* b : {&psa1, &psa1c, &topk_all}) {
+            const Output o = Attend(*b, shape, kv, q, kv_head);
+            EXPECT_LT(RelErr(o.out, ref.out), kSameAsDense)
+                << b->policy().ToString() << " group " << group << " length " << length
+                << " block " << block;
+            const int blocks = (length + block - 1) / block;
+            for (const HeadStepStats& s : o.stats) {
+              EXPECT_EQ(s.blocks_total, blocks);
+              EXPECT_EQ(s.blocks_touched, blocks);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
+  const int length = 1024, block = 16;
+  std::vector<float> dir(kHeadDim);
+  for (int i = 0; i < kHeadDim; ++i) dir[i] = (i % 2 ? 1.0f : -1.0f) / std::sqrt(8.0f);
+  const KvCache kv = RandomCache(1, length, block, 5, {9, 23, 40}, dir);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  std::vector<float> q(kHeadDim);
+  for (int i = 0; i < kHeadDim; ++i) q[i] = 8.0f * dir[i];
+  DenseAttention dense;
+  const Output ref = Attend(dense, shape, kv, q, 0);
+  for (bool certified : {false, true}) {
+    for (float eps : {0.8f, 0.95f, 0.99f}) {
+      SparseAttention psa(Psa(eps, certified));
+      const Output o = Attend(psa, shape, kv, q, 0);
+      const HeadStepStats& s = o.stats[0];
+      // Min/max bounds over 64 dimensions of random keys are loose, so the
+      // certified stop may need every block; the plain estimate stops early.
+      if (!certified) {
+        EXPECT_LT(s.blocks_touched, s.blocks_total / 4) << "eps " << eps;
+        EXPECT_GT(s.iterations, 1);
+      }
+      EXPECT_GE(s.captured, eps) << "eps " << eps << " certified " << certified;
+      // Missing mass 1-c bounds the error: |o - o*| <= 2 (1-c) max|v|, and
+      // here max|v| / |o*| is about 1.25.
+      EXPECT_LT(RelErr(o.out, ref.out), 2.5 * (1 - eps) + 1e-3) << "eps " << eps;
+    }
+  }
+  // The certified bound is conservative: it never touches fewer blocks.
+  const Output plain = Attend(SparseAttention(Psa(0.95f)), shape, kv, q, 0);
+  const Output cert = Attend(SparseAttention(Psa(0.95f, true)), shape, kv, q, 0);
+  EXPECT_GE(cert.stats[0].blocks_touched, plain.stats[0].blocks_touched);
+}
+
+TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
+  const int length = 640, block = 16;
+  std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
+  const KvCache kv = RandomCache(1, length, block, 8, {11, 25}, dir);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  std::vector<float> q(kHeadDim);
+  for (int i = 0; i < kHeadDim; ++i) q[i] = 8.0f * dir[i];
+  const Output ref = Attend(DenseAttention(), shape, kv, q, 0);
+  // sink + newest + 2 hot blocks
+  const Output o = Attend(SparseAttention(TopK(4)), shape, kv, q, 0);
+  EXPECT_EQ(o.stats[0].blocks_touched, 4);
+  EXPECT_EQ(o.stats[0].blocks_total, 40);
+  EXPECT_LT(RelErr(o.out, ref.out), 0.1);
+  // A budget below the forced blocks still attends sink and tail only.
+  const Output tiny = Attend(SparseAttention(TopK(1)), shape, kv, q, 0);
+  EXPECT_EQ(tiny.stats[0].blocks_touched, 2);
+}
+
+TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
+  EXPECT_TRUE(Psa(0.95f).Validate().ok());
+  EXPECT_FALSE(Psa(0.0f).Validate().ok());
+  EXPECT_FALSE(Psa(1.5f).Validate().ok());
+  EXPECT_FALSE(TopK(0).Validate().ok());
+  AttentionPolicy g = Psa(0.9f);
+  g.group_blocks = 0;
+  EXPECT_FALSE(g.Validate().ok());
+  EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
+  EXPECT_EQ(TopK(8).ToString(), "topk(k=8)");
+}
+
+TEST(SparseAttentionTest, GenerationWithFullBudgetMatchesDenseAndPoliciesMixInABatch) {
+  auto bytes = testing::BuildTinyLlamaGguf(testing::TinyModelSpec{});
+  auto model = LlamaModel::Load(testing::WriteTempFile(bytes, "sparse_tiny.gguf"));
+  ASSERT_TRUE(model.ok());
+  LlamaRuntime dense_rt(**model, RuntimeOptions{});
+  LlamaRuntime psa_rt(**model, RuntimeOptions{}, MakeAttention(Psa(1.0f)));
+  GenerationRequest req;
+  req.prompt.assign(70, 0);
+  for (int i = 0; i < 70; ++i) req.prompt[i] = (i * 37 + 11) % (*model)->hparams().n_vocab;
+  req.max_tokens = 24;
+  req.ignore_eos = true;
+  auto a = Generate(dense_rt, req);
+  auto b = Generate(psa_rt, req);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->tokens, b->tokens);
+
+  // One batch, two policies: each entry gets its own backend and stats.
+  SparseAttention topk(TopK(2));
+  KvCache k1 = dense_rt.NewCache(), k2 = dense_rt.NewCache();
+  std::vector<float> logits;
+  ASSERT_TRUE(dense_rt.Prefill(&k1, req.prompt, &logits).ok());
+  ASSERT_TRUE(dense_rt.Prefill(&k2, req.prompt, &logits).ok());
+  const TokenId t = 3;
+  std::vector<HeadStepStats> s1, s2;
+  std::vector<BatchEntry> batch = {{&k1, {&t, 1}, true, nullptr, &s1},
+                                   {&k2, {&t, 1}, true, &topk, &s2}};
+  ASSERT_TRUE(dense_rt.Forward(batch, &logits).ok());
+  const auto& hp = (*model)->hparams();
+  ASSERT_EQ(s1.size(), static_cast<size_t>(hp.n_layer * hp.n_head));
+  ASSERT_EQ(s2.size(), s1.size());
+  for (size_t i = 0; i < s1.size(); ++i) {
+    EXPECT_EQ(s1[i].blocks_touched, s1[i].blocks_total);  // dense: everything
+    // 71 tokens: 5 blocks; the sink, the newest full one and the partial
+    // tail are always attended, so a budget of 2 still touches 3.
+    EXPECT_EQ(s2[i].blocks_touched, 3);
+    EXPECT_EQ(s2[i].blocks_total, 5);
+  }
+}
+
+}  // namespace
+}  // namespace psa
