@@ -121,7 +121,10 @@ struct PolicyResult {
   int agree = 0;
   double kl_sum = 0;
   double rel_err = 0;
-  int64_t touched = 0, total = 0;  // blocks over (layer, head, step)
+  int64_t touched = 0, total = 0;  // blocks over (layer, query head, step)
+  // Blocks read per (layer, KV head, step): the union over the GQA group,
+  // which is what memory traffic (and a fetch from the KV service) costs.
+  int64_t read = 0, read_total = 0;
   double captured_sum = 0;
   int64_t captured_n = 0;
   double iterations_sum = 0;
@@ -129,6 +132,7 @@ struct PolicyResult {
   std::vector<double> layer_touched, layer_total;
   double Agreement() const { return steps ? static_cast<double>(agree) / steps : 0; }
   double KvFraction() const { return total ? static_cast<double>(touched) / total : 0; }
+  double ReadFraction() const { return read_total ? static_cast<double>(read) / read_total : 0; }
 };
 
 std::vector<double> Softmax(const float* logits, int n) {
@@ -148,8 +152,19 @@ double Kl(const std::vector<double>& p, const std::vector<double>& q) {
   return kl;
 }
 
-void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, PolicyResult* r) {
+void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
+                PolicyResult* r) {
   const int n_layer = static_cast<int>(stats.size()) / n_head;
+  for (int l = 0; l < n_layer; ++l) {
+    for (int h0 = 0; h0 < n_head; h0 += group) {
+      int most = 0;
+      for (int h = h0; h < h0 + group; ++h) {
+        most = std::max(most, stats[static_cast<size_t>(l) * n_head + h].blocks_touched);
+      }
+      r->read += most;
+      r->read_total += stats[static_cast<size_t>(l) * n_head + h0].blocks_total;
+    }
+  }
   r->layer_touched.resize(n_layer, 0);
   r->layer_total.resize(n_layer, 0);
   for (int l = 0; l < n_layer; ++l) {
@@ -264,15 +279,16 @@ int main(int argc, char** argv) {
         const TokenId t = essay[C + s];
         BatchEntry e{&kv, {&t, 1}, true, backends[pi].get(), &stats};
         if (auto st = rt.Forward({&e, 1}, &lg); !st.ok()) Die(std::string(st.message()));
-        Accumulate(stats, n_head, &r);
+        Accumulate(stats, n_head, model.hparams().n_head / model.hparams().n_head_kv, &r);
         const auto& ref = dense_logits[s];
         r.agree += ArgMax(lg.data(), V) == ArgMax(ref.data(), V);
         r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
         ++r.steps;
       }
       r.rel_err = backends[pi]->MeanRelativeError();
-      std::cerr << absl::StrFormat("  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f\n", r.policy,
-                                   r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction());
+      std::cerr << absl::StrFormat("  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f\n",
+                                   r.policy, r.Agreement(), r.kl_sum / r.steps, r.rel_err,
+                                   r.KvFraction(), r.ReadFraction());
       results.push_back(std::move(r));
     }
 
@@ -337,11 +353,12 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("%-7s %-24s %8s %10s %9s %8s %9s %6s %8s\n", "context", "policy", "top1", "KL",
-              "relerr", "KV frac", "captured", "iters", "needle");
+  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %9s %6s %8s\n", "context", "policy", "top1", "KL",
+              "relerr", "KV frac", "KV read", "captured", "iters", "needle");
   for (const PolicyResult& r : results) {
-    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %9s %6.2f %8s\n", r.context, r.policy.c_str(),
-                r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err, r.KvFraction(),
+    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
+                r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err,
+                r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(),
                 r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
                 r.layer_total.empty()
                     ? 1.0
@@ -350,11 +367,13 @@ int main(int argc, char** argv) {
   }
   if (const std::string csv = absl::GetFlag(FLAGS_csv); !csv.empty()) {
     std::ofstream out(csv);
-    out << "context,policy,kind,top1,kl,rel_err,kv_fraction,captured,needles_found,needles\n";
+    out << "context,policy,kind,top1,kl,rel_err,kv_fraction,kv_read_fraction,captured,"
+           "needles_found,needles\n";
     for (const PolicyResult& r : results) {
       const std::string kind = r.policy.substr(0, r.policy.find('('));
       out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
           << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
+          << (r.policy == "dense" ? 1.0 : r.ReadFraction()) << ","
           << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
           << r.needles << "\n";
     }
