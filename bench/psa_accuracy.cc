@@ -41,6 +41,8 @@ ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to swee
 ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
 ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
 ABSL_FLAG(bool, certified, false, "Also sweep PSA with the certified stop.");
+ABSL_FLAG(bool, paper_estimate, false,
+          "Also sweep PSA with the paper's AS_min tail estimate (policy suffix ',min').");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -199,10 +201,6 @@ int main(int argc, char** argv) {
   const LlamaModel& model = **model_or;
   const Tokenizer& tok = model.tokenizer();
   const int V = model.hparams().n_vocab, n_head = model.hparams().n_head;
-  RuntimeOptions opts;
-  opts.threads = absl::GetFlag(FLAGS_threads);
-  LlamaRuntime rt(model, opts);
-
   std::vector<int> contexts;
   for (const std::string& c : SplitList(absl::GetFlag(FLAGS_contexts))) {
     int v;
@@ -210,6 +208,13 @@ int main(int argc, char** argv) {
     contexts.push_back(v);
   }
   const int steps = absl::GetFlag(FLAGS_steps);
+  RuntimeOptions opts;
+  opts.threads = absl::GetFlag(FLAGS_threads);
+  // A context of exactly the training length still gets its decode steps
+  // (and the needle answers), a few positions past it.
+  opts.max_context = model.hparams().n_ctx_train;
+  for (int c : contexts) opts.max_context = std::max(opts.max_context, c + std::max(steps, 10));
+  LlamaRuntime rt(model, opts);
 
   // The policies under test; dense is the reference.
   std::vector<AttentionPolicy> policies;
@@ -219,6 +224,11 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
     policies.push_back(p);
+    if (absl::GetFlag(FLAGS_paper_estimate)) {
+      AttentionPolicy m = p;
+      m.tail = AttentionPolicy::TailEstimate::kMinSeen;
+      policies.push_back(m);
+    }
     if (absl::GetFlag(FLAGS_certified)) {
       p.certified = true;
       policies.push_back(p);

@@ -18,6 +18,8 @@ struct HeadState {
   float m = -INFINITY;          // running max of scores
   double l = 0;                 // exp-sum in the running scale (AS_acc)
   double as_min = INFINITY;     // smallest full-block exp-sum, running scale
+  double group_sum = 0;         // exp-sum of the latest iteration's blocks, running scale
+  int group_n = 0;              // blocks in the latest iteration
   std::vector<float> acc;       // sum of exp(s - m) * v
   bool active = true;
   int blocks = 0;
@@ -60,7 +62,9 @@ std::string AttentionPolicy::ToString() const {
     case Kind::kDense: return "dense";
     case Kind::kTopK: return absl::StrCat("topk(k=", top_k, ")");
     case Kind::kPsa:
-      return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks, certified ? ",certified" : "",
+      return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
+                          certified ? ",certified"
+                          : tail == TailEstimate::kMinSeen ? ",min" : "",
                           ")");
   }
   return "?";
@@ -155,7 +159,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   scores.resize(static_cast<size_t>(group) * B);
 
   // Exact attention over one block for every still-active head.
-  auto process_block = [&](int b) {
+  auto process_block = [&](int b, bool candidate) {
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
     for (int t = t0; t < t1; ++t) {
@@ -173,6 +177,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         const float r = std::exp(h.m - bm);  // 0 on the first block
         h.l *= r;
         if (!std::isinf(h.as_min)) h.as_min *= r;
+        h.group_sum *= r;
         ScaleF32(r, h.acc.data(), d);
         h.m = bm;
       }
@@ -180,6 +185,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - h.m));
       h.l += sum;
       if (n == B) h.as_min = std::min(h.as_min, sum);
+      if (candidate) {
+        h.group_sum += sum;
+        ++h.group_n;
+      }
       ++h.blocks;
     }
     for (int t = t0; t < t1; ++t) {
@@ -191,8 +200,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
 
   // Iteration 1: the sinks and the newest blocks.
-  for (int b = 0; b < sink; ++b) process_block(b);
-  for (int b = local_begin; b < n_blocks; ++b) process_block(b);
+  for (int b = 0; b < sink; ++b) process_block(b, false);
+  for (int b = local_begin; b < n_blocks; ++b) process_block(b, false);
   int next = 0;  // position in `order`
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
@@ -213,8 +222,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         if (certified) {
           unseen = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
                    std::exp(static_cast<double>(ub_max[g]) - h.m);
-        } else {
+        } else if (policy_.tail == AttentionPolicy::TailEstimate::kMinSeen) {
           unseen = std::isinf(h.as_min) ? INFINITY : h.as_min * left;
+        } else {
+          // Blocks come in descending criticality: the latest iteration's
+          // mean block mass is the estimate for each block still unseen.
+          unseen = h.group_n == 0 ? INFINITY : h.group_sum / h.group_n * left;
         }
         const double p = h.l / (h.l + unseen);
         if (p >= policy_.epsilon) {
@@ -226,8 +239,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       ++active;
     }
     if (active == 0) break;
+    for (HeadState& h : heads) {
+      h.group_sum = 0;
+      h.group_n = 0;
+    }
     const int end = std::min(take, next + G);
-    for (; next < end; ++next) process_block(sink + order[next]);
+    for (; next < end; ++next) process_block(sink + order[next], true);
   }
 
   for (int g = 0; g < group; ++g) {

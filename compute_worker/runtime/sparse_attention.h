@@ -10,8 +10,9 @@
 //  - topk: the k best-scored blocks (sinks and newest count towards k).
 //  - psa:  blocks in descending score, G per iteration, merged by online
 //    softmax; each query head stops on its own once the accumulated mass
-//    P_acc = AS_acc / (AS_acc + AS_min * N_left) reaches epsilon (AS_min:
-//    smallest per-block exp-sum seen). With `certified`, the unseen mass is
+//    P_acc = AS_acc / (AS_acc + est * N_left) reaches epsilon (est: the
+//    paper's smallest per-block exp-sum seen, or the latest iteration's mean
+//    block exp-sum, see TailEstimate). With `certified`, the unseen mass is
 //    instead bounded by sum_j B * exp(ub_j - m), so P_acc is a guaranteed
 //    lower bound on the captured fraction.
 //
@@ -33,6 +34,13 @@ struct AttentionPolicy {
   float epsilon = 0.95f;   // psa: target captured attention mass
   int group_blocks = 4;    // psa: blocks per progressive iteration (G)
   bool certified = false;  // psa: stop on the guaranteed bound
+  // psa, uncertified: how the mass of the unseen blocks is estimated.
+  //  kMinSeen: AS_min * N_left, AS_min the smallest block exp-sum seen (the
+  //    paper). One near-empty block drives it to ~0 and stops the head early.
+  //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
+  //    blocks (ours; see bench/psa_accuracy for the comparison).
+  enum class TailEstimate { kMinSeen, kLastGroupMean };
+  TailEstimate tail = TailEstimate::kLastGroupMean;
   int top_k = 64;          // topk: blocks attended per step
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)

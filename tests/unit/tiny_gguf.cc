@@ -1,5 +1,7 @@
 #include "tests/unit/tiny_gguf.h"
 
+#include "compute_worker/model/pre_tokenizer.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,18 +43,6 @@ uint64_t AlignUp(uint64_t x, uint64_t alignment) {
   return (x + alignment - 1) / alignment * alignment;
 }
 
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
 
 // GPT-2's bytes_to_unicode(): printable bytes map to themselves, the rest to
 // 256, 257, ... in byte order.
