@@ -60,11 +60,7 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
       }
       float max = -INFINITY;
       for (int t = 0; t < n_keys; ++t) max = std::max(max, scores[t]);
-      double sum = 0;
-      for (int t = 0; t < n_keys; ++t) {
-        scores[t] = std::exp(scores[t] - max);
-        sum += scores[t];
-      }
+      const double sum = ExpShiftSum(scores.data(), n_keys, max);
       const float inv = static_cast<float>(1.0 / sum);
       float* out = task.out + static_cast<size_t>(i) * task.out_stride + g * d;
       std::fill(out, out + d, 0.0f);
@@ -103,11 +99,7 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
       float* s = &scores[static_cast<size_t>(g) * n_keys_max];
       float max = -INFINITY;
       for (int t = 0; t < n_keys; ++t) max = std::max(max, s[t]);
-      double sum = 0;
-      for (int t = 0; t < n_keys; ++t) {
-        s[t] = std::exp(s[t] - max);
-        sum += s[t];
-      }
+      const double sum = ExpShiftSum(s, n_keys, max);
       inv[g] = static_cast<float>(1.0 / sum);
       float* out = task.out + static_cast<size_t>(i) * task.out_stride + g * d;
       std::fill(out, out + d, 0.0f);

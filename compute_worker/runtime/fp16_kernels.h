@@ -4,7 +4,10 @@
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "compute_worker/model/ggml_types.h"
 
@@ -15,7 +18,7 @@
 namespace psa {
 
 // dst[0..n) = fp16 src[0..n) as fp32.
-inline void Fp16RowToFp32(const uint16_t* src, float* dst, int n) {
+__attribute__((always_inline)) inline void Fp16RowToFp32(const uint16_t* src, float* dst, int n) {
   int i = 0;
 #if defined(__AVX2__) && defined(__F16C__)
   for (; i + 8 <= n; i += 8) {
@@ -26,15 +29,32 @@ inline void Fp16RowToFp32(const uint16_t* src, float* dst, int n) {
   for (; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
 }
 
-inline float DotF32(const float* a, const float* b, int n) {
+__attribute__((always_inline)) inline float DotF32(const float* a, const float* b, int n) {
+  int i = 0;
   float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+#if defined(__AVX512F__)
+  // One vector accumulator and a single reduction: the generic reduction
+  // below spills to the stack and adds lane by lane.
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  }
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  s = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 // y += a * x
-inline void AxpyF32(float a, const float* x, float* y, int n) {
+__attribute__((always_inline)) inline void AxpyF32(float a, const float* x, float* y, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -45,6 +65,37 @@ inline void ScaleF32(float a, float* y, int n) {
 }
 
 inline float RoundToFp16(float x) { return Fp16ToFp32(Fp32ToFp16(x)); }
+
+// exp(x) for x <= 0 within ~2 ulp, written so that loops over it vectorise
+// (libm's expf does not without -ffast-math): exp(x) = 2^k * exp(r) with
+// k = round(x / ln 2) and a degree-6 minimax polynomial on |r| <= ln2 / 2.
+// Inputs below -87 return exp(-87) ~ 1.6e-38 instead of underflowing.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// s[i] = exp(s[i] - max) for i < n (max >= every s[i]); returns the sum.
+inline double ExpShiftSum(float* s, int n, float max) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) s[i] = ExpNonPositive(s[i] - max);
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int i = 0; i < n; ++i) sum += s[i];
+  return sum;
+}
 
 }  // namespace psa
 

@@ -181,8 +181,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         ScaleF32(r, h.acc.data(), d);
         h.m = bm;
       }
-      double sum = 0;
-      for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - h.m));
+      const double sum = ExpShiftSum(s, n, h.m);
       h.l += sum;
       if (n == B) h.as_min = std::min(h.as_min, sum);
       if (candidate) {

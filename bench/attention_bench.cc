@@ -1,0 +1,175 @@
+// attention_bench: decode-attention kernels on one thread.
+//   - dense: GB/s of fp16 KV read, against this machine's read bandwidth
+//     measured in the same run;
+//   - topk and psa: time per step against dense at the same context, and
+//     PSA's selection overhead (block scoring, sorting, bookkeeping) as a
+//     share of its step, measured as the step time of a selection that
+//     attends only the always-included blocks.
+// The cache has SmolLM2's attention shape (3 KV heads, 3 query heads each,
+// head dim 64) and a "peaked" key distribution: a few hot blocks that a
+// query aligns with, so the sparse policies have something to find.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "compute_worker/model/ggml_types.h"
+#include "compute_worker/runtime/sparse_attention.h"
+
+ABSL_FLAG(std::string, contexts, "8192,16384,32768,65536,131072", "Context lengths.");
+ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");
+ABSL_FLAG(double, hot_fraction, 0.03, "Fraction of blocks the query aligns with.");
+ABSL_FLAG(double, epsilon, 0.95, "PSA epsilon.");
+ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
+
+namespace psa {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kKvHeads = 3, kGroup = 3, kDim = 64, kBlock = 16;
+
+// Best-of-reps seconds of fn().
+template <typename Fn>
+double Time(int reps, Fn fn) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Read bandwidth of one core: sum a buffer much larger than the caches.
+double MeasureReadBandwidth(int reps) {
+  std::vector<float> buf((512u << 20) / sizeof(float), 1.0f);
+  volatile float sink = 0;
+  const double s = Time(reps, [&] {
+    float acc[16] = {};
+    for (size_t i = 0; i + 16 <= buf.size(); i += 16) {
+#pragma omp simd
+      for (int k = 0; k < 16; ++k) acc[k] += buf[i + k];
+    }
+    float t = 0;
+    for (float a : acc) t += a;
+    sink = t;
+  });
+  (void)sink;
+  return buf.size() * sizeof(float) / s;
+}
+
+KvCache PeakedCache(int length, double hot_fraction, const std::vector<float>& dir) {
+  KvCache kv(1, kKvHeads, kDim, kBlock);
+  kv.Reserve(length);
+  std::mt19937 rng(42);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const int blocks = length / kBlock;
+  std::vector<bool> hot(blocks);
+  for (int b = 0; b < blocks; ++b) hot[b] = u(rng) < hot_fraction;
+  for (int h = 0; h < kKvHeads; ++h) {
+    for (int t = 0; t < length; ++t) {
+      for (int i = 0; i < kDim; ++i) {
+        kv.KeySlot(0, h, t)[i] = Fp32ToFp16(n(rng) + (hot[t / kBlock] ? 8.0f * dir[i] : 0.0f));
+        kv.ValueSlot(0, h, t)[i] = Fp32ToFp16(n(rng));
+      }
+    }
+  }
+  kv.Commit(length);
+  return kv;
+}
+
+}  // namespace
+}  // namespace psa
+
+int main(int argc, char** argv) {
+  using namespace psa;
+  absl::SetProgramUsageMessage("Decode-attention kernel benchmark (one thread).");
+  absl::ParseCommandLine(argc, argv);
+  const int reps = absl::GetFlag(FLAGS_reps);
+  std::vector<int> contexts;
+  for (absl::string_view c : absl::StrSplit(absl::GetFlag(FLAGS_contexts), ',', absl::SkipEmpty())) {
+    int v;
+    if (!absl::SimpleAtoi(c, &v) || v < 256) {
+      std::fprintf(stderr, "error: bad --contexts entry\n");
+      return 2;
+    }
+    contexts.push_back(v / kBlock * kBlock);
+  }
+  const double bandwidth = MeasureReadBandwidth(reps);
+  std::printf("measured read bandwidth (1 thread): %.2f GB/s\n", bandwidth / 1e9);
+  std::printf("%8s %10s %8s %7s | %10s %8s %8s | %10s %8s %8s %9s\n", "context", "dense ms",
+              "GB/s", "of bw", "topk ms", "vs dense", "KV frac", "psa ms", "vs dense", "KV frac",
+              "overhead");
+
+  std::vector<float> dir(kDim);
+  for (int i = 0; i < kDim; ++i) dir[i] = (i % 3 ? 1.0f : -1.0f) / 8.0f;
+  const AttentionShape shape{kKvHeads * kGroup, kKvHeads, kDim, 0.125f};
+  std::vector<float> q(kGroup * kDim), out(kGroup * kDim);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (int g = 0; g < kGroup; ++g)
+    for (int i = 0; i < kDim; ++i) q[g * kDim + i] = 8.0f * dir[i] + n(rng);
+  std::vector<HeadStepStats> stats(kGroup);
+
+  for (int ctx : contexts) {
+    const KvCache kv = PeakedCache(ctx, absl::GetFlag(FLAGS_hot_fraction), dir);
+    auto step = [&](const AttentionBackend& b, double* frac) {
+      int touched = 0, total = 0;
+      for (int h = 0; h < kKvHeads; ++h) {
+        AttentionTask t;
+        t.kv = &kv;
+        t.kv_head = h;
+        t.q_pos0 = ctx - 1;
+        t.n_q = 1;
+        t.q = q.data();
+        t.q_stride = kGroup * kDim;
+        t.out = out.data();
+        t.out_stride = kGroup * kDim;
+        t.stats = stats.data();
+        b.Run(shape, t);
+        for (const HeadStepStats& s : stats) {
+          touched += s.blocks_touched;
+          total += s.blocks_total;
+        }
+      }
+      if (frac) *frac = static_cast<double>(touched) / total;
+    };
+    DenseAttention dense;
+    AttentionPolicy pp;
+    pp.kind = AttentionPolicy::Kind::kPsa;
+    pp.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
+    SparseAttention psa(pp);
+    double psa_frac = 0;
+    step(psa, &psa_frac);
+    AttentionPolicy tp;
+    tp.kind = AttentionPolicy::Kind::kTopK;
+    tp.top_k = absl::GetFlag(FLAGS_top_k) > 0
+                   ? absl::GetFlag(FLAGS_top_k)
+                   : std::max(3, static_cast<int>(std::lround(psa_frac * ctx / kBlock)));
+    SparseAttention topk(tp);
+    AttentionPolicy forced_only = tp;
+    forced_only.top_k = 1;  // scoring + sorting + the always-attended blocks
+    SparseAttention selection(forced_only);
+
+    const double td = Time(reps, [&] { step(dense, nullptr); });
+    double topk_frac = 0;
+    step(topk, &topk_frac);
+    const double tt = Time(reps, [&] { step(topk, nullptr); });
+    const double tp_ = Time(reps, [&] { step(psa, nullptr); });
+    const double ts = Time(reps, [&] { step(selection, nullptr); });
+    const double bytes = 2.0 * kKvHeads * ctx * kDim * sizeof(uint16_t);
+    std::printf("%8d %10.3f %8.2f %6.0f%% | %10.3f %8.3f %8.3f | %10.3f %8.3f %8.3f %8.0f%%\n", ctx,
+                td * 1e3, bytes / td / 1e9, 100 * bytes / td / bandwidth, tt * 1e3, tt / td,
+                topk_frac, tp_ * 1e3, tp_ / td, psa_frac, 100 * std::min(1.0, ts / tp_));
+  }
+  return 0;
+}
