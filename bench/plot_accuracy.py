@@ -36,15 +36,22 @@ def main() -> int:
     if not rows:
         print(f"error: {args.csv} has no rows", file=sys.stderr)
         return 1
+    def series(r):  # one curve per policy family: the swept parameter varies along it
+        if r["kind"] != "psa":
+            return r["kind"]
+        return "psa, certified" if ",certified" in r["policy"] else \
+               "psa, paper AS_min" if ",min" in r["policy"] else "psa"
+
     by_ctx = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["kind"] in ("psa", "topk"):
-            by_ctx[int(r["context"])][r["kind"]].append((float(r["kv_fraction"]), float(r[args.metric])))
+            by_ctx[int(r["context"])][series(r)].append((float(r["kv_fraction"]), float(r[args.metric])))
     layers = list(csv.DictReader(open(args.layers))) if args.layers else []
     n_panels = len(by_ctx) + (1 if layers else 0)
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), squeeze=False)
     for ax, ctx in zip(axes[0], sorted(by_ctx)):
-        for kind, style in (("psa", "o-"), ("topk", "s--")):
+        for kind, style in (("psa", "o-"), ("psa, paper AS_min", "^:"), ("psa, certified", "v-."),
+                            ("topk", "s--")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)
