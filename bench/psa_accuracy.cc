@@ -304,6 +304,15 @@ int main(int argc, char** argv) {
 
     // Needle in a haystack: pass key at several depths, asked in ChatML.
     const int depths = absl::GetFlag(FLAGS_needle_depths);
+    const size_t first_row = results.size() - policies.size();  // this context's rows
+    if (depths > 0) {
+      PolicyResult d;
+      d.policy = "dense";
+      d.context = C;
+      d.steps = d.agree = steps;
+      d.touched = d.total = 1;
+      results.push_back(d);
+    }
     for (int di = 0; di < depths; ++di) {
       const double depth = depths == 1 ? 0.5 : static_cast<double>(di) / (depths - 1);
       const std::string key = std::to_string(10000 + (C * 7 + di * 7919) % 89999);
@@ -341,23 +350,11 @@ int main(int argc, char** argv) {
                                    depth * 100, dense_answer,
                                    dense_answer.find(key) != std::string::npos ? "found" : "missed");
       for (size_t pi = 0; pi < policies.size(); ++pi) {
-        PolicyResult& r = results[results.size() - policies.size() + pi];
+        PolicyResult& r = results[first_row + pi];
         r.needles += 1;
         r.needles_found += answer(backends[pi].get()).find(key) != std::string::npos;
       }
-      PolicyResult* dense_row = nullptr;
-      for (auto& r : results) {
-        if (r.context == C && r.policy == "dense") dense_row = &r;
-      }
-      if (dense_row == nullptr) {
-        results.push_back(PolicyResult{});
-        dense_row = &results.back();
-        dense_row->policy = "dense";
-        dense_row->context = C;
-        dense_row->steps = steps;
-        dense_row->agree = steps;
-        dense_row->touched = dense_row->total = 1;
-      }
+      PolicyResult* dense_row = &results.back();
       dense_row->needles += 1;
       dense_row->needles_found += dense_answer.find(key) != std::string::npos;
     }

@@ -7,6 +7,10 @@
 
 #include "compute_worker/runtime/fp16_kernels.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace psa {
 namespace {
 
@@ -71,6 +75,32 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
   }
 }
 
+#if defined(__AVX512F__)
+// out[g] = sum_t p[g][t] * v[t] for head_dim 64 and up to 4 heads, with the
+// 4 x 16-float accumulators of every head kept in registers across keys
+// (the generic loop reloads and stores the outputs for every key).
+void AccumulateValues64(const uint16_t* values, const float* p, int p_stride, int n_keys,
+                        int group, float* out) {
+  __m512 acc[4][4];
+  for (auto& a : acc)
+    for (auto& x : a) x = _mm512_setzero_ps();
+  for (int t = 0; t < n_keys; ++t) {
+    const uint16_t* v = values + static_cast<size_t>(t) * 64;
+    __m512 vv[4];
+    for (int j = 0; j < 4; ++j) {
+      vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
+    }
+    for (int g = 0; g < 4; ++g) {
+      if (g >= group) break;
+      const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < group; ++g)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * 64 + 16 * j, acc[g][j]);
+}
+#endif
+
 // Decode path: few queries. Each key and value row is converted once and
 // used by every head of the group while it is in registers / L1.
 void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
@@ -104,11 +134,23 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
       float* out = task.out + static_cast<size_t>(i) * task.out_stride + g * d;
       std::fill(out, out + d, 0.0f);
     }
+    // Probabilities, normalised and rounded to fp16 as llama.cpp does.
+    for (int g = 0; g < group; ++g) {
+      float* s = &scores[static_cast<size_t>(g) * n_keys_max];
+#pragma omp simd
+      for (int t = 0; t < n_keys; ++t) s[t] = RoundToFp16(s[t] * inv[g]);
+    }
+    float* out0 = task.out + static_cast<size_t>(i) * task.out_stride;
+#if defined(__AVX512F__)
+    if (d == 64 && group <= 4) {
+      AccumulateValues64(values, scores.data(), n_keys_max, n_keys, group, out0);
+      continue;
+    }
+#endif
     for (int t = 0; t < n_keys; ++t) {
       Fp16RowToFp32(values + static_cast<size_t>(t) * d, row.data(), d);
       for (int g = 0; g < group; ++g) {
-        const float p = RoundToFp16(scores[static_cast<size_t>(g) * n_keys_max + t] * inv[g]);
-        AxpyF32(p, row.data(), task.out + static_cast<size_t>(i) * task.out_stride + g * d, d);
+        AxpyF32(scores[static_cast<size_t>(g) * n_keys_max + t], row.data(), out0 + g * d, d);
       }
     }
   }
