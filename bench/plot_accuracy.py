@@ -40,7 +40,8 @@ def main() -> int:
         if r["kind"] != "psa":
             return r["kind"]
         return "psa, certified" if ",certified" in r["policy"] else \
-               "psa, paper AS_min" if ",min" in r["policy"] else "psa"
+               "psa, paper AS_min" if ",min" in r["policy"] else \
+               "psa, calibrated bound" if ",cal" in r["policy"] else "psa"
 
     by_ctx = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -51,6 +52,7 @@ def main() -> int:
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), squeeze=False)
     for ax, ctx in zip(axes[0], sorted(by_ctx)):
         for kind, style in (("psa", "o-"), ("psa, paper AS_min", "^:"), ("psa, certified", "v-."),
+                            ("psa, calibrated bound", "d-"),
                             ("topk", "s--")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:

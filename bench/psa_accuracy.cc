@@ -40,9 +40,12 @@ ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context.");
 ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
 ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
 ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
+ABSL_FLAG(int, min_blocks, 0, "PSA: blocks every head attends before it may stop.");
 ABSL_FLAG(bool, certified, false, "Also sweep PSA with the certified stop.");
 ABSL_FLAG(bool, paper_estimate, false,
           "Also sweep PSA with the paper's AS_min tail estimate (policy suffix ',min').");
+ABSL_FLAG(bool, calibrated_estimate, false,
+          "Also sweep PSA with the calibrated-bound tail estimate (policy suffix ',cal').");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -223,7 +226,13 @@ int main(int argc, char** argv) {
     p.kind = AttentionPolicy::Kind::kPsa;
     if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
+    p.min_blocks = absl::GetFlag(FLAGS_min_blocks);
     policies.push_back(p);
+    if (absl::GetFlag(FLAGS_calibrated_estimate)) {
+      AttentionPolicy m = p;
+      m.tail = AttentionPolicy::TailEstimate::kCalibratedBound;
+      policies.push_back(m);
+    }
     if (absl::GetFlag(FLAGS_paper_estimate)) {
       AttentionPolicy m = p;
       m.tail = AttentionPolicy::TailEstimate::kMinSeen;

@@ -19,6 +19,7 @@ struct HeadState {
   double l = 0;                 // exp-sum in the running scale (AS_acc)
   double as_min = INFINITY;     // smallest full-block exp-sum, running scale
   double group_sum = 0;         // exp-sum of the latest iteration's blocks, running scale
+  double group_bound = 0;       // their bounds B * exp(ub - m), same scale
   int group_n = 0;              // blocks in the latest iteration
   std::vector<float> acc;       // sum of exp(s - m) * v
   bool active = true;
@@ -51,6 +52,9 @@ absl::Status AttentionPolicy::Validate() const {
   if (kind == Kind::kTopK && top_k < 1) {
     return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 1, got ", top_k));
   }
+  if (min_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("min_blocks must be >= 0, got ", min_blocks));
+  }
   if (sink_blocks < 0 || local_blocks < 0) {
     return absl::InvalidArgumentError("sink_blocks and local_blocks must be >= 0");
   }
@@ -63,8 +67,11 @@ std::string AttentionPolicy::ToString() const {
     case Kind::kTopK: return absl::StrCat("topk(k=", top_k, ")");
     case Kind::kPsa:
       return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
-                          certified ? ",certified"
-                          : tail == TailEstimate::kMinSeen ? ",min" : "",
+                          min_blocks > 0 ? absl::StrCat(",min_blocks=", min_blocks) : "",
+                          certified                              ? ",certified"
+                          : tail == TailEstimate::kMinSeen        ? ",min"
+                          : tail == TailEstimate::kCalibratedBound ? ",cal"
+                                                                  : "",
                           ")");
   }
   return "?";
@@ -135,9 +142,11 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
 
   // Certified stop: suffix sums of exp(ub - M) over the processing order.
   const bool certified = !topk && policy_.certified;
+  const bool calibrated =
+      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   thread_local std::vector<double> suffix;  // [group][take + 1]
   float ub_max[kMaxGroup];
-  if (certified) {
+  if (certified || calibrated) {
     suffix.assign(static_cast<size_t>(group) * (take + 1), 0.0);
     for (int g = 0; g < group; ++g) {
       const float* u = &ub[static_cast<size_t>(g) * n_cand];
@@ -159,7 +168,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   scores.resize(static_cast<size_t>(group) * B);
 
   // Exact attention over one block for every still-active head.
-  auto process_block = [&](int b, bool candidate) {
+  // c: the block's candidate index, or -1 for an always-attended block.
+  auto process_block = [&](int b, int c) {
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
     for (int t = t0; t < t1; ++t) {
@@ -178,14 +188,18 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         h.l *= r;
         if (!std::isinf(h.as_min)) h.as_min *= r;
         h.group_sum *= r;
+        h.group_bound *= r;
         ScaleF32(r, h.acc.data(), d);
         h.m = bm;
       }
       const double sum = ExpShiftSum(s, n, h.m);
       h.l += sum;
       if (n == B) h.as_min = std::min(h.as_min, sum);
-      if (candidate) {
+      if (c >= 0) {
         h.group_sum += sum;
+        if (calibrated) {
+          h.group_bound += B * std::exp(static_cast<double>(ub[static_cast<size_t>(g) * n_cand + c]) - h.m);
+        }
         ++h.group_n;
       }
       ++h.blocks;
@@ -199,8 +213,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
 
   // Iteration 1: the sinks and the newest blocks.
-  for (int b = 0; b < sink; ++b) process_block(b, false);
-  for (int b = local_begin; b < n_blocks; ++b) process_block(b, false);
+  for (int b = 0; b < sink; ++b) process_block(b, -1);
+  for (int b = local_begin; b < n_blocks; ++b) process_block(b, -1);
   int next = 0;  // position in `order`
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
@@ -216,11 +230,18 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         h.active = false;
         continue;
       }
-      if (can_stop) {
+      if (can_stop && h.blocks >= policy_.min_blocks) {
         double unseen;
         if (certified) {
           unseen = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
                    std::exp(static_cast<double>(ub_max[g]) - h.m);
+        } else if (calibrated) {
+          // The unseen blocks' bounds, scaled by how tight the bounds were
+          // on the latest iteration's blocks (actual / bound).
+          const double bound = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
+                               std::exp(static_cast<double>(ub_max[g]) - h.m);
+          unseen = h.group_n == 0 || h.group_bound <= 0 ? INFINITY
+                                                         : bound * (h.group_sum / h.group_bound);
         } else if (policy_.tail == AttentionPolicy::TailEstimate::kMinSeen) {
           unseen = std::isinf(h.as_min) ? INFINITY : h.as_min * left;
         } else {
@@ -240,10 +261,11 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     if (active == 0) break;
     for (HeadState& h : heads) {
       h.group_sum = 0;
+      h.group_bound = 0;
       h.group_n = 0;
     }
     const int end = std::min(take, next + G);
-    for (; next < end; ++next) process_block(sink + order[next], true);
+    for (; next < end; ++next) process_block(sink + order[next], order[next]);
   }
 
   for (int g = 0; g < group; ++g) {

@@ -39,8 +39,12 @@ struct AttentionPolicy {
   //    paper). One near-empty block drives it to ~0 and stops the head early.
   //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
   //    blocks (ours; see bench/psa_accuracy for the comparison).
-  enum class TailEstimate { kMinSeen, kLastGroupMean };
+  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j - m),
+  //    scaled by actual/bound measured on the latest iteration's blocks
+  //    (ours): uses which blocks are left, not just how many.
+  enum class TailEstimate { kMinSeen, kLastGroupMean, kCalibratedBound };
   TailEstimate tail = TailEstimate::kLastGroupMean;
+  int min_blocks = 0;      // psa: no head stops before attending this many blocks
   int top_k = 64;          // topk: blocks attended per step
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)

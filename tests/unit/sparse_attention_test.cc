@@ -154,12 +154,23 @@ TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
       EXPECT_LT(RelErr(o.out, ref.out), 2.5 * (1 - eps) + 1e-3) << "eps " << eps;
     }
   }
-  // The paper's AS_min estimate stops early here too.
-  AttentionPolicy paper = Psa(0.95f);
-  paper.tail = AttentionPolicy::TailEstimate::kMinSeen;
-  const Output o = Attend(SparseAttention(paper), shape, kv, q, 0);
-  EXPECT_LT(o.stats[0].blocks_touched, o.stats[0].blocks_total / 4);
-  EXPECT_GE(o.stats[0].captured, 0.95f);
+  // A floor on the budget holds every head to at least min_blocks.
+  AttentionPolicy floor = Psa(0.8f);
+  floor.min_blocks = 20;
+  const Output f = Attend(SparseAttention(floor), shape, kv, q, 0);
+  EXPECT_GE(f.stats[0].blocks_touched, 20);
+  EXPECT_LT(f.stats[0].blocks_touched, 20 + 4 + 1);  // stops within one group of it
+
+  // The other tail estimates stop early here too.
+  for (auto tail : {AttentionPolicy::TailEstimate::kMinSeen,
+                    AttentionPolicy::TailEstimate::kCalibratedBound}) {
+    AttentionPolicy p = Psa(0.95f);
+    p.tail = tail;
+    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+    EXPECT_LT(o.stats[0].blocks_touched, o.stats[0].blocks_total / 4) << p.ToString();
+    EXPECT_GE(o.stats[0].captured, 0.95f) << p.ToString();
+    EXPECT_LT(RelErr(o.out, ref.out), 2.5 * 0.05 + 1e-3) << p.ToString();
+  }
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
