@@ -227,6 +227,7 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
     p.min_blocks = absl::GetFlag(FLAGS_min_blocks);
+    p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;  // variants below
     policies.push_back(p);
     if (absl::GetFlag(FLAGS_calibrated_estimate)) {
       AttentionPolicy m = p;

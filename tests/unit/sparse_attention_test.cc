@@ -80,11 +80,14 @@ std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f) {
   return q;
 }
 
+// Plain PSA: no budget floor, latest-iteration mean tail estimate.
 AttentionPolicy Psa(float eps, bool certified = false) {
   AttentionPolicy p;
   p.kind = AttentionPolicy::Kind::kPsa;
   p.epsilon = eps;
   p.certified = certified;
+  p.min_blocks = 0;
+  p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
   return p;
 }
 
@@ -200,6 +203,7 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   g.group_blocks = 0;
   EXPECT_FALSE(g.Validate().ok());
   EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
+  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.8,G=4,min_blocks=24,cal)");
   AttentionPolicy m = Psa(0.9f);
   m.tail = AttentionPolicy::TailEstimate::kMinSeen;
   EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,min)");
