@@ -49,6 +49,7 @@ absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const Generatio
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   Sampler sampler(req.sampling);
+  std::vector<HeadStepStats> stats;
   std::string pending;  // decoded but not yet released
   result.finish_reason = "length";
   for (int i = 0; i < req.max_tokens; ++i) {
@@ -76,7 +77,12 @@ absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const Generatio
       break;
     }
     if (i + 1 == req.max_tokens) break;
-    if (auto s = runtime.Prefill(&kv, {&next, 1}, &logits); !s.ok()) return s;
+    BatchEntry step{&kv, {&next, 1}, true, req.attention, &stats};
+    if (auto s = runtime.Forward({&step, 1}, &logits); !s.ok()) return s;
+    for (const HeadStepStats& h : stats) {
+      result.kv_blocks_touched += h.blocks_touched;
+      result.kv_blocks_total += h.blocks_total;
+    }
   }
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return result;

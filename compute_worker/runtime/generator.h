@@ -21,6 +21,8 @@ struct GenerationRequest {
   int max_tokens = 128;
   std::vector<std::string> stop_strings;
   bool ignore_eos = false;  // keep going past end-of-generation tokens
+  // Attention for the decode steps (null: the runtime's default backend).
+  const AttentionBackend* attention = nullptr;
 };
 
 struct GenerationResult {
@@ -29,6 +31,11 @@ struct GenerationResult {
   std::string finish_reason;    // "eos", "stop" or "length"
   double prefill_seconds = 0;
   double decode_seconds = 0;    // from the first token to the last
+  // KV blocks attended over all decode steps, layers and query heads, and
+  // the blocks dense attention would have read: their ratio is the KV
+  // fraction the attention policy touched.
+  int64_t kv_blocks_touched = 0;
+  int64_t kv_blocks_total = 0;
 };
 
 // Called with each new token and the text it releases (possibly empty);

@@ -140,7 +140,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     std::sort(order.begin(), order.end(), by_score);
   }
 
-  // Certified stop: suffix sums of exp(ub - M) over the processing order.
+  // Certified and calibrated stops: suffix sums of exp(ub - M) over the
+  // processing order give the unseen blocks' bound in O(1) per check.
   const bool certified = !topk && policy_.certified;
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
@@ -160,7 +161,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   thread_local std::vector<HeadState> heads;
   heads.resize(group);
   for (HeadState& h : heads) {
+    std::vector<float> acc = std::move(h.acc);  // keep the allocation
     h = HeadState{};
+    h.acc = std::move(acc);
     h.acc.assign(d, 0.0f);
   }
   thread_local std::vector<float> krow, scores;  // scores: [group][B]

@@ -14,6 +14,7 @@
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
 #include "compute_worker/runtime/matmul.h"
+#include "compute_worker/runtime/sparse_attention.h"
 
 ABSL_FLAG(std::string, model, "", "Path to a GGUF model file (required).");
 ABSL_FLAG(std::string, prompt, "", "Prompt text. Use --prompt_file for long prompts.");
@@ -32,6 +33,11 @@ ABSL_FLAG(int, threads, 0, "CPU threads (0: all cores).");
 ABSL_FLAG(int, ctx, 0, "Context limit in tokens (0: the model's).");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past end-of-turn tokens.");
 ABSL_FLAG(bool, quiet, false, "Print only the completion, no statistics.");
+ABSL_FLAG(std::string, attention, "psa",
+          "Decode attention: dense, topk or psa (prefill is always dense).");
+ABSL_FLAG(double, epsilon, 0.8, "psa: attention mass to capture, in (0, 1].");
+ABSL_FLAG(int, min_blocks, 24, "psa: blocks each head attends before it may stop.");
+ABSL_FLAG(int, top_k_blocks, 64, "topk: KV blocks (16 tokens each) attended per step.");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -100,7 +106,23 @@ int main(int argc, char** argv) {
   psa::RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   opts.max_context = absl::GetFlag(FLAGS_ctx);
-  psa::LlamaRuntime runtime(**model, opts);
+  psa::AttentionPolicy policy;
+  if (const std::string a = absl::GetFlag(FLAGS_attention); a == "dense") {
+    policy.kind = psa::AttentionPolicy::Kind::kDense;
+  } else if (a == "topk") {
+    policy.kind = psa::AttentionPolicy::Kind::kTopK;
+  } else if (a != "psa") {
+    std::cerr << "error: --attention must be dense, topk or psa, not '" << a << "'\n";
+    return 2;
+  }
+  policy.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
+  policy.min_blocks = absl::GetFlag(FLAGS_min_blocks);
+  policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
+  if (auto s = policy.Validate(); !s.ok()) {
+    std::cerr << "error: " << s.message() << "\n";
+    return 2;
+  }
+  psa::LlamaRuntime runtime(**model, opts, psa::MakeAttention(policy));
 
   auto result = psa::Generate(runtime, req, [](psa::TokenId, std::string_view piece) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
@@ -120,6 +142,11 @@ int main(int argc, char** argv) {
                  req.prompt.size(), result->prefill_seconds,
                  req.prompt.size() / result->prefill_seconds, n, result->decode_seconds,
                  n > 1 ? (n - 1) / result->decode_seconds : 0.0, result->finish_reason.c_str());
+    if (result->kv_blocks_total > 0) {
+      std::fprintf(stderr, "attention %s: decode read %.1f%% of the KV blocks dense would read\n",
+                   policy.ToString().c_str(),
+                   100.0 * result->kv_blocks_touched / result->kv_blocks_total);
+    }
   }
   return 0;
 }

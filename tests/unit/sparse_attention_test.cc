@@ -225,6 +225,17 @@ TEST(SparseAttentionTest, GenerationWithFullBudgetMatchesDenseAndPoliciesMixInAB
   auto b = Generate(psa_rt, req);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->tokens, b->tokens);
+  EXPECT_GT(a->kv_blocks_total, 0);
+  EXPECT_EQ(a->kv_blocks_touched, a->kv_blocks_total);  // dense reads everything
+
+  // A per-request policy in the generation loop, with its KV accounting.
+  SparseAttention top2(TopK(2));
+  req.attention = &top2;
+  auto c = Generate(dense_rt, req);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->tokens.size(), a->tokens.size());
+  EXPECT_LT(c->kv_blocks_touched, c->kv_blocks_total);
+  req.attention = nullptr;
 
   // One batch, two policies: each entry gets its own backend and stats.
   SparseAttention topk(TopK(2));
