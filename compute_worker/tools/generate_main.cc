@@ -35,7 +35,7 @@ ABSL_FLAG(bool, ignore_eos, false, "Keep generating past end-of-turn tokens.");
 ABSL_FLAG(bool, quiet, false, "Print only the completion, no statistics.");
 ABSL_FLAG(std::string, attention, "psa",
           "Decode attention: dense, topk or psa (prefill is always dense).");
-ABSL_FLAG(double, epsilon, 0.8, "psa: attention mass to capture, in (0, 1].");
+ABSL_FLAG(double, epsilon, 0.9, "psa: attention mass to capture, in (0, 1].");
 ABSL_FLAG(int, min_blocks, 24, "psa: blocks each head attends before it may stop.");
 ABSL_FLAG(int, top_k_blocks, 64, "topk: KV blocks (16 tokens each) attended per step.");
 

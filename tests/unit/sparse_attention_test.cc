@@ -203,7 +203,7 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   g.group_blocks = 0;
   EXPECT_FALSE(g.Validate().ok());
   EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
-  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.8,G=4,min_blocks=24,cal)");
+  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.9,G=4,min_blocks=24)");
   AttentionPolicy m = Psa(0.9f);
   m.tail = AttentionPolicy::TailEstimate::kMinSeen;
   EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,min)");
