@@ -3,8 +3,9 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
+
+#include "compute_worker/runtime/fp16_kernels.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -169,13 +170,6 @@ void DotQ8_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, fl
 }
 #endif
 
-float DotF32(const float* a, const float* b, int64_t n) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Dispatches one weight row against up to 4 activation rows.
 template <int N>
 void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, int64_t cols,
@@ -191,7 +185,8 @@ void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, 
       row.resize(cols);
       DequantizeRow(type, w_row, row.data(), cols);
       for (int t = 0; t < N; ++t) {
-        out[t] = DotF32(row.data(), reinterpret_cast<const float*>(x_rows[t]), cols);
+        out[t] = DotF32(row.data(), reinterpret_cast<const float*>(x_rows[t]),
+                        static_cast<int>(cols));
       }
     }
   }
