@@ -76,6 +76,56 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
 }
 
 #if defined(__AVX512F__)
+// Lane t of the result is the sum of the 16 lanes of v[t]: an unpack/shuffle
+// tree with 15 adds instead of 16 separate horizontal reductions.
+inline __m512 SumEach16(const __m512 v[16]) {
+  __m512 u[8], w[4];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  }
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: partial sums of v[4k..4k+3]
+    const __m512d c = _mm512_castps_pd(u[2 * k]), d = _mm512_castps_pd(u[2 * k + 1]);
+    w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  // Sum the four 128-bit lanes of each w[k] into lane k of the result.
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44),
+                                   _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44),
+                                   _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88),
+                       _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+// scores[g][t] = scale * q_g . k_t for keys [0, n) in blocks of 16, head dim
+// 64; returns the number of keys done (a multiple of 16).
+int Scores64(const uint16_t* keys, const float* q16, int group, int n, float scale,
+             float* scores, int stride) {
+  alignas(64) float kbuf[16][64];
+  int t = 0;
+  for (; t + 16 <= n; t += 16) {
+    for (int j = 0; j < 16; ++j) Fp16RowToFp32(keys + static_cast<size_t>(t + j) * 64, kbuf[j], 64);
+    for (int g = 0; g < group; ++g) {
+      const float* q = q16 + g * 64;
+      const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16),
+                   q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 a = _mm512_mul_ps(q0, _mm512_load_ps(kbuf[j]));
+        a = _mm512_fmadd_ps(q1, _mm512_load_ps(kbuf[j] + 16), a);
+        a = _mm512_fmadd_ps(q2, _mm512_load_ps(kbuf[j] + 32), a);
+        acc[j] = _mm512_fmadd_ps(q3, _mm512_load_ps(kbuf[j] + 48), a);
+      }
+      _mm512_storeu_ps(scores + static_cast<size_t>(g) * stride + t,
+                       _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale)));
+    }
+  }
+  return t;
+}
+#endif
+
+#if defined(__AVX512F__)
 // out[g] = sum_t p[g][t] * v[t] for head_dim 64 and up to 4 heads, with the
 // 4 x 16-float accumulators of every head kept in registers across keys
 // (the generic loop reloads and stores the outputs for every key).
@@ -117,7 +167,11 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
       const float* q = task.q + static_cast<size_t>(i) * task.q_stride + g * d;
       for (int k = 0; k < d; ++k) q16[g * d + k] = RoundToFp16(q[k]);
     }
-    for (int t = 0; t < n_keys; ++t) {
+    int t = 0;
+#if defined(__AVX512F__)
+    if (d == 64) t = Scores64(keys, q16.data(), group, n_keys, shape.scale, scores.data(), n_keys_max);
+#endif
+    for (; t < n_keys; ++t) {
       Fp16RowToFp32(keys + static_cast<size_t>(t) * d, row.data(), d);
       for (int g = 0; g < group; ++g) {
         scores[static_cast<size_t>(g) * n_keys_max + t] =
