@@ -8,6 +8,10 @@
 #include "absl/strings/str_cat.h"
 #include "compute_worker/runtime/fp16_kernels.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace psa {
 namespace {
 
@@ -31,9 +35,18 @@ struct HeadState {
 // Upper bound of scale * q.k over a block from its key max/min.
 inline float BlockUpperBound(const float* q, const float* kmax, const float* kmin, int d,
                              float scale) {
+  int i = 0;
   float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < d; ++i) s += std::max(q[i] * kmax[i], q[i] * kmin[i]);
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();  // one reduction at the end (see DotF32)
+  for (; i + 16 <= d; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, _mm512_loadu_ps(kmax + i)),
+                                           _mm512_mul_ps(qv, _mm512_loadu_ps(kmin + i))));
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < d; ++i) s += std::max(q[i] * kmax[i], q[i] * kmin[i]);
   return s * scale;
 }
 
@@ -134,11 +147,22 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   auto by_score = [&](int a, int b) {
     return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
   };
-  if (take < n_cand) {
-    std::partial_sort(order.begin(), order.begin() + take, order.end(), by_score);
-  } else {
-    std::sort(order.begin(), order.end(), by_score);
-  }
+  // Bound-based stops need the whole order up front (suffix sums); the
+  // others sort lazily, a chunk at a time, since most heads stop early.
+  const bool certified_or_calibrated =
+      !topk && (policy_.certified || policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound);
+  int sorted = 0;  // order[0, sorted) is final
+  auto ensure_sorted = [&](int upto) {
+    upto = std::min(upto, take);
+    if (upto <= sorted) return;
+    const int chunk_end = std::min(take, std::max(upto, sorted + 64));
+    if (chunk_end < n_cand) {
+      std::nth_element(order.begin() + sorted, order.begin() + chunk_end, order.end(), by_score);
+    }
+    std::sort(order.begin() + sorted, order.begin() + chunk_end, by_score);
+    sorted = chunk_end;
+  };
+  if (topk || certified_or_calibrated) ensure_sorted(take);
 
   // Certified and calibrated stops: suffix sums of exp(ub - M) over the
   // processing order give the unseen blocks' bound in O(1) per check.
@@ -268,6 +292,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       h.group_n = 0;
     }
     const int end = std::min(take, next + G);
+    ensure_sorted(end);
     for (; next < end; ++next) process_block(sink + order[next], order[next]);
   }
 
