@@ -26,10 +26,10 @@ void KvCache::Reserve(int n) {
   const size_t old_blocks = max_blocks(), new_blocks = new_cap / block_size_;
   for (int l = 0; l < n_layer_; ++l) {
     for (auto* meta : {&kmax_[l], &kmin_[l]}) {
-      std::vector<float> grown(static_cast<size_t>(n_head_kv_) * new_blocks * row);
+      std::vector<uint16_t> grown(static_cast<size_t>(n_head_kv_) * new_blocks * row);
       for (int h = 0; h < n_head_kv_; ++h) {
         std::memcpy(grown.data() + h * new_blocks * row, meta->data() + h * old_blocks * row,
-                    static_cast<size_t>(full_blocks()) * row * sizeof(float));
+                    static_cast<size_t>(full_blocks()) * row * sizeof(uint16_t));
       }
       meta->swap(grown);
     }
@@ -50,14 +50,12 @@ void KvCache::Reserve(int n) {
 void KvCache::Commit(int n) {
   const int first = full_blocks(), last = n / block_size_;
   length_ = n;
-  std::vector<float> key(head_dim_);
+  std::vector<float> key(head_dim_), mx(head_dim_), mn(head_dim_);
   for (int l = 0; l < n_layer_; ++l) {
     for (int h = 0; h < n_head_kv_; ++h) {
       for (int b = first; b < last; ++b) {
-        float* mx = kmax_[l].data() + (static_cast<size_t>(h) * max_blocks() + b) * head_dim_;
-        float* mn = kmin_[l].data() + (static_cast<size_t>(h) * max_blocks() + b) * head_dim_;
-        std::fill(mx, mx + head_dim_, -INFINITY);
-        std::fill(mn, mn + head_dim_, INFINITY);
+        std::fill(mx.begin(), mx.end(), -INFINITY);
+        std::fill(mn.begin(), mn.end(), INFINITY);
         for (int t = b * block_size_; t < (b + 1) * block_size_; ++t) {
           DequantizeRow(GgmlType::kF16, Keys(l, h) + static_cast<size_t>(t) * head_dim_,
                         key.data(), head_dim_);
@@ -66,13 +64,18 @@ void KvCache::Commit(int n) {
             mn[d] = std::min(mn[d], key[d]);
           }
         }
+        const size_t at = (static_cast<size_t>(h) * max_blocks() + b) * head_dim_;
+        QuantizeRow(GgmlType::kF16, mx.data(), kmax_[l].data() + at, head_dim_);  // exact
+        QuantizeRow(GgmlType::kF16, mn.data(), kmin_[l].data() + at, head_dim_);
       }
     }
   }
 }
 
 size_t KvCache::bytes() const {
-  return static_cast<size_t>(2) * n_layer_ * n_head_kv_ * capacity_ * head_dim_ * sizeof(uint16_t);
+  const size_t kv = static_cast<size_t>(2) * n_layer_ * n_head_kv_ * capacity_ * head_dim_;
+  const size_t meta = static_cast<size_t>(2) * n_layer_ * n_head_kv_ * max_blocks() * head_dim_;
+  return (kv + meta) * sizeof(uint16_t);
 }
 
 }  // namespace psa

@@ -44,11 +44,13 @@ class KvCache {
   const uint16_t* Values(int layer, int head) const {
     return v_[layer].data() + static_cast<size_t>(head) * capacity_ * head_dim_;
   }
-  // Per-dimension max / min of the keys of full block b of (layer, head).
-  const float* KeyMax(int layer, int head, int b) const {
+  // Per-dimension max / min of the keys of full block b of (layer, head),
+  // fp16: the keys are fp16, so their extremes are exact and the metadata
+  // costs 1/16 of the block's K+V bytes.
+  const uint16_t* KeyMax(int layer, int head, int b) const {
     return kmax_[layer].data() + (static_cast<size_t>(head) * max_blocks() + b) * head_dim_;
   }
-  const float* KeyMin(int layer, int head, int b) const {
+  const uint16_t* KeyMin(int layer, int head, int b) const {
     return kmin_[layer].data() + (static_cast<size_t>(head) * max_blocks() + b) * head_dim_;
   }
   // Makes positions [0, n) visible (n <= capacity) and computes the
@@ -67,7 +69,7 @@ class KvCache {
   int length_ = 0;
   int capacity_ = 0;  // a multiple of block_size_
   std::vector<std::vector<uint16_t>> k_, v_;     // per layer: [head][capacity][dim]
-  std::vector<std::vector<float>> kmax_, kmin_;  // per layer: [head][max_blocks][dim]
+  std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][max_blocks][dim]
 };
 
 }  // namespace psa

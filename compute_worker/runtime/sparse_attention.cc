@@ -33,7 +33,7 @@ struct HeadState {
 };
 
 // Upper bound of scale * q.k over a block from its key max/min.
-inline float BlockUpperBound(const float* q, const float* kmax, const float* kmin, int d,
+inline float BlockUpperBound(const float* q, const uint16_t* kmax, const uint16_t* kmin, int d,
                              float scale) {
   int i = 0;
   float s = 0;
@@ -41,12 +41,13 @@ inline float BlockUpperBound(const float* q, const float* kmax, const float* kmi
   __m512 acc = _mm512_setzero_ps();  // one reduction at the end (see DotF32)
   for (; i + 16 <= d; i += 16) {
     const __m512 qv = _mm512_loadu_ps(q + i);
-    acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, _mm512_loadu_ps(kmax + i)),
-                                           _mm512_mul_ps(qv, _mm512_loadu_ps(kmin + i))));
+    const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kmax + i)));
+    const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kmin + i)));
+    acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, hi), _mm512_mul_ps(qv, lo)));
   }
   s = _mm512_reduce_add_ps(acc);
 #endif
-  for (; i < d; ++i) s += std::max(q[i] * kmax[i], q[i] * kmin[i]);
+  for (; i < d; ++i) s += std::max(q[i] * Fp16ToFp32(kmax[i]), q[i] * Fp16ToFp32(kmin[i]));
   return s * scale;
 }
 
@@ -130,8 +131,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   gscore.assign(n_cand, -INFINITY);
   for (int c = 0; c < n_cand; ++c) {
     const int b = sink + c;
-    const float* mx = kv.KeyMax(task.layer, task.kv_head, b);
-    const float* mn = kv.KeyMin(task.layer, task.kv_head, b);
+    const uint16_t* mx = kv.KeyMax(task.layer, task.kv_head, b);
+    const uint16_t* mn = kv.KeyMin(task.layer, task.kv_head, b);
     for (int g = 0; g < group; ++g) {
       const float u = BlockUpperBound(qs[g], mx, mn, d, shape.scale);
       ub[static_cast<size_t>(g) * n_cand + c] = u;
