@@ -76,28 +76,6 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
 }
 
 #if defined(__AVX512F__)
-// Lane t of the result is the sum of the 16 lanes of v[t]: an unpack/shuffle
-// tree with 15 adds instead of 16 separate horizontal reductions.
-inline __m512 SumEach16(const __m512 v[16]) {
-  __m512 u[8], w[4];
-  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  }
-  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: partial sums of v[4k..4k+3]
-    const __m512d c = _mm512_castps_pd(u[2 * k]), d = _mm512_castps_pd(u[2 * k + 1]);
-    w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
-  // Sum the four 128-bit lanes of each w[k] into lane k of the result.
-  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44),
-                                   _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
-  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44),
-                                   _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88),
-                       _mm512_shuffle_f32x4(y01, y23, 0xDD));
-}
-
 // scores[g][t] = scale * q_g . k_t for keys [0, n) in blocks of 16, head dim
 // 64; returns the number of keys done (a multiple of 16).
 int Scores64(const uint16_t* keys, const float* q16, int group, int n, float scale,

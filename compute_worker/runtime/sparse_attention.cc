@@ -51,6 +51,43 @@ inline float BlockUpperBound(const float* q, const uint16_t* kmax, const uint16_
   return s * scale;
 }
 
+#if defined(__AVX512F__)
+// Upper bounds of 16 blocks at a time for head dim 64: the metadata is
+// converted once for every head of the group and the 16 sums come out of one
+// reduction tree. Fills ub[g * n_cand + c] and gscore[c] for candidates
+// [0, n) with n a multiple of 16 <= n_cand; returns n.
+int ScoreBlocks64(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
+                  const float* const* qs, int group, float scale, float* ub, float* gscore) {
+  alignas(64) float hi[16][64], lo[16][64];
+  int c = 0;
+  for (; c + 16 <= n_cand; c += 16) {
+    for (int j = 0; j < 16; ++j) {
+      Fp16RowToFp32(kv.KeyMax(layer, kv_head, first_block + c + j), hi[j], 64);
+      Fp16RowToFp32(kv.KeyMin(layer, kv_head, first_block + c + j), lo[j], 64);
+    }
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int g = 0; g < group; ++g) {
+      __m512 q[4];
+      for (int v = 0; v < 4; ++v) q[v] = _mm512_loadu_ps(qs[g] + 16 * v);
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 a = _mm512_setzero_ps();
+        for (int v = 0; v < 4; ++v) {
+          a = _mm512_add_ps(a, _mm512_max_ps(_mm512_mul_ps(q[v], _mm512_load_ps(hi[j] + 16 * v)),
+                                             _mm512_mul_ps(q[v], _mm512_load_ps(lo[j] + 16 * v))));
+        }
+        acc[j] = a;
+      }
+      const __m512 u = _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(ub + static_cast<size_t>(g) * n_cand + c, u);
+      best = _mm512_max_ps(best, u);
+    }
+    _mm512_storeu_ps(gscore + c, best);
+  }
+  return c;
+}
+#endif
+
 }  // namespace
 
 absl::Status AttentionPolicy::Validate() const {
@@ -129,7 +166,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int n_cand = std::max(0, local_begin - sink);
   ub.resize(static_cast<size_t>(group) * n_cand);
   gscore.assign(n_cand, -INFINITY);
-  for (int c = 0; c < n_cand; ++c) {
+  int c = 0;
+#if defined(__AVX512F__)
+  if (d == 64) c = ScoreBlocks64(kv, task.layer, task.kv_head, sink, n_cand, qs, group,
+                                 shape.scale, ub.data(), gscore.data());
+#endif
+  for (; c < n_cand; ++c) {
     const int b = sink + c;
     const uint16_t* mx = kv.KeyMax(task.layer, task.kv_head, b);
     const uint16_t* mn = kv.KeyMin(task.layer, task.kv_head, b);
