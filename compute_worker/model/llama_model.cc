@@ -91,7 +91,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     hp.n_head_kv = *v;
   }
   if (hp.n_embd % hp.n_head != 0 || hp.n_head % hp.n_head_kv != 0 ||
-      hp.n_head / hp.n_head_kv > 16) {
+      hp.n_head / hp.n_head_kv > kMaxGqaGroup) {
     return absl::InvalidArgumentError(absl::StrCat("inconsistent heads: embedding ", hp.n_embd,
                                                    ", heads ", hp.n_head, ", kv heads ",
                                                    hp.n_head_kv));

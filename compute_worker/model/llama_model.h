@@ -16,6 +16,10 @@
 
 namespace psa {
 
+// Most query heads per KV head this runtime handles (attention kernels keep
+// per-head state for a whole GQA group on the stack).
+constexpr int kMaxGqaGroup = 16;
+
 struct LlamaHparams {
   std::string architecture;  // "llama", "qwen2"... (qwen2 has attention biases: unsupported)
   int n_layer = 0;

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/fp16_kernels.h"
 
 #if defined(__AVX512F__)
@@ -13,8 +14,6 @@
 
 namespace psa {
 namespace {
-
-constexpr int kMaxGroup = 16;  // query heads per KV head handled in one task
 
 // Prefill path: many queries against the same keys. Keys are converted once
 // per task into fp32 blocks of kKeyBlock keys stored dimension-major, so one
@@ -156,15 +155,13 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
             DotF32(&q16[g * d], row.data(), d) * shape.scale;
       }
     }
-    float inv[kMaxGroup];
+    float inv[kMaxGqaGroup];
     for (int g = 0; g < group; ++g) {
       float* s = &scores[static_cast<size_t>(g) * n_keys_max];
       float max = -INFINITY;
       for (int t = 0; t < n_keys; ++t) max = std::max(max, s[t]);
       const double sum = ExpShiftSum(s, n_keys, max);
       inv[g] = static_cast<float>(1.0 / sum);
-      float* out = task.out + static_cast<size_t>(i) * task.out_stride + g * d;
-      std::fill(out, out + d, 0.0f);
     }
     // Probabilities, normalised and rounded to fp16 as llama.cpp does.
     for (int g = 0; g < group; ++g) {
@@ -179,6 +176,7 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
       continue;
     }
 #endif
+    std::fill(out0, out0 + group * d, 0.0f);
     for (int t = 0; t < n_keys; ++t) {
       Fp16RowToFp32(values + static_cast<size_t>(t) * d, row.data(), d);
       for (int g = 0; g < group; ++g) {

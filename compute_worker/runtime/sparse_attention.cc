@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/fp16_kernels.h"
 
 #if defined(__AVX512F__)
@@ -14,8 +15,6 @@
 
 namespace psa {
 namespace {
-
-constexpr int kMaxGroup = 16;
 
 // Online-softmax state of one query head.
 struct HeadState {
@@ -156,7 +155,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int sink = std::min(policy_.sink_blocks, n_meta);
   const int local_begin = std::max(sink, n_meta - policy_.local_blocks);
 
-  const float* qs[kMaxGroup];
+  const float* qs[kMaxGqaGroup];
   for (int g = 0; g < group; ++g) qs[g] = task.q + static_cast<size_t>(row) * task.q_stride + g * d;
 
   // Score the candidates (blocks between the sinks and the newest blocks).
@@ -192,8 +191,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
   // Bound-based stops need the whole order up front (suffix sums); the
   // others sort lazily, a chunk at a time, since most heads stop early.
-  const bool certified_or_calibrated =
-      !topk && (policy_.certified || policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound);
+  const bool certified = !topk && policy_.certified;
+  const bool calibrated =
+      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   int sorted = 0;  // order[0, sorted) is final
   auto ensure_sorted = [&](int upto) {
     upto = std::min(upto, take);
@@ -205,15 +205,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     std::sort(order.begin() + sorted, order.begin() + chunk_end, by_score);
     sorted = chunk_end;
   };
-  if (topk || certified_or_calibrated) ensure_sorted(take);
+  if (topk || certified || calibrated) ensure_sorted(take);
 
   // Certified and calibrated stops: suffix sums of exp(ub - M) over the
   // processing order give the unseen blocks' bound in O(1) per check.
-  const bool certified = !topk && policy_.certified;
-  const bool calibrated =
-      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   thread_local std::vector<double> suffix;  // [group][take + 1]
-  float ub_max[kMaxGroup];
+  float ub_max[kMaxGqaGroup];
   if (certified || calibrated) {
     suffix.assign(static_cast<size_t>(group) * (take + 1), 0.0);
     for (int g = 0; g < group; ++g) {
