@@ -1,0 +1,436 @@
+#include "kv_service/block_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/hash/hash.h"
+#include "absl/strings/str_cat.h"
+
+namespace psa {
+namespace {
+
+// Generous bounds that catch garbage without limiting real models.
+constexpr uint32_t kMaxLayers = 1024;
+constexpr uint32_t kMaxKvHeads = 1024;
+constexpr uint32_t kMaxHeadDim = 4096;
+constexpr uint32_t kMaxBlockSize = 4096;
+constexpr size_t kMaxSequenceIdBytes = 256;
+
+absl::Status CheckId(const std::string& id) {
+  if (id.empty()) return absl::InvalidArgumentError("sequence_id is empty");
+  if (id.size() > kMaxSequenceIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence_id is ", id.size(), " bytes; the limit is ", kMaxSequenceIdBytes));
+  }
+  return absl::OkStatus();
+}
+
+std::string LayoutString(const psa::v1::KvLayout& l) {
+  return absl::StrCat("model_id=\"", l.model_id(), "\" layers=", l.num_layers(),
+                      " kv_heads=", l.num_kv_heads(), " head_dim=", l.head_dim(),
+                      " block_size=", l.block_size(),
+                      " dtype=", psa::v1::KvDtype_Name(l.dtype()));
+}
+
+bool SameLayout(const psa::v1::KvLayout& a, const psa::v1::KvLayout& b) {
+  return a.model_id() == b.model_id() && a.num_layers() == b.num_layers() &&
+         a.num_kv_heads() == b.num_kv_heads() && a.head_dim() == b.head_dim() &&
+         a.block_size() == b.block_size() && a.dtype() == b.dtype();
+}
+
+size_t ContentHash(absl::string_view data, absl::string_view metadata) {
+  return absl::Hash<std::pair<absl::string_view, absl::string_view>>()(
+      std::make_pair(data, metadata));
+}
+
+}  // namespace
+
+size_t KvDtypeBytes(psa::v1::KvDtype dtype) {
+  switch (dtype) {
+    case psa::v1::KV_DTYPE_F16:
+    case psa::v1::KV_DTYPE_BF16:
+      return 2;
+    case psa::v1::KV_DTYPE_F32:
+      return 4;
+    default:
+      return 0;
+  }
+}
+
+absl::Status ValidateKvLayout(const psa::v1::KvLayout& l) {
+  auto in_range = [](const char* name, uint32_t v, uint32_t max) -> absl::Status {
+    if (v == 0 || v > max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layout.", name, " is ", v, "; it must be in [1, ", max, "]"));
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status s = in_range("num_layers", l.num_layers(), kMaxLayers); !s.ok()) return s;
+  if (absl::Status s = in_range("num_kv_heads", l.num_kv_heads(), kMaxKvHeads); !s.ok()) return s;
+  if (absl::Status s = in_range("head_dim", l.head_dim(), kMaxHeadDim); !s.ok()) return s;
+  if (absl::Status s = in_range("block_size", l.block_size(), kMaxBlockSize); !s.ok()) return s;
+  if (KvDtypeBytes(l.dtype()) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout.dtype is ", l.dtype(), "; use KV_DTYPE_F16, KV_DTYPE_BF16 or KV_DTYPE_F32"));
+  }
+  if (l.model_id().empty()) {
+    return absl::InvalidArgumentError(
+        "layout.model_id is empty; name the weights the KV was computed with");
+  }
+  return absl::OkStatus();
+}
+
+uint64_t KvBlockDataBytes(const psa::v1::KvLayout& l) {
+  return 2ull * l.num_kv_heads() * l.block_size() * l.head_dim() * KvDtypeBytes(l.dtype());
+}
+
+uint64_t KvBlockMetadataBytes(const psa::v1::KvLayout& l) {
+  return 2ull * l.num_kv_heads() * l.head_dim() * KvDtypeBytes(l.dtype());
+}
+
+BlockStore::BlockStore(Options options) : options_(options) {}
+
+BlockStore::Sequence* BlockStore::FindLocked(const std::string& id) {
+  auto it = sequences_.find(id);
+  return it == sequences_.end() ? nullptr : it->second.get();
+}
+
+void BlockStore::TouchLocked(Sequence* seq) {
+  lru_.splice(lru_.begin(), lru_, seq->lru);
+}
+
+bool BlockStore::LeasedLocked(Sequence* seq) {
+  const absl::Time now = options_.now();
+  for (auto it = seq->leases.begin(); it != seq->leases.end();) {
+    if (it->second <= now) {
+      seq->leases.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return !seq->leases.empty();
+}
+
+absl::Status BlockStore::Open(const std::string& id, const psa::v1::KvLayout& layout,
+                              bool* created, std::vector<uint32_t>* blocks_per_layer) {
+  if (absl::Status s = CheckId(id); !s.ok()) return s;
+  if (absl::Status s = ValidateKvLayout(layout); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindLocked(id);
+  *created = seq == nullptr;
+  if (seq == nullptr) {
+    auto fresh = std::make_unique<Sequence>();
+    fresh->layout = layout;
+    fresh->layers.resize(layout.num_layers());
+    lru_.push_front(id);
+    fresh->lru = lru_.begin();
+    seq = fresh.get();
+    sequences_.emplace(id, std::move(fresh));
+  } else if (!SameLayout(seq->layout, layout)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence \"", id, "\" exists with layout {", LayoutString(seq->layout),
+        "}; the request has {", LayoutString(layout),
+        "}. Use a new sequence_id or release this one first"));
+  }
+  TouchLocked(seq);
+  blocks_per_layer->clear();
+  for (const auto& layer : seq->layers) blocks_per_layer->push_back(layer.size());
+  return absl::OkStatus();
+}
+
+const BlockStore::ContentEntry* BlockStore::FindContentLocked(
+    size_t hash, absl::string_view data, absl::string_view metadata) const {
+  auto it = content_.find(hash);
+  if (it == content_.end()) return nullptr;
+  for (const ContentEntry& e : it->second) {
+    if (e.block->data == data && e.block->metadata == metadata) return &e;
+  }
+  return nullptr;
+}
+
+absl::StatusOr<WriteResult> BlockStore::Write(const std::string& id,
+                                              absl::Span<const BlockWrite> blocks) {
+  if (absl::Status s = CheckId(id); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindLocked(id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat(
+        "sequence \"", id, "\" is not open (never opened, released or evicted); "
+        "call OpenSequence first"));
+  }
+  const psa::v1::KvLayout& layout = seq->layout;
+  const uint64_t data_bytes = KvBlockDataBytes(layout);
+  const uint64_t meta_bytes = KvBlockMetadataBytes(layout);
+
+  // Validate everything before changing anything.
+  WriteResult result;
+  std::vector<std::vector<std::pair<uint32_t, size_t>>> fresh(seq->layers.size());
+  std::vector<size_t> hashes(blocks.size());
+  uint64_t new_unique_bytes = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const BlockWrite& b = blocks[i];
+    const std::string where = absl::StrCat("block (layer ", b.layer, ", index ", b.index, ")");
+    if (b.layer >= layout.num_layers()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": layer must be below num_layers=", layout.num_layers()));
+    }
+    if (b.data.size() != data_bytes || b.metadata.size() != meta_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": data is ", b.data.size(), " bytes and metadata ", b.metadata.size(),
+          "; the sequence layout {", LayoutString(layout), "} needs ", data_bytes, " and ",
+          meta_bytes));
+    }
+    const auto& stored = seq->layers[b.layer];
+    if (b.index < stored.size()) {
+      if (stored[b.index]->data != b.data || stored[b.index]->metadata != b.metadata) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            where, " is already stored with different content; blocks are immutable "
+            "(release the sequence to rewrite it)"));
+      }
+      ++result.unchanged;
+      continue;
+    }
+    hashes[i] = ContentHash(b.data, b.metadata);
+    fresh[b.layer].emplace_back(b.index, i);
+  }
+  for (size_t layer = 0; layer < fresh.size(); ++layer) {
+    auto& list = fresh[layer];
+    std::sort(list.begin(), list.end());
+    const size_t base = seq->layers[layer].size();
+    for (size_t k = 0; k < list.size(); ++k) {
+      if (list[k].first != base + k) {
+        const bool dup = k > 0 && list[k].first == list[k - 1].first;
+        return absl::FailedPreconditionError(absl::StrCat(
+            "layer ", layer, " holds ", base, " blocks; ",
+            dup ? absl::StrCat("block ", list[k].first, " appears twice in one message")
+                : absl::StrCat("the next block must be index ", base + k, ", got ",
+                               list[k].first, " (no gaps allowed)")));
+      }
+    }
+  }
+  // Bytes that new content needs (identical blocks in one message counted once
+  // is a refinement not worth the bookkeeping: overestimating is safe).
+  for (size_t layer = 0; layer < fresh.size(); ++layer) {
+    for (const auto& [index, i] : fresh[layer]) {
+      if (FindContentLocked(hashes[i], blocks[i].data, blocks[i].metadata) == nullptr) {
+        new_unique_bytes += data_bytes + meta_bytes;
+      }
+    }
+  }
+  if (absl::Status s = MakeRoomLocked(new_unique_bytes, seq); !s.ok()) return s;
+
+  for (size_t layer = 0; layer < fresh.size(); ++layer) {
+    for (const auto& [index, i] : fresh[layer]) {
+      const BlockWrite& b = blocks[i];
+      auto& bucket = content_[hashes[i]];
+      ContentEntry* entry = nullptr;
+      for (ContentEntry& e : bucket) {
+        if (e.block->data == b.data && e.block->metadata == b.metadata) entry = &e;
+      }
+      if (entry == nullptr) {
+        auto block = std::make_shared<Block>();
+        block->data.assign(b.data.data(), b.data.size());
+        block->metadata.assign(b.metadata.data(), b.metadata.size());
+        block->hash = hashes[i];
+        bucket.push_back(ContentEntry{std::move(block), 0});
+        entry = &bucket.back();
+        bytes_stored_ += entry->block->bytes();
+        ++unique_blocks_;
+      } else {
+        ++result.shared;
+      }
+      ++entry->refs;
+      seq->layers[layer].push_back(entry->block);
+      ++blocks_;
+      ++result.written;
+    }
+  }
+  TouchLocked(seq);
+  return result;
+}
+
+absl::Status BlockStore::MakeRoomLocked(uint64_t needed, const Sequence* keep) {
+  if (bytes_stored_ + needed <= options_.capacity_bytes) return absl::OkStatus();
+  // Plan first: simulate reference drops of LRU candidates (oldest first).
+  absl::flat_hash_map<const Block*, uint64_t> drops;
+  std::vector<std::string> victims;
+  uint64_t freeable = 0;
+  for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
+    if (bytes_stored_ - freeable + needed <= options_.capacity_bytes) break;
+    Sequence* seq = FindLocked(*it);
+    if (seq == keep || LeasedLocked(seq)) continue;
+    victims.push_back(*it);
+    for (const auto& layer : seq->layers) {
+      for (const BlockRef& b : layer) {
+        if (++drops[b.get()] == EntryLocked(b)->refs) freeable += b->bytes();
+      }
+    }
+  }
+  if (bytes_stored_ - freeable + needed > options_.capacity_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the KV store is full: ", bytes_stored_, " of ", options_.capacity_bytes,
+        " bytes held, this write needs ", needed,
+        " more and leased or in-use sequences cannot be evicted; release sequences, "
+        "end leases or raise --capacity"));
+  }
+  for (const std::string& id : victims) {
+    RemoveLocked(id);
+    ++evictions_;
+  }
+  return absl::OkStatus();
+}
+
+BlockStore::ContentEntry* BlockStore::EntryLocked(const BlockRef& block) {
+  for (ContentEntry& e : content_.find(block->hash)->second) {
+    if (e.block == block) return &e;
+  }
+  return nullptr;  // unreachable: every stored block has an entry
+}
+
+void BlockStore::UnrefLocked(const BlockRef& block, uint64_t* freed) {
+  ContentEntry* entry = EntryLocked(block);
+  if (--entry->refs > 0) return;
+  *freed += block->bytes();
+  bytes_stored_ -= block->bytes();
+  --unique_blocks_;
+  auto bucket = content_.find(block->hash);
+  auto& entries = bucket->second;
+  entries.erase(entries.begin() + (entry - entries.data()));
+  if (entries.empty()) content_.erase(bucket);
+}
+
+uint64_t BlockStore::RemoveLocked(const std::string& id) {
+  auto it = sequences_.find(id);
+  uint64_t freed = 0;
+  for (const auto& layer : it->second->layers) {
+    for (const BlockRef& b : layer) {
+      UnrefLocked(b, &freed);
+      --blocks_;
+    }
+  }
+  lru_.erase(it->second->lru);
+  sequences_.erase(it);
+  return freed;
+}
+
+absl::Status BlockStore::Read(const std::string& id, uint32_t layer,
+                              absl::Span<const uint32_t> indices, uint64_t max_bytes,
+                              std::string* out, uint64_t* block_bytes) {
+  std::vector<BlockRef> refs;
+  refs.reserve(indices.size());
+  {
+    absl::MutexLock lock(&mu_);
+    Sequence* seq = FindLocked(id);
+    if (seq == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "sequence \"", id, "\" is not stored (never written, released or evicted)"));
+    }
+    if (layer >= seq->layers.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layer ", layer, " is out of range; the sequence has ", seq->layers.size()));
+    }
+    const uint64_t bytes = KvBlockDataBytes(seq->layout);
+    if (indices.size() * bytes > max_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          indices.size(), " blocks of ", bytes, " bytes exceed the ", max_bytes,
+          "-byte message limit; ask for at most ", max_bytes / bytes, " per request"));
+    }
+    const auto& stored = seq->layers[layer];
+    for (uint32_t index : indices) {
+      if (index >= stored.size()) {
+        return absl::OutOfRangeError(absl::StrCat(
+            "block ", index, " of layer ", layer, " is not stored; the layer holds ",
+            stored.size(), " blocks"));
+      }
+      refs.push_back(stored[index]);
+    }
+    *block_bytes = bytes;
+    TouchLocked(seq);
+  }
+  // Copy outside the lock: the references keep blocks alive even if the
+  // sequence is released meanwhile.
+  const size_t start = out->size();
+  out->resize(start + refs.size() * *block_bytes);
+  char* dst = out->data() + start;
+  for (const BlockRef& b : refs) {
+    std::memcpy(dst, b->data.data(), b->data.size());
+    dst += b->data.size();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockStore::ReadMetadata(const std::string& id,
+                                      std::vector<std::string>* per_layer,
+                                      std::vector<uint32_t>* blocks_per_layer) {
+  std::vector<std::vector<BlockRef>> layers;
+  {
+    absl::MutexLock lock(&mu_);
+    Sequence* seq = FindLocked(id);
+    if (seq == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "sequence \"", id, "\" is not stored (never written, released or evicted)"));
+    }
+    layers = seq->layers;
+    TouchLocked(seq);
+  }
+  per_layer->assign(layers.size(), std::string());
+  blocks_per_layer->assign(layers.size(), 0);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    (*blocks_per_layer)[l] = layers[l].size();
+    for (const BlockRef& b : layers[l]) (*per_layer)[l] += b->metadata;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LeaseResult> BlockStore::Lease(const std::string& id, uint64_t lease_id,
+                                              absl::Duration ttl) {
+  if (ttl < absl::ZeroDuration()) return absl::InvalidArgumentError("ttl is negative");
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindLocked(id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat(
+        "sequence \"", id, "\" is not stored (never opened, released or evicted)"));
+  }
+  LeasedLocked(seq);  // drops expired leases
+  if (lease_id != 0 && !seq->leases.contains(lease_id)) {
+    return absl::NotFoundError(absl::StrCat(
+        "lease ", lease_id, " on \"", id, "\" does not exist or has expired; take a new one"));
+  }
+  if (ttl == absl::ZeroDuration()) {
+    if (lease_id == 0) return absl::InvalidArgumentError("ttl_ms is 0 and no lease_id to end");
+    seq->leases.erase(lease_id);
+    return LeaseResult{0, options_.now()};
+  }
+  if (lease_id == 0) lease_id = next_lease_id_++;
+  const absl::Time expires = options_.now() + ttl;
+  seq->leases[lease_id] = expires;
+  TouchLocked(seq);
+  return LeaseResult{lease_id, expires};
+}
+
+absl::StatusOr<uint64_t> BlockStore::Release(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  if (FindLocked(id) == nullptr) {
+    return absl::NotFoundError(absl::StrCat("sequence \"", id, "\" is not stored"));
+  }
+  return RemoveLocked(id);
+}
+
+BlockStoreStats BlockStore::Stats() {
+  absl::MutexLock lock(&mu_);
+  BlockStoreStats s;
+  s.sequences = sequences_.size();
+  s.blocks = blocks_;
+  s.unique_blocks = unique_blocks_;
+  s.bytes_stored = bytes_stored_;
+  s.capacity_bytes = options_.capacity_bytes;
+  s.evictions = evictions_;
+  for (auto& [id, seq] : sequences_) {
+    LeasedLocked(seq.get());
+    s.leases += seq->leases.size();
+  }
+  return s;
+}
+
+}  // namespace psa

@@ -1,0 +1,158 @@
+// BlockStore: the KV service's in-memory store, independent of gRPC.
+//
+// sequences -> layers -> blocks. Blocks are immutable once written and are
+// kept by content: identical blocks (e.g. a shared prompt prefix) are held
+// once and reference counted. Memory is capped at `capacity_bytes`; when a
+// write needs room, least-recently-used sequences that no lease pins are
+// evicted. Every method is thread-safe. A method that returns an error has
+// changed nothing.
+#ifndef PSA_KV_SERVICE_BLOCK_STORE_H_
+#define PSA_KV_SERVICE_BLOCK_STORE_H_
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "proto/psa/v1/kv_service.pb.h"
+
+namespace psa {
+
+// Checks a layout's fields; the error names the field to fix.
+absl::Status ValidateKvLayout(const psa::v1::KvLayout& layout);
+// Bytes of one block's K+V data / metadata under a valid layout.
+uint64_t KvBlockDataBytes(const psa::v1::KvLayout& layout);
+uint64_t KvBlockMetadataBytes(const psa::v1::KvLayout& layout);
+size_t KvDtypeBytes(psa::v1::KvDtype dtype);
+
+struct BlockWrite {
+  uint32_t layer = 0;
+  uint32_t index = 0;
+  absl::string_view data;
+  absl::string_view metadata;
+};
+
+struct WriteResult {
+  uint64_t written = 0;    // new blocks
+  uint64_t unchanged = 0;  // identical rewrites of existing blocks
+  uint64_t shared = 0;     // new blocks whose content was already held
+};
+
+struct LeaseResult {
+  uint64_t lease_id = 0;  // 0 once the lease ended
+  absl::Time expires;
+};
+
+struct BlockStoreStats {
+  uint64_t sequences = 0;
+  uint64_t blocks = 0;
+  uint64_t unique_blocks = 0;
+  uint64_t bytes_stored = 0;
+  uint64_t capacity_bytes = 0;
+  uint64_t evictions = 0;
+  uint64_t leases = 0;
+};
+
+class BlockStore {
+ public:
+  struct Options {
+    uint64_t capacity_bytes = 1ull << 30;
+    // Injected for tests of lease expiry.
+    absl::Time (*now)() = &absl::Now;
+  };
+  explicit BlockStore(Options options);
+  BlockStore(const BlockStore&) = delete;
+  BlockStore& operator=(const BlockStore&) = delete;
+
+  // Creates `id` with `layout`, or checks that an existing sequence has the
+  // same layout. Fills `blocks_per_layer` with what is stored.
+  absl::Status Open(const std::string& id, const psa::v1::KvLayout& layout,
+                    bool* created, std::vector<uint32_t>* blocks_per_layer);
+
+  // Appends blocks atomically: all or none. Within each layer the new
+  // indices must continue the stored ones without gaps; rewriting a stored
+  // block with identical bytes is allowed and ignored.
+  absl::StatusOr<WriteResult> Write(const std::string& id,
+                                    absl::Span<const BlockWrite> blocks);
+
+  // Appends the data of `indices` of `layer`, in order, to `out`; refuses
+  // (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.
+  absl::Status Read(const std::string& id, uint32_t layer,
+                    absl::Span<const uint32_t> indices, uint64_t max_bytes,
+                    std::string* out, uint64_t* block_bytes);
+
+  // Each layer's concatenated block metadata.
+  absl::Status ReadMetadata(const std::string& id,
+                            std::vector<std::string>* per_layer,
+                            std::vector<uint32_t>* blocks_per_layer);
+
+  // New lease (lease_id 0), renewal, or end (ttl zero).
+  absl::StatusOr<LeaseResult> Lease(const std::string& id, uint64_t lease_id,
+                                    absl::Duration ttl);
+
+  // Drops a sequence; returns the bytes that freed.
+  absl::StatusOr<uint64_t> Release(const std::string& id);
+
+  BlockStoreStats Stats();
+
+ private:
+  struct Block {
+    std::string data;
+    std::string metadata;
+    size_t hash;
+    uint64_t bytes() const { return data.size() + metadata.size(); }
+  };
+  using BlockRef = std::shared_ptr<const Block>;
+  struct ContentEntry {
+    BlockRef block;
+    uint64_t refs = 0;
+  };
+  struct Sequence {
+    psa::v1::KvLayout layout;
+    std::vector<std::vector<BlockRef>> layers;
+    absl::flat_hash_map<uint64_t, absl::Time> leases;  // lease id -> expiry
+    std::list<std::string>::iterator lru;              // position in lru_
+  };
+
+  Sequence* FindLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TouchLocked(Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool LeasedLocked(Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The held block with this content, or null.
+  const ContentEntry* FindContentLocked(size_t hash, absl::string_view data,
+                                        absl::string_view metadata) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The content entry that owns `block` (which must be stored).
+  ContentEntry* EntryLocked(const BlockRef& block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Evicts LRU unleased sequences other than `keep` until `needed` more
+  // bytes fit; evicts nothing and fails if that is impossible.
+  absl::Status MakeRoomLocked(uint64_t needed, const Sequence* keep)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint64_t RemoveLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnrefLocked(const BlockRef& block, uint64_t* freed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Options options_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<Sequence>> sequences_
+      ABSL_GUARDED_BY(mu_);
+  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);  // front: most recent
+  absl::flat_hash_map<size_t, std::vector<ContentEntry>> content_
+      ABSL_GUARDED_BY(mu_);
+  uint64_t bytes_stored_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t blocks_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t unique_blocks_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_lease_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace psa
+
+#endif  // PSA_KV_SERVICE_BLOCK_STORE_H_

@@ -1,0 +1,423 @@
+#include "kv_service/kv_client.h"
+
+#include <deque>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/grpc_status.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
+
+namespace psa {
+namespace {
+
+using psa::v1::FetchBlocksRequest;
+using psa::v1::FetchBlocksResponse;
+
+// Every unary call is idempotent, so a shard that is briefly unreachable
+// (restart, connection reset) is retried with backoff inside the deadline.
+constexpr char kServiceConfig[] = R"({
+  "methodConfig": [{
+    "name": [
+      {"service": "psa.v1.KvService", "method": "OpenSequence"},
+      {"service": "psa.v1.KvService", "method": "GetMetadata"},
+      {"service": "psa.v1.KvService", "method": "LeaseSequence"},
+      {"service": "psa.v1.KvService", "method": "ReleaseSequence"},
+      {"service": "psa.v1.KvService", "method": "GetStats"}
+    ],
+    "retryPolicy": {
+      "maxAttempts": 4,
+      "initialBackoff": "0.05s",
+      "maxBackoff": "1s",
+      "backoffMultiplier": 2,
+      "retryableStatusCodes": ["UNAVAILABLE"]
+    }
+  }]
+})";
+
+// Bytes a KvBlock adds to a message beyond its payload (tags, lengths).
+constexpr uint64_t kBlockEnvelopeBytes = 32;
+
+absl::Status WithShard(const std::string& shard, const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("KV shard ", shard, ": ", s.error_message()));
+}
+
+}  // namespace
+
+// One long-lived FetchBlocks stream. Owns the pending fetches sent on it;
+// keeps itself alive (self_) until gRPC calls OnDone.
+class KvClient::FetchStream final
+    : public grpc::ClientBidiReactor<FetchBlocksRequest, FetchBlocksResponse>,
+      public std::enable_shared_from_this<FetchStream> {
+ public:
+  FetchStream(std::string shard, int max_outstanding)
+      : shard_(std::move(shard)), max_outstanding_(max_outstanding) {}
+
+  void Start(psa::v1::KvService::Stub* stub) {
+    self_ = shared_from_this();
+    stub->async()->FetchBlocks(&context_, this);
+    // Writes start from application threads, outside reactions: the hold
+    // keeps gRPC from finishing the call (OnDone) while one may still come.
+    // It is removed once reading ends, after which Submit starts no write.
+    AddHold();
+    StartRead(&response_);
+    StartCall();
+  }
+
+  bool dead() {
+    absl::MutexLock lock(&mu_);
+    return ended_;
+  }
+
+  // Sends a request once fewer than max_outstanding are pending.
+  absl::Status Submit(FetchBlocksRequest request, absl::Time deadline, FetchCallback done) {
+    absl::MutexLock lock(&mu_);
+    auto room = [this] {
+      mu_.AssertHeld();
+      return ended_ || static_cast<int>(pending_.size()) < max_outstanding_;
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&room), deadline)) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "KV shard ", shard_, ": ", pending_.size(),
+          " fetches still pending at the deadline (back-pressure)"));
+    }
+    if (ended_) return end_status_;
+    const uint64_t tag = next_tag_++;
+    request.set_tag(tag);
+    pending_.emplace(tag, Pending{deadline, std::move(done)});
+    writes_.push_back(std::move(request));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&writes_.front());
+    }
+    return absl::OkStatus();
+  }
+
+  // Fails pending fetches whose deadline has passed.
+  void ExpireOverdue(absl::Time now) {
+    std::vector<FetchCallback> expired;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        if (it->second.deadline <= now) {
+          expired.push_back(std::move(it->second.done));
+          pending_.erase(it++);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& done : expired) {
+      done(absl::DeadlineExceededError(
+               absl::StrCat("KV shard ", shard_, ": fetch not answered before its deadline")),
+           FetchedBlocks{});
+    }
+  }
+
+  // Ends the stream; pending fetches fail with CANCELLED. Returns at once.
+  void Cancel() { context_.TryCancel(); }
+  void WaitDone() { done_.WaitForNotification(); }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writes_.pop_front();
+    if (!ok || writes_.empty()) {  // !ok: the stream is ending; OnDone follows
+      writing_ = false;
+      return;
+    }
+    StartWrite(&writes_.front());
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the stream is ending; OnDone will have its status
+      {
+        absl::MutexLock lock(&mu_);
+        ended_ = true;
+        end_status_ =
+            absl::UnavailableError(absl::StrCat("KV shard ", shard_, ": fetch stream ended"));
+      }
+      RemoveHold();
+      return;
+    }
+    FetchCallback done;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = pending_.find(response_.tag());
+      if (it != pending_.end()) {  // absent: expired already
+        done = std::move(it->second.done);
+        pending_.erase(it);
+      }
+    }
+    if (done) {
+      if (response_.error_code() != 0) {
+        done(absl::Status(static_cast<absl::StatusCode>(response_.error_code()),
+                          absl::StrCat("KV shard ", shard_, ": ", response_.error_message())),
+             FetchedBlocks{});
+      } else {
+        done(absl::OkStatus(),
+             FetchedBlocks{std::move(*response_.mutable_data()), response_.block_bytes()});
+      }
+    }
+    response_.Clear();
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    absl::Status failure = WithShard(shard_, status);
+    if (failure.ok()) {
+      failure = absl::UnavailableError(absl::StrCat("KV shard ", shard_, ": stream closed"));
+    }
+    absl::flat_hash_map<uint64_t, Pending> pending;
+    {
+      absl::MutexLock lock(&mu_);
+      ended_ = true;
+      end_status_ = failure;
+      pending.swap(pending_);
+    }
+    for (auto& [tag, p] : pending) p.done(failure, FetchedBlocks{});
+    done_.Notify();
+    auto keep = std::move(self_);  // may destroy this when the scope ends
+  }
+
+ private:
+  struct Pending {
+    absl::Time deadline;
+    FetchCallback done;
+  };
+
+  const std::string shard_;
+  const int max_outstanding_;
+  grpc::ClientContext context_;
+  FetchBlocksResponse response_;
+  std::shared_ptr<FetchStream> self_;
+  absl::Notification done_;
+
+  absl::Mutex mu_;
+  std::deque<FetchBlocksRequest> writes_ ABSL_GUARDED_BY(mu_);  // front is in flight
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_tag_ ABSL_GUARDED_BY(mu_) = 1;
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(KvClientOptions options) {
+  if (options.shards.empty()) {
+    return absl::InvalidArgumentError("no KV service shards given");
+  }
+  for (const std::string& s : options.shards) {
+    if (s.empty() || s.find(':') == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV shard address \"", s, "\" must look like host:port"));
+    }
+  }
+  if (options.max_outstanding_fetches < 1) {
+    return absl::InvalidArgumentError("max_outstanding_fetches must be at least 1");
+  }
+  return std::unique_ptr<KvClient>(new KvClient(std::move(options)));
+}
+
+KvClient::KvClient(KvClientOptions options) : options_(std::move(options)) {
+  grpc::ChannelArguments args;
+  args.SetServiceConfigJSON(kServiceConfig);
+  args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  // Notice a silently dead peer (no FIN) on a long-lived stream.
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  for (const std::string& address : options_.shards) {
+    auto shard = std::make_unique<Shard>();
+    shard->address = address;
+    shard->channel =
+        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    shard->stub = psa::v1::KvService::NewStub(shard->channel);
+    shards_.emplace(address, std::move(shard));
+    ring_.AddShard(address);
+  }
+  deadline_thread_ = std::thread([this] {
+    while (!stop_.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
+      ExpireOverdueFetches();
+    }
+  });
+}
+
+KvClient::~KvClient() {
+  stop_.Notify();
+  deadline_thread_.join();
+  for (auto& [address, shard] : shards_) {
+    std::shared_ptr<FetchStream> stream;
+    {
+      absl::MutexLock lock(&shard->mu);
+      stream = std::move(shard->stream);
+    }
+    if (stream) {
+      stream->Cancel();
+      stream->WaitDone();
+    }
+  }
+}
+
+const std::string& KvClient::ShardFor(const std::string& sequence_id) const {
+  return ring_.ShardFor(sequence_id);
+}
+
+KvClient::Shard& KvClient::ShardOf(const std::string& sequence_id) {
+  return *shards_.at(ring_.ShardFor(sequence_id));
+}
+
+std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  return ctx;
+}
+
+absl::StatusOr<psa::v1::OpenSequenceResponse> KvClient::Open(
+    const std::string& sequence_id, const psa::v1::KvLayout& layout) {
+  psa::v1::OpenSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  *request.mutable_layout() = layout;
+  psa::v1::OpenSequenceResponse response;
+  auto ctx = Context();
+  const grpc::Status s = ShardOf(sequence_id).stub->OpenSequence(ctx.get(), request, &response);
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return response;
+}
+
+absl::StatusOr<psa::v1::WriteBlocksResponse> KvClient::Write(
+    const std::string& sequence_id, absl::Span<const psa::v1::KvBlock> blocks) {
+  psa::v1::WriteBlocksResponse response;
+  auto ctx = Context();
+  auto writer = ShardOf(sequence_id).stub->WriteBlocks(ctx.get(), &response);
+  const uint64_t budget = options_.max_message_bytes - 1024;
+  psa::v1::WriteBlocksRequest message;
+  message.set_sequence_id(sequence_id);
+  uint64_t message_bytes = 0;
+  bool sent = true;
+  for (const psa::v1::KvBlock& block : blocks) {
+    const uint64_t bytes = block.data().size() + block.metadata().size() + kBlockEnvelopeBytes;
+    if (message.blocks_size() > 0 && message_bytes + bytes > budget) {
+      if (!(sent = writer->Write(message))) break;  // the server ended the call
+      message.clear_blocks();
+      message_bytes = 0;
+    }
+    *message.add_blocks() = block;
+    message_bytes += bytes;
+  }
+  if (sent && message.blocks_size() > 0) writer->Write(message);
+  writer->WritesDone();
+  const grpc::Status s = writer->Finish();
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return response;
+}
+
+absl::StatusOr<std::vector<psa::v1::LayerMetadata>> KvClient::ReadMetadata(
+    const std::string& sequence_id) {
+  psa::v1::GetMetadataRequest request;
+  request.set_sequence_id(sequence_id);
+  auto ctx = Context();
+  auto reader = ShardOf(sequence_id).stub->GetMetadata(ctx.get(), request);
+  std::vector<psa::v1::LayerMetadata> layers;
+  psa::v1::LayerMetadata layer;
+  while (reader->Read(&layer)) layers.push_back(std::move(layer));
+  const grpc::Status s = reader->Finish();
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return layers;
+}
+
+absl::StatusOr<psa::v1::LeaseSequenceResponse> KvClient::Lease(const std::string& sequence_id,
+                                                               uint64_t lease_id,
+                                                               absl::Duration ttl) {
+  psa::v1::LeaseSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  request.set_lease_id(lease_id);
+  request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
+  psa::v1::LeaseSequenceResponse response;
+  auto ctx = Context();
+  const grpc::Status s = ShardOf(sequence_id).stub->LeaseSequence(ctx.get(), request, &response);
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return response;
+}
+
+absl::StatusOr<uint64_t> KvClient::Release(const std::string& sequence_id) {
+  psa::v1::ReleaseSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  psa::v1::ReleaseSequenceResponse response;
+  auto ctx = Context();
+  const grpc::Status s =
+      ShardOf(sequence_id).stub->ReleaseSequence(ctx.get(), request, &response);
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return response.bytes_freed();
+}
+
+absl::StatusOr<psa::v1::KvStats> KvClient::Stats(const std::string& shard) {
+  auto it = shards_.find(shard);
+  if (it == shards_.end()) {
+    return absl::NotFoundError(absl::StrCat("\"", shard, "\" is not one of this client's shards (",
+                                            absl::StrJoin(options_.shards, ", "), ")"));
+  }
+  psa::v1::KvStats response;
+  auto ctx = Context();
+  const grpc::Status s = it->second->stub->GetStats(ctx.get(), psa::v1::GetStatsRequest(),
+                                                    &response);
+  if (!s.ok()) return WithShard(shard, s);
+  return response;
+}
+
+std::shared_ptr<KvClient::FetchStream> KvClient::LiveStream(Shard& shard) {
+  absl::MutexLock lock(&shard.mu);
+  if (shard.stream == nullptr || shard.stream->dead()) {
+    shard.stream =
+        std::make_shared<FetchStream>(shard.address, options_.max_outstanding_fetches);
+    shard.stream->Start(shard.stub.get());
+  }
+  return shard.stream;
+}
+
+absl::Status KvClient::FetchAsync(const std::string& sequence_id, uint32_t layer,
+                                  absl::Span<const uint32_t> block_indices,
+                                  absl::Time deadline, FetchCallback done) {
+  FetchBlocksRequest request;
+  request.set_sequence_id(sequence_id);
+  request.set_layer(layer);
+  request.mutable_block_indices()->Add(block_indices.begin(), block_indices.end());
+  return LiveStream(ShardOf(sequence_id))->Submit(std::move(request), deadline, std::move(done));
+}
+
+absl::StatusOr<FetchedBlocks> KvClient::Fetch(const std::string& sequence_id, uint32_t layer,
+                                              absl::Span<const uint32_t> block_indices,
+                                              absl::Duration timeout) {
+  struct Result {
+    absl::Notification ready;
+    absl::Status status;
+    FetchedBlocks blocks;
+  };
+  auto result = std::make_shared<Result>();
+  absl::Status s = FetchAsync(sequence_id, layer, block_indices, absl::Now() + timeout,
+                              [result](absl::Status status, FetchedBlocks blocks) {
+                                result->status = std::move(status);
+                                result->blocks = std::move(blocks);
+                                result->ready.Notify();
+                              });
+  if (!s.ok()) return s;
+  result->ready.WaitForNotification();  // the deadline thread bounds this
+  if (!result->status.ok()) return result->status;
+  return std::move(result->blocks);
+}
+
+void KvClient::ExpireOverdueFetches() {
+  const absl::Time now = absl::Now();
+  for (auto& [address, shard] : shards_) {
+    std::shared_ptr<FetchStream> stream;
+    {
+      absl::MutexLock lock(&shard->mu);
+      stream = shard->stream;
+    }
+    if (stream) stream->ExpireOverdue(now);
+  }
+}
+
+}  // namespace psa

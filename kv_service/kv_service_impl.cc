@@ -1,0 +1,422 @@
+#include "kv_service/kv_service_impl.h"
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+
+namespace psa {
+namespace {
+
+using psa::v1::FetchBlocksRequest;
+using psa::v1::FetchBlocksResponse;
+
+// Responses a fetch stream may hold unsent before it stops reading requests:
+// back-pressure on a client that does not read its answers.
+constexpr size_t kMaxQueuedResponses = 64;
+
+const char* CodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
+}  // namespace
+
+// One long-lived fetch stream: reads tagged requests, answers each in the
+// order read. At most one write is in flight (a gRPC rule), so answers queue.
+class KvServiceImpl::FetchReactor final
+    : public grpc::ServerBidiReactor<FetchBlocksRequest, FetchBlocksResponse> {
+ public:
+  explicit FetchReactor(KvServiceImpl* service) : service_(service), start_(absl::Now()) {
+    service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(1);
+    StartRead(&request_);
+  }
+
+  void Drain() {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    MaybeFinishLocked();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side, or the call ended
+      absl::MutexLock lock(&mu_);
+      reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    auto response = std::make_unique<FetchBlocksResponse>();
+    service_->AnswerFetch(request_, response.get());
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    queue_.push_back(std::move(response));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(queue_.front().get());
+    }
+    if (draining_) {
+      reads_done_ = true;  // read no more; finish once the queue is sent
+    } else if (queue_.size() < kMaxQueuedResponses) {
+      StartRead(&request_);
+    } else {
+      read_paused_ = true;
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    queue_.pop_front();
+    if (!ok) {  // the client is gone: drop what is left
+      queue_.clear();
+      writing_ = false;
+      broken_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    if (!queue_.empty()) {
+      StartWrite(queue_.front().get());
+    } else {
+      writing_ = false;
+    }
+    if (read_paused_ && queue_.size() < kMaxQueuedResponses / 2) {
+      read_paused_ = false;
+      StartRead(&request_);
+    }
+    MaybeFinishLocked();
+  }
+
+  void OnDone() override {
+    service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(-1);
+    service_->Record("FetchBlocks", status_, start_);
+    {
+      absl::MutexLock lock(&service_->mu_);
+      service_->fetch_streams_.erase(this);
+    }
+    delete this;
+  }
+
+ private:
+  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || writing_) return;
+    if (broken_) {
+      status_ = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    } else if (draining_) {
+      status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                             "KV service shutting down; reconnect to another shard");
+    } else if (!reads_done_) {
+      return;
+    }
+    finished_ = true;
+    Finish(status_);
+  }
+
+  KvServiceImpl* const service_;
+  const absl::Time start_;
+  FetchBlocksRequest request_;  // only touched between StartRead and OnReadDone
+  absl::Mutex mu_;
+  std::deque<std::unique_ptr<FetchBlocksResponse>> queue_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_;
+};
+
+// Client-streaming block writes; each message is one atomic store write.
+class KvServiceImpl::WriteReactor final
+    : public grpc::ServerReadReactor<psa::v1::WriteBlocksRequest> {
+ public:
+  WriteReactor(KvServiceImpl* service, psa::v1::WriteBlocksResponse* response)
+      : service_(service), response_(response), start_(absl::Now()) {
+    service_->active_streams_.Add({{"method", "WriteBlocks"}}).Add(1);
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      FinishWith(grpc::Status::OK);
+      return;
+    }
+    std::vector<BlockWrite> writes;
+    writes.reserve(request_.blocks_size());
+    uint64_t bytes = 0;
+    for (const psa::v1::KvBlock& b : request_.blocks()) {
+      writes.push_back(BlockWrite{b.layer(), b.index(), b.data(), b.metadata()});
+      bytes += b.data().size() + b.metadata().size();
+    }
+    absl::StatusOr<WriteResult> result =
+        service_->store_->Write(request_.sequence_id(), writes);
+    if (!result.ok()) {
+      FinishWith(grpc::Status(
+          static_cast<grpc::StatusCode>(result.status().code()),
+          absl::StrCat("message ", messages_ + 1, " refused (", messages_,
+                       " earlier messages were stored): ", result.status().message())));
+      return;
+    }
+    ++messages_;
+    response_->set_blocks_written(response_->blocks_written() + result->written);
+    response_->set_blocks_unchanged(response_->blocks_unchanged() + result->unchanged);
+    response_->set_blocks_shared(response_->blocks_shared() + result->shared);
+    service_->write_blocks_.Increment(result->written);
+    service_->write_bytes_.Increment(bytes);
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    service_->active_streams_.Add({{"method", "WriteBlocks"}}).Add(-1);
+    service_->Record("WriteBlocks", status_, start_);
+    delete this;
+  }
+
+ private:
+  void FinishWith(grpc::Status status) {
+    status_ = status;
+    Finish(std::move(status));
+  }
+
+  KvServiceImpl* const service_;
+  psa::v1::WriteBlocksResponse* const response_;
+  const absl::Time start_;
+  psa::v1::WriteBlocksRequest request_;
+  uint64_t messages_ = 0;
+  grpc::Status status_;
+};
+
+// Streams one LayerMetadata message per layer.
+class KvServiceImpl::MetadataReactor final
+    : public grpc::ServerWriteReactor<psa::v1::LayerMetadata> {
+ public:
+  MetadataReactor(KvServiceImpl* service, const psa::v1::GetMetadataRequest& request)
+      : service_(service), start_(absl::Now()) {
+    absl::Status s = service_->store_->ReadMetadata(request.sequence_id(), &per_layer_,
+                                                    &blocks_per_layer_);
+    if (!s.ok()) {
+      status_ = ToGrpcStatus(s);
+      Finish(status_);
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      status_ = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      Finish(status_);
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnDone() override {
+    service_->Record("GetMetadata", status_, start_);
+    delete this;
+  }
+
+ private:
+  void WriteNext() {
+    if (next_ == per_layer_.size()) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    message_.Clear();
+    message_.set_layer(next_);
+    message_.set_num_blocks(blocks_per_layer_[next_]);
+    message_.set_metadata(std::move(per_layer_[next_]));
+    ++next_;
+    StartWrite(&message_);
+  }
+
+  KvServiceImpl* const service_;
+  const absl::Time start_;
+  std::vector<std::string> per_layer_;
+  std::vector<uint32_t> blocks_per_layer_;
+  size_t next_ = 0;
+  psa::v1::LayerMetadata message_;
+  grpc::Status status_;
+};
+
+KvServiceImpl::KvServiceImpl(BlockStore* store, metrics::Registry* registry,
+                             uint64_t max_message_bytes)
+    : store_(store),
+      max_message_bytes_(max_message_bytes),
+      rpcs_(registry->AddCounter("psa_kv_rpcs_total", "RPCs finished, by method and code")),
+      rpc_seconds_(registry->AddHistogram("psa_kv_rpc_duration_seconds",
+                                          "RPC duration by method (streams: whole stream)",
+                                          metrics::LatencyBuckets())),
+      active_streams_(registry->AddGauge("psa_kv_active_streams", "Open streams by method")),
+      fetch_requests_(registry->AddCounter("psa_kv_fetch_requests_total",
+                                           "Fetch requests answered on streams").Add()),
+      fetch_blocks_(registry->AddCounter("psa_kv_fetch_blocks_total", "Blocks fetched").Add()),
+      fetch_bytes_(registry->AddCounter("psa_kv_fetch_bytes_total",
+                                        "Block bytes sent to fetchers").Add()),
+      fetch_request_seconds_(
+          registry->AddHistogram("psa_kv_fetch_request_duration_seconds",
+                                 "Server time to assemble one fetch answer",
+                                 metrics::ExponentialBuckets(0.00001, 2.0, 16))
+              .Add()),
+      write_blocks_(registry->AddCounter("psa_kv_write_blocks_total",
+                                         "New blocks written").Add()),
+      write_bytes_(registry->AddCounter("psa_kv_write_bytes_total",
+                                        "Bytes received in block writes").Add()) {
+  active_streams_.Add({{"method", "FetchBlocks"}});
+  active_streams_.Add({{"method", "WriteBlocks"}});
+}
+
+void KvServiceImpl::Record(const char* method, const grpc::Status& status, absl::Time start) {
+  rpcs_.Add({{"method", method}, {"code", CodeName(status.error_code())}}).Increment();
+  rpc_seconds_.Add({{"method", method}}).Observe(absl::ToDoubleSeconds(absl::Now() - start));
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::FinishUnary(grpc::CallbackServerContext* ctx,
+                                                     const char* method, absl::Time start,
+                                                     const absl::Status& status) {
+  const grpc::Status s = ToGrpcStatus(status);
+  Record(method, s, start);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+void KvServiceImpl::Drain() {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+  for (FetchReactor* r : fetch_streams_) r->Drain();
+}
+
+void KvServiceImpl::AnswerFetch(const FetchBlocksRequest& request,
+                                FetchBlocksResponse* response) {
+  const absl::Time start = absl::Now();
+  response->set_tag(request.tag());
+  uint64_t block_bytes = 0;
+  absl::Status s =
+      store_->Read(request.sequence_id(), request.layer(), request.block_indices(),
+                   // room for the envelope fields
+                   max_message_bytes_ > 4096 ? max_message_bytes_ - 4096 : 0,
+                   response->mutable_data(), &block_bytes);
+  if (!s.ok()) {
+    response->clear_data();
+    response->set_error_code(static_cast<int>(s.code()));
+    response->set_error_message(std::string(s.message()));
+  } else {
+    response->set_block_bytes(block_bytes);
+    fetch_blocks_.Increment(request.block_indices_size());
+    fetch_bytes_.Increment(response->data().size());
+  }
+  fetch_requests_.Increment();
+  fetch_request_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::OpenSequence(
+    grpc::CallbackServerContext* ctx, const psa::v1::OpenSequenceRequest* request,
+    psa::v1::OpenSequenceResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::Status s;
+  if (!request->has_layout()) {
+    s = absl::InvalidArgumentError("layout is missing");
+  } else {
+    bool created = false;
+    std::vector<uint32_t> blocks;
+    s = store_->Open(request->sequence_id(), request->layout(), &created, &blocks);
+    response->set_created(created);
+    for (uint32_t n : blocks) response->add_blocks_per_layer(n);
+  }
+  return FinishUnary(ctx, "OpenSequence", start, s);
+}
+
+grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* KvServiceImpl::WriteBlocks(
+    grpc::CallbackServerContext* ctx, psa::v1::WriteBlocksResponse* response) {
+  return new WriteReactor(this, response);
+}
+
+grpc::ServerBidiReactor<FetchBlocksRequest, FetchBlocksResponse>* KvServiceImpl::FetchBlocks(
+    grpc::CallbackServerContext* ctx) {
+  absl::MutexLock lock(&mu_);
+  auto* reactor = new FetchReactor(this);
+  fetch_streams_.insert(reactor);
+  if (draining_) reactor->Drain();
+  return reactor;
+}
+
+grpc::ServerWriteReactor<psa::v1::LayerMetadata>* KvServiceImpl::GetMetadata(
+    grpc::CallbackServerContext* ctx, const psa::v1::GetMetadataRequest* request) {
+  return new MetadataReactor(this, *request);
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::LeaseSequence(
+    grpc::CallbackServerContext* ctx, const psa::v1::LeaseSequenceRequest* request,
+    psa::v1::LeaseSequenceResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<LeaseResult> lease = store_->Lease(
+      request->sequence_id(), request->lease_id(), absl::Milliseconds(request->ttl_ms()));
+  if (lease.ok()) {
+    response->set_lease_id(lease->lease_id);
+    response->set_expires_unix_ms(absl::ToUnixMillis(lease->expires));
+  }
+  return FinishUnary(ctx, "LeaseSequence", start, lease.status());
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::ReleaseSequence(
+    grpc::CallbackServerContext* ctx, const psa::v1::ReleaseSequenceRequest* request,
+    psa::v1::ReleaseSequenceResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<uint64_t> freed = store_->Release(request->sequence_id());
+  if (freed.ok()) response->set_bytes_freed(*freed);
+  return FinishUnary(ctx, "ReleaseSequence", start, freed.status());
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::GetStats(grpc::CallbackServerContext* ctx,
+                                                  const psa::v1::GetStatsRequest* request,
+                                                  psa::v1::KvStats* response) {
+  const absl::Time start = absl::Now();
+  const BlockStoreStats s = store_->Stats();
+  response->set_sequences(s.sequences);
+  response->set_blocks(s.blocks);
+  response->set_unique_blocks(s.unique_blocks);
+  response->set_bytes_stored(s.bytes_stored);
+  response->set_capacity_bytes(s.capacity_bytes);
+  response->set_evictions(s.evictions);
+  response->set_leases(s.leases);
+  return FinishUnary(ctx, "GetStats", start, absl::OkStatus());
+}
+
+void ExportBlockStoreMetrics(BlockStore* store, metrics::Registry* registry) {
+  auto& bytes = registry->AddGauge("psa_kv_store_bytes", "Memory held by stored blocks").Add();
+  auto& capacity =
+      registry->AddGauge("psa_kv_store_capacity_bytes", "Store capacity limit").Add();
+  auto& blocks = registry->AddGauge("psa_kv_store_blocks",
+                                    "Blocks referenced by sequences").Add();
+  auto& unique = registry->AddGauge("psa_kv_store_unique_blocks",
+                                    "Blocks held in memory (shared content counted once)")
+                     .Add();
+  auto& sequences = registry->AddGauge("psa_kv_store_sequences", "Stored sequences").Add();
+  auto& leases = registry->AddGauge("psa_kv_store_leases", "Active leases").Add();
+  auto& usage = registry->AddGauge("psa_kv_store_usage_ratio",
+                                   "Stored bytes over capacity (0-1)").Add();
+  auto& evictions = registry->AddCounter("psa_kv_store_evictions_total",
+                                         "Sequences evicted to make room").Add();
+  registry->AddCollector([=, &bytes, &capacity, &blocks, &unique, &sequences, &leases,
+                          &usage, &evictions] {
+    const BlockStoreStats s = store->Stats();
+    bytes.Set(s.bytes_stored);
+    capacity.Set(s.capacity_bytes);
+    blocks.Set(s.blocks);
+    unique.Set(s.unique_blocks);
+    sequences.Set(s.sequences);
+    leases.Set(s.leases);
+    usage.Set(s.capacity_bytes ? double(s.bytes_stored) / s.capacity_bytes : 0.0);
+    evictions.Increment(s.evictions - evictions.Value());
+  });
+}
+
+}  // namespace psa

@@ -1,0 +1,105 @@
+// psa-kv-service: the KV service process (one shard).
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "common/byte_size.h"
+#include "common/grpc_server_main.h"
+#include "common/metrics_http_server.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "kv_service/kv_service_impl.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:7100", "gRPC address to serve on (port 0: pick one)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9100",
+          "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
+ABSL_FLAG(std::string, capacity, "4GiB",
+          "Memory for KV blocks (e.g. 512MiB, 8GiB); least recently used unleased "
+          "sequences are evicted beyond it");
+ABSL_FLAG(std::string, max_message, "64MiB",
+          "Largest gRPC message accepted or sent (bounds blocks per write or fetch)");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write grpc_port=N and metrics_port=M here once serving");
+ABSL_FLAG(int, shutdown_grace_ms, 5000,
+          "On SIGTERM: how long running calls may finish before they are cancelled");
+
+namespace {
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "psa-kv-service: %s\n", message.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serves the psa.v1.KvService: a host-memory store of KV cache blocks.\n"
+      "Usage: psa-kv-service [--listen=ADDR:PORT] [--capacity=4GiB] ...");
+  absl::ParseCommandLine(argc, argv);
+  psa::BlockTerminationSignals();
+
+  absl::StatusOr<uint64_t> capacity = psa::ParseByteSize(absl::GetFlag(FLAGS_capacity));
+  if (!capacity.ok()) return Fail(absl::StrCat("--capacity: ", capacity.status().message()));
+  absl::StatusOr<uint64_t> max_message = psa::ParseByteSize(absl::GetFlag(FLAGS_max_message));
+  if (!max_message.ok()) {
+    return Fail(absl::StrCat("--max_message: ", max_message.status().message()));
+  }
+  if (*max_message < (64 << 10) || *max_message > (1ull << 31) - 1) {
+    return Fail("--max_message must be between 64KiB and 2GiB");
+  }
+
+  psa::metrics::Registry registry;
+  psa::BlockStore store(psa::BlockStore::Options{*capacity});
+  psa::ExportBlockStoreMetrics(&store, &registry);
+  psa::KvServiceImpl service(&store, &registry, *max_message);
+
+  std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  if (!metrics_listen.empty()) {
+    const size_t colon = metrics_listen.rfind(':');
+    int port = -1;
+    if (colon == std::string::npos ||
+        !absl::SimpleAtoi(metrics_listen.substr(colon + 1), &port)) {
+      return Fail("--metrics_listen must look like 0.0.0.0:9100");
+    }
+    auto started = psa::metrics::MetricsHttpServer::Start(
+        &registry, metrics_listen.substr(0, colon), port);
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    metrics_server = std::move(*started);
+  }
+
+  psa::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(),
+                           &grpc_port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(*max_message));
+  builder.SetMaxSendMessageSize(static_cast<int>(*max_message));
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    return Fail(absl::StrCat("cannot serve on ", absl::GetFlag(FLAGS_listen),
+                             " (address in use or malformed?)"));
+  }
+  const int metrics_port = metrics_server ? metrics_server->port() : 0;
+  if (const std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
+    absl::Status s =
+        psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
+    if (!s.ok()) return Fail(std::string(s.message()));
+  }
+  std::fprintf(stderr,
+               "psa-kv-service: serving on port %d (metrics on %d), capacity %s\n",
+               grpc_port, metrics_port, psa::FormatByteSize(*capacity).c_str());
+
+  const int sig = psa::WaitForTerminationSignal();
+  std::fprintf(stderr, "psa-kv-service: signal %d, draining streams\n", sig);
+  psa::GracefulShutdown(server.get(), [&] { service.Drain(); },
+                        absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
+  std::fprintf(stderr, "psa-kv-service: stopped\n");
+  return 0;
+}

@@ -1,0 +1,422 @@
+// The KV service as deployed: real psa-kv-service processes on loopback,
+// reached through KvClient or raw gRPC stubs.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "kv_service/kv_client.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "tests/support/http_get.h"
+#include "tests/support/kv_blocks.h"
+#include "tests/support/server_process.h"
+
+namespace psa {
+namespace {
+
+using psa::testing::MakeBlock;
+using psa::testing::ServerProcess;
+using ::testing::HasSubstr;
+
+// The default model's shape: 30 layers, 3 KV heads, head dim 64, blocks of
+// 16 fp16 tokens (12 KiB of K+V per block).
+psa::v1::KvLayout ModelLayout() {
+  psa::v1::KvLayout l;
+  l.set_model_id("smollm2-135m-test");
+  l.set_num_layers(30);
+  l.set_num_kv_heads(3);
+  l.set_head_dim(64);
+  l.set_block_size(16);
+  l.set_dtype(psa::v1::KV_DTYPE_F16);
+  return l;
+}
+
+std::unique_ptr<ServerProcess> StartShard(std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto p = ServerProcess::Start(PSA_KV_SERVICE_BIN, args);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? std::move(*p) : nullptr;
+}
+
+std::unique_ptr<KvClient> ClientFor(const std::vector<std::string>& shards,
+                                    uint64_t max_message = 64ull << 20) {
+  KvClientOptions options;
+  options.shards = shards;
+  options.max_message_bytes = max_message;
+  options.rpc_timeout = absl::Seconds(5);
+  auto client = KvClient::Connect(options);
+  EXPECT_TRUE(client.ok()) << client.status();
+  return std::move(*client);
+}
+
+std::vector<psa::v1::KvBlock> SequenceBlocks(const psa::v1::KvLayout& l, uint32_t layers,
+                                             uint32_t blocks, uint64_t seed) {
+  std::vector<psa::v1::KvBlock> out;
+  for (uint32_t layer = 0; layer < layers; ++layer) {
+    for (uint32_t i = 0; i < blocks; ++i) out.push_back(MakeBlock(l, layer, i, seed));
+  }
+  return out;
+}
+
+TEST(KvServiceTest, RoundTripIsBitExactWithManyFetchesOutstanding) {
+  auto shard = StartShard({"--max_message=1MiB"});
+  auto client = ClientFor({shard->address()}, 1 << 20);
+  const psa::v1::KvLayout layout = ModelLayout();
+  auto opened = client->Open("doc", layout);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_TRUE(opened->created());
+
+  // 4 layers x 200 blocks = 9.8 MB: many messages under the 1 MiB limit.
+  const auto blocks = SequenceBlocks(layout, 4, 200, 42);
+  auto written = client->Write("doc", blocks);
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_EQ(written->blocks_written(), blocks.size());
+
+  std::mt19937 rng(1);
+  std::atomic<int> wrong{0}, failed{0};
+  std::atomic<int> remaining{500};
+  absl::Notification all_done;
+  for (int r = 0; r < 500; ++r) {
+    const uint32_t layer = rng() % 4;
+    std::vector<uint32_t> indices;
+    for (int k = 0; k < 16; ++k) indices.push_back(rng() % 200);
+    absl::Status s = client->FetchAsync(
+        "doc", layer, indices, absl::Now() + absl::Seconds(20),
+        [&, layer, indices](absl::Status status, FetchedBlocks got) {
+          if (!status.ok()) {
+            ++failed;
+          } else {
+            for (size_t k = 0; k < indices.size(); ++k) {
+              if (got.data.substr(k * got.block_bytes, got.block_bytes) !=
+                  MakeBlock(layout, layer, indices[k], 42).data()) {
+                ++wrong;
+              }
+            }
+          }
+          if (--remaining == 0) all_done.Notify();
+        });
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  ASSERT_TRUE(all_done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(failed.load(), 0);
+
+  auto meta = client->ReadMetadata("doc");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  ASSERT_EQ(meta->size(), 30u);
+  EXPECT_EQ((*meta)[3].num_blocks(), 200u);
+  EXPECT_EQ((*meta)[4].num_blocks(), 0u);
+  // 768 bytes of metadata per block: 3 heads x (max, min) x 64 dims x fp16.
+  EXPECT_EQ((*meta)[3].metadata().size(), 200u * 768);
+  EXPECT_TRUE((*meta)[3].metadata().substr(7 * 768, 768) ==
+              MakeBlock(layout, 3, 7, 42).metadata());
+
+  // Reopening reports what is stored; a different layout is refused.
+  opened = client->Open("doc", layout);
+  ASSERT_TRUE(opened.ok());
+  EXPECT_FALSE(opened->created());
+  EXPECT_EQ(opened->blocks_per_layer(0), 200u);
+  psa::v1::KvLayout other = layout;
+  other.set_model_id("other-weights");
+  EXPECT_EQ(client->Open("doc", other).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(KvServiceTest, BadInputsGetClearErrorsAndChangeNothing) {
+  auto shard = StartShard({"--max_message=1MiB"});
+  auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
+  auto stub = psa::v1::KvService::NewStub(channel);
+  auto client = ClientFor({shard->address()}, 1 << 20);
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 3, 1)).ok());
+  const psa::v1::KvStats before = *client->Stats(shard->address());
+
+  auto call_open = [&](const psa::v1::OpenSequenceRequest& req) {
+    grpc::ClientContext ctx;
+    psa::v1::OpenSequenceResponse resp;
+    return stub->OpenSequence(&ctx, req, &resp);
+  };
+  psa::v1::OpenSequenceRequest open;
+  open.set_sequence_id("t");
+  grpc::Status s = call_open(open);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("layout is missing"));
+  *open.mutable_layout() = layout;
+  open.mutable_layout()->set_block_size(0);
+  s = call_open(open);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("block_size"));
+
+  auto write = [&](const std::string& id, std::vector<psa::v1::KvBlock> blocks) {
+    return client->Write(id, blocks).status();
+  };
+  auto wrong_shape = MakeBlock(layout, 0, 3, 1);
+  wrong_shape.mutable_data()->resize(100);
+  absl::Status w = write("s", {wrong_shape});
+  EXPECT_EQ(w.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(w.message(), HasSubstr("data is 100 bytes"));
+  EXPECT_EQ(write("unknown", {MakeBlock(layout, 0, 0, 1)}).code(), absl::StatusCode::kNotFound);
+  w = write("s", {MakeBlock(layout, 0, 5, 1)});
+  EXPECT_EQ(w.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(w.message(), HasSubstr("next block must be index 3"));
+  EXPECT_EQ(write("s", {MakeBlock(layout, 0, 1, 2)}).code(),
+            absl::StatusCode::kFailedPrecondition);  // different content
+  EXPECT_TRUE(write("s", {MakeBlock(layout, 0, 1, 1)}).ok());  // identical: fine
+
+  {  // A message over the server's limit.
+    grpc::ClientContext ctx;
+    psa::v1::WriteBlocksResponse resp;
+    auto writer = stub->WriteBlocks(&ctx, &resp);
+    psa::v1::WriteBlocksRequest req;
+    req.set_sequence_id("s");
+    for (uint32_t i = 3; i < 3 + 100; ++i) *req.add_blocks() = MakeBlock(layout, 0, i, 1);
+    writer->Write(req);
+    writer->WritesDone();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  }
+
+  // Fetch errors come back per request; the stream keeps serving.
+  EXPECT_EQ(client->Fetch("unknown", 0, {0}, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->Fetch("s", 0, {7}, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(client->Fetch("s", 31, {0}, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<uint32_t> too_many(100, 0);
+  EXPECT_EQ(client->Fetch("s", 0, too_many, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  auto ok = client->Fetch("s", 0, {2}, absl::Seconds(5));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_TRUE(ok->data == MakeBlock(layout, 0, 2, 1).data());
+
+  EXPECT_EQ(client->ReadMetadata("unknown").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->Lease("unknown", 0, absl::Seconds(1)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->Lease("s", 12345, absl::Seconds(1)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->Release("unknown").status().code(), absl::StatusCode::kNotFound);
+
+  const psa::v1::KvStats after = *client->Stats(shard->address());
+  EXPECT_EQ(after.blocks(), before.blocks());
+  EXPECT_EQ(after.bytes_stored(), before.bytes_stored());
+  EXPECT_EQ(after.sequences(), before.sequences());
+}
+
+TEST(KvServiceTest, ConcurrentWritersAndReaders) {
+  auto shard = StartShard();
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  constexpr int kSeqs = 4;
+  constexpr uint32_t kBlocks = 60;
+  std::atomic<int> errors{0}, wrong{0}, reads{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kSeqs; ++t) {
+    const std::string id = absl::StrCat("seq", t);
+    ASSERT_TRUE(client->Open(id, layout).ok());
+    threads.emplace_back([&, id, t] {  // writer: one block per message
+      for (uint32_t i = 0; i < kBlocks; ++i) {
+        if (!client->Write(id, {MakeBlock(layout, 0, i, t)}).ok()) ++errors;
+      }
+    });
+    threads.emplace_back([&, id, t] {  // reader: the newest block it can see
+      for (int n = 0; n < 60; ++n) {
+        auto meta = client->ReadMetadata(id);
+        if (!meta.ok()) {
+          ++errors;
+          continue;
+        }
+        const uint32_t have = (*meta)[0].num_blocks();
+        if (have == 0) continue;
+        auto got = client->Fetch(id, 0, {have - 1}, absl::Seconds(10));
+        ++reads;
+        if (!got.ok()) {
+          ++errors;
+        } else if (got->data != MakeBlock(layout, 0, have - 1, t).data()) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(reads.load(), 0);
+  EXPECT_EQ(client->Stats(shard->address())->blocks(), kSeqs * kBlocks);
+}
+
+TEST(KvServiceTest, EvictionUnderPressureNeverTakesALeasedSequence) {
+  // 12 KiB + 384 B per block; 1 MiB holds ~84 blocks: 40-block sequences
+  // force evictions from the third one on.
+  auto shard = StartShard({"--capacity=1MiB"});
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("pinned", layout).ok());
+  ASSERT_TRUE(client->Write("pinned", SequenceBlocks(layout, 1, 40, 0)).ok());
+  auto lease = client->Lease("pinned", 0, absl::Minutes(5));
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  for (int i = 1; i <= 6; ++i) {
+    const std::string id = absl::StrCat("other", i);
+    ASSERT_TRUE(client->Open(id, layout).ok());
+    auto w = client->Write(id, SequenceBlocks(layout, 1, 40, i));
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto pinned = client->Fetch("pinned", 0, {0, 39}, absl::Seconds(5));
+    ASSERT_TRUE(pinned.ok()) << "leased sequence lost after writing " << id;
+  }
+  const psa::v1::KvStats stats = *client->Stats(shard->address());
+  EXPECT_GE(stats.evictions(), 5u);
+  EXPECT_LE(stats.bytes_stored(), stats.capacity_bytes());
+  EXPECT_EQ(client->Fetch("other1", 0, {0}, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kNotFound);
+
+  // With the lease ended, the pinned sequence is evictable like any other.
+  ASSERT_TRUE(client->Lease("pinned", lease->lease_id(), absl::ZeroDuration()).ok());
+  ASSERT_TRUE(client->Open("other7", layout).ok());
+  ASSERT_TRUE(client->Write("other7", SequenceBlocks(layout, 1, 40, 7)).ok());
+  ASSERT_TRUE(client->Open("other8", layout).ok());
+  ASSERT_TRUE(client->Write("other8", SequenceBlocks(layout, 1, 40, 8)).ok());
+  EXPECT_EQ(client->Fetch("pinned", 0, {0}, absl::Seconds(5)).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(KvServiceTest, KilledShardFailsPendingFetchesPromptlyNeverWithWrongData) {
+  auto shard = StartShard();
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 64, 3)).ok());
+
+  std::atomic<int> ok{0}, wrong{0}, unavailable{0}, other{0}, outstanding{0};
+  std::atomic<bool> stop{false};
+  std::thread fetcher([&] {
+    while (!stop) {
+      ++outstanding;
+      absl::Status s = client->FetchAsync(
+          "s", 0, {1, 2, 3, 4}, absl::Now() + absl::Seconds(30),
+          [&](absl::Status status, FetchedBlocks got) {
+            if (status.ok()) {
+              ++ok;
+              if (got.data.substr(0, got.block_bytes) != MakeBlock(layout, 0, 1, 3).data()) {
+                ++wrong;
+              }
+            } else if (status.code() == absl::StatusCode::kUnavailable) {
+              ++unavailable;
+            } else {
+              ++other;
+            }
+            --outstanding;
+          });
+      if (!s.ok()) {
+        --outstanding;
+        absl::SleepFor(absl::Milliseconds(1));
+      }
+    }
+  });
+  while (ok < 200) absl::SleepFor(absl::Milliseconds(1));
+  const absl::Time killed = absl::Now();
+  kill(shard->pid(), SIGKILL);
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  fetcher.join();
+  while (outstanding > 0 && absl::Now() - killed < absl::Seconds(10)) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(outstanding.load(), 0) << "fetches still pending 10 s after the kill";
+  EXPECT_LT(absl::Now() - killed, absl::Seconds(3));
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_GT(unavailable.load(), 0);
+
+  auto after = client->Fetch("s", 0, {1}, absl::Seconds(5));
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
+  EXPECT_THAT(after.status().message(), HasSubstr(shard->address()));
+}
+
+TEST(KvServiceTest, ShardsAcrossThreeInstancesByConsistentHashing) {
+  std::vector<std::unique_ptr<ServerProcess>> shards;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    shards.push_back(StartShard());
+    addresses.push_back(shards.back()->address());
+  }
+  auto client = ClientFor(addresses);
+  const psa::v1::KvLayout layout = ModelLayout();
+  std::map<std::string, int> expected;
+  for (int s = 0; s < 30; ++s) {
+    const std::string id = absl::StrCat("conversation-", s);
+    ++expected[client->ShardFor(id)];
+    ASSERT_TRUE(client->Open(id, layout).ok());
+    ASSERT_TRUE(client->Write(id, SequenceBlocks(layout, 2, 3, s)).ok());
+  }
+  for (const std::string& a : addresses) {
+    auto stats = client->Stats(a);
+    ASSERT_TRUE(stats.ok());
+    EXPECT_EQ(stats->sequences(), uint64_t(expected[a])) << a;
+    EXPECT_GT(stats->sequences(), 0u) << a;
+  }
+  for (int s = 0; s < 30; ++s) {
+    auto got = client->Fetch(absl::StrCat("conversation-", s), 1, {2}, absl::Seconds(5));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(got->data == MakeBlock(layout, 1, 2, s).data());
+  }
+  // A second client with the same shard list agrees on placement.
+  auto other = ClientFor({addresses[2], addresses[0], addresses[1]});
+  for (int s = 0; s < 30; ++s) {
+    const std::string id = absl::StrCat("conversation-", s);
+    EXPECT_EQ(other->ShardFor(id), client->ShardFor(id));
+  }
+}
+
+TEST(KvServiceTest, SigtermDrainsStreamsAndExitsCleanly) {
+  auto shard = StartShard();
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 4, 1)).ok());
+  ASSERT_TRUE(client->Fetch("s", 0, {0}, absl::Seconds(5)).ok());  // stream open
+  const absl::Time start = absl::Now();
+  const int status = shard->Stop(SIGTERM);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4)) << "shutdown waited for the stream";
+  auto after = client->Fetch("s", 0, {0}, absl::Seconds(5));
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
+}
+
+TEST(KvServiceTest, HealthServiceAndMetrics) {
+  auto shard = StartShard();
+  auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext ctx;
+  grpc::health::v1::HealthCheckResponse resp;
+  ASSERT_TRUE(health->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &resp).ok());
+  EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 4, 1)).ok());
+  ASSERT_TRUE(client->Fetch("s", 0, {0, 1, 2}, absl::Seconds(5)).ok());
+  auto body = psa::testing::HttpGet(shard->port("metrics_port"), "/metrics");
+  ASSERT_TRUE(body.ok()) << body.status();
+  using psa::testing::MetricValue;
+  EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_bytes_total"), 3 * 12288);
+  EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_blocks_total"), 3);
+  EXPECT_EQ(MetricValue(*body, "psa_kv_store_blocks"), 4);
+  EXPECT_EQ(MetricValue(*body, "psa_kv_store_sequences"), 1);
+  EXPECT_EQ(MetricValue(*body, "psa_kv_active_streams{method=\"FetchBlocks\"}"), 1);
+  EXPECT_EQ(MetricValue(*body, "psa_kv_rpcs_total{code=\"OK\",method=\"OpenSequence\"}"), 1);
+  EXPECT_EQ(
+      MetricValue(*body, "psa_kv_rpc_duration_seconds_count{method=\"WriteBlocks\"}"), 1);
+  EXPECT_GT(MetricValue(*body, "psa_kv_store_capacity_bytes"), 0);
+}
+
+}  // namespace
+}  // namespace psa

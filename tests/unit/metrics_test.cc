@@ -1,0 +1,81 @@
+#include "common/metrics.h"
+
+#include "common/byte_size.h"
+#include "common/metrics_http_server.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/support/http_get.h"
+
+namespace psa::metrics {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(MetricsTest, TextExposition) {
+  Registry registry;
+  auto& requests = registry.AddCounter("psa_test_requests_total", "Requests by code");
+  requests.Add({{"code", "OK"}, {"method", "Get"}}).Increment(3);
+  requests.Add({{"code", "OK"}, {"method", "Get"}}).Increment();
+  requests.Add({{"code", "OK"}, {"method", "Get"}}).Increment(-5);  // ignored
+  auto& bytes = registry.AddGauge("psa_test_bytes", "Bytes held").Add();
+  bytes.Set(1073741824);
+  bytes.Add(-24);
+  registry.AddGauge("psa_test_label", "Escaping").Add({{"v", "a\"b\\c\nd"}}).Set(0.25);
+  auto& latency =
+      registry.AddHistogram("psa_test_seconds", "Latency", {0.1, 1.0}).Add({{"m", "x"}});
+  latency.Observe(0.05);
+  latency.Observe(0.1);  // bounds are inclusive ("le")
+  latency.Observe(0.5);
+  latency.Observe(7);
+  int collected = 0;
+  registry.AddCollector([&] { ++collected; });
+
+  const std::string text = registry.Serialize();
+  EXPECT_EQ(collected, 1);
+  EXPECT_THAT(text, HasSubstr("# HELP psa_test_requests_total Requests by code\n"
+                              "# TYPE psa_test_requests_total counter\n"
+                              "psa_test_requests_total{code=\"OK\",method=\"Get\"} 4\n"));
+  EXPECT_THAT(text, HasSubstr("# TYPE psa_test_bytes gauge\npsa_test_bytes 1073741800\n"));
+  EXPECT_THAT(text, HasSubstr("psa_test_label{v=\"a\\\"b\\\\c\\nd\"} 0.25\n"));
+  EXPECT_THAT(text, HasSubstr("# TYPE psa_test_seconds histogram\n"
+                              "psa_test_seconds_bucket{m=\"x\",le=\"0.10000000000000001\"} 2\n"
+                              "psa_test_seconds_bucket{m=\"x\",le=\"1\"} 3\n"
+                              "psa_test_seconds_bucket{m=\"x\",le=\"+Inf\"} 4\n"
+                              "psa_test_seconds_sum{m=\"x\"} 7.6500000000000004\n"
+                              "psa_test_seconds_count{m=\"x\"} 4\n"));
+}
+
+TEST(MetricsTest, HttpServerServesMetricsAndHealth) {
+  Registry registry;
+  registry.AddCounter("psa_test_scrapes_total", "x").Add().Increment(2);
+  auto server = MetricsHttpServer::Start(&registry, "127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto body = psa::testing::HttpGet((*server)->port(), "/metrics");
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_EQ(psa::testing::MetricValue(*body, "psa_test_scrapes_total"), 2);
+  EXPECT_EQ(*psa::testing::HttpGet((*server)->port(), "/healthz"), "ok\n");
+  EXPECT_FALSE(psa::testing::HttpGet((*server)->port(), "/nope").ok());
+  EXPECT_EQ(MetricsHttpServer::Start(&registry, "not-an-ip", 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // The port is taken now.
+  EXPECT_EQ(MetricsHttpServer::Start(&registry, "127.0.0.1", (*server)->port()).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
+TEST(ByteSizeTest, ParsesUnitsAndRejectsGarbage) {
+  EXPECT_EQ(*ParseByteSize("1234"), 1234u);
+  EXPECT_EQ(*ParseByteSize("512MiB"), 512ull << 20);
+  EXPECT_EQ(*ParseByteSize(" 8 GiB "), 8ull << 30);
+  EXPECT_EQ(*ParseByteSize("2gb"), 2000000000u);
+  EXPECT_EQ(*ParseByteSize("64k"), 64000u);
+  EXPECT_FALSE(ParseByteSize("").ok());
+  EXPECT_FALSE(ParseByteSize("GiB").ok());
+  EXPECT_FALSE(ParseByteSize("-5").ok());
+  EXPECT_FALSE(ParseByteSize("1.5GiB").ok());
+  EXPECT_FALSE(ParseByteSize("99999999999TiB").ok());
+  EXPECT_EQ(FormatByteSize(1536ull << 20), "1.5 GiB");
+  EXPECT_EQ(FormatByteSize(100), "100 B");
+}
+
+}  // namespace
+}  // namespace psa::metrics
