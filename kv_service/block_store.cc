@@ -314,49 +314,49 @@ uint64_t BlockStore::RemoveLocked(const std::string& id) {
   return freed;
 }
 
+absl::Status BlockStore::ReadRefs(const std::string& id, uint32_t layer,
+                                  absl::Span<const uint32_t> indices, uint64_t max_bytes,
+                                  std::vector<std::shared_ptr<const std::string>>* blocks) {
+  blocks->clear();
+  blocks->reserve(indices.size());
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindLocked(id);
+  if (seq == nullptr) {
+    return absl::NotFoundError(absl::StrCat(
+        "sequence \"", id, "\" is not stored (never written, released or evicted)"));
+  }
+  if (layer >= seq->layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, " is out of range; the sequence has ", seq->layers.size()));
+  }
+  const uint64_t bytes = KvBlockDataBytes(seq->layout);
+  if (indices.size() * bytes > max_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        indices.size(), " blocks of ", bytes, " bytes exceed the ", max_bytes,
+        "-byte message limit; ask for at most ", max_bytes / bytes, " per request"));
+  }
+  const auto& stored = seq->layers[layer];
+  for (uint32_t index : indices) {
+    if (index >= stored.size()) {
+      blocks->clear();
+      return absl::OutOfRangeError(absl::StrCat(
+          "block ", index, " of layer ", layer, " is not stored; the layer holds ",
+          stored.size(), " blocks"));
+    }
+    // Aliasing pointer: owns the block, points at its data.
+    blocks->emplace_back(stored[index], &stored[index]->data);
+  }
+  TouchLocked(seq);
+  return absl::OkStatus();
+}
+
 absl::Status BlockStore::Read(const std::string& id, uint32_t layer,
                               absl::Span<const uint32_t> indices, uint64_t max_bytes,
                               std::string* out, uint64_t* block_bytes) {
-  std::vector<BlockRef> refs;
-  refs.reserve(indices.size());
-  {
-    absl::MutexLock lock(&mu_);
-    Sequence* seq = FindLocked(id);
-    if (seq == nullptr) {
-      return absl::NotFoundError(absl::StrCat(
-          "sequence \"", id, "\" is not stored (never written, released or evicted)"));
-    }
-    if (layer >= seq->layers.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "layer ", layer, " is out of range; the sequence has ", seq->layers.size()));
-    }
-    const uint64_t bytes = KvBlockDataBytes(seq->layout);
-    if (indices.size() * bytes > max_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          indices.size(), " blocks of ", bytes, " bytes exceed the ", max_bytes,
-          "-byte message limit; ask for at most ", max_bytes / bytes, " per request"));
-    }
-    const auto& stored = seq->layers[layer];
-    for (uint32_t index : indices) {
-      if (index >= stored.size()) {
-        return absl::OutOfRangeError(absl::StrCat(
-            "block ", index, " of layer ", layer, " is not stored; the layer holds ",
-            stored.size(), " blocks"));
-      }
-      refs.push_back(stored[index]);
-    }
-    *block_bytes = bytes;
-    TouchLocked(seq);
-  }
-  // Copy outside the lock: the references keep blocks alive even if the
-  // sequence is released meanwhile.
-  const size_t start = out->size();
-  out->resize(start + refs.size() * *block_bytes);
-  char* dst = out->data() + start;
-  for (const BlockRef& b : refs) {
-    std::memcpy(dst, b->data.data(), b->data.size());
-    dst += b->data.size();
-  }
+  std::vector<std::shared_ptr<const std::string>> blocks;
+  if (absl::Status s = ReadRefs(id, layer, indices, max_bytes, &blocks); !s.ok()) return s;
+  *block_bytes = blocks.empty() ? 0 : blocks[0]->size();
+  for (const auto& b : blocks) out->append(*b);
   return absl::OkStatus();
 }
 

@@ -83,6 +83,13 @@ class BlockStore {
   absl::StatusOr<WriteResult> Write(const std::string& id,
                                     absl::Span<const BlockWrite> blocks);
 
+  // References to the data of `indices` of `layer`, in order, valid for as
+  // long as they are held (even if the sequence is released meanwhile);
+  // refuses (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.
+  absl::Status ReadRefs(const std::string& id, uint32_t layer,
+                        absl::Span<const uint32_t> indices, uint64_t max_bytes,
+                        std::vector<std::shared_ptr<const std::string>>* blocks);
+
   // Appends the data of `indices` of `layer`, in order, to `out`; refuses
   // (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.
   absl::Status Read(const std::string& id, uint32_t layer,

@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
 
@@ -14,7 +15,10 @@ namespace psa {
 namespace {
 
 using psa::v1::FetchBlocksRequest;
-using psa::v1::FetchBlocksResponse;
+
+// The fetch stream runs on raw byte buffers: answers are decoded in place
+// (fetch_wire.h) instead of being copied into protobuf strings.
+const std::string kFetchMethod = "/psa.v1.KvService/FetchBlocks";
 
 // Every unary call is idempotent, so a shard that is briefly unreachable
 // (restart, connection reset) is retried with backoff inside the deadline.
@@ -51,15 +55,15 @@ absl::Status WithShard(const std::string& shard, const grpc::Status& s) {
 // One long-lived FetchBlocks stream. Owns the pending fetches sent on it;
 // keeps itself alive (self_) until gRPC calls OnDone.
 class KvClient::FetchStream final
-    : public grpc::ClientBidiReactor<FetchBlocksRequest, FetchBlocksResponse>,
+    : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
       public std::enable_shared_from_this<FetchStream> {
  public:
   FetchStream(std::string shard, int max_outstanding)
       : shard_(std::move(shard)), max_outstanding_(max_outstanding) {}
 
-  void Start(psa::v1::KvService::Stub* stub) {
+  void Start(grpc::GenericStub* stub) {
     self_ = shared_from_this();
-    stub->async()->FetchBlocks(&context_, this);
+    stub->PrepareBidiStreamingCall(&context_, kFetchMethod, grpc::StubOptions(), this);
     // Writes start from application threads, outside reactions: the hold
     // keeps gRPC from finishing the call (OnDone) while one may still come.
     // It is removed once reading ends, after which Submit starts no write.
@@ -89,7 +93,10 @@ class KvClient::FetchStream final
     const uint64_t tag = next_tag_++;
     request.set_tag(tag);
     pending_.emplace(tag, Pending{deadline, std::move(done)});
-    writes_.push_back(std::move(request));
+    writes_.emplace_back();
+    bool own_buffer;
+    grpc::SerializationTraits<FetchBlocksRequest>::Serialize(request, &writes_.back(),
+                                                             &own_buffer);
     if (!writing_) {
       writing_ = true;
       StartWrite(&writes_.front());
@@ -143,24 +150,24 @@ class KvClient::FetchStream final
       RemoveHold();
       return;
     }
+    uint64_t tag = 0;
+    FetchedBlocks blocks;
+    absl::Status status = DecodeFetchResponse(response_, &tag, &blocks);
     FetchCallback done;
     {
       absl::MutexLock lock(&mu_);
-      auto it = pending_.find(response_.tag());
+      auto it = pending_.find(tag);
       if (it != pending_.end()) {  // absent: expired already
         done = std::move(it->second.done);
         pending_.erase(it);
       }
     }
     if (done) {
-      if (response_.error_code() != 0) {
-        done(absl::Status(static_cast<absl::StatusCode>(response_.error_code()),
-                          absl::StrCat("KV shard ", shard_, ": ", response_.error_message())),
-             FetchedBlocks{});
-      } else {
-        done(absl::OkStatus(),
-             FetchedBlocks{std::move(*response_.mutable_data()), response_.block_bytes()});
+      if (!status.ok()) {
+        status = absl::Status(status.code(),
+                              absl::StrCat("KV shard ", shard_, ": ", status.message()));
       }
+      done(std::move(status), std::move(blocks));
     }
     response_.Clear();
     StartRead(&response_);
@@ -192,12 +199,12 @@ class KvClient::FetchStream final
   const std::string shard_;
   const int max_outstanding_;
   grpc::ClientContext context_;
-  FetchBlocksResponse response_;
+  grpc::ByteBuffer response_;
   std::shared_ptr<FetchStream> self_;
   absl::Notification done_;
 
   absl::Mutex mu_;
-  std::deque<FetchBlocksRequest> writes_ ABSL_GUARDED_BY(mu_);  // front is in flight
+  std::deque<grpc::ByteBuffer> writes_ ABSL_GUARDED_BY(mu_);  // front is in flight
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_tag_ ABSL_GUARDED_BY(mu_) = 1;
@@ -215,6 +222,9 @@ absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(KvClientOptions opti
           absl::StrCat("KV shard address \"", s, "\" must look like host:port"));
     }
   }
+  if (options.fetch_connections < 1 || options.fetch_connections > 64) {
+    return absl::InvalidArgumentError("fetch_connections must be in [1, 64]");
+  }
   if (options.max_outstanding_fetches < 1) {
     return absl::InvalidArgumentError("max_outstanding_fetches must be at least 1");
   }
@@ -229,12 +239,25 @@ KvClient::KvClient(KvClientOptions options) : options_(std::move(options)) {
   // Notice a silently dead peer (no FIN) on a long-lived stream.
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  if (const char* v = getenv("PSA_FRAME")) args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, atoi(v));
+  if (const char* v = getenv("PSA_LOOKAHEAD")) args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, atoi(v));
+  if (const char* v = getenv("PSA_BDP")) args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, atoi(v));
+  if (const char* v = getenv("PSA_CHUNK")) args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, atoi(v));
   for (const std::string& address : options_.shards) {
     auto shard = std::make_unique<Shard>();
     shard->address = address;
-    shard->channel =
-        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-    shard->stub = psa::v1::KvService::NewStub(shard->channel);
+    for (int i = 0; i < options_.fetch_connections; ++i) {
+      grpc::ChannelArguments conn_args = args;
+      // Distinct arguments and a local pool: a connection of its own.
+      conn_args.SetInt("psa.connection_index", i);
+      conn_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      auto c = std::make_unique<Connection>();
+      c->channel =
+          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), conn_args);
+      c->stub = psa::v1::KvService::NewStub(c->channel);
+      c->raw_stub = std::make_unique<grpc::GenericStub>(c->channel);
+      shard->connections.push_back(std::move(c));
+    }
     shards_.emplace(address, std::move(shard));
     ring_.AddShard(address);
   }
@@ -249,14 +272,16 @@ KvClient::~KvClient() {
   stop_.Notify();
   deadline_thread_.join();
   for (auto& [address, shard] : shards_) {
-    std::shared_ptr<FetchStream> stream;
-    {
-      absl::MutexLock lock(&shard->mu);
-      stream = std::move(shard->stream);
-    }
-    if (stream) {
-      stream->Cancel();
-      stream->WaitDone();
+    for (auto& c : shard->connections) {
+      std::shared_ptr<FetchStream> stream;
+      {
+        absl::MutexLock lock(&c->mu);
+        stream = std::move(c->stream);
+      }
+      if (stream) {
+        stream->Cancel();
+        stream->WaitDone();
+      }
     }
   }
 }
@@ -282,7 +307,7 @@ absl::StatusOr<psa::v1::OpenSequenceResponse> KvClient::Open(
   *request.mutable_layout() = layout;
   psa::v1::OpenSequenceResponse response;
   auto ctx = Context();
-  const grpc::Status s = ShardOf(sequence_id).stub->OpenSequence(ctx.get(), request, &response);
+  const grpc::Status s = ShardOf(sequence_id).stub()->OpenSequence(ctx.get(), request, &response);
   if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
   return response;
 }
@@ -291,7 +316,7 @@ absl::StatusOr<psa::v1::WriteBlocksResponse> KvClient::Write(
     const std::string& sequence_id, absl::Span<const psa::v1::KvBlock> blocks) {
   psa::v1::WriteBlocksResponse response;
   auto ctx = Context();
-  auto writer = ShardOf(sequence_id).stub->WriteBlocks(ctx.get(), &response);
+  auto writer = ShardOf(sequence_id).stub()->WriteBlocks(ctx.get(), &response);
   const uint64_t budget = options_.max_message_bytes - 1024;
   psa::v1::WriteBlocksRequest message;
   message.set_sequence_id(sequence_id);
@@ -319,7 +344,7 @@ absl::StatusOr<std::vector<psa::v1::LayerMetadata>> KvClient::ReadMetadata(
   psa::v1::GetMetadataRequest request;
   request.set_sequence_id(sequence_id);
   auto ctx = Context();
-  auto reader = ShardOf(sequence_id).stub->GetMetadata(ctx.get(), request);
+  auto reader = ShardOf(sequence_id).stub()->GetMetadata(ctx.get(), request);
   std::vector<psa::v1::LayerMetadata> layers;
   psa::v1::LayerMetadata layer;
   while (reader->Read(&layer)) layers.push_back(std::move(layer));
@@ -337,7 +362,7 @@ absl::StatusOr<psa::v1::LeaseSequenceResponse> KvClient::Lease(const std::string
   request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
   psa::v1::LeaseSequenceResponse response;
   auto ctx = Context();
-  const grpc::Status s = ShardOf(sequence_id).stub->LeaseSequence(ctx.get(), request, &response);
+  const grpc::Status s = ShardOf(sequence_id).stub()->LeaseSequence(ctx.get(), request, &response);
   if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
   return response;
 }
@@ -348,7 +373,7 @@ absl::StatusOr<uint64_t> KvClient::Release(const std::string& sequence_id) {
   psa::v1::ReleaseSequenceResponse response;
   auto ctx = Context();
   const grpc::Status s =
-      ShardOf(sequence_id).stub->ReleaseSequence(ctx.get(), request, &response);
+      ShardOf(sequence_id).stub()->ReleaseSequence(ctx.get(), request, &response);
   if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
   return response.bytes_freed();
 }
@@ -361,20 +386,20 @@ absl::StatusOr<psa::v1::KvStats> KvClient::Stats(const std::string& shard) {
   }
   psa::v1::KvStats response;
   auto ctx = Context();
-  const grpc::Status s = it->second->stub->GetStats(ctx.get(), psa::v1::GetStatsRequest(),
+  const grpc::Status s = it->second->stub()->GetStats(ctx.get(), psa::v1::GetStatsRequest(),
                                                     &response);
   if (!s.ok()) return WithShard(shard, s);
   return response;
 }
 
-std::shared_ptr<KvClient::FetchStream> KvClient::LiveStream(Shard& shard) {
-  absl::MutexLock lock(&shard.mu);
-  if (shard.stream == nullptr || shard.stream->dead()) {
-    shard.stream =
-        std::make_shared<FetchStream>(shard.address, options_.max_outstanding_fetches);
-    shard.stream->Start(shard.stub.get());
+std::shared_ptr<KvClient::FetchStream> KvClient::LiveStream(const std::string& address,
+                                                          Connection& c) {
+  absl::MutexLock lock(&c.mu);
+  if (c.stream == nullptr || c.stream->dead()) {
+    c.stream = std::make_shared<FetchStream>(address, options_.max_outstanding_fetches);
+    c.stream->Start(c.raw_stub.get());
   }
-  return shard.stream;
+  return c.stream;
 }
 
 absl::Status KvClient::FetchAsync(const std::string& sequence_id, uint32_t layer,
@@ -384,7 +409,9 @@ absl::Status KvClient::FetchAsync(const std::string& sequence_id, uint32_t layer
   request.set_sequence_id(sequence_id);
   request.set_layer(layer);
   request.mutable_block_indices()->Add(block_indices.begin(), block_indices.end());
-  return LiveStream(ShardOf(sequence_id))->Submit(std::move(request), deadline, std::move(done));
+  Shard& shard = ShardOf(sequence_id);
+  Connection& c = *shard.connections[shard.next++ % shard.connections.size()];
+  return LiveStream(shard.address, c)->Submit(std::move(request), deadline, std::move(done));
 }
 
 absl::StatusOr<FetchedBlocks> KvClient::Fetch(const std::string& sequence_id, uint32_t layer,
@@ -411,12 +438,14 @@ absl::StatusOr<FetchedBlocks> KvClient::Fetch(const std::string& sequence_id, ui
 void KvClient::ExpireOverdueFetches() {
   const absl::Time now = absl::Now();
   for (auto& [address, shard] : shards_) {
-    std::shared_ptr<FetchStream> stream;
-    {
-      absl::MutexLock lock(&shard->mu);
-      stream = shard->stream;
+    for (auto& c : shard->connections) {
+      std::shared_ptr<FetchStream> stream;
+      {
+        absl::MutexLock lock(&c->mu);
+        stream = c->stream;
+      }
+      if (stream) stream->ExpireOverdue(now);
     }
-    if (stream) stream->ExpireOverdue(now);
   }
 }
 

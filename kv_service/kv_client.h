@@ -12,6 +12,7 @@
 #ifndef PSA_KV_SERVICE_KV_CLIENT_H_
 #define PSA_KV_SERVICE_KV_CLIENT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,7 +27,9 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "kv_service/fetch_wire.h"
 #include "kv_service/hash_ring.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "proto/psa/v1/kv_service.grpc.pb.h"
 
 namespace psa {
@@ -34,19 +37,17 @@ namespace psa {
 struct KvClientOptions {
   std::vector<std::string> shards;             // "host:port" each
   absl::Duration rpc_timeout = absl::Seconds(10);  // unary calls and writes
-  int max_outstanding_fetches = 64;            // per shard stream (back-pressure)
+  int max_outstanding_fetches = 64;            // per fetch stream (back-pressure)
+  // TCP connections per shard carrying fetch streams, used round-robin: one
+  // connection's HTTP/2 transport works on one core at a time.
+  int fetch_connections = 2;
   uint64_t max_message_bytes = 64ull << 20;    // must match the servers' --max_message
-};
-
-// Blocks of one fetch, concatenated in request order.
-struct FetchedBlocks {
-  std::string data;
-  uint32_t block_bytes = 0;
 };
 
 class KvClient {
  public:
-  // Called once per fetch with its outcome; `blocks` is valid only when ok.
+  // Called once per fetch with its outcome; `blocks` (in request order) is
+  // empty unless ok.
   using FetchCallback = std::function<void(absl::Status status, FetchedBlocks blocks)>;
 
   static absl::StatusOr<std::unique_ptr<KvClient>> Connect(KvClientOptions options);
@@ -82,17 +83,23 @@ class KvClient {
 
  private:
   class FetchStream;
-  struct Shard {
-    std::string address;
+  struct Connection {
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<psa::v1::KvService::Stub> stub;
+    std::unique_ptr<grpc::GenericStub> raw_stub;  // fetch streams: byte buffers
     absl::Mutex mu;
     std::shared_ptr<FetchStream> stream ABSL_GUARDED_BY(mu);  // null or live
+  };
+  struct Shard {
+    std::string address;
+    std::vector<std::unique_ptr<Connection>> connections;  // [0] also carries unary calls
+    std::atomic<uint32_t> next{0};                         // round-robin for fetches
+    psa::v1::KvService::Stub* stub() { return connections[0]->stub.get(); }
   };
 
   explicit KvClient(KvClientOptions options);
   Shard& ShardOf(const std::string& sequence_id);
-  std::shared_ptr<FetchStream> LiveStream(Shard& shard);
+  std::shared_ptr<FetchStream> LiveStream(const std::string& address, Connection& c);
   void ExpireOverdueFetches();
   std::unique_ptr<grpc::ClientContext> Context() const;
 

@@ -7,12 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "kv_service/fetch_wire.h"
 
 namespace psa {
 namespace {
 
-using psa::v1::FetchBlocksRequest;
-using psa::v1::FetchBlocksResponse;
 
 // Responses a fetch stream may hold unsent before it stops reading requests:
 // back-pressure on a client that does not read its answers.
@@ -34,7 +33,7 @@ const char* CodeName(grpc::StatusCode code) {
 // One long-lived fetch stream: reads tagged requests, answers each in the
 // order read. At most one write is in flight (a gRPC rule), so answers queue.
 class KvServiceImpl::FetchReactor final
-    : public grpc::ServerBidiReactor<FetchBlocksRequest, FetchBlocksResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit FetchReactor(KvServiceImpl* service) : service_(service), start_(absl::Now()) {
     service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(1);
@@ -54,8 +53,7 @@ class KvServiceImpl::FetchReactor final
       MaybeFinishLocked();
       return;
     }
-    auto response = std::make_unique<FetchBlocksResponse>();
-    service_->AnswerFetch(request_, response.get());
+    auto response = std::make_unique<grpc::ByteBuffer>(service_->AnswerFetch(&request_));
     absl::MutexLock lock(&mu_);
     if (finished_) return;
     queue_.push_back(std::move(response));
@@ -121,9 +119,9 @@ class KvServiceImpl::FetchReactor final
 
   KvServiceImpl* const service_;
   const absl::Time start_;
-  FetchBlocksRequest request_;  // only touched between StartRead and OnReadDone
+  grpc::ByteBuffer request_;  // only touched between StartRead and OnReadDone
   absl::Mutex mu_;
-  std::deque<std::unique_ptr<FetchBlocksResponse>> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::unique_ptr<grpc::ByteBuffer>> queue_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
@@ -294,27 +292,27 @@ void KvServiceImpl::Drain() {
   for (FetchReactor* r : fetch_streams_) r->Drain();
 }
 
-void KvServiceImpl::AnswerFetch(const FetchBlocksRequest& request,
-                                FetchBlocksResponse* response) {
+grpc::ByteBuffer KvServiceImpl::AnswerFetch(grpc::ByteBuffer* request_buffer) {
   const absl::Time start = absl::Now();
-  response->set_tag(request.tag());
-  uint64_t block_bytes = 0;
-  absl::Status s =
-      store_->Read(request.sequence_id(), request.layer(), request.block_indices(),
-                   // room for the envelope fields
-                   max_message_bytes_ > 4096 ? max_message_bytes_ - 4096 : 0,
-                   response->mutable_data(), &block_bytes);
-  if (!s.ok()) {
-    response->clear_data();
-    response->set_error_code(static_cast<int>(s.code()));
-    response->set_error_message(std::string(s.message()));
+  psa::v1::FetchBlocksRequest request;
+  absl::Status s = DecodeFetchRequest(request_buffer, &request);
+  std::vector<std::shared_ptr<const std::string>> blocks;
+  if (s.ok()) {
+    s = store_->ReadRefs(request.sequence_id(), request.layer(), request.block_indices(),
+                         // room for the envelope fields
+                         max_message_bytes_ > 4096 ? max_message_bytes_ - 4096 : 0, &blocks);
+  }
+  grpc::ByteBuffer response;
+  if (s.ok()) {
+    response = EncodeFetchBlocks(request.tag(), blocks);
+    fetch_blocks_.Increment(blocks.size());
+    fetch_bytes_.Increment(blocks.empty() ? 0 : blocks.size() * blocks[0]->size());
   } else {
-    response->set_block_bytes(block_bytes);
-    fetch_blocks_.Increment(request.block_indices_size());
-    fetch_bytes_.Increment(response->data().size());
+    response = EncodeFetchError(request.tag(), s);
   }
   fetch_requests_.Increment();
   fetch_request_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  return response;
 }
 
 grpc::ServerUnaryReactor* KvServiceImpl::OpenSequence(
@@ -339,7 +337,7 @@ grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* KvServiceImpl::WriteBlocks
   return new WriteReactor(this, response);
 }
 
-grpc::ServerBidiReactor<FetchBlocksRequest, FetchBlocksResponse>* KvServiceImpl::FetchBlocks(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvServiceImpl::FetchBlocks(
     grpc::CallbackServerContext* ctx) {
   absl::MutexLock lock(&mu_);
   auto* reactor = new FetchReactor(this);

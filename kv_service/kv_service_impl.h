@@ -13,7 +13,19 @@
 
 namespace psa {
 
-class KvServiceImpl final : public psa::v1::KvService::CallbackService {
+// The callback service with FetchBlocks as a raw method (byte buffers), so
+// that block bytes go from the store to the socket without copies; see
+// fetch_wire.h. (KvService::CallbackService, but for that one method.)
+using KvServiceBase = psa::v1::KvService::WithCallbackMethod_OpenSequence<
+    psa::v1::KvService::WithCallbackMethod_WriteBlocks<
+        psa::v1::KvService::WithRawCallbackMethod_FetchBlocks<
+            psa::v1::KvService::WithCallbackMethod_GetMetadata<
+                psa::v1::KvService::WithCallbackMethod_LeaseSequence<
+                    psa::v1::KvService::WithCallbackMethod_ReleaseSequence<
+                        psa::v1::KvService::WithCallbackMethod_GetStats<
+                            psa::v1::KvService::Service>>>>>>>;
+
+class KvServiceImpl final : public KvServiceBase {
  public:
   // `store` and `registry` must outlive the service. `max_message_bytes`
   // caps one fetch response.
@@ -29,8 +41,8 @@ class KvServiceImpl final : public psa::v1::KvService::CallbackService {
                                          psa::v1::OpenSequenceResponse* response) override;
   grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* WriteBlocks(
       grpc::CallbackServerContext* ctx, psa::v1::WriteBlocksResponse* response) override;
-  grpc::ServerBidiReactor<psa::v1::FetchBlocksRequest, psa::v1::FetchBlocksResponse>*
-  FetchBlocks(grpc::CallbackServerContext* ctx) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FetchBlocks(
+      grpc::CallbackServerContext* ctx) override;
   grpc::ServerWriteReactor<psa::v1::LayerMetadata>* GetMetadata(
       grpc::CallbackServerContext* ctx, const psa::v1::GetMetadataRequest* request) override;
   grpc::ServerUnaryReactor* LeaseSequence(grpc::CallbackServerContext* ctx,
@@ -49,8 +61,7 @@ class KvServiceImpl final : public psa::v1::KvService::CallbackService {
   class MetadataReactor;
 
   // Answers one fetch request; errors go into the response.
-  void AnswerFetch(const psa::v1::FetchBlocksRequest& request,
-                   psa::v1::FetchBlocksResponse* response);
+  grpc::ByteBuffer AnswerFetch(grpc::ByteBuffer* request);
   // Counts an RPC's outcome and duration.
   void Record(const char* method, const grpc::Status& status, absl::Time start);
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const char* method,

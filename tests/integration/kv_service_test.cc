@@ -96,8 +96,7 @@ TEST(KvServiceTest, RoundTripIsBitExactWithManyFetchesOutstanding) {
             ++failed;
           } else {
             for (size_t k = 0; k < indices.size(); ++k) {
-              if (got.data.substr(k * got.block_bytes, got.block_bytes) !=
-                  MakeBlock(layout, layer, indices[k], 42).data()) {
+              if (got.Block(k) != MakeBlock(layout, layer, indices[k], 42).data()) {
                 ++wrong;
               }
             }
@@ -196,7 +195,7 @@ TEST(KvServiceTest, BadInputsGetClearErrorsAndChangeNothing) {
             absl::StatusCode::kResourceExhausted);
   auto ok = client->Fetch("s", 0, {2}, absl::Seconds(5));
   ASSERT_TRUE(ok.ok()) << ok.status();
-  EXPECT_TRUE(ok->data == MakeBlock(layout, 0, 2, 1).data());
+  EXPECT_TRUE(ok->ToString() == MakeBlock(layout, 0, 2, 1).data());
 
   EXPECT_EQ(client->ReadMetadata("unknown").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(client->Lease("unknown", 0, absl::Seconds(1)).status().code(),
@@ -240,7 +239,7 @@ TEST(KvServiceTest, ConcurrentWritersAndReaders) {
         ++reads;
         if (!got.ok()) {
           ++errors;
-        } else if (got->data != MakeBlock(layout, 0, have - 1, t).data()) {
+        } else if (got->ToString() != MakeBlock(layout, 0, have - 1, t).data()) {
           ++wrong;
         }
       }
@@ -304,7 +303,7 @@ TEST(KvServiceTest, KilledShardFailsPendingFetchesPromptlyNeverWithWrongData) {
           [&](absl::Status status, FetchedBlocks got) {
             if (status.ok()) {
               ++ok;
-              if (got.data.substr(0, got.block_bytes) != MakeBlock(layout, 0, 1, 3).data()) {
+              if (got.size() != 4 || got.Block(0) != MakeBlock(layout, 0, 1, 3).data()) {
                 ++wrong;
               }
             } else if (status.code() == absl::StatusCode::kUnavailable) {
@@ -365,7 +364,7 @@ TEST(KvServiceTest, ShardsAcrossThreeInstancesByConsistentHashing) {
   for (int s = 0; s < 30; ++s) {
     auto got = client->Fetch(absl::StrCat("conversation-", s), 1, {2}, absl::Seconds(5));
     ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_TRUE(got->data == MakeBlock(layout, 1, 2, s).data());
+    EXPECT_TRUE(got->ToString() == MakeBlock(layout, 1, 2, s).data());
   }
   // A second client with the same shard list agrees on placement.
   auto other = ClientFor({addresses[2], addresses[0], addresses[1]});
