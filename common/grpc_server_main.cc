@@ -1,5 +1,6 @@
 #include "common/grpc_server_main.h"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -22,6 +23,11 @@ sigset_t TerminationSignals() {
 }
 
 }  // namespace
+
+void TuneMallocForLargeMessages() {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's maximum
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
 
 void BlockTerminationSignals() {
   sigset_t set = TerminationSignals();

@@ -3,17 +3,19 @@
 #include <algorithm>
 #include <cstring>
 
-#include "absl/strings/str_cat.h"
-
 #include "grpcpp/impl/codegen/proto_utils.h"
-#include "grpcpp/support/slice.h"
 
 namespace psa {
 namespace {
 
+using psa::v1::BlockAnswer;
+using psa::v1::FetchBlocksResponse;
+
 // Protobuf wire format: a key is (field number << 3 | wire type).
 constexpr int kVarint = 0;
+constexpr int kFixed64 = 1;
 constexpr int kLengthDelimited = 2;
+constexpr int kFixed32 = 5;
 
 void AppendVarint(std::string* out, uint64_t v) {
   while (v >= 0x80) {
@@ -29,64 +31,11 @@ void AppendKey(std::string* out, int field, int wire_type) {
 
 void ReleaseBlock(void* ref) { delete static_cast<std::shared_ptr<const std::string>*>(ref); }
 
-}  // namespace
-
-grpc::ByteBuffer EncodeFetchBlocks(
-    uint64_t tag, const std::vector<std::shared_ptr<const std::string>>& blocks) {
-  using psa::v1::FetchBlocksResponse;
-  uint64_t total = 0;
-  for (const auto& b : blocks) total += b->size();
-  std::string head;
-  if (tag != 0) {  // proto3 omits default values; so do we
-    AppendKey(&head, FetchBlocksResponse::kTagFieldNumber, kVarint);
-    AppendVarint(&head, tag);
-  }
-  if (!blocks.empty()) {
-    AppendKey(&head, FetchBlocksResponse::kBlockBytesFieldNumber, kVarint);
-    AppendVarint(&head, blocks[0]->size());
-    AppendKey(&head, FetchBlocksResponse::kDataFieldNumber, kLengthDelimited);
-    AppendVarint(&head, total);
-  }
-  std::vector<grpc::Slice> slices;
-  slices.reserve(blocks.size() + 1);
-  slices.emplace_back(head);
-  for (const auto& b : blocks) {
-    // The slice holds its own reference; gRPC drops it once the bytes are sent.
-    slices.emplace_back(const_cast<char*>(b->data()), b->size(), &ReleaseBlock,
-                        new std::shared_ptr<const std::string>(b));
-  }
-  return grpc::ByteBuffer(slices.data(), slices.size());
-}
-
-grpc::ByteBuffer EncodeFetchError(uint64_t tag, const absl::Status& status) {
-  psa::v1::FetchBlocksResponse response;
-  response.set_tag(tag);
-  response.set_error_code(static_cast<int>(status.code()));
-  response.set_error_message(std::string(status.message()));
-  grpc::Slice slice(response.SerializeAsString());
-  return grpc::ByteBuffer(&slice, 1);
-}
-
-absl::Status DecodeFetchRequest(grpc::ByteBuffer* buffer, psa::v1::FetchBlocksRequest* request) {
-  const grpc::Status s =
-      grpc::SerializationTraits<psa::v1::FetchBlocksRequest>::Deserialize(buffer, request);
-  if (!s.ok()) {
-    return absl::InvalidArgumentError("FetchBlocksRequest does not parse as protobuf");
-  }
-  return absl::OkStatus();
-}
-
-namespace {
-
 // Sequential reader over the slices of a received message.
 class SliceReader {
  public:
   explicit SliceReader(const std::vector<grpc::Slice>& slices) : slices_(slices) {}
   uint64_t position() const { return position_; }
-  bool done() {
-    SkipEmpty();
-    return slice_ == slices_.size();
-  }
   bool ReadByte(uint8_t* b) {
     SkipEmpty();
     if (slice_ == slices_.size()) return false;
@@ -110,12 +59,30 @@ class SliceReader {
       SkipEmpty();
       if (slice_ == slices_.size()) return false;
       const uint64_t take = std::min<uint64_t>(n, slices_[slice_].size() - offset_);
-      if (out) out->append(reinterpret_cast<const char*>(slices_[slice_].begin()) + offset_, take);
+      if (out) {
+        out->append(reinterpret_cast<const char*>(slices_[slice_].begin()) + offset_, take);
+      }
       offset_ += take;
       position_ += take;
       n -= take;
     }
     return true;
+  }
+  // Skips a field's value of `wire_type`.
+  bool SkipValue(int wire_type) {
+    uint64_t v;
+    switch (wire_type) {
+      case kVarint:
+        return ReadVarint(&v);
+      case kFixed64:
+        return Skip(8);
+      case kLengthDelimited:
+        return ReadVarint(&v) && Skip(v);
+      case kFixed32:
+        return Skip(4);
+      default:
+        return false;
+    }
   }
 
  private:
@@ -133,74 +100,146 @@ class SliceReader {
 
 }  // namespace
 
-absl::Status DecodeFetchResponse(const grpc::ByteBuffer& buffer, uint64_t* tag,
-                                 FetchedBlocks* blocks) {
-  using psa::v1::FetchBlocksResponse;
-  *tag = 0;
-  *blocks = FetchedBlocks();
-  if (!buffer.Dump(&blocks->slices_).ok()) return absl::InternalError("unreadable buffer");
-  SliceReader in(blocks->slices_);
+EncodedAnswer EncodeAnswer(uint64_t tag,
+                           const std::vector<std::shared_ptr<const std::string>>& blocks) {
+  uint64_t total = 0;
+  for (const auto& b : blocks) total += b->size();
+  std::string head;
+  if (tag != 0) {  // proto3 omits default values; so do we
+    AppendKey(&head, BlockAnswer::kTagFieldNumber, kVarint);
+    AppendVarint(&head, tag);
+  }
+  if (!blocks.empty()) {
+    AppendKey(&head, BlockAnswer::kBlockBytesFieldNumber, kVarint);
+    AppendVarint(&head, blocks[0]->size());
+    AppendKey(&head, BlockAnswer::kDataFieldNumber, kLengthDelimited);
+    AppendVarint(&head, total);
+  }
+  EncodedAnswer answer;
+  answer.bytes = head.size() + total;
+  answer.slices.reserve(blocks.size() + 1);
+  answer.slices.emplace_back(head);
+  for (const auto& b : blocks) {
+    // The slice holds its own reference; gRPC drops it once the bytes are sent.
+    answer.slices.emplace_back(const_cast<char*>(b->data()), b->size(), &ReleaseBlock,
+                               new std::shared_ptr<const std::string>(b));
+  }
+  return answer;
+}
+
+EncodedAnswer EncodeErrorAnswer(uint64_t tag, const absl::Status& status) {
+  BlockAnswer answer;
+  answer.set_tag(tag);
+  answer.set_error_code(static_cast<int>(status.code()));
+  answer.set_error_message(std::string(status.message()));
+  EncodedAnswer encoded;
+  encoded.slices.emplace_back(answer.SerializeAsString());
+  encoded.bytes = encoded.slices.back().size();
+  return encoded;
+}
+
+grpc::ByteBuffer PackAnswers(std::vector<EncodedAnswer> answers) {
+  std::vector<grpc::Slice> slices;
+  for (EncodedAnswer& a : answers) {
+    std::string head;
+    AppendKey(&head, FetchBlocksResponse::kAnswersFieldNumber, kLengthDelimited);
+    AppendVarint(&head, a.bytes);
+    slices.emplace_back(head);
+    for (grpc::Slice& s : a.slices) slices.push_back(std::move(s));
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+absl::Status DecodeFetchRequest(grpc::ByteBuffer* buffer, psa::v1::FetchBlocksRequest* request) {
+  const grpc::Status s =
+      grpc::SerializationTraits<psa::v1::FetchBlocksRequest>::Deserialize(buffer, request);
+  if (!s.ok()) return absl::InvalidArgumentError("FetchBlocksRequest does not parse");
+  return absl::OkStatus();
+}
+
+grpc::ByteBuffer PackQueries(const std::vector<psa::v1::BlockQuery>& queries) {
+  psa::v1::FetchBlocksRequest request;
+  for (const auto& q : queries) *request.add_queries() = q;
+  grpc::ByteBuffer buffer;
+  bool own_buffer;
+  grpc::SerializationTraits<psa::v1::FetchBlocksRequest>::Serialize(request, &buffer,
+                                                                    &own_buffer);
+  return buffer;
+}
+
+absl::Status FetchResponseDecoder::Decode(const grpc::ByteBuffer& buffer,
+                                          std::vector<DecodedAnswer>* out) {
+  out->clear();
+  auto message = std::make_shared<FetchedBlocks::Message>();
+  if (!buffer.Dump(&message->slices).ok()) return absl::InternalError("unreadable buffer");
+  uint64_t start = 0;
+  for (const grpc::Slice& s : message->slices) {
+    message->starts.push_back(start);
+    start += s.size();
+  }
+  const uint64_t message_bytes = start;
   const absl::Status malformed = absl::InternalError("malformed FetchBlocksResponse");
-  uint64_t error_code = 0, data_size = 0, block_bytes = 0, parsed_tag = 0;
-  std::string error_message;
-  while (!in.done()) {
-    uint64_t key, value;
+  SliceReader in(message->slices);
+  while (in.position() < message_bytes) {
+    uint64_t key, length;
     if (!in.ReadVarint(&key)) return malformed;
-    const int field = static_cast<int>(key >> 3);
-    switch (key & 7) {
-      case kVarint:
+    if (key != (FetchBlocksResponse::kAnswersFieldNumber << 3 | kLengthDelimited)) {
+      if (!in.SkipValue(key & 7)) return malformed;  // unknown field
+      continue;
+    }
+    if (!in.ReadVarint(&length)) return malformed;
+    const uint64_t end = in.position() + length;
+    DecodedAnswer answer;
+    uint64_t error_code = 0, data_size = 0, block_bytes = 0, value;
+    std::string error_message;
+    while (in.position() < end) {
+      if (!in.ReadVarint(&key)) return malformed;
+      const int field = static_cast<int>(key >> 3);
+      const int type = static_cast<int>(key & 7);
+      if (type == kVarint) {
         if (!in.ReadVarint(&value)) return malformed;
-        if (field == FetchBlocksResponse::kTagFieldNumber) parsed_tag = value;
-        if (field == FetchBlocksResponse::kErrorCodeFieldNumber) error_code = value;
-        if (field == FetchBlocksResponse::kBlockBytesFieldNumber) block_bytes = value;
-        break;
-      case kLengthDelimited:
+        if (field == BlockAnswer::kTagFieldNumber) answer.tag = value;
+        if (field == BlockAnswer::kErrorCodeFieldNumber) error_code = value;
+        if (field == BlockAnswer::kBlockBytesFieldNumber) block_bytes = value;
+      } else if (type == kLengthDelimited) {
         if (!in.ReadVarint(&value)) return malformed;
-        if (field == FetchBlocksResponse::kDataFieldNumber) {
-          blocks->data_offset_ = in.position();
+        if (field == BlockAnswer::kDataFieldNumber) {
+          answer.blocks.data_offset_ = in.position();
           data_size = value;
         }
-        if (!in.Skip(value, field == FetchBlocksResponse::kErrorMessageFieldNumber
-                                ? &error_message
-                                : nullptr)) {
+        if (!in.Skip(value, field == BlockAnswer::kErrorMessageFieldNumber ? &error_message
+                                                                           : nullptr)) {
           return malformed;
         }
-        break;
-      case 1:  // fixed64
-        if (!in.Skip(8)) return malformed;
-        break;
-      case 5:  // fixed32
-        if (!in.Skip(4)) return malformed;
-        break;
-      default:
+      } else if (!in.SkipValue(type)) {
         return malformed;
+      }
     }
-  }
-  *tag = parsed_tag;
-  if (error_code != 0) {
-    *blocks = FetchedBlocks();
-    return absl::Status(static_cast<absl::StatusCode>(error_code), error_message);
-  }
-  if (data_size > 0 && (block_bytes == 0 || data_size % block_bytes != 0)) return malformed;
-  blocks->block_bytes_ = block_bytes;
-  blocks->count_ = data_size == 0 ? 0 : data_size / block_bytes;
-  uint64_t start = 0;
-  for (const grpc::Slice& s : blocks->slices_) {
-    blocks->slice_starts_.push_back(start);
-    start += s.size();
+    if (in.position() != end) return malformed;
+    if (error_code != 0) {
+      answer.status = absl::Status(static_cast<absl::StatusCode>(error_code), error_message);
+    } else {
+      if (data_size > 0 && (block_bytes == 0 || data_size % block_bytes != 0)) return malformed;
+      answer.blocks.message_ = message;
+      answer.blocks.block_bytes_ = block_bytes;
+      answer.blocks.count_ = data_size == 0 ? 0 : data_size / block_bytes;
+    }
+    out->push_back(std::move(answer));
   }
   return absl::OkStatus();
 }
 
 void FetchedBlocks::CopyTo(size_t first, size_t n, char* dst) const {
+  if (n == 0) return;
+  const auto& starts = message_->starts;
+  const auto& slices = message_->slices;
   uint64_t offset = data_offset_ + first * block_bytes_;
   uint64_t left = n * block_bytes_;
-  size_t i = std::upper_bound(slice_starts_.begin(), slice_starts_.end(), offset) -
-             slice_starts_.begin() - 1;
+  size_t i = std::upper_bound(starts.begin(), starts.end(), offset) - starts.begin() - 1;
   while (left > 0) {
-    const uint64_t in_slice = offset - slice_starts_[i];
-    const uint64_t take = std::min<uint64_t>(left, slices_[i].size() - in_slice);
-    std::memcpy(dst, slices_[i].begin() + in_slice, take);
+    const uint64_t in_slice = offset - starts[i];
+    const uint64_t take = std::min<uint64_t>(left, slices[i].size() - in_slice);
+    std::memcpy(dst, slices[i].begin() + in_slice, take);
     dst += take;
     offset += take;
     left -= take;
@@ -216,7 +255,7 @@ std::string FetchedBlocks::Block(size_t k) const {
 
 std::string FetchedBlocks::ToString() const {
   std::string s(count_ * block_bytes_, '\0');
-  if (count_ > 0) CopyTo(0, count_, s.data());
+  CopyTo(0, count_, s.data());
   return s;
 }
 

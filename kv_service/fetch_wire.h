@@ -1,10 +1,12 @@
-// The FetchBlocks stream's messages as raw gRPC byte buffers, so that the
-// server sends block bytes straight from the store without copying them.
+// The FetchBlocks stream's messages as raw gRPC byte buffers, so that block
+// bytes go from the server's store to the socket, and from the client's
+// receive buffers to their destination, without intermediate copies.
 //
-// EncodeFetchBlocks produces exactly the protobuf wire form of a
-// psa.v1.FetchBlocksResponse (tag, block_bytes, data): any protobuf client
-// parses it. Only the data field is special: its bytes are the stored blocks
-// themselves, referenced by slices that keep them alive until sent.
+// What these functions produce is exactly the protobuf wire form of
+// psa.v1.FetchBlocksResponse / FetchBlocksRequest; any protobuf peer can
+// read it. Only the data fields are special: on the server their bytes are
+// the stored blocks themselves, referenced by slices that keep them alive
+// until sent; on the client they stay in the received slices.
 #ifndef PSA_KV_SERVICE_FETCH_WIRE_H_
 #define PSA_KV_SERVICE_FETCH_WIRE_H_
 
@@ -20,16 +22,28 @@
 
 namespace psa {
 
-grpc::ByteBuffer EncodeFetchBlocks(uint64_t tag,
-                                   const std::vector<std::shared_ptr<const std::string>>& blocks);
+// ---- Server side ----
 
-// A response carrying `status` (not OK) for request `tag`.
-grpc::ByteBuffer EncodeFetchError(uint64_t tag, const absl::Status& status);
+// One BlockAnswer, encoded (without its enclosing field header).
+struct EncodedAnswer {
+  std::vector<grpc::Slice> slices;
+  uint64_t bytes = 0;
+};
+
+EncodedAnswer EncodeAnswer(uint64_t tag,
+                           const std::vector<std::shared_ptr<const std::string>>& blocks);
+// An answer carrying `status` (not OK) for query `tag`.
+EncodedAnswer EncodeErrorAnswer(uint64_t tag, const absl::Status& status);
+
+// One FetchBlocksResponse holding `answers`, in order.
+grpc::ByteBuffer PackAnswers(std::vector<EncodedAnswer> answers);
 
 absl::Status DecodeFetchRequest(grpc::ByteBuffer* buffer, psa::v1::FetchBlocksRequest* request);
 
-// The blocks of one fetch answer, left in the buffers gRPC received them
-// into: reading them costs one copy, straight to where they are needed.
+// ---- Client side ----
+
+// The blocks of one answer, left in the buffers gRPC received them into:
+// reading them costs one copy, straight to where they are needed.
 class FetchedBlocks {
  public:
   size_t size() const { return count_; }  // number of blocks
@@ -40,18 +54,31 @@ class FetchedBlocks {
   std::string ToString() const;  // all blocks, concatenated
 
  private:
-  friend absl::Status DecodeFetchResponse(const grpc::ByteBuffer&, uint64_t*, FetchedBlocks*);
-  std::vector<grpc::Slice> slices_;
-  std::vector<uint64_t> slice_starts_;  // offset of each slice in the message
+  friend class FetchResponseDecoder;
+  struct Message {
+    std::vector<grpc::Slice> slices;
+    std::vector<uint64_t> starts;  // offset of each slice in the message
+  };
+  std::shared_ptr<const Message> message_;  // shared by a message's answers
   uint64_t data_offset_ = 0;
   size_t count_ = 0;
   uint32_t block_bytes_ = 0;
 };
 
-// Reads the tag of a FetchBlocksResponse and either its blocks (OK) or the
-// error it carries. A malformed message gives INTERNAL with tag 0.
-absl::Status DecodeFetchResponse(const grpc::ByteBuffer& buffer, uint64_t* tag,
-                                 FetchedBlocks* blocks);
+struct DecodedAnswer {
+  uint64_t tag = 0;
+  absl::Status status;   // the server's verdict on the query
+  FetchedBlocks blocks;  // empty unless status is OK
+};
+
+class FetchResponseDecoder {
+ public:
+  // Splits a FetchBlocksResponse into its answers; INTERNAL if malformed.
+  static absl::Status Decode(const grpc::ByteBuffer& buffer, std::vector<DecodedAnswer>* out);
+};
+
+// One FetchBlocksRequest holding `queries`.
+grpc::ByteBuffer PackQueries(const std::vector<psa::v1::BlockQuery>& queries);
 
 }  // namespace psa
 

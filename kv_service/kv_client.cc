@@ -14,8 +14,6 @@
 namespace psa {
 namespace {
 
-using psa::v1::FetchBlocksRequest;
-
 // The fetch stream runs on raw byte buffers: answers are decoded in place
 // (fetch_wire.h) instead of being copied into protobuf strings.
 const std::string kFetchMethod = "/psa.v1.KvService/FetchBlocks";
@@ -78,7 +76,7 @@ class KvClient::FetchStream final
   }
 
   // Sends a request once fewer than max_outstanding are pending.
-  absl::Status Submit(FetchBlocksRequest request, absl::Time deadline, FetchCallback done) {
+  absl::Status Submit(psa::v1::BlockQuery query, absl::Time deadline, FetchCallback done) {
     absl::MutexLock lock(&mu_);
     auto room = [this] {
       mu_.AssertHeld();
@@ -91,16 +89,10 @@ class KvClient::FetchStream final
     }
     if (ended_) return end_status_;
     const uint64_t tag = next_tag_++;
-    request.set_tag(tag);
+    query.set_tag(tag);
     pending_.emplace(tag, Pending{deadline, std::move(done)});
-    writes_.emplace_back();
-    bool own_buffer;
-    grpc::SerializationTraits<FetchBlocksRequest>::Serialize(request, &writes_.back(),
-                                                             &own_buffer);
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(&writes_.front());
-    }
+    queued_.push_back(std::move(query));
+    if (!writing_) WriteQueuedLocked();
     return absl::OkStatus();
   }
 
@@ -131,12 +123,9 @@ class KvClient::FetchStream final
 
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
-    writes_.pop_front();
-    if (!ok || writes_.empty()) {  // !ok: the stream is ending; OnDone follows
-      writing_ = false;
-      return;
-    }
-    StartWrite(&writes_.front());
+    writing_ = false;
+    // !ok: the stream is ending; OnReadDone and OnDone follow.
+    if (ok && !queued_.empty()) WriteQueuedLocked();
   }
 
   void OnReadDone(bool ok) override {
@@ -150,24 +139,28 @@ class KvClient::FetchStream final
       RemoveHold();
       return;
     }
-    uint64_t tag = 0;
-    FetchedBlocks blocks;
-    absl::Status status = DecodeFetchResponse(response_, &tag, &blocks);
-    FetchCallback done;
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = pending_.find(tag);
-      if (it != pending_.end()) {  // absent: expired already
-        done = std::move(it->second.done);
-        pending_.erase(it);
-      }
+    std::vector<DecodedAnswer> answers;
+    if (absl::Status s = FetchResponseDecoder::Decode(response_, &answers); !s.ok()) {
+      // Not ours to repair: end the stream; pending fetches get the error.
+      context_.TryCancel();
+      return;
     }
-    if (done) {
-      if (!status.ok()) {
-        status = absl::Status(status.code(),
-                              absl::StrCat("KV shard ", shard_, ": ", status.message()));
+    for (DecodedAnswer& answer : answers) {
+      FetchCallback done;
+      {
+        absl::MutexLock lock(&mu_);
+        auto it = pending_.find(answer.tag);
+        if (it != pending_.end()) {  // absent: expired already
+          done = std::move(it->second.done);
+          pending_.erase(it);
+        }
       }
-      done(std::move(status), std::move(blocks));
+      if (!done) continue;
+      if (!answer.status.ok()) {
+        answer.status = absl::Status(
+            answer.status.code(), absl::StrCat("KV shard ", shard_, ": ", answer.status.message()));
+      }
+      done(std::move(answer.status), std::move(answer.blocks));
     }
     response_.Clear();
     StartRead(&response_);
@@ -196,6 +189,14 @@ class KvClient::FetchStream final
     FetchCallback done;
   };
 
+  // Sends every queued query in one message.
+  void WriteQueuedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    message_ = PackQueries(queued_);
+    queued_.clear();
+    writing_ = true;
+    StartWrite(&message_);
+  }
+
   const std::string shard_;
   const int max_outstanding_;
   grpc::ClientContext context_;
@@ -204,7 +205,8 @@ class KvClient::FetchStream final
   absl::Notification done_;
 
   absl::Mutex mu_;
-  std::deque<grpc::ByteBuffer> writes_ ABSL_GUARDED_BY(mu_);  // front is in flight
+  std::vector<psa::v1::BlockQuery> queued_ ABSL_GUARDED_BY(mu_);  // not yet sent
+  grpc::ByteBuffer message_ ABSL_GUARDED_BY(mu_);                  // the write in flight
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_tag_ ABSL_GUARDED_BY(mu_) = 1;
@@ -239,10 +241,6 @@ KvClient::KvClient(KvClientOptions options) : options_(std::move(options)) {
   // Notice a silently dead peer (no FIN) on a long-lived stream.
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
-  if (const char* v = getenv("PSA_FRAME")) args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, atoi(v));
-  if (const char* v = getenv("PSA_LOOKAHEAD")) args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, atoi(v));
-  if (const char* v = getenv("PSA_BDP")) args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, atoi(v));
-  if (const char* v = getenv("PSA_CHUNK")) args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, atoi(v));
   for (const std::string& address : options_.shards) {
     auto shard = std::make_unique<Shard>();
     shard->address = address;
@@ -405,13 +403,13 @@ std::shared_ptr<KvClient::FetchStream> KvClient::LiveStream(const std::string& a
 absl::Status KvClient::FetchAsync(const std::string& sequence_id, uint32_t layer,
                                   absl::Span<const uint32_t> block_indices,
                                   absl::Time deadline, FetchCallback done) {
-  FetchBlocksRequest request;
-  request.set_sequence_id(sequence_id);
-  request.set_layer(layer);
-  request.mutable_block_indices()->Add(block_indices.begin(), block_indices.end());
+  psa::v1::BlockQuery query;
+  query.set_sequence_id(sequence_id);
+  query.set_layer(layer);
+  query.mutable_block_indices()->Add(block_indices.begin(), block_indices.end());
   Shard& shard = ShardOf(sequence_id);
   Connection& c = *shard.connections[shard.next++ % shard.connections.size()];
-  return LiveStream(shard.address, c)->Submit(std::move(request), deadline, std::move(done));
+  return LiveStream(shard.address, c)->Submit(std::move(query), deadline, std::move(done));
 }
 
 absl::StatusOr<FetchedBlocks> KvClient::Fetch(const std::string& sequence_id, uint32_t layer,

@@ -13,9 +13,9 @@ namespace psa {
 namespace {
 
 
-// Responses a fetch stream may hold unsent before it stops reading requests:
+// Answers a fetch stream may hold unsent before it stops reading queries:
 // back-pressure on a client that does not read its answers.
-constexpr size_t kMaxQueuedResponses = 64;
+constexpr size_t kMaxQueuedAnswers = 256;
 
 const char* CodeName(grpc::StatusCode code) {
   static constexpr const char* kNames[] = {
@@ -30,12 +30,14 @@ const char* CodeName(grpc::StatusCode code) {
 
 }  // namespace
 
-// One long-lived fetch stream: reads tagged requests, answers each in the
-// order read. At most one write is in flight (a gRPC rule), so answers queue.
+// One long-lived fetch stream: reads queries, answers each in the order
+// read. At most one write is in flight (a gRPC rule); answers that queue
+// behind it leave together in the next message.
 class KvServiceImpl::FetchReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit FetchReactor(KvServiceImpl* service) : service_(service), start_(absl::Now()) {
+  FetchReactor(KvServiceImpl* service, uint64_t max_message_bytes)
+      : service_(service), max_message_bytes_(max_message_bytes), start_(absl::Now()) {
     service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(1);
     StartRead(&request_);
   }
@@ -53,17 +55,15 @@ class KvServiceImpl::FetchReactor final
       MaybeFinishLocked();
       return;
     }
-    auto response = std::make_unique<grpc::ByteBuffer>(service_->AnswerFetch(&request_));
+    std::vector<EncodedAnswer> answers;
+    service_->AnswerFetch(&request_, &answers);
     absl::MutexLock lock(&mu_);
     if (finished_) return;
-    queue_.push_back(std::move(response));
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(queue_.front().get());
-    }
+    for (EncodedAnswer& a : answers) queue_.push_back(std::move(a));
+    if (!writing_) WriteQueuedLocked();
     if (draining_) {
       reads_done_ = true;  // read no more; finish once the queue is sent
-    } else if (queue_.size() < kMaxQueuedResponses) {
+    } else if (queue_.size() < kMaxQueuedAnswers) {
       StartRead(&request_);
     } else {
       read_paused_ = true;
@@ -72,20 +72,15 @@ class KvServiceImpl::FetchReactor final
 
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
-    queue_.pop_front();
+    writing_ = false;
     if (!ok) {  // the client is gone: drop what is left
       queue_.clear();
-      writing_ = false;
       broken_ = true;
       MaybeFinishLocked();
       return;
     }
-    if (!queue_.empty()) {
-      StartWrite(queue_.front().get());
-    } else {
-      writing_ = false;
-    }
-    if (read_paused_ && queue_.size() < kMaxQueuedResponses / 2) {
+    if (!queue_.empty()) WriteQueuedLocked();
+    if (read_paused_ && queue_.size() < kMaxQueuedAnswers / 2) {
       read_paused_ = false;
       StartRead(&request_);
     }
@@ -103,10 +98,27 @@ class KvServiceImpl::FetchReactor final
   }
 
  private:
+  // Sends every queued answer that fits in one message (at least one).
+  void WriteQueuedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<EncodedAnswer> batch;
+    uint64_t bytes = 0;
+    while (!queue_.empty() &&
+           (batch.empty() || bytes + queue_.front().bytes + 16 <= max_message_bytes_)) {
+      bytes += queue_.front().bytes + 16;
+      batch.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    writing_ = true;
+    message_ = PackAnswers(std::move(batch));
+    StartWrite(&message_);
+  }
+
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || writing_) return;
     if (broken_) {
       status_ = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    } else if (!queue_.empty()) {
+      return;  // answers still to send
     } else if (draining_) {
       status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
                              "KV service shutting down; reconnect to another shard");
@@ -118,10 +130,12 @@ class KvServiceImpl::FetchReactor final
   }
 
   KvServiceImpl* const service_;
+  const uint64_t max_message_bytes_;
   const absl::Time start_;
   grpc::ByteBuffer request_;  // only touched between StartRead and OnReadDone
   absl::Mutex mu_;
-  std::deque<std::unique_ptr<grpc::ByteBuffer>> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<EncodedAnswer> queue_ ABSL_GUARDED_BY(mu_);
+  grpc::ByteBuffer message_ ABSL_GUARDED_BY(mu_);  // the write in flight
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
@@ -253,14 +267,14 @@ KvServiceImpl::KvServiceImpl(BlockStore* store, metrics::Registry* registry,
                                           "RPC duration by method (streams: whole stream)",
                                           metrics::LatencyBuckets())),
       active_streams_(registry->AddGauge("psa_kv_active_streams", "Open streams by method")),
-      fetch_requests_(registry->AddCounter("psa_kv_fetch_requests_total",
-                                           "Fetch requests answered on streams").Add()),
+      fetch_queries_(registry->AddCounter("psa_kv_fetch_queries_total",
+                                           "Block queries answered on fetch streams").Add()),
       fetch_blocks_(registry->AddCounter("psa_kv_fetch_blocks_total", "Blocks fetched").Add()),
       fetch_bytes_(registry->AddCounter("psa_kv_fetch_bytes_total",
                                         "Block bytes sent to fetchers").Add()),
-      fetch_request_seconds_(
-          registry->AddHistogram("psa_kv_fetch_request_duration_seconds",
-                                 "Server time to assemble one fetch answer",
+      fetch_message_seconds_(
+          registry->AddHistogram("psa_kv_fetch_message_duration_seconds",
+                                 "Server time to answer one fetch message (its queries)",
                                  metrics::ExponentialBuckets(0.00001, 2.0, 16))
               .Add()),
       write_blocks_(registry->AddCounter("psa_kv_write_blocks_total",
@@ -292,27 +306,29 @@ void KvServiceImpl::Drain() {
   for (FetchReactor* r : fetch_streams_) r->Drain();
 }
 
-grpc::ByteBuffer KvServiceImpl::AnswerFetch(grpc::ByteBuffer* request_buffer) {
+void KvServiceImpl::AnswerFetch(grpc::ByteBuffer* request_buffer,
+                                std::vector<EncodedAnswer>* answers) {
   const absl::Time start = absl::Now();
   psa::v1::FetchBlocksRequest request;
-  absl::Status s = DecodeFetchRequest(request_buffer, &request);
+  if (absl::Status s = DecodeFetchRequest(request_buffer, &request); !s.ok()) {
+    answers->push_back(EncodeErrorAnswer(0, s));
+    return;
+  }
   std::vector<std::shared_ptr<const std::string>> blocks;
-  if (s.ok()) {
-    s = store_->ReadRefs(request.sequence_id(), request.layer(), request.block_indices(),
-                         // room for the envelope fields
-                         max_message_bytes_ > 4096 ? max_message_bytes_ - 4096 : 0, &blocks);
+  for (const psa::v1::BlockQuery& query : request.queries()) {
+    absl::Status s = store_->ReadRefs(query.sequence_id(), query.layer(), query.block_indices(),
+                                      // room for the envelope fields
+                                      max_message_bytes_ - 4096, &blocks);
+    if (s.ok()) {
+      answers->push_back(EncodeAnswer(query.tag(), blocks));
+      fetch_blocks_.Increment(blocks.size());
+      fetch_bytes_.Increment(blocks.empty() ? 0 : blocks.size() * blocks[0]->size());
+    } else {
+      answers->push_back(EncodeErrorAnswer(query.tag(), s));
+    }
+    fetch_queries_.Increment();
   }
-  grpc::ByteBuffer response;
-  if (s.ok()) {
-    response = EncodeFetchBlocks(request.tag(), blocks);
-    fetch_blocks_.Increment(blocks.size());
-    fetch_bytes_.Increment(blocks.empty() ? 0 : blocks.size() * blocks[0]->size());
-  } else {
-    response = EncodeFetchError(request.tag(), s);
-  }
-  fetch_requests_.Increment();
-  fetch_request_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
-  return response;
+  fetch_message_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
 }
 
 grpc::ServerUnaryReactor* KvServiceImpl::OpenSequence(
@@ -340,7 +356,7 @@ grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* KvServiceImpl::WriteBlocks
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvServiceImpl::FetchBlocks(
     grpc::CallbackServerContext* ctx) {
   absl::MutexLock lock(&mu_);
-  auto* reactor = new FetchReactor(this);
+  auto* reactor = new FetchReactor(this, max_message_bytes_);
   fetch_streams_.insert(reactor);
   if (draining_) reactor->Drain();
   return reactor;

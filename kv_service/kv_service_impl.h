@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/metrics.h"
 #include "kv_service/block_store.h"
+#include "kv_service/fetch_wire.h"
 #include "proto/psa/v1/kv_service.grpc.pb.h"
 
 namespace psa {
@@ -60,8 +61,9 @@ class KvServiceImpl final : public KvServiceBase {
   class WriteReactor;
   class MetadataReactor;
 
-  // Answers one fetch request; errors go into the response.
-  grpc::ByteBuffer AnswerFetch(grpc::ByteBuffer* request);
+  // Answers each query of a fetch request, appending to `answers`; errors
+  // go into the answers.
+  void AnswerFetch(grpc::ByteBuffer* request, std::vector<EncodedAnswer>* answers);
   // Counts an RPC's outcome and duration.
   void Record(const char* method, const grpc::Status& status, absl::Time start);
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const char* method,
@@ -73,10 +75,10 @@ class KvServiceImpl final : public KvServiceBase {
   metrics::Family<metrics::Counter>& rpcs_;
   metrics::Family<metrics::Histogram>& rpc_seconds_;
   metrics::Family<metrics::Gauge>& active_streams_;
-  metrics::Counter& fetch_requests_;
+  metrics::Counter& fetch_queries_;
   metrics::Counter& fetch_blocks_;
   metrics::Counter& fetch_bytes_;
-  metrics::Histogram& fetch_request_seconds_;
+  metrics::Histogram& fetch_message_seconds_;
   metrics::Counter& write_blocks_;
   metrics::Counter& write_bytes_;
 

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
       "Serves the psa.v1.KvService: a host-memory store of KV cache blocks.\n"
       "Usage: psa-kv-service [--listen=ADDR:PORT] [--capacity=4GiB] ...");
   absl::ParseCommandLine(argc, argv);
+  psa::TuneMallocForLargeMessages();
   psa::BlockTerminationSignals();
 
   absl::StatusOr<uint64_t> capacity = psa::ParseByteSize(absl::GetFlag(FLAGS_capacity));
