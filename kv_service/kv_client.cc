@@ -30,8 +30,8 @@ constexpr char kServiceConfig[] = R"({
       {"service": "psa.v1.KvService", "method": "GetStats"}
     ],
     "retryPolicy": {
-      "maxAttempts": 4,
-      "initialBackoff": "0.05s",
+      "maxAttempts": 5,
+      "initialBackoff": "0.1s",
       "maxBackoff": "1s",
       "backoffMultiplier": 2,
       "retryableStatusCodes": ["UNAVAILABLE"]
@@ -241,6 +241,11 @@ KvClient::KvClient(KvClientOptions options) : options_(std::move(options)) {
   // Notice a silently dead peer (no FIN) on a long-lived stream.
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  // Reconnect quickly after a shard restarts (gRPC's default waits 1-120 s),
+  // so that retried calls find it within their backoff.
+  // (Not GRPC_ARG_MIN_RECONNECT_BACKOFF_MS: it also caps the connect timeout.)
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   for (const std::string& address : options_.shards) {
     auto shard = std::make_unique<Shard>();
     shard->address = address;

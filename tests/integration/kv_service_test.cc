@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <fstream>
 #include <map>
 #include <random>
 #include <thread>
@@ -12,6 +13,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "kv_service/kv_client.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
@@ -415,6 +417,101 @@ TEST(KvServiceTest, HealthServiceAndMetrics) {
   EXPECT_EQ(
       MetricValue(*body, "psa_kv_rpc_duration_seconds_count{method=\"WriteBlocks\"}"), 1);
   EXPECT_GT(MetricValue(*body, "psa_kv_store_capacity_bytes"), 0);
+}
+
+// SIGSTOP takes effect asynchronously; wait until the process shows "T".
+void WaitUntilStopped(pid_t pid) {
+  for (int i = 0; i < 1000; ++i) {
+    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const size_t paren = text.rfind(')');
+    if (paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] == 'T') return;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  FAIL() << "process " << pid << " did not stop";
+}
+
+TEST(KvServiceTest, FetchDeadlineAppliesWhenTheShardHangs) {
+  auto shard = StartShard();
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 2, 1)).ok());
+  for (int i = 0; i < 4; ++i) {  // open the streams on every connection
+    ASSERT_TRUE(client->Fetch("s", 0, {0}, absl::Seconds(5)).ok());
+  }
+  kill(shard->pid(), SIGSTOP);  // alive but silent: only the deadline helps
+  WaitUntilStopped(shard->pid());
+  const absl::Time start = absl::Now();
+  auto got = client->Fetch("s", 0, {1}, absl::Milliseconds(300));
+  const absl::Duration waited = absl::Now() - start;
+  kill(shard->pid(), SIGCONT);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kDeadlineExceeded) << got.status();
+  EXPECT_GE(waited, absl::Milliseconds(290));
+  EXPECT_LT(waited, absl::Seconds(2));
+  // The stream survives: the next fetch is answered.
+  auto again = client->Fetch("s", 0, {1}, absl::Seconds(5));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->ToString() == MakeBlock(layout, 0, 1, 1).data());
+}
+
+TEST(KvServiceTest, IdempotentCallsAreRetriedAcrossAShardRestart) {
+  auto shard = StartShard();
+  const int port = shard->port("grpc_port");
+  auto client = ClientFor({shard->address()});
+  ASSERT_TRUE(client->Stats(shard->address()).ok());
+  shard->Stop(SIGKILL);
+  std::unique_ptr<ServerProcess> restarted;
+  std::thread restart([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    restarted = StartShard({absl::StrCat("--listen=127.0.0.1:", port)});
+  });
+  // Issued while the shard is down: retried with backoff until it is back.
+  auto opened = client->Open("s", ModelLayout());
+  restart.join();
+  ASSERT_TRUE(restarted != nullptr);
+  EXPECT_TRUE(opened.ok()) << opened.status();
+  EXPECT_TRUE(opened->created());  // a restarted shard starts empty
+}
+
+// Server reflection answers a list_services request (hand-encoded:
+// ServerReflectionRequest field 7, list_services = "").
+TEST(KvServiceTest, ServerReflectionListsTheService) {
+  auto shard = StartShard();
+  auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  class Reactor : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    void OnWriteDone(bool ok) override { StartWritesDone(); }
+    void OnReadDone(bool ok) override {
+      if (!ok) return;
+      std::vector<grpc::Slice> slices;
+      (void)response.Dump(&slices);
+      for (const auto& s : slices) text.append(reinterpret_cast<const char*>(s.begin()), s.size());
+      StartRead(&response);
+    }
+    void OnDone(const grpc::Status& s) override {
+      status = s;
+      done.Notify();
+    }
+    grpc::ByteBuffer request, response;
+    std::string text;
+    grpc::Status status;
+    absl::Notification done;
+  } reactor;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  grpc::Slice list_services(std::string("\x3a\x00", 2));
+  reactor.request = grpc::ByteBuffer(&list_services, 1);
+  stub.PrepareBidiStreamingCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                grpc::StubOptions(), &reactor);
+  reactor.StartWrite(&reactor.request);
+  reactor.StartRead(&reactor.response);
+  reactor.StartCall();
+  ASSERT_TRUE(reactor.done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(reactor.status.ok()) << reactor.status.error_message();
+  EXPECT_THAT(reactor.text, HasSubstr("psa.v1.KvService"));
+  EXPECT_THAT(reactor.text, HasSubstr("grpc.health.v1.Health"));
 }
 
 }  // namespace
