@@ -21,25 +21,89 @@ size_t IncompleteUtf8Suffix(std::string_view s) {
   return 0;
 }
 
-absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& req,
-                                          const TokenCallback& on_token) {
-  using Clock = std::chrono::steady_clock;
+std::string ValidUtf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = s[i];
+    size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
+                 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    bool ok = len > 0 && i + len <= s.size();
+    for (size_t k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80;
+    if (ok && len > 1) {  // no overlong forms, surrogates or code points past U+10FFFF
+      uint32_t cp = c & (0xFF >> (len + 1));
+      for (size_t k = 1; k < len; ++k) cp = cp << 6 | (s[i + k] & 0x3F);
+      static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+      ok = cp >= kMin[len] && cp <= 0x10FFFF && (cp < 0xD800 || cp > 0xDFFF);
+    }
+    if (ok) {
+      out.append(s.data() + i, len);
+      i += len;
+    } else {
+      out += "\xEF\xBF\xBD";  // U+FFFD
+      ++i;
+    }
+  }
+  return out;
+}
+
+absl::Status ValidateGenerationRequest(const GenerationRequest& req, int n_vocab,
+                                       int max_context) {
   if (auto s = req.sampling.Validate(); !s.ok()) return s;
   if (req.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  for (TokenId t : req.prompt) {
+    if (t < 0 || t >= n_vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", t, " is outside the vocabulary [0, ", n_vocab, ")"));
+    }
+  }
   if (req.max_tokens < 0) return absl::InvalidArgumentError("max_tokens must be >= 0");
   for (const std::string& s : req.stop_strings) {
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
   }
-  const int n_vocab = runtime.model().hparams().n_vocab;
-  if (static_cast<int64_t>(req.prompt.size()) + req.max_tokens > runtime.max_context()) {
+  if (static_cast<int64_t>(req.prompt.size()) + req.max_tokens > max_context) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", req.prompt.size(), " tokens) plus max_tokens (", req.max_tokens,
-        ") exceeds the context limit of ", runtime.max_context(), " tokens"));
+        ") exceeds the context limit of ", max_context, " tokens"));
   }
-  const Tokenizer& tok = runtime.model().tokenizer();
-  size_t hold = 0;  // bytes to hold back: a stop string may be forming
-  for (const std::string& s : req.stop_strings) hold = std::max(hold, s.size() - 1);
+  return absl::OkStatus();
+}
 
+GenerationState::GenerationState(const Tokenizer& tokenizer, const GenerationRequest& request)
+    : tokenizer_(tokenizer), request_(request) {
+  for (const std::string& s : request.stop_strings) hold_ = std::max(hold_, s.size() - 1);
+  if (request.max_tokens == 0) finish_reason_ = "length";
+}
+
+GenerationState::Step GenerationState::Accept(TokenId token) {
+  Step step;
+  tokens_.push_back(token);
+  const bool eog = !request_.ignore_eos && tokenizer_.IsEndOfGeneration(token);
+  if (!eog) pending_ += tokenizer_.TokenBytes(token);
+  // Stop strings end the text where they begin.
+  size_t stop_at = std::string::npos;
+  for (const std::string& s : request_.stop_strings) stop_at = std::min(stop_at, pending_.find(s));
+  const bool stopped = stop_at != std::string::npos;
+  if (stopped) pending_.resize(stop_at);
+  const bool at_limit = static_cast<int>(tokens_.size()) >= request_.max_tokens;
+  step.finished = eog || stopped || at_limit;
+  size_t release = pending_.size();
+  if (!step.finished) release -= std::min(release, std::max(hold_, IncompleteUtf8Suffix(pending_)));
+  step.text = pending_.substr(0, release);
+  pending_.erase(0, release);
+  text_ += step.text;
+  if (step.finished) finish_reason_ = eog ? "eos" : stopped ? "stop" : "length";
+  return step;
+}
+
+absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& req,
+                                          const TokenCallback& on_token) {
+  using Clock = std::chrono::steady_clock;
+  const int n_vocab = runtime.model().hparams().n_vocab;
+  if (auto s = ValidateGenerationRequest(req, n_vocab, runtime.max_context()); !s.ok()) {
+    return s;
+  }
   GenerationResult result;
   KvCache kv = runtime.NewCache();
   std::vector<float> logits;
@@ -48,42 +112,27 @@ absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const Generatio
   const auto t1 = Clock::now();
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
+  GenerationState state(runtime.model().tokenizer(), req);
   Sampler sampler(req.sampling);
   std::vector<HeadStepStats> stats;
-  std::string pending;  // decoded but not yet released
-  result.finish_reason = "length";
-  for (int i = 0; i < req.max_tokens; ++i) {
+  while (state.finish_reason().empty()) {
     const TokenId next = sampler.Sample(logits.data(), n_vocab);
-    result.tokens.push_back(next);
-    const bool eog = !req.ignore_eos && tok.IsEndOfGeneration(next);
-    if (!eog) pending += tok.TokenBytes(next);
-    // Stop strings end the text where they begin.
-    size_t stop_at = std::string::npos;
-    for (const std::string& s : req.stop_strings) stop_at = std::min(stop_at, pending.find(s));
-    const bool stopped = stop_at != std::string::npos;
-    if (stopped) pending.resize(stop_at);
-    const bool last = eog || stopped || i + 1 == req.max_tokens;
-    size_t release = pending.size();
-    if (!last) release -= std::min(release, std::max(hold, IncompleteUtf8Suffix(pending)));
-    const std::string piece = pending.substr(0, release);
-    pending.erase(0, release);
-    result.text += piece;
-    if (on_token && !on_token(next, piece)) {
-      result.finish_reason = "cancelled";
+    const GenerationState::Step step = state.Accept(next);
+    if (on_token && !on_token(next, step.text)) {
+      state.Cancel();
       break;
     }
-    if (eog || stopped) {
-      result.finish_reason = eog ? "eos" : "stop";
-      break;
-    }
-    if (i + 1 == req.max_tokens) break;
-    BatchEntry step{&kv, {&next, 1}, true, req.attention, &stats};
-    if (auto s = runtime.Forward({&step, 1}, &logits); !s.ok()) return s;
+    if (step.finished) break;
+    BatchEntry entry{&kv, {&next, 1}, true, req.attention, &stats};
+    if (auto s = runtime.Forward({&entry, 1}, &logits); !s.ok()) return s;
     for (const HeadStepStats& h : stats) {
       result.kv_blocks_touched += h.blocks_touched;
       result.kv_blocks_total += h.blocks_total;
     }
   }
+  result.tokens = state.tokens();
+  result.text = state.text();
+  result.finish_reason = state.finish_reason();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return result;
 }

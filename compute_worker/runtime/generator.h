@@ -45,8 +45,50 @@ using TokenCallback = std::function<bool(TokenId token, std::string_view text)>;
 absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& request,
                                           const TokenCallback& on_token = nullptr);
 
+// INVALID_ARGUMENT saying what to fix: empty prompt, unknown token ids,
+// negative max_tokens, empty stop strings, bad sampling, or prompt plus
+// max_tokens past `max_context`.
+absl::Status ValidateGenerationRequest(const GenerationRequest& request, int n_vocab,
+                                       int max_context);
+
+// One sequence's token-to-text bookkeeping: end-of-generation tokens, stop
+// strings (text is cut where one begins and held back while one may be
+// forming), whole UTF-8 pieces, max_tokens. Shared by Generate() and the
+// worker's batch scheduler.
+class GenerationState {
+ public:
+  GenerationState(const Tokenizer& tokenizer, const GenerationRequest& request);
+
+  struct Step {
+    std::string text;      // released by this token (possibly empty)
+    bool finished = false;
+  };
+  // Takes the next sampled token.
+  Step Accept(TokenId token);
+  // Ends the generation early (finish_reason "cancelled").
+  void Cancel() { finish_reason_ = "cancelled"; }
+
+  const std::vector<TokenId>& tokens() const { return tokens_; }
+  const std::string& text() const { return text_; }
+  // "eos", "stop", "length", "cancelled"; empty while running.
+  const std::string& finish_reason() const { return finish_reason_; }
+
+ private:
+  const Tokenizer& tokenizer_;
+  const GenerationRequest& request_;
+  size_t hold_ = 0;       // bytes to hold back: a stop string may be forming
+  std::string pending_;   // decoded but not yet released
+  std::vector<TokenId> tokens_;
+  std::string text_;
+  std::string finish_reason_;
+};
+
 // Bytes at the end of s that form an incomplete UTF-8 sequence (0..3).
 size_t IncompleteUtf8Suffix(std::string_view s);
+
+// s with every byte that is not part of a well-formed UTF-8 sequence
+// replaced by U+FFFD (a model can emit arbitrary bytes; APIs carry text).
+std::string ValidUtf8(std::string_view s);
 
 }  // namespace psa
 

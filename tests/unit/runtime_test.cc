@@ -349,3 +349,20 @@ TEST(SamplerTest, GreedyTopKAndSeeds) {
 
 }  // namespace
 }  // namespace psa
+
+namespace psa {
+namespace {
+
+TEST(Utf8Test, IncompleteSuffixAndRepair) {
+  EXPECT_EQ(IncompleteUtf8Suffix("abc"), 0u);
+  EXPECT_EQ(IncompleteUtf8Suffix("a\xE2\x82"), 2u);  // "€" cut short
+  EXPECT_EQ(IncompleteUtf8Suffix("a\xE2\x82\xAC"), 0u);
+  EXPECT_EQ(ValidUtf8("h\xC3\xA9llo \xF0\x9F\x98\x80"), "h\xC3\xA9llo \xF0\x9F\x98\x80");
+  EXPECT_EQ(ValidUtf8("a\x80z"), "a\xEF\xBF\xBDz");          // stray continuation
+  EXPECT_EQ(ValidUtf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong '/'
+  EXPECT_EQ(ValidUtf8("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
+  EXPECT_EQ(ValidUtf8("x\xE2\x82"), "x\xEF\xBF\xBD\xEF\xBF\xBD");  // truncated at the end
+}
+
+}  // namespace
+}  // namespace psa

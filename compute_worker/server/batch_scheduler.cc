@@ -1,0 +1,216 @@
+#include "compute_worker/server/batch_scheduler.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "compute_worker/runtime/sampler.h"
+
+namespace psa {
+
+struct BatchScheduler::Sequence {
+  Sequence(uint64_t id, GenerationRequest req, std::unique_ptr<AttentionBackend> attn,
+           absl::Time deadline, SequenceEvents ev, KvCache cache, const Tokenizer& tokenizer)
+      : id(id),
+        request(std::move(req)),
+        attention(std::move(attn)),
+        deadline(deadline),
+        events(std::move(ev)),
+        kv(std::move(cache)),
+        state(tokenizer, request),
+        sampler(request.sampling),
+        submitted(absl::Now()) {}
+
+  const uint64_t id;
+  const GenerationRequest request;
+  const std::unique_ptr<AttentionBackend> attention;
+  const absl::Time deadline;
+  SequenceEvents events;
+  KvCache kv;
+  GenerationState state;  // refers to `request`
+  Sampler sampler;
+  const absl::Time submitted;
+  size_t prefilled = 0;  // prompt tokens already in the cache
+  TokenId next = -1;     // sampled, to be fed at the next step
+  std::vector<HeadStepStats> stats;
+  SequenceSummary summary;
+  bool done = false;  // finished (events delivered); retired after the step
+};
+
+BatchScheduler::BatchScheduler(LlamaRuntime* runtime, Options options)
+    : runtime_(runtime), options_(options) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+BatchScheduler::~BatchScheduler() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  thread_.join();
+  const absl::Status gone = absl::UnavailableError("the worker is shutting down");
+  for (auto& seq : running_) Finish(seq.get(), gone);
+  for (auto& seq : waiting_) Finish(seq.get(), gone);
+}
+
+absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
+                                                std::unique_ptr<AttentionBackend> attention,
+                                                absl::Time deadline, SequenceEvents events) {
+  const LlamaModel& model = runtime_->model();
+  if (absl::Status s = ValidateGenerationRequest(request, model.hparams().n_vocab,
+                                                 runtime_->max_context());
+      !s.ok()) {
+    return s;
+  }
+  absl::MutexLock lock(&mu_);
+  if (stop_) return absl::UnavailableError("the worker is shutting down");
+  // Room: a free place in the batch (counting those about to join it) or
+  // in the queue.
+  const int queued = waiting_.size();
+  if (running_count_ + queued >= options_.max_running && queued >= options_.max_waiting) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the worker's queue is full (", waiting_.size(), " waiting, ", running_count_,
+        " running); retry later or on another worker"));
+  }
+  const uint64_t id = next_id_++;
+  waiting_.push_back(std::make_unique<Sequence>(id, std::move(request), std::move(attention),
+                                                deadline, std::move(events),
+                                                runtime_->NewCache(), model.tokenizer()));
+  cancelled_[id] = false;
+  return id;
+}
+
+void BatchScheduler::Cancel(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = cancelled_.find(id);
+  if (it != cancelled_.end()) it->second = true;
+}
+
+BatchScheduler::Load BatchScheduler::load() {
+  absl::MutexLock lock(&mu_);
+  return Load{running_count_, static_cast<int>(waiting_.size())};
+}
+
+void BatchScheduler::Finish(Sequence* seq, const absl::Status& status) {
+  seq->summary.prompt_tokens = seq->request.prompt.size();
+  seq->summary.completion_tokens = seq->state.tokens().size();
+  seq->summary.finish_reason = seq->state.finish_reason();
+  seq->summary.total_seconds = absl::ToDoubleSeconds(absl::Now() - seq->submitted);
+  if (seq->events.on_finish) seq->events.on_finish(status, seq->summary);
+  seq->events = SequenceEvents();  // exactly once
+  seq->done = true;
+}
+
+void BatchScheduler::Loop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this] {
+        mu_.AssertHeld();
+        return stop_ || !waiting_.empty() || !running_.empty();
+      };
+      mu_.Await(absl::Condition(&has_work));
+      if (stop_) return;
+      while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
+        running_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      running_count_ = running_.size();
+    }
+    Step();
+  }
+}
+
+bool BatchScheduler::Step() {
+  // Drop what was cancelled or ran out of time. (Events are delivered
+  // outside the lock: a callback may call back into the scheduler.)
+  const absl::Time now = absl::Now();
+  std::vector<char> cancelled(running_.size());
+  {
+    absl::MutexLock lock(&mu_);
+    for (size_t i = 0; i < running_.size(); ++i) cancelled[i] = cancelled_[running_[i]->id];
+  }
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Sequence* seq = running_[i].get();
+    if (cancelled[i]) {
+      seq->state.Cancel();
+      Finish(seq, absl::OkStatus());
+    } else if (now > seq->deadline) {
+      Finish(seq, absl::DeadlineExceededError("the request's deadline passed"));
+    }
+  }
+  Retire();
+
+  // Decode rows first (one each), then prompt chunks within the budget.
+  std::vector<BatchEntry> batch;
+  std::vector<Sequence*> owners;
+  int budget = options_.step_tokens;
+  for (auto& seq : running_) {
+    if (seq->prefilled < seq->request.prompt.size()) continue;
+    batch.push_back(BatchEntry{&seq->kv, {&seq->next, 1}, true, seq->attention.get(),
+                               &seq->stats});
+    owners.push_back(seq.get());
+    --budget;
+  }
+  for (auto& seq : running_) {
+    const size_t left = seq->request.prompt.size() - seq->prefilled;
+    if (left == 0 || budget <= 0) continue;
+    const size_t chunk = std::min<size_t>(left, budget);
+    batch.push_back(BatchEntry{&seq->kv,
+                               {seq->request.prompt.data() + seq->prefilled, chunk},
+                               chunk == left, seq->attention.get(), nullptr});
+    owners.push_back(seq.get());
+    budget -= chunk;
+  }
+  if (batch.empty()) return false;
+
+  std::vector<float> logits;
+  const absl::Status status = runtime_->Forward(batch, &logits);
+  const int n_vocab = runtime_->model().hparams().n_vocab;
+  size_t row = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence* seq = owners[i];
+    if (!status.ok()) {  // validated on submit: this is a bug, not bad input
+      Finish(seq, absl::InternalError(absl::StrCat("forward pass failed: ", status.message())));
+      continue;
+    }
+    const bool decode = seq->prefilled == seq->request.prompt.size();
+    if (decode) {
+      for (const HeadStepStats& h : seq->stats) {
+        seq->summary.kv_blocks_touched += h.blocks_touched;
+        seq->summary.kv_blocks_total += h.blocks_total;
+      }
+    } else {
+      seq->prefilled += batch[i].tokens.size();
+    }
+    if (!batch[i].want_logits) continue;
+    const float* row_logits = logits.data() + row++ * n_vocab;
+    if (!seq->state.finish_reason().empty()) {  // max_tokens 0
+      Finish(seq, absl::OkStatus());
+      continue;
+    }
+    seq->next = seq->sampler.Sample(row_logits, n_vocab);
+    if (seq->state.tokens().empty()) {
+      seq->summary.time_to_first_token_seconds =
+          absl::ToDoubleSeconds(absl::Now() - seq->submitted);
+    }
+    const GenerationState::Step step = seq->state.Accept(seq->next);
+    if (seq->events.on_token) seq->events.on_token(seq->next, step.text);
+    if (step.finished) Finish(seq, absl::OkStatus());
+  }
+  Retire();
+  return true;
+}
+
+void BatchScheduler::Retire() {
+  absl::MutexLock lock(&mu_);
+  for (auto& seq : running_) {
+    if (!seq->done) continue;
+    cancelled_.erase(seq->id);
+    seq.reset();
+  }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  running_count_ = running_.size();
+}
+
+}  // namespace psa

@@ -1,0 +1,95 @@
+// BatchScheduler: continuous batching of many generations over one
+// LlamaRuntime. A single loop thread owns the runtime; every step it runs
+// one Forward() over all running sequences (one decode token each, plus
+// prompt chunks of new ones within the step's token budget). Sequences join
+// and leave between steps; cancellation and deadlines take effect at the
+// next step.
+#ifndef PSA_COMPUTE_WORKER_SERVER_BATCH_SCHEDULER_H_
+#define PSA_COMPUTE_WORKER_SERVER_BATCH_SCHEDULER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "compute_worker/runtime/generator.h"
+#include "compute_worker/runtime/llama_runtime.h"
+
+namespace psa {
+
+struct SequenceSummary {
+  std::string finish_reason;  // "eos", "stop", "length", "cancelled"
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  double time_to_first_token_seconds = 0;
+  double total_seconds = 0;
+  int64_t kv_blocks_touched = 0;
+  int64_t kv_blocks_total = 0;
+};
+
+// Called on the scheduler thread; must not block.
+struct SequenceEvents {
+  std::function<void(TokenId token, const std::string& text)> on_token;
+  // Exactly once, last. A non-OK status ends the sequence with an error.
+  std::function<void(const absl::Status& status, const SequenceSummary& summary)> on_finish;
+};
+
+class BatchScheduler {
+ public:
+  struct Options {
+    int max_running = 64;   // sequences decoding together
+    int max_waiting = 256;  // queued beyond that; more is RESOURCE_EXHAUSTED
+    int step_tokens = 512;  // rows per step (decode tokens + prompt chunks)
+  };
+  struct Load {
+    int running = 0;
+    int waiting = 0;
+  };
+
+  BatchScheduler(LlamaRuntime* runtime, Options options);
+  // Finishes every sequence with UNAVAILABLE and stops the loop.
+  ~BatchScheduler();
+
+  // Validates and queues a generation; `attention` (null: the runtime's
+  // default) lives as long as the sequence. Returns an id for Cancel().
+  absl::StatusOr<uint64_t> Submit(GenerationRequest request,
+                                  std::unique_ptr<AttentionBackend> attention,
+                                  absl::Time deadline, SequenceEvents events);
+  // Ends the sequence at the next step (finish_reason "cancelled"); no-op
+  // for unknown or finished ids. Thread-safe.
+  void Cancel(uint64_t id);
+  Load load();
+
+ private:
+  struct Sequence;
+  void Loop();
+  // One Forward() over the running sequences; false when there was nothing to do.
+  bool Step();
+  void Finish(Sequence* seq, const absl::Status& status);
+  // Removes finished sequences from running_.
+  void Retire();
+
+  LlamaRuntime* const runtime_;
+  const Options options_;
+
+  absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::deque<std::unique_ptr<Sequence>> waiting_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, bool> cancelled_ ABSL_GUARDED_BY(mu_);  // id -> flag
+  int running_count_ ABSL_GUARDED_BY(mu_) = 0;
+
+  std::vector<std::unique_ptr<Sequence>> running_;  // loop thread only
+  std::thread thread_;
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_SERVER_BATCH_SCHEDULER_H_

@@ -1,0 +1,351 @@
+#include "compute_worker/server/generation_service.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+
+namespace psa {
+namespace {
+
+using psa::v1::GenerateRequest;
+using psa::v1::GenerateResponse;
+
+std::string FinishLabel(const absl::Status& status, const std::string& finish_reason) {
+  return status.ok() ? finish_reason : absl::StatusCodeToString(status.code());
+}
+
+}  // namespace
+
+GenerationService::Metrics::Metrics(metrics::Registry* r)
+    : requests(r->AddCounter("psa_worker_requests_total",
+                             "Finished generations by outcome (finish reason or error code)")),
+      ttft(r->AddHistogram("psa_worker_time_to_first_token_seconds",
+                           "From arrival to the first generated token",
+                           metrics::LatencyBuckets())
+               .Add()),
+      inter_token(r->AddHistogram("psa_worker_inter_token_latency_seconds",
+                                  "Time between consecutive tokens of a sequence",
+                                  metrics::ExponentialBuckets(0.001, 2.0, 14))
+                      .Add()),
+      e2e(r->AddHistogram("psa_worker_e2e_request_latency_seconds",
+                          "From arrival to the last token", metrics::LatencyBuckets())
+              .Add()),
+      prompt_tokens(r->AddCounter("psa_worker_prompt_tokens_total", "Prompt tokens processed")
+                        .Add()),
+      generation_tokens(
+          r->AddCounter("psa_worker_generation_tokens_total", "Tokens generated").Add()),
+      kv_blocks_touched(r->AddCounter("psa_worker_attention_kv_blocks_read_total",
+                                      "KV blocks decode attention read (all layers and heads)")
+                            .Add()),
+      kv_blocks_total(r->AddCounter("psa_worker_attention_kv_blocks_dense_total",
+                                    "KV blocks dense attention would have read")
+                          .Add()),
+      kv_selected_fraction(r->AddHistogram("psa_worker_attention_selected_fraction",
+                                           "Per request: KV blocks read over dense's",
+                                           {0.01, 0.02, 0.05, 0.1, 0.125, 0.15, 0.2, 0.25,
+                                            0.3, 0.4, 0.5, 0.75, 1.0})
+                               .Add()) {}
+
+// One Generate call. Lives until both gRPC (OnDone) and the scheduler
+// (on_finish) are done with it. Tokens that arrive while a write is in
+// flight are merged into the next message, so a slow reader never holds up
+// the scheduler.
+class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+ public:
+  GenerateReactor(GenerationService* service, grpc::CallbackServerContext* ctx,
+                  const GenerateRequest& request)
+      : service_(service), start_(absl::Now()) {
+    absl::Status s = Submit(ctx, request);
+    if (!s.ok()) {
+      service_->metrics_.requests.Add({{"outcome", FinishLabel(s, "")}}).Increment();
+      absl::MutexLock lock(&mu_);
+      final_status_ = ToGrpcStatus(s);
+      scheduler_done_ = true;
+      refs_ = 1;  // only gRPC will call back
+      MaybeWriteLocked();
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {  // the client is gone
+      client_gone_ = true;
+      if (!finish_called_) {
+        finish_called_ = true;
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      }
+      return;
+    }
+    MaybeWriteLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (id_ != 0 && !scheduler_done_) service_->scheduler_->Cancel(id_);
+  }
+
+  void OnDone() override { Unref(); }
+
+ private:
+  absl::Status Submit(grpc::CallbackServerContext* ctx, const GenerateRequest& request) {
+    absl::StatusOr<std::vector<TokenId>> prompt = service_->PromptTokens(request);
+    if (!prompt.ok()) return prompt.status();
+    absl::StatusOr<AttentionPolicy> policy = service_->Policy(request.attention());
+    if (!policy.ok()) return policy.status();
+    GenerationRequest gen;
+    gen.prompt = std::move(*prompt);
+    gen.sampling.temperature = request.sampling().temperature();
+    gen.sampling.top_k = request.sampling().top_k();
+    gen.sampling.top_p = request.sampling().top_p() == 0 ? 1.0f : request.sampling().top_p();
+    gen.sampling.seed = request.sampling().seed();
+    gen.max_tokens = request.max_tokens() == 0 ? service_->options_.default_max_tokens
+                                               : static_cast<int>(request.max_tokens());
+    gen.stop_strings.assign(request.stop().begin(), request.stop().end());
+    gen.ignore_eos = request.ignore_eos();
+    attention_name_ = policy->kind == AttentionPolicy::Kind::kDense ? "dense"
+                                                                    : policy->ToString();
+    prompt_tokens_ = gen.prompt.size();
+
+    SequenceEvents events;
+    events.on_token = [this](TokenId token, const std::string& text) { OnToken(token, text); };
+    events.on_finish = [this](const absl::Status& status, const SequenceSummary& summary) {
+      OnFinish(status, summary);
+    };
+    absl::MutexLock lock(&mu_);  // OnCancel must see id_
+    absl::StatusOr<uint64_t> id =
+        service_->scheduler_->Submit(std::move(gen), MakeAttention(*policy),
+                                     absl::FromChrono(ctx->deadline()), std::move(events));
+    if (!id.ok()) return id.status();
+    id_ = *id;
+    return absl::OkStatus();
+  }
+
+  void OnToken(TokenId token, const std::string& text) {
+    const absl::Time now = absl::Now();
+    if (last_token_ != absl::InfinitePast()) {
+      service_->metrics_.inter_token.Observe(absl::ToDoubleSeconds(now - last_token_));
+    }
+    last_token_ = now;
+    absl::MutexLock lock(&mu_);
+    pending_.add_token_ids(token);
+    pending_.mutable_text()->append(ValidUtf8(text));
+    MaybeWriteLocked();
+  }
+
+  void OnFinish(const absl::Status& status, const SequenceSummary& summary) {
+    Metrics& m = service_->metrics_;
+    m.requests.Add({{"outcome", FinishLabel(status, summary.finish_reason)}}).Increment();
+    m.prompt_tokens.Increment(summary.prompt_tokens);
+    m.generation_tokens.Increment(summary.completion_tokens);
+    if (summary.completion_tokens > 0) m.ttft.Observe(summary.time_to_first_token_seconds);
+    m.e2e.Observe(summary.total_seconds);
+    m.kv_blocks_touched.Increment(summary.kv_blocks_touched);
+    m.kv_blocks_total.Increment(summary.kv_blocks_total);
+    if (summary.kv_blocks_total > 0) {
+      m.kv_selected_fraction.Observe(double(summary.kv_blocks_touched) / summary.kv_blocks_total);
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      scheduler_done_ = true;
+      if (!status.ok()) {
+        final_status_ = ToGrpcStatus(status);
+      } else {
+        pending_.set_finish_reason(summary.finish_reason);
+        psa::v1::Usage* usage = pending_.mutable_usage();
+        usage->set_prompt_tokens(summary.prompt_tokens);
+        usage->set_completion_tokens(summary.completion_tokens);
+        usage->set_time_to_first_token_seconds(summary.time_to_first_token_seconds);
+        usage->set_total_seconds(summary.total_seconds);
+        usage->set_kv_blocks_touched(summary.kv_blocks_touched);
+        usage->set_kv_blocks_total(summary.kv_blocks_total);
+        usage->set_attention(attention_name_);
+        final_message_ = true;
+      }
+      MaybeWriteLocked();
+    }
+    Unref();
+  }
+
+  // Starts the next write, or finishes once everything is sent.
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finish_called_ || client_gone_) return;
+    if (pending_.token_ids_size() > 0 || final_message_) {
+      in_flight_.Swap(&pending_);
+      pending_.Clear();
+      final_message_ = false;
+      writing_ = true;
+      StartWrite(&in_flight_);
+      return;
+    }
+    if (scheduler_done_) {
+      finish_called_ = true;
+      Finish(final_status_);
+    }
+  }
+
+  void Unref() {
+    bool last;
+    {
+      absl::MutexLock lock(&mu_);
+      last = --refs_ == 0;
+    }
+    if (last) delete this;
+  }
+
+  GenerationService* const service_;
+  const absl::Time start_;
+  absl::Time last_token_ = absl::InfinitePast();  // scheduler thread only
+  std::string attention_name_;
+  int prompt_tokens_ = 0;
+
+  absl::Mutex mu_;
+  int refs_ ABSL_GUARDED_BY(mu_) = 2;  // gRPC's OnDone + the scheduler's on_finish
+  uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
+  GenerateResponse pending_ ABSL_GUARDED_BY(mu_);
+  GenerateResponse in_flight_ ABSL_GUARDED_BY(mu_);
+  bool final_message_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool scheduler_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+GenerationService::GenerationService(const LlamaModel* model, int max_context,
+                                     BatchScheduler* scheduler, metrics::Registry* registry,
+                                     GenerationServiceOptions options)
+    : model_(model),
+      max_context_(max_context),
+      scheduler_(scheduler),
+      options_(std::move(options)),
+      metrics_(registry) {
+  auto& running = registry->AddGauge("psa_worker_requests_running",
+                                     "Sequences in the running batch").Add();
+  auto& waiting = registry->AddGauge("psa_worker_requests_waiting",
+                                     "Sequences queued for the batch").Add();
+  registry->AddCollector([scheduler, &running, &waiting] {
+    const BatchScheduler::Load load = scheduler->load();
+    running.Set(load.running);
+    waiting.Set(load.waiting);
+  });
+}
+
+absl::StatusOr<std::vector<TokenId>> GenerationService::EncodeChat(
+    const psa::v1::ChatPrompt& chat) const {
+  if (chat.messages_size() == 0) return absl::InvalidArgumentError("chat has no messages");
+  std::vector<ChatMessage> messages;
+  size_t bytes = 0;
+  for (const auto& m : chat.messages()) {
+    messages.push_back(ChatMessage{m.role(), m.content()});
+    bytes += m.content().size();
+  }
+  if (bytes > static_cast<size_t>(options_.max_prompt_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("chat is ", bytes, " bytes; the limit is ",
+                                                   options_.max_prompt_bytes));
+  }
+  absl::StatusOr<std::string> text = model_->chat_template().Apply(messages, true);
+  if (!text.ok()) return text.status();
+  const Tokenizer& tok = model_->tokenizer();
+  return tok.Encode(*text, tok.add_bos_default(), /*parse_special=*/true);
+}
+
+absl::StatusOr<std::vector<TokenId>> GenerationService::PromptTokens(
+    const GenerateRequest& request) const {
+  const Tokenizer& tok = model_->tokenizer();
+  switch (request.prompt_case()) {
+    case GenerateRequest::kText:
+      if (request.text().size() > static_cast<size_t>(options_.max_prompt_bytes)) {
+        return absl::InvalidArgumentError(absl::StrCat("text is ", request.text().size(),
+                                                       " bytes; the limit is ",
+                                                       options_.max_prompt_bytes));
+      }
+      return tok.Encode(request.text(), tok.add_bos_default(), /*parse_special=*/false);
+    case GenerateRequest::kChat:
+      return EncodeChat(request.chat());
+    case GenerateRequest::kTokenIds:
+      return std::vector<TokenId>(request.token_ids().ids().begin(),
+                                  request.token_ids().ids().end());
+    default:
+      return absl::InvalidArgumentError("the request has no prompt: set text, chat or token_ids");
+  }
+}
+
+absl::StatusOr<AttentionPolicy> GenerationService::Policy(
+    const psa::v1::AttentionPolicy& requested) const {
+  AttentionPolicy policy = options_.default_attention;
+  switch (requested.kind()) {
+    case psa::v1::AttentionPolicy::KIND_DEFAULT:
+      break;
+    case psa::v1::AttentionPolicy::KIND_DENSE:
+      policy.kind = AttentionPolicy::Kind::kDense;
+      break;
+    case psa::v1::AttentionPolicy::KIND_TOPK:
+      policy.kind = AttentionPolicy::Kind::kTopK;
+      break;
+    case psa::v1::AttentionPolicy::KIND_PSA:
+      policy.kind = AttentionPolicy::Kind::kPsa;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("attention.kind ", requested.kind(), " is not a known policy"));
+  }
+  if (requested.epsilon() != 0) policy.epsilon = requested.epsilon();
+  if (requested.top_k_blocks() != 0) policy.top_k = requested.top_k_blocks();
+  if (absl::Status s = policy.Validate(); !s.ok()) return s;
+  return policy;
+}
+
+grpc::ServerWriteReactor<GenerateResponse>* GenerationService::Generate(
+    grpc::CallbackServerContext* ctx, const GenerateRequest* request) {
+  return new GenerateReactor(this, ctx, *request);
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                      const psa::v1::TokenizeRequest* request,
+                                                      psa::v1::TokenizeResponse* response) {
+  absl::Status status;
+  const Tokenizer& tok = model_->tokenizer();
+  if (request->input_case() == psa::v1::TokenizeRequest::kText) {
+    if (request->text().size() > static_cast<size_t>(options_.max_prompt_bytes)) {
+      status = absl::InvalidArgumentError("text is over the prompt size limit");
+    } else {
+      for (TokenId t : tok.Encode(request->text(), tok.add_bos_default(), false)) {
+        response->add_token_ids(t);
+      }
+    }
+  } else if (request->input_case() == psa::v1::TokenizeRequest::kChat) {
+    absl::StatusOr<std::vector<TokenId>> ids = EncodeChat(request->chat());
+    status = ids.status();
+    if (ids.ok()) {
+      for (TokenId t : *ids) response->add_token_ids(t);
+    }
+  } else {
+    status = absl::InvalidArgumentError("set text or chat");
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetModelInfo(
+    grpc::CallbackServerContext* ctx, const psa::v1::GetModelInfoRequest* request,
+    psa::v1::ModelInfo* response) {
+  const LlamaHparams& hp = model_->hparams();
+  response->set_model_id(options_.model_id);
+  response->set_name(model_->Describe());
+  response->set_architecture("llama");
+  response->set_num_layers(hp.n_layer);
+  response->set_num_heads(hp.n_head);
+  response->set_num_kv_heads(hp.n_head_kv);
+  response->set_head_dim(hp.head_dim);
+  response->set_vocab_size(hp.n_vocab);
+  response->set_max_context(max_context_);
+  response->set_default_attention(options_.default_attention.ToString());
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace psa

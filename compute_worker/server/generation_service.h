@@ -1,0 +1,69 @@
+// GenerationService: psa.v1.Generation on a compute worker. Turns requests
+// into token ids (text, chat or ids), picks the attention policy (the
+// request's or the server default), runs them on the BatchScheduler and
+// streams tokens back as they are sampled.
+#ifndef PSA_COMPUTE_WORKER_SERVER_GENERATION_SERVICE_H_
+#define PSA_COMPUTE_WORKER_SERVER_GENERATION_SERVICE_H_
+
+#include <string>
+
+#include "common/metrics.h"
+#include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/server/batch_scheduler.h"
+#include "proto/psa/v1/generation.grpc.pb.h"
+
+namespace psa {
+
+struct GenerationServiceOptions {
+  std::string model_id;              // reported in ModelInfo (GGUF sha256)
+  AttentionPolicy default_attention; // for requests that name none
+  int default_max_tokens = 256;
+  int max_prompt_bytes = 4 << 20;    // text/chat prompts longer than this are refused
+};
+
+class GenerationService final : public psa::v1::Generation::CallbackService {
+ public:
+  // `model`, `scheduler` and `registry` must outlive the service.
+  GenerationService(const LlamaModel* model, int max_context, BatchScheduler* scheduler,
+                    metrics::Registry* registry, GenerationServiceOptions options);
+
+  grpc::ServerWriteReactor<psa::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* ctx, const psa::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
+                                     const psa::v1::TokenizeRequest* request,
+                                     psa::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx,
+                                         const psa::v1::GetModelInfoRequest* request,
+                                         psa::v1::ModelInfo* response) override;
+
+ private:
+  class GenerateReactor;
+  struct Metrics {
+    explicit Metrics(metrics::Registry* registry);
+    metrics::Family<metrics::Counter>& requests;  // by finish reason / error code
+    metrics::Histogram& ttft;
+    metrics::Histogram& inter_token;
+    metrics::Histogram& e2e;
+    metrics::Counter& prompt_tokens;
+    metrics::Counter& generation_tokens;
+    metrics::Counter& kv_blocks_touched;
+    metrics::Counter& kv_blocks_total;
+    metrics::Histogram& kv_selected_fraction;
+  };
+
+  // The request's prompt as token ids.
+  absl::StatusOr<std::vector<TokenId>> PromptTokens(const psa::v1::GenerateRequest& request) const;
+  absl::StatusOr<std::vector<TokenId>> EncodeChat(const psa::v1::ChatPrompt& chat) const;
+  absl::StatusOr<AttentionPolicy> Policy(const psa::v1::AttentionPolicy& requested) const;
+
+  const LlamaModel* const model_;
+  const int max_context_;
+  BatchScheduler* const scheduler_;
+  const GenerationServiceOptions options_;
+  Metrics metrics_;
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_SERVER_GENERATION_SERVICE_H_

@@ -1,0 +1,135 @@
+// psa-worker: a compute worker serving psa.v1.Generation for one GGUF model.
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/grpc_server_main.h"
+#include "common/metrics_http_server.h"
+#include "common/sha256.h"
+#include "compute_worker/server/generation_service.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF model file (required)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:7200", "gRPC address to serve on (port 0: pick one)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9200",
+          "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write grpc_port=N and metrics_port=M here once serving");
+ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores)");
+ABSL_FLAG(int, max_context, 0, "Context limit in tokens (0: the model's)");
+ABSL_FLAG(int, max_running, 64, "Sequences decoded together in one batch");
+ABSL_FLAG(int, max_waiting, 256, "Queued sequences beyond the batch; more are refused");
+ABSL_FLAG(int, step_tokens, 512, "Rows per forward step (decode tokens + prompt chunks)");
+ABSL_FLAG(int, default_max_tokens, 256, "max_tokens for requests that set none");
+ABSL_FLAG(std::string, attention, "psa",
+          "Default decode attention for requests that name none: dense, topk or psa");
+ABSL_FLAG(double, epsilon, 0.9, "Default psa epsilon (attention mass to capture)");
+ABSL_FLAG(int, top_k_blocks, 64, "Default topk budget in blocks");
+ABSL_FLAG(int, shutdown_grace_ms, 5000,
+          "On SIGTERM: how long running generations may finish before they are cancelled");
+
+namespace {
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "psa-worker: %s\n", message.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serves psa.v1.Generation with Progressive Sparse Attention on the CPU.\n"
+      "Usage: psa-worker --model=MODEL.gguf [--listen=ADDR:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  psa::TuneMallocForLargeMessages();
+  psa::BlockTerminationSignals();
+
+  const std::string model_path = absl::GetFlag(FLAGS_model);
+  if (model_path.empty()) return Fail("--model is required");
+  psa::AttentionPolicy policy;
+  if (const std::string a = absl::GetFlag(FLAGS_attention); a == "dense") {
+    policy.kind = psa::AttentionPolicy::Kind::kDense;
+  } else if (a == "topk") {
+    policy.kind = psa::AttentionPolicy::Kind::kTopK;
+  } else if (a == "psa") {
+    policy.kind = psa::AttentionPolicy::Kind::kPsa;
+  } else {
+    return Fail(absl::StrCat("--attention must be dense, topk or psa, not \"", a, "\""));
+  }
+  policy.epsilon = absl::GetFlag(FLAGS_epsilon);
+  policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
+  if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
+
+  std::fprintf(stderr, "psa-worker: loading %s\n", model_path.c_str());
+  absl::StatusOr<std::string> sha = psa::Sha256File(model_path);
+  if (!sha.ok()) return Fail(std::string(sha.status().message()));
+  auto model = psa::LlamaModel::Load(model_path);
+  if (!model.ok()) return Fail(absl::StrCat("cannot load the model: ", model.status().message()));
+
+  psa::RuntimeOptions runtime_options;
+  runtime_options.threads = absl::GetFlag(FLAGS_threads);
+  runtime_options.max_context = absl::GetFlag(FLAGS_max_context);
+  psa::LlamaRuntime runtime(**model, runtime_options);
+  psa::BatchScheduler::Options scheduler_options;
+  scheduler_options.max_running = absl::GetFlag(FLAGS_max_running);
+  scheduler_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
+  scheduler_options.step_tokens = absl::GetFlag(FLAGS_step_tokens);
+  if (scheduler_options.max_running < 1 || scheduler_options.max_waiting < 0 ||
+      scheduler_options.step_tokens < 1) {
+    return Fail("--max_running and --step_tokens must be >= 1, --max_waiting >= 0");
+  }
+  psa::metrics::Registry registry;
+  auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
+  psa::GenerationServiceOptions service_options;
+  service_options.model_id = *sha;
+  service_options.default_attention = policy;
+  service_options.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
+  psa::GenerationService service(model->get(), runtime.max_context(), scheduler.get(),
+                                 &registry, service_options);
+
+  std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
+  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
+    const size_t colon = m.rfind(':');
+    int port = -1;
+    if (colon == std::string::npos || !absl::SimpleAtoi(m.substr(colon + 1), &port)) {
+      return Fail("--metrics_listen must look like 0.0.0.0:9200");
+    }
+    auto started = psa::metrics::MetricsHttpServer::Start(&registry, m.substr(0, colon), port);
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    metrics_server = std::move(*started);
+  }
+
+  psa::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(),
+                           &grpc_port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    return Fail(absl::StrCat("cannot serve on ", absl::GetFlag(FLAGS_listen)));
+  }
+  const int metrics_port = metrics_server ? metrics_server->port() : 0;
+  if (const std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
+    absl::Status s =
+        psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
+    if (!s.ok()) return Fail(std::string(s.message()));
+  }
+  std::fprintf(stderr, "psa-worker: %s, serving on port %d (metrics on %d), attention %s\n",
+               (*model)->Describe().c_str(), grpc_port, metrics_port, policy.ToString().c_str());
+
+  const int sig = psa::WaitForTerminationSignal();
+  std::fprintf(stderr, "psa-worker: signal %d, finishing running generations\n", sig);
+  psa::GracefulShutdown(server.get(), nullptr,
+                        absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
+  scheduler.reset();
+  std::fprintf(stderr, "psa-worker: stopped\n");
+  return 0;
+}

@@ -1,0 +1,364 @@
+// The compute worker as deployed: a real psa-worker process on loopback,
+// compared with the in-process runtime on the same model.
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/generator.h"
+#include "compute_worker/runtime/sparse_attention.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "proto/psa/v1/generation.grpc.pb.h"
+#include "tests/support/http_get.h"
+#include "tests/support/server_process.h"
+#include "tests/unit/tiny_gguf.h"
+
+namespace psa {
+namespace {
+
+using psa::testing::ServerProcess;
+using ::testing::HasSubstr;
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<TokenId> tokens;
+  std::string text;
+  std::string finish_reason;
+  psa::v1::Usage usage;
+  int messages = 0;
+};
+
+class Worker {
+ public:
+  Worker(const std::string& model, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"--model=" + model, "--listen=127.0.0.1:0",
+                                     "--metrics_listen=127.0.0.1:0", "--threads=2"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto p = ServerProcess::Start(PSA_WORKER_BIN, args, absl::Seconds(60));
+    EXPECT_TRUE(p.ok()) << p.status();
+    process_ = std::move(*p);
+    stub_ = psa::v1::Generation::NewStub(
+        grpc::CreateChannel(process_->address(), grpc::InsecureChannelCredentials()));
+  }
+
+  Streamed Generate(const psa::v1::GenerateRequest& request,
+                    absl::Duration timeout = absl::Seconds(120), int cancel_after = -1) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    Streamed out;
+    auto reader = stub_->Generate(&ctx, request);
+    psa::v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      ++out.messages;
+      for (uint32_t t : r.token_ids()) out.tokens.push_back(t);
+      out.text += r.text();
+      if (!r.finish_reason().empty()) {
+        out.finish_reason = r.finish_reason();
+        out.usage = r.usage();
+      }
+      if (cancel_after >= 0 && static_cast<int>(out.tokens.size()) >= cancel_after) {
+        ctx.TryCancel();
+      }
+    }
+    out.status = reader->Finish();
+    return out;
+  }
+
+  double Metric(const std::string& series) {
+    auto body = psa::testing::HttpGet(process_->port("metrics_port"), "/metrics");
+    return body.ok() ? psa::testing::MetricValue(*body, series) : -2;
+  }
+
+  psa::v1::Generation::Stub* stub() { return stub_.get(); }
+
+ private:
+  std::unique_ptr<ServerProcess> process_;
+  std::unique_ptr<psa::v1::Generation::Stub> stub_;
+};
+
+psa::v1::GenerateRequest IdsRequest(const std::vector<TokenId>& prompt, int max_tokens,
+                                    psa::v1::AttentionPolicy::Kind kind) {
+  psa::v1::GenerateRequest r;
+  r.mutable_token_ids();  // set even when empty
+  for (TokenId t : prompt) r.mutable_token_ids()->add_ids(t);
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);
+  r.mutable_attention()->set_kind(kind);
+  return r;
+}
+
+std::vector<TokenId> Prompt(int n, int vocab, uint32_t seed) {
+  std::vector<TokenId> p;
+  uint32_t x = seed * 2654435761u + 7;
+  for (int i = 0; i < n; ++i) {
+    x = x * 1664525u + 1013904223u;
+    p.push_back(static_cast<TokenId>(x % vocab));
+  }
+  return p;
+}
+
+class TinyWorkerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    psa::testing::TinyModelSpec spec;
+    spec.n_ctx = 1024;
+    path_ = new std::string(
+        psa::testing::WriteTempFile(psa::testing::BuildTinyLlamaGguf(spec), "worker.gguf"));
+    model_ = LlamaModel::Load(*path_)->release();
+    // Slow enough (a few thousand tokens/s) for cancellation to land mid-way.
+    psa::testing::TinyModelSpec slow;
+    slow.n_layer = 4;
+    slow.n_embd = 256;
+    slow.n_ff = 1024;
+    slow.n_ctx = 4096;
+    slow_path_ = new std::string(
+        psa::testing::WriteTempFile(psa::testing::BuildTinyLlamaGguf(slow), "slow.gguf"));
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete path_;
+    delete slow_path_;
+  }
+  // What the in-process runtime generates (greedy, ignoring EOS).
+  static std::vector<TokenId> Reference(const std::vector<TokenId>& prompt, int max_tokens,
+                                        const AttentionPolicy& policy) {
+    LlamaRuntime runtime(*model_, RuntimeOptions{});
+    auto attention = MakeAttention(policy);
+    GenerationRequest req;
+    req.prompt = prompt;
+    req.max_tokens = max_tokens;
+    req.ignore_eos = true;
+    req.attention = attention.get();
+    auto result = psa::Generate(runtime, req);
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result->tokens;
+  }
+  int vocab() const { return model_->hparams().n_vocab; }
+
+  static std::string* path_;
+  static std::string* slow_path_;
+  static LlamaModel* model_;
+};
+std::string* TinyWorkerTest::path_ = nullptr;
+std::string* TinyWorkerTest::slow_path_ = nullptr;
+LlamaModel* TinyWorkerTest::model_ = nullptr;
+
+AttentionPolicy Dense() {
+  AttentionPolicy p;
+  p.kind = AttentionPolicy::Kind::kDense;
+  return p;
+}
+
+TEST_F(TinyWorkerTest, DenseGenerationEqualsTheInProcessRuntime) {
+  Worker worker(*path_);
+  const auto prompt = Prompt(40, vocab(), 1);
+  Streamed got = worker.Generate(IdsRequest(prompt, 24, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens, Reference(prompt, 24, Dense()));
+  EXPECT_EQ(got.finish_reason, "length");
+  EXPECT_EQ(got.usage.prompt_tokens(), 40u);
+  EXPECT_EQ(got.usage.completion_tokens(), 24u);
+  EXPECT_EQ(got.usage.attention(), "dense");
+  EXPECT_EQ(got.usage.kv_blocks_touched(), got.usage.kv_blocks_total());
+}
+
+TEST_F(TinyWorkerTest, PsaAtEpsilonOneEqualsDenseAndDefaultPsaReadsLess) {
+  Worker worker(*path_);
+  const auto prompt = Prompt(600, vocab(), 2);  // 38 blocks of 16
+  auto request = IdsRequest(prompt, 16, psa::v1::AttentionPolicy::KIND_PSA);
+  request.mutable_attention()->set_epsilon(1.0f);
+  Streamed exact = worker.Generate(request);
+  ASSERT_TRUE(exact.status.ok()) << exact.status.error_message();
+  EXPECT_EQ(exact.tokens, Reference(prompt, 16, Dense()));
+
+  request.mutable_attention()->set_epsilon(0.5f);
+  Streamed sparse = worker.Generate(request);
+  ASSERT_TRUE(sparse.status.ok()) << sparse.status.error_message();
+  EXPECT_THAT(sparse.usage.attention(), HasSubstr("psa(eps=0.5"));
+  EXPECT_LT(sparse.usage.kv_blocks_touched(), sparse.usage.kv_blocks_total());
+}
+
+TEST_F(TinyWorkerTest, ConcurrentSequencesOfMixedLengthsEachMatchTheirSoloRun) {
+  Worker worker(*path_, {"--max_running=16", "--step_tokens=256"});
+  constexpr int kSequences = 32;
+  std::vector<std::vector<TokenId>> prompts;
+  std::vector<int> lengths;
+  for (int i = 0; i < kSequences; ++i) {
+    prompts.push_back(Prompt(5 + 23 * i % 300, vocab(), 100 + i));
+    lengths.push_back(4 + i % 13);
+  }
+  std::vector<Streamed> results(kSequences);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kSequences; ++i) {
+    clients.emplace_back([&, i] {
+      results[i] = worker.Generate(
+          IdsRequest(prompts[i], lengths[i], psa::v1::AttentionPolicy::KIND_DENSE));
+    });
+  }
+  for (auto& c : clients) c.join();
+  for (int i = 0; i < kSequences; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, Reference(prompts[i], lengths[i], Dense())) << "sequence " << i;
+  }
+  EXPECT_EQ(worker.Metric("psa_worker_requests_total{outcome=\"length\"}"), kSequences);
+  EXPECT_EQ(worker.Metric("psa_worker_requests_running"), 0);
+}
+
+TEST_F(TinyWorkerTest, BadRequestsGetClearErrors) {
+  Worker worker(*path_);
+  auto expect_invalid = [&](const psa::v1::GenerateRequest& r, const std::string& words) {
+    Streamed got = worker.Generate(r);
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << words;
+    EXPECT_THAT(got.status.error_message(), HasSubstr(words));
+    EXPECT_TRUE(got.tokens.empty());
+  };
+  psa::v1::GenerateRequest none;
+  expect_invalid(none, "no prompt");
+  expect_invalid(IdsRequest({1, 2, vocab() + 5}, 4, psa::v1::AttentionPolicy::KIND_DENSE),
+                 "outside the vocabulary");
+  expect_invalid(IdsRequest({}, 4, psa::v1::AttentionPolicy::KIND_DENSE), "prompt is empty");
+  expect_invalid(IdsRequest({1, 2}, 5000, psa::v1::AttentionPolicy::KIND_DENSE),
+                 "exceeds the context limit");
+  auto bad_eps = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_PSA);
+  bad_eps.mutable_attention()->set_epsilon(1.5f);
+  expect_invalid(bad_eps, "epsilon");
+  auto bad_top_p = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_DENSE);
+  bad_top_p.mutable_sampling()->set_top_p(2.0f);
+  expect_invalid(bad_top_p, "top_p");
+  psa::v1::GenerateRequest chat;
+  auto* m = chat.mutable_chat()->add_messages();
+  m->set_role("wizard");
+  m->set_content("hi");
+  expect_invalid(chat, "wizard");
+  // The worker still serves.
+  EXPECT_TRUE(worker.Generate(IdsRequest({1, 2, 3}, 2, psa::v1::AttentionPolicy::KIND_DENSE))
+                  .status.ok());
+}
+
+TEST_F(TinyWorkerTest, CancellationAndDeadlinesStopTheSequence) {
+  Worker worker(*slow_path_);
+  constexpr int kMaxTokens = 4000;
+  Streamed cancelled = worker.Generate(
+      IdsRequest(Prompt(20, vocab(), 3), kMaxTokens, psa::v1::AttentionPolicy::KIND_DENSE),
+      absl::Seconds(60), /*cancel_after=*/3);
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  Streamed late = worker.Generate(
+      IdsRequest(Prompt(20, vocab(), 4), kMaxTokens, psa::v1::AttentionPolicy::KIND_DENSE),
+      absl::Milliseconds(300));
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // Both sequences leave the batch: nothing keeps computing for them.
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (worker.Metric("psa_worker_requests_running") != 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ(worker.Metric("psa_worker_requests_running"), 0);
+  // gRPC's own deadline usually cancels the call before the scheduler sees
+  // the deadline pass: either outcome counts.
+  auto count = [&](const char* outcome) {
+    return std::max(0.0, worker.Metric(absl::StrCat("psa_worker_requests_total{outcome=\"",
+                                                    outcome, "\"}")));
+  };
+  EXPECT_EQ(count("cancelled") + count("DEADLINE_EXCEEDED"), 2);
+  EXPECT_LT(worker.Metric("psa_worker_generation_tokens_total"), kMaxTokens);
+}
+
+TEST_F(TinyWorkerTest, QueueFullIsResourceExhausted) {
+  Worker worker(*slow_path_, {"--max_running=1", "--max_waiting=0"});
+  std::atomic<bool> started{false};
+  Streamed first;
+  std::thread long_one([&] {
+    first = worker.Generate(
+        IdsRequest(Prompt(10, vocab(), 5), 4000, psa::v1::AttentionPolicy::KIND_DENSE),
+        absl::Seconds(3), /*cancel_after=*/-1);
+  });
+  // Wait until it runs, then the next one has nowhere to go.
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (worker.Metric("psa_worker_requests_running") != 1 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  Streamed second =
+      worker.Generate(IdsRequest({1, 2, 3}, 2, psa::v1::AttentionPolicy::KIND_DENSE));
+  EXPECT_EQ(second.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(second.status.error_message(), HasSubstr("queue is full"));
+  long_one.join();
+  EXPECT_GT(first.tokens.size(), 0u);
+}
+
+TEST_F(TinyWorkerTest, TokenizeAndModelInfo) {
+  Worker worker(*path_);
+  grpc::ClientContext ctx;
+  psa::v1::ModelInfo info;
+  ASSERT_TRUE(worker.stub()->GetModelInfo(&ctx, psa::v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.num_layers(), 2u);
+  EXPECT_EQ(info.num_kv_heads(), 2u);
+  EXPECT_EQ(info.max_context(), 1024u);
+  EXPECT_EQ(info.model_id().size(), 64u);  // sha256 hex
+  grpc::ClientContext ctx2;
+  psa::v1::TokenizeRequest tr;
+  tr.set_text("hello world");
+  psa::v1::TokenizeResponse tokens;
+  ASSERT_TRUE(worker.stub()->Tokenize(&ctx2, tr, &tokens).ok());
+  const auto expected = model_->tokenizer().Encode("hello world",
+                                                   model_->tokenizer().add_bos_default(), false);
+  EXPECT_EQ(std::vector<TokenId>(tokens.token_ids().begin(), tokens.token_ids().end()),
+            expected);
+}
+
+std::string DefaultModelPath() {
+  if (const char* p = std::getenv("PSA_MODEL")) return p;
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : "/root") +
+         "/.cache/psa-serve/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+// The default model through the worker: dense equals the in-process
+// runtime token for token, and PSA on a long prompt reads a fraction of the KV.
+TEST(RealModelWorkerTest, DenseMatchesInProcessAndPsaReadsLessOnALongPrompt) {
+  auto model = LlamaModel::Load(DefaultModelPath());
+  ASSERT_TRUE(model.ok()) << model.status().message()
+                          << "\nFetch it with scripts/fetch_model.sh (or set PSA_MODEL).";
+  std::string document;
+  for (int i = 0; i < 40; ++i) {
+    absl::StrAppend(&document, "Section ", i, ": the archive keeps ledger number ", 1000 + 7 * i,
+                    " in cabinet ", i % 9, ", next to the maps of the northern coast. ");
+  }
+  psa::v1::GenerateRequest request;
+  auto* system = request.mutable_chat()->add_messages();
+  system->set_role("user");
+  system->set_content(document + "\nWhich cabinet holds ledger number 1070?");
+  request.set_max_tokens(16);
+  request.mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
+
+  Worker worker(DefaultModelPath());
+  Streamed dense = worker.Generate(request);
+  ASSERT_TRUE(dense.status.ok()) << dense.status.error_message();
+  EXPECT_GT(dense.usage.prompt_tokens(), 900u);
+
+  // The same prompt ids through the in-process runtime.
+  grpc::ClientContext ctx;
+  psa::v1::TokenizeRequest tr;
+  *tr.mutable_chat() = request.chat();
+  psa::v1::TokenizeResponse ids;
+  ASSERT_TRUE(worker.stub()->Tokenize(&ctx, tr, &ids).ok());
+  LlamaRuntime runtime(**model, RuntimeOptions{});
+  auto attention = MakeAttention(Dense());
+  GenerationRequest reference;
+  reference.prompt.assign(ids.token_ids().begin(), ids.token_ids().end());
+  reference.max_tokens = 16;
+  reference.attention = attention.get();
+  auto expected = psa::Generate(runtime, reference);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(dense.tokens, expected->tokens);
+  EXPECT_EQ(dense.text, expected->text);
+
+  request.mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_PSA);
+  Streamed sparse = worker.Generate(request);
+  ASSERT_TRUE(sparse.status.ok()) << sparse.status.error_message();
+  EXPECT_GT(sparse.tokens.size(), 0u);
+  EXPECT_LT(sparse.usage.kv_blocks_touched(), sparse.usage.kv_blocks_total());
+}
+
+}  // namespace
+}  // namespace psa
