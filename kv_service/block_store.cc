@@ -139,6 +139,60 @@ absl::Status BlockStore::Open(const std::string& id, const psa::v1::KvLayout& la
   return absl::OkStatus();
 }
 
+absl::Status BlockStore::OpenLinked(const std::string& id, const psa::v1::KvLayout& layout,
+                                    const std::string& source, uint32_t num_blocks,
+                                    bool* created, std::vector<uint32_t>* blocks_per_layer) {
+  if (absl::Status s = CheckId(id); !s.ok()) return s;
+  if (absl::Status s = ValidateKvLayout(layout); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  if (Sequence* existing = FindLocked(id); existing != nullptr) {
+    if (!SameLayout(existing->layout, layout)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sequence \"", id, "\" exists with layout {", LayoutString(existing->layout),
+          "}; the request has {", LayoutString(layout), "}"));
+    }
+    *created = false;
+    blocks_per_layer->clear();
+    for (const auto& layer : existing->layers) blocks_per_layer->push_back(layer.size());
+    TouchLocked(existing);
+    return absl::OkStatus();
+  }
+  Sequence* src = FindLocked(source);
+  if (src == nullptr) {
+    return absl::NotFoundError(absl::StrCat("prefix_from sequence \"", source,
+                                            "\" is not stored (never written, released or evicted)"));
+  }
+  if (!SameLayout(src->layout, layout)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "prefix_from sequence \"", source, "\" has layout {", LayoutString(src->layout),
+        "}; the request has {", LayoutString(layout), "}"));
+  }
+  for (size_t l = 0; l < src->layers.size(); ++l) {
+    if (src->layers[l].size() < num_blocks) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "prefix_from asks for ", num_blocks, " blocks but layer ", l, " of \"", source,
+          "\" holds ", src->layers[l].size()));
+    }
+  }
+  auto fresh = std::make_unique<Sequence>();
+  fresh->layout = layout;
+  fresh->layers.resize(layout.num_layers());
+  for (size_t l = 0; l < src->layers.size(); ++l) {
+    fresh->layers[l].assign(src->layers[l].begin(), src->layers[l].begin() + num_blocks);
+    for (const BlockRef& b : fresh->layers[l]) {
+      ++EntryLocked(b)->refs;
+      ++blocks_;
+    }
+  }
+  lru_.push_front(id);
+  fresh->lru = lru_.begin();
+  blocks_per_layer->assign(layout.num_layers(), num_blocks);
+  sequences_.emplace(id, std::move(fresh));
+  TouchLocked(src);
+  *created = true;
+  return absl::OkStatus();
+}
+
 const BlockStore::ContentEntry* BlockStore::FindContentLocked(
     size_t hash, absl::string_view data, absl::string_view metadata) const {
   auto it = content_.find(hash);

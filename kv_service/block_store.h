@@ -77,6 +77,13 @@ class BlockStore {
   absl::Status Open(const std::string& id, const psa::v1::KvLayout& layout,
                     bool* created, std::vector<uint32_t>* blocks_per_layer);
 
+  // Creates `id` holding the first `num_blocks` blocks of every layer of
+  // `source` (same layout), shared by reference. An existing `id` is left
+  // as it is (created = false) if its layout matches.
+  absl::Status OpenLinked(const std::string& id, const psa::v1::KvLayout& layout,
+                          const std::string& source, uint32_t num_blocks, bool* created,
+                          std::vector<uint32_t>* blocks_per_layer);
+
   // Appends blocks atomically: all or none. Within each layer the new
   // indices must continue the stored ones without gaps; rewriting a stored
   // block with identical bytes is allowed and ignored.

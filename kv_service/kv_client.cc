@@ -289,12 +289,16 @@ KvClient::~KvClient() {
   }
 }
 
+absl::string_view KvClient::PlacementKey(absl::string_view sequence_id) {
+  return sequence_id.substr(0, sequence_id.find('/'));
+}
+
 const std::string& KvClient::ShardFor(const std::string& sequence_id) const {
-  return ring_.ShardFor(sequence_id);
+  return ring_.ShardFor(PlacementKey(sequence_id));
 }
 
 KvClient::Shard& KvClient::ShardOf(const std::string& sequence_id) {
-  return *shards_.at(ring_.ShardFor(sequence_id));
+  return *shards_.at(ShardFor(sequence_id));
 }
 
 std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
@@ -308,6 +312,26 @@ absl::StatusOr<psa::v1::OpenSequenceResponse> KvClient::Open(
   psa::v1::OpenSequenceRequest request;
   request.set_sequence_id(sequence_id);
   *request.mutable_layout() = layout;
+  psa::v1::OpenSequenceResponse response;
+  auto ctx = Context();
+  const grpc::Status s = ShardOf(sequence_id).stub()->OpenSequence(ctx.get(), request, &response);
+  if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  return response;
+}
+
+absl::StatusOr<psa::v1::OpenSequenceResponse> KvClient::OpenLinked(
+    const std::string& sequence_id, const psa::v1::KvLayout& layout, const std::string& source,
+    uint32_t num_blocks) {
+  if (ShardFor(sequence_id) != ShardFor(source)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "\"", sequence_id, "\" and \"", source, "\" live on different shards (",
+        ShardFor(sequence_id), ", ", ShardFor(source), "); a link needs both on one"));
+  }
+  psa::v1::OpenSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  *request.mutable_layout() = layout;
+  request.mutable_prefix_from()->set_sequence_id(source);
+  request.mutable_prefix_from()->set_num_blocks(num_blocks);
   psa::v1::OpenSequenceResponse response;
   auto ctx = Context();
   const grpc::Status s = ShardOf(sequence_id).stub()->OpenSequence(ctx.get(), request, &response);

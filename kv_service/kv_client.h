@@ -1,7 +1,9 @@
 // KvClient: how workers, tools and tests talk to KV service shards.
 //
-// Sequences are placed on shards by consistent hashing of their id (see
-// HashRing), so every client with the same shard list agrees on placement.
+// Sequences are placed on shards by consistent hashing (see HashRing) of
+// their id's placement key: the part before the first '/', or the whole id.
+// Every client with the same shard list agrees on placement, and sequences
+// that share a key ("doc42/a", "doc42/b") share a shard, as links need.
 // Unary calls carry a deadline and are retried on UNAVAILABLE (gRPC retry
 // policy; all of them are idempotent). Fetches go over one long-lived
 // bidirectional stream per shard with many requests outstanding; a stream
@@ -55,10 +57,18 @@ class KvClient {
   ~KvClient();
 
   const std::string& ShardFor(const std::string& sequence_id) const;
+  static absl::string_view PlacementKey(absl::string_view sequence_id);
   const std::vector<std::string>& shards() const { return options_.shards; }
 
   absl::StatusOr<psa::v1::OpenSequenceResponse> Open(const std::string& sequence_id,
                                                      const psa::v1::KvLayout& layout);
+  // Opens `sequence_id` as an alias of the first `num_blocks` blocks of
+  // `source`, which must live on the same shard (ShardFor) — see
+  // OpenSequenceRequest.prefix_from.
+  absl::StatusOr<psa::v1::OpenSequenceResponse> OpenLinked(const std::string& sequence_id,
+                                                           const psa::v1::KvLayout& layout,
+                                                           const std::string& source,
+                                                           uint32_t num_blocks);
   // Writes blocks in as few messages as the message limit allows.
   absl::StatusOr<psa::v1::WriteBlocksResponse> Write(const std::string& sequence_id,
                                                      absl::Span<const psa::v1::KvBlock> blocks);

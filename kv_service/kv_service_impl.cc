@@ -341,7 +341,13 @@ grpc::ServerUnaryReactor* KvServiceImpl::OpenSequence(
   } else {
     bool created = false;
     std::vector<uint32_t> blocks;
-    s = store_->Open(request->sequence_id(), request->layout(), &created, &blocks);
+    if (request->has_prefix_from()) {
+      s = store_->OpenLinked(request->sequence_id(), request->layout(),
+                             request->prefix_from().sequence_id(),
+                             request->prefix_from().num_blocks(), &created, &blocks);
+    } else {
+      s = store_->Open(request->sequence_id(), request->layout(), &created, &blocks);
+    }
     response->set_created(created);
     for (uint32_t n : blocks) response->add_blocks_per_layer(n);
   }

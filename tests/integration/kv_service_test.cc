@@ -368,6 +368,16 @@ TEST(KvServiceTest, ShardsAcrossThreeInstancesByConsistentHashing) {
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_TRUE(got->ToString() == MakeBlock(layout, 1, 2, s).data());
   }
+  // Ids sharing a placement key ("key/...") share a shard, so links work.
+  ASSERT_TRUE(client->Open("conversation-3/full", layout).ok());
+  ASSERT_TRUE(client->Write("conversation-3/full", SequenceBlocks(layout, 30, 4, 77)).ok());
+  EXPECT_EQ(client->ShardFor("conversation-3/full"), client->ShardFor("conversation-3"));
+  auto linked = client->OpenLinked("conversation-3/head", layout, "conversation-3/full", 2);
+  ASSERT_TRUE(linked.ok()) << linked.status();
+  EXPECT_EQ(linked->blocks_per_layer(29), 2u);
+  auto got = client->Fetch("conversation-3/head", 29, {1}, absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->ToString() == MakeBlock(layout, 29, 1, 77).data());
   // A second client with the same shard list agrees on placement.
   auto other = ClientFor({addresses[2], addresses[0], addresses[1]});
   for (int s = 0; s < 30; ++s) {

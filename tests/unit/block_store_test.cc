@@ -269,5 +269,43 @@ TEST_F(BlockStoreTest, ConcurrentWritersAndReadersSeeOnlyWholeBlocks) {
   EXPECT_EQ(store_.Stats().blocks, uint64_t{kSeqs * kBlocks});
 }
 
+TEST_F(BlockStoreTest, LinkedSequencesShareAPrefixByReference) {
+  OpenSeq("doc");
+  ASSERT_TRUE(WriteAll("doc", 5, 3).ok());
+  const uint64_t bytes = store_.Stats().bytes_stored;
+  bool created = false;
+  std::vector<uint32_t> counts;
+  ASSERT_TRUE(store_.OpenLinked("doc/3", layout_, "doc", 3, &created, &counts).ok());
+  EXPECT_TRUE(created);
+  EXPECT_THAT(counts, ::testing::ElementsAre(3, 3));
+  EXPECT_EQ(store_.Stats().bytes_stored, bytes);  // nothing copied
+  EXPECT_EQ(store_.Stats().blocks, 16u);
+  std::string out;
+  uint64_t bb;
+  ASSERT_TRUE(store_.Read("doc/3", 1, {2}, kNoLimit, &out, &bb).ok());
+  EXPECT_EQ(out, MakeBlock(layout_, 1, 2, 3).data());
+  EXPECT_EQ(store_.Read("doc/3", 1, {3}, kNoLimit, &out, &bb).code(),
+            absl::StatusCode::kOutOfRange);
+  // The link outlives its source; it can grow on its own.
+  ASSERT_TRUE(store_.Release("doc").ok());
+  EXPECT_EQ(store_.Stats().bytes_stored, 6u * (256 + 64));
+  auto b3 = MakeBlock(layout_, 0, 3, 9);
+  EXPECT_TRUE(store_.Write("doc/3", {View(b3)}).ok());
+  // Opening an existing link again changes nothing.
+  ASSERT_TRUE(store_.OpenLinked("doc/3", layout_, "gone", 1, &created, &counts).ok());
+  EXPECT_FALSE(created);
+  EXPECT_THAT(counts, ::testing::ElementsAre(4, 3));
+  // Errors.
+  EXPECT_EQ(store_.OpenLinked("x", layout_, "gone", 1, &created, &counts).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_.OpenLinked("x", layout_, "doc/3", 5, &created, &counts).code(),
+            absl::StatusCode::kOutOfRange);
+  psa::v1::KvLayout other = layout_;
+  other.set_model_id("other");
+  EXPECT_EQ(store_.OpenLinked("x", other, "doc/3", 1, &created, &counts).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.Stats().sequences, 1u);
+}
+
 }  // namespace
 }  // namespace psa
