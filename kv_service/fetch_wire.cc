@@ -230,11 +230,15 @@ absl::Status FetchResponseDecoder::Decode(const grpc::ByteBuffer& buffer,
 }
 
 void FetchedBlocks::CopyTo(size_t first, size_t n, char* dst) const {
+  CopyBytes(first * block_bytes_, n * block_bytes_, dst);
+}
+
+void FetchedBlocks::CopyBytes(uint64_t from, uint64_t n, char* dst) const {
   if (n == 0) return;
   const auto& starts = message_->starts;
   const auto& slices = message_->slices;
-  uint64_t offset = data_offset_ + first * block_bytes_;
-  uint64_t left = n * block_bytes_;
+  uint64_t offset = data_offset_ + from;
+  uint64_t left = n;
   size_t i = std::upper_bound(starts.begin(), starts.end(), offset) - starts.begin() - 1;
   while (left > 0) {
     const uint64_t in_slice = offset - starts[i];

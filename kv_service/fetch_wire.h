@@ -50,6 +50,8 @@ class FetchedBlocks {
   uint32_t block_bytes() const { return block_bytes_; }
   // Copies blocks [first, first + n) to `dst` (n * block_bytes() bytes).
   void CopyTo(size_t first, size_t n, char* dst) const;
+  // Copies `n` bytes from `offset` of the concatenated blocks to `dst`.
+  void CopyBytes(uint64_t offset, uint64_t n, char* dst) const;
   std::string Block(size_t k) const;
   std::string ToString() const;  // all blocks, concatenated
 

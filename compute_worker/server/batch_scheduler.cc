@@ -31,6 +31,7 @@ struct BatchScheduler::Sequence {
   Sampler sampler;
   const absl::Time submitted;
   size_t prefilled = 0;  // prompt tokens already in the cache
+  int preloaded = 0;     // of which came with Submit
   TokenId next = -1;     // sampled, to be fed at the next step
   std::vector<HeadStepStats> stats;
   SequenceSummary summary;
@@ -55,7 +56,8 @@ BatchScheduler::~BatchScheduler() {
 
 absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
                                                 std::unique_ptr<AttentionBackend> attention,
-                                                absl::Time deadline, SequenceEvents events) {
+                                                absl::Time deadline, SequenceEvents events,
+                                                std::unique_ptr<KvCache> preloaded) {
   const LlamaModel& model = runtime_->model();
   if (absl::Status s = ValidateGenerationRequest(request, model.hparams().n_vocab,
                                                  runtime_->max_context());
@@ -64,6 +66,9 @@ absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
   }
   absl::MutexLock lock(&mu_);
   if (stop_) return absl::UnavailableError("the worker is shutting down");
+  if (preloaded != nullptr && preloaded->length() >= static_cast<int>(request.prompt.size())) {
+    return absl::InvalidArgumentError("a preloaded cache must leave a prompt token to prefill");
+  }
   // Room: a free place in the batch (counting those about to join it) or
   // in the queue.
   const int queued = waiting_.size();
@@ -73,9 +78,13 @@ absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
         " running); retry later or on another worker"));
   }
   const uint64_t id = next_id_++;
+  KvCache cache = preloaded != nullptr ? std::move(*preloaded) : runtime_->NewCache();
+  const int preloaded_tokens = cache.length();
   waiting_.push_back(std::make_unique<Sequence>(id, std::move(request), std::move(attention),
-                                                deadline, std::move(events),
-                                                runtime_->NewCache(), model.tokenizer()));
+                                                deadline, std::move(events), std::move(cache),
+                                                model.tokenizer()));
+  waiting_.back()->prefilled = preloaded_tokens;
+  waiting_.back()->preloaded = preloaded_tokens;
   cancelled_[id] = false;
   return id;
 }
@@ -182,6 +191,9 @@ bool BatchScheduler::Step() {
       }
     } else {
       seq->prefilled += batch[i].tokens.size();
+      if (seq->prefilled == seq->request.prompt.size() && options_.on_prompt_prefilled) {
+        options_.on_prompt_prefilled(seq->request, seq->kv, seq->preloaded);
+      }
     }
     if (!batch[i].want_logits) continue;
     const float* row_logits = logits.data() + row++ * n_vocab;

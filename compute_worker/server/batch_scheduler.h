@@ -47,6 +47,11 @@ class BatchScheduler {
     int max_running = 64;   // sequences decoding together
     int max_waiting = 256;  // queued beyond that; more is RESOURCE_EXHAUSTED
     int step_tokens = 512;  // rows per step (decode tokens + prompt chunks)
+    // Called on the scheduler thread once a sequence's prompt is in its
+    // cache, with the tokens that came preloaded (e.g. to publish it).
+    std::function<void(const GenerationRequest& request, const KvCache& kv,
+                       int preloaded_tokens)>
+        on_prompt_prefilled;
   };
   struct Load {
     int running = 0;
@@ -59,9 +64,12 @@ class BatchScheduler {
 
   // Validates and queues a generation; `attention` (null: the runtime's
   // default) lives as long as the sequence. Returns an id for Cancel().
+  // `preloaded` (optional) already holds a prefix of the prompt: only the
+  // rest is prefilled.
   absl::StatusOr<uint64_t> Submit(GenerationRequest request,
                                   std::unique_ptr<AttentionBackend> attention,
-                                  absl::Time deadline, SequenceEvents events);
+                                  absl::Time deadline, SequenceEvents events,
+                                  std::unique_ptr<KvCache> preloaded = nullptr);
   // Ends the sequence at the next step (finish_reason "cancelled"); no-op
   // for unknown or finished ids. Thread-safe.
   void Cancel(uint64_t id);

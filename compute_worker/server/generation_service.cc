@@ -56,15 +56,8 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
   GenerateReactor(GenerationService* service, grpc::CallbackServerContext* ctx,
                   const GenerateRequest& request)
       : service_(service), start_(absl::Now()) {
-    absl::Status s = Submit(ctx, request);
-    if (!s.ok()) {
-      service_->metrics_.requests.Add({{"outcome", FinishLabel(s, "")}}).Increment();
-      absl::MutexLock lock(&mu_);
-      final_status_ = ToGrpcStatus(s);
-      scheduler_done_ = true;
-      refs_ = 1;  // only gRPC will call back
-      MaybeWriteLocked();
-    }
+    absl::Status s = Prepare(ctx, request);
+    if (!s.ok()) FailBeforeScheduling(s);
   }
 
   void OnWriteDone(bool ok) override {
@@ -83,13 +76,16 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
 
   void OnCancel() override {
     absl::MutexLock lock(&mu_);
+    cancelled_ = true;
     if (id_ != 0 && !scheduler_done_) service_->scheduler_->Cancel(id_);
   }
 
   void OnDone() override { Unref(); }
 
  private:
-  absl::Status Submit(grpc::CallbackServerContext* ctx, const GenerateRequest& request) {
+  // Builds the generation, then schedules it, after a prefix lookup in the
+  // KV service when the worker has one.
+  absl::Status Prepare(grpc::CallbackServerContext* ctx, const GenerateRequest& request) {
     absl::StatusOr<std::vector<TokenId>> prompt = service_->PromptTokens(request);
     if (!prompt.ok()) return prompt.status();
     absl::StatusOr<AttentionPolicy> policy = service_->Policy(request.attention());
@@ -104,22 +100,52 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
                                                : static_cast<int>(request.max_tokens());
     gen.stop_strings.assign(request.stop().begin(), request.stop().end());
     gen.ignore_eos = request.ignore_eos();
-    attention_name_ = policy->kind == AttentionPolicy::Kind::kDense ? "dense"
-                                                                    : policy->ToString();
-    prompt_tokens_ = gen.prompt.size();
+    const LlamaHparams& hp = service_->model_->hparams();
+    if (absl::Status s = ValidateGenerationRequest(gen, hp.n_vocab, service_->max_context_);
+        !s.ok()) {
+      return s;
+    }
+    policy_ = *policy;
+    attention_name_ = policy_.kind == AttentionPolicy::Kind::kDense ? "dense" : policy_.ToString();
+    deadline_ = absl::FromChrono(ctx->deadline());
+    if (service_->prefix_store_ == nullptr) return Schedule(std::move(gen), nullptr);
+    auto kv = std::make_unique<KvCache>(hp.n_layer, hp.n_head_kv, hp.head_dim);
+    std::vector<TokenId> prompt_copy = gen.prompt;
+    service_->prefix_store_->LoadAsync(
+        std::move(prompt_copy), std::move(kv),
+        [this, gen = std::move(gen)](std::unique_ptr<KvCache> kv, int tokens) mutable {
+          absl::Status s = Schedule(std::move(gen), tokens > 0 ? std::move(kv) : nullptr);
+          if (!s.ok()) FailBeforeScheduling(s);
+        });
+    return absl::OkStatus();
+  }
 
+  absl::Status Schedule(GenerationRequest gen, std::unique_ptr<KvCache> preloaded) {
     SequenceEvents events;
     events.on_token = [this](TokenId token, const std::string& text) { OnToken(token, text); };
     events.on_finish = [this](const absl::Status& status, const SequenceSummary& summary) {
       OnFinish(status, summary);
     };
     absl::MutexLock lock(&mu_);  // OnCancel must see id_
+    if (cancelled_) return absl::CancelledError("the client cancelled the request");
     absl::StatusOr<uint64_t> id =
-        service_->scheduler_->Submit(std::move(gen), MakeAttention(*policy),
-                                     absl::FromChrono(ctx->deadline()), std::move(events));
+        service_->scheduler_->Submit(std::move(gen), MakeAttention(policy_), deadline_,
+                                     std::move(events), std::move(preloaded));
     if (!id.ok()) return id.status();
     id_ = *id;
     return absl::OkStatus();
+  }
+
+  // The scheduler will never call back: finish with `s` and drop its reference.
+  void FailBeforeScheduling(const absl::Status& s) {
+    service_->metrics_.requests.Add({{"outcome", FinishLabel(s, "")}}).Increment();
+    {
+      absl::MutexLock lock(&mu_);
+      final_status_ = ToGrpcStatus(s);
+      scheduler_done_ = true;
+      MaybeWriteLocked();
+    }
+    Unref();
   }
 
   void OnToken(TokenId token, const std::string& text) {
@@ -198,7 +224,8 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
   const absl::Time start_;
   absl::Time last_token_ = absl::InfinitePast();  // scheduler thread only
   std::string attention_name_;
-  int prompt_tokens_ = 0;
+  AttentionPolicy policy_;
+  absl::Time deadline_;
 
   absl::Mutex mu_;
   int refs_ ABSL_GUARDED_BY(mu_) = 2;  // gRPC's OnDone + the scheduler's on_finish
@@ -210,15 +237,18 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
   bool scheduler_done_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
   bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
 GenerationService::GenerationService(const LlamaModel* model, int max_context,
-                                     BatchScheduler* scheduler, metrics::Registry* registry,
+                                     BatchScheduler* scheduler, PrefixStore* prefix_store,
+                                     metrics::Registry* registry,
                                      GenerationServiceOptions options)
     : model_(model),
       max_context_(max_context),
       scheduler_(scheduler),
+      prefix_store_(prefix_store),
       options_(std::move(options)),
       metrics_(registry) {
   auto& running = registry->AddGauge("psa_worker_requests_running",

@@ -11,6 +11,7 @@
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/sparse_attention.h"
 #include "compute_worker/server/batch_scheduler.h"
+#include "compute_worker/server/prefix_store.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 
 namespace psa {
@@ -25,8 +26,11 @@ struct GenerationServiceOptions {
 class GenerationService final : public psa::v1::Generation::CallbackService {
  public:
   // `model`, `scheduler` and `registry` must outlive the service.
+  // `prefix_store` (optional) loads published prompt prefixes from the KV
+  // service before a request is scheduled.
   GenerationService(const LlamaModel* model, int max_context, BatchScheduler* scheduler,
-                    metrics::Registry* registry, GenerationServiceOptions options);
+                    PrefixStore* prefix_store, metrics::Registry* registry,
+                    GenerationServiceOptions options);
 
   grpc::ServerWriteReactor<psa::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const psa::v1::GenerateRequest* request) override;
@@ -60,6 +64,7 @@ class GenerationService final : public psa::v1::Generation::CallbackService {
   const LlamaModel* const model_;
   const int max_context_;
   BatchScheduler* const scheduler_;
+  PrefixStore* const prefix_store_;
   const GenerationServiceOptions options_;
   Metrics metrics_;
 };

@@ -8,6 +8,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/grpc_server_main.h"
 #include "common/metrics_http_server.h"
 #include "common/sha256.h"
@@ -31,6 +32,11 @@ ABSL_FLAG(std::string, attention, "psa",
           "Default decode attention for requests that name none: dense, topk or psa");
 ABSL_FLAG(double, epsilon, 0.9, "Default psa epsilon (attention mass to capture)");
 ABSL_FLAG(int, top_k_blocks, 64, "Default topk budget in blocks");
+ABSL_FLAG(std::string, kv_shards, "",
+          "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
+          "published to and loaded from the KV service; without, the worker keeps no shared KV");
+ABSL_FLAG(int, prefix_checkpoint_blocks, 32,
+          "Publish prompt prefixes under their own names every this many blocks");
 ABSL_FLAG(int, shutdown_grace_ms, 5000,
           "On SIGTERM: how long running generations may finish before they are cancelled");
 
@@ -86,13 +92,40 @@ int main(int argc, char** argv) {
     return Fail("--max_running and --step_tokens must be >= 1, --max_waiting >= 0");
   }
   psa::metrics::Registry registry;
+  std::unique_ptr<psa::KvClient> kv_client;
+  std::unique_ptr<psa::PrefixStore> prefix_store;
+  if (const std::string shards = absl::GetFlag(FLAGS_kv_shards); !shards.empty()) {
+    psa::KvClientOptions kv_options;
+    kv_options.shards = absl::StrSplit(shards, ',', absl::SkipEmpty());
+    auto client = psa::KvClient::Connect(kv_options);
+    if (!client.ok()) return Fail(absl::StrCat("--kv_shards: ", client.status().message()));
+    kv_client = std::move(*client);
+    const psa::LlamaHparams& hp = (*model)->hparams();
+    psa::v1::KvLayout layout;
+    layout.set_model_id(*sha);
+    layout.set_num_layers(hp.n_layer);
+    layout.set_num_kv_heads(hp.n_head_kv);
+    layout.set_head_dim(hp.head_dim);
+    layout.set_block_size(psa::KvCache::kDefaultBlockSize);
+    layout.set_dtype(psa::v1::KV_DTYPE_F16);
+    psa::PrefixStore::Options prefix_options;
+    prefix_options.checkpoint_blocks = absl::GetFlag(FLAGS_prefix_checkpoint_blocks);
+    if (prefix_options.checkpoint_blocks < 1) return Fail("--prefix_checkpoint_blocks must be >= 1");
+    prefix_store = std::make_unique<psa::PrefixStore>(kv_client.get(), layout, prefix_options,
+                                                      &registry);
+    psa::PrefixStore* store = prefix_store.get();
+    scheduler_options.on_prompt_prefilled = [store](const psa::GenerationRequest& request,
+                                                    const psa::KvCache& kv, int preloaded) {
+      store->Publish(request.prompt, kv, preloaded / psa::KvCache::kDefaultBlockSize);
+    };
+  }
   auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
   psa::GenerationServiceOptions service_options;
   service_options.model_id = *sha;
   service_options.default_attention = policy;
   service_options.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   psa::GenerationService service(model->get(), runtime.max_context(), scheduler.get(),
-                                 &registry, service_options);
+                                 prefix_store.get(), &registry, service_options);
 
   std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
   if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
@@ -130,6 +163,7 @@ int main(int argc, char** argv) {
   psa::GracefulShutdown(server.get(), nullptr,
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   scheduler.reset();
+  prefix_store.reset();  // publishes what is queued
   std::fprintf(stderr, "psa-worker: stopped\n");
   return 0;
 }

@@ -1,5 +1,7 @@
 // The compute worker as deployed: a real psa-worker process on loopback,
 // compared with the in-process runtime on the same model.
+#include <signal.h>
+
 #include <atomic>
 #include <thread>
 
@@ -304,6 +306,58 @@ TEST_F(TinyWorkerTest, TokenizeAndModelInfo) {
                                                    model_->tokenizer().add_bos_default(), false);
   EXPECT_EQ(std::vector<TokenId>(tokens.token_ids().begin(), tokens.token_ids().end()),
             expected);
+}
+
+TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) {
+  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const std::vector<std::string> kv_flags = {"--kv_shards=" + (*shard)->address(),
+                                             "--prefix_checkpoint_blocks=4"};
+  Worker a(*path_, kv_flags);
+  Worker b(*path_, kv_flags);
+  auto wait_published = [](Worker& w, double bytes_before) {
+    const absl::Time until = absl::Now() + absl::Seconds(10);
+    while (w.Metric("psa_worker_kv_write_bytes_total") <= bytes_before && absl::Now() < until) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return w.Metric("psa_worker_kv_write_bytes_total");
+  };
+
+  // Worker A computes and publishes a 200-token prompt (12 full blocks).
+  const auto p1 = Prompt(200, vocab(), 7);
+  Streamed a1 = a.Generate(IdsRequest(p1, 16, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(a1.status.ok()) << a1.status.error_message();
+  EXPECT_EQ(a.Metric("psa_worker_prefix_cache_hits_total"), 0);
+  EXPECT_GT(wait_published(a, 0), 0);
+
+  // Worker B loads those 12 blocks instead of computing them: same tokens.
+  Streamed b1 = b.Generate(IdsRequest(p1, 16, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(b1.status.ok()) << b1.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192);
+  EXPECT_EQ(b1.tokens, a1.tokens);
+  EXPECT_EQ(b1.tokens, Reference(p1, 16, Dense()));
+
+  // A prompt sharing 9 blocks with it finds the 8-block checkpoint, and PSA
+  // at epsilon 1 over the loaded blocks (metadata rebuilt) is still exact.
+  std::vector<TokenId> p2(p1.begin(), p1.begin() + 150);
+  for (TokenId t : Prompt(70, vocab(), 8)) p2.push_back(t);
+  auto psa_request = IdsRequest(p2, 16, psa::v1::AttentionPolicy::KIND_PSA);
+  psa_request.mutable_attention()->set_epsilon(1.0f);
+  Streamed b2 = b.Generate(psa_request);
+  ASSERT_TRUE(b2.status.ok()) << b2.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192 + 128);
+  EXPECT_EQ(b2.tokens, Reference(p2, 16, Dense()));
+
+  // Without the KV service the worker computes everything itself: correct
+  // tokens, the failure only counted.
+  (*shard)->Stop(SIGKILL);
+  const auto p3 = Prompt(120, vocab(), 9);
+  Streamed b3 = b.Generate(IdsRequest(p3, 16, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(b3.status.ok()) << b3.status.error_message();
+  EXPECT_EQ(b3.tokens, Reference(p3, 16, Dense()));
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192 + 128);
+  EXPECT_GE(b.Metric("psa_worker_kv_errors_total{op=\"lookup\"}"), 1);
 }
 
 std::string DefaultModelPath() {

@@ -1,0 +1,298 @@
+#include "compute_worker/server/prefix_store.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+
+namespace psa {
+namespace {
+
+constexpr int kFetchChunkBlocks = 64;  // blocks per fetch query
+constexpr absl::Duration kLeaseTtl = absl::Seconds(60);
+
+std::string Sha256(absl::string_view a, absl::string_view b) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  EVP_DigestUpdate(ctx, a.data(), a.size());
+  EVP_DigestUpdate(ctx, b.data(), b.size());
+  EVP_DigestFinal_ex(ctx, digest, &len);
+  EVP_MD_CTX_free(ctx);
+  return std::string(reinterpret_cast<char*>(digest), len);
+}
+
+}  // namespace
+
+PrefixStore::PrefixStore(KvClient* client, psa::v1::KvLayout layout, Options options,
+                         metrics::Registry* r)
+    : client_(client),
+      layout_(std::move(layout)),
+      options_(options),
+      query_tokens_(r->AddCounter("psa_worker_prefix_cache_queries_total",
+                                  "Prompt tokens looked up in the KV service prefix cache")
+                        .Add()),
+      hit_tokens_(r->AddCounter("psa_worker_prefix_cache_hits_total",
+                                "Prompt tokens loaded from the KV service instead of computed")
+                      .Add()),
+      fetch_bytes_(r->AddCounter("psa_worker_kv_fetch_bytes_total",
+                                 "KV block bytes fetched from the KV service").Add()),
+      load_seconds_(r->AddHistogram("psa_worker_prefix_load_seconds",
+                                    "Time to look up and fetch a prompt prefix",
+                                    metrics::LatencyBuckets())
+                        .Add()),
+      write_bytes_(r->AddCounter("psa_worker_kv_write_bytes_total",
+                                 "KV block bytes published to the KV service").Add()),
+      errors_(r->AddCounter("psa_worker_kv_errors_total",
+                            "KV service operations that failed (the worker computed instead)")) {
+  writer_ = std::thread([this] { WriteLoop(); });
+  for (int i = 0; i < options_.loader_threads; ++i) {
+    loaders_.emplace_back([this] { LoadLoop(); });
+  }
+}
+
+PrefixStore::~PrefixStore() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  for (auto& t : loaders_) t.join();
+  writer_.join();
+}
+
+void PrefixStore::LoadAsync(std::vector<TokenId> prompt, std::unique_ptr<KvCache> kv,
+                            LoadDone done) {
+  absl::MutexLock lock(&mu_);
+  loads_.push_back(PendingLoad{std::move(prompt), std::move(kv), std::move(done)});
+}
+
+void PrefixStore::LoadLoop() {
+  while (true) {
+    PendingLoad load;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this] {
+        mu_.AssertHeld();
+        return stop_ || !loads_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (loads_.empty()) return;
+      load = std::move(loads_.front());
+      loads_.pop_front();
+    }
+    const int tokens = Load(load.prompt, load.kv.get());
+    load.done(std::move(load.kv), tokens);
+  }
+}
+
+std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, int block_size,
+                                                  absl::Span<const TokenId> tokens,
+                                                  int n_blocks) {
+  std::vector<std::string> out;
+  std::string h = Sha256(absl::StrCat("psa-prefix-v1/", model_id, "/", block_size), "");
+  for (int b = 0; b < n_blocks; ++b) {
+    std::string bytes(static_cast<size_t>(block_size) * 4, '\0');
+    for (int t = 0; t < block_size; ++t) {
+      const uint32_t id = tokens[static_cast<size_t>(b) * block_size + t];
+      for (int k = 0; k < 4; ++k) bytes[t * 4 + k] = static_cast<char>(id >> (8 * k));
+    }
+    h = Sha256(h, bytes);
+    out.push_back(absl::BytesToHexString(absl::string_view(h).substr(0, 16)));
+  }
+  return out;
+}
+
+std::string PrefixStore::SequenceId(const std::vector<std::string>& hashes, int n_blocks) const {
+  const int placement = std::min(n_blocks, options_.checkpoint_blocks);
+  return absl::StrCat(hashes[placement - 1], "/", hashes[n_blocks - 1]);
+}
+
+int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
+  const absl::Time start = absl::Now();
+  query_tokens_.Increment(prompt.size());
+  const int B = layout_.block_size();
+  const int usable = prompt.empty() ? 0 : static_cast<int>((prompt.size() - 1) / B);
+  if (usable == 0) return 0;
+  const std::vector<std::string> hashes =
+      BlockHashes(layout_.model_id(), B, prompt, usable);
+  std::vector<int> candidates = {usable};
+  for (int k = (usable - 1) / options_.checkpoint_blocks; k >= 1; --k) {
+    candidates.push_back(k * options_.checkpoint_blocks);
+  }
+  for (int n : candidates) {
+    const std::string id = SequenceId(hashes, n);
+    absl::StatusOr<psa::v1::LeaseSequenceResponse> lease = client_->Lease(id, 0, kLeaseTtl);
+    if (lease.status().code() == absl::StatusCode::kNotFound) continue;
+    if (!lease.ok()) {
+      errors_.Add({{"op", "lookup"}}).Increment();
+      return 0;
+    }
+    // Fetch every layer's blocks [0, n) straight into the cache's slots.
+    const int d = layout_.head_dim(), heads = layout_.num_kv_heads();
+    const uint64_t head_bytes = static_cast<uint64_t>(B) * d * 2;  // K or V of one head
+    kv->Reserve(n * B);
+    absl::Mutex mu;
+    absl::Status failure;
+    int pending = 0;
+    uint64_t bytes = 0;
+    const absl::Time deadline = absl::Now() + options_.fetch_timeout;
+    for (uint32_t layer = 0; layer < layout_.num_layers(); ++layer) {
+      for (int first = 0; first < n; first += kFetchChunkBlocks) {
+        std::vector<uint32_t> indices;
+        for (int b = first; b < std::min(n, first + kFetchChunkBlocks); ++b) indices.push_back(b);
+        {
+          absl::MutexLock lock(&mu);
+          ++pending;
+        }
+        absl::Status s = client_->FetchAsync(
+            id, layer, indices, deadline,
+            [&, layer, first](absl::Status status, FetchedBlocks got) {
+              if (status.ok() && got.size() != 0) {
+                for (size_t k = 0; k < got.size(); ++k) {
+                  const int b = first + static_cast<int>(k);
+                  for (int h = 0; h < heads; ++h) {
+                    const uint64_t at = k * got.block_bytes() + 2 * h * head_bytes;
+                    got.CopyBytes(at, head_bytes,
+                                  reinterpret_cast<char*>(kv->KeySlot(layer, h, b * B)));
+                    got.CopyBytes(at + head_bytes, head_bytes,
+                                  reinterpret_cast<char*>(kv->ValueSlot(layer, h, b * B)));
+                  }
+                }
+              }
+              absl::MutexLock lock(&mu);
+              if (!status.ok() && failure.ok()) failure = status;
+              bytes += got.size() * got.block_bytes();
+              --pending;
+            });
+        if (!s.ok()) {
+          absl::MutexLock lock(&mu);
+          --pending;
+          if (failure.ok()) failure = s;
+        }
+      }
+    }
+    {
+      absl::MutexLock lock(&mu);
+      auto done = [&] {
+        mu.AssertHeld();
+        return pending == 0;
+      };
+      mu.Await(absl::Condition(&done));
+    }
+    (void)client_->Lease(id, lease->lease_id(), absl::ZeroDuration());
+    fetch_bytes_.Increment(bytes);
+    if (!failure.ok()) {
+      errors_.Add({{"op", "fetch"}}).Increment();
+      return 0;  // kv stays empty (length 0): the caller prefills everything
+    }
+    kv->Commit(n * B);  // recomputes the block metadata from the keys
+    hit_tokens_.Increment(n * B);
+    load_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+    return n * B;
+  }
+  load_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  return 0;
+}
+
+void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
+                          int already_published) {
+  const int B = layout_.block_size();
+  const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
+  if (n <= already_published) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int>(queue_.size()) >= options_.max_queued_writes) {
+      errors_.Add({{"op", "publish_dropped"}}).Increment();
+      return;
+    }
+  }
+  PendingWrite w;
+  w.n_blocks = n;
+  w.hashes = BlockHashes(layout_.model_id(), B, prompt, n);
+  const int d = layout_.head_dim(), heads = layout_.num_kv_heads();
+  const size_t head_elems = static_cast<size_t>(B) * d;
+  for (uint32_t layer = 0; layer < layout_.num_layers(); ++layer) {
+    for (int b = 0; b < n; ++b) {
+      psa::v1::KvBlock block;
+      block.set_layer(layer);
+      block.set_index(b);
+      std::string* data = block.mutable_data();
+      std::string* meta = block.mutable_metadata();
+      data->reserve(2 * heads * head_elems * 2);
+      for (int h = 0; h < heads; ++h) {
+        const uint16_t* k = kv.Keys(layer, h) + static_cast<size_t>(b) * head_elems;
+        const uint16_t* v = kv.Values(layer, h) + static_cast<size_t>(b) * head_elems;
+        data->append(reinterpret_cast<const char*>(k), head_elems * 2);
+        data->append(reinterpret_cast<const char*>(v), head_elems * 2);
+        meta->append(reinterpret_cast<const char*>(kv.KeyMax(layer, h, b)), d * 2);
+        meta->append(reinterpret_cast<const char*>(kv.KeyMin(layer, h, b)), d * 2);
+      }
+      w.blocks.push_back(std::move(block));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(w));
+}
+
+void PrefixStore::Flush() {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this] {
+    mu_.AssertHeld();
+    return queue_.empty() && !writing_;
+  };
+  mu_.Await(absl::Condition(&idle));
+}
+
+void PrefixStore::WriteLoop() {
+  while (true) {
+    PendingWrite w;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this] {
+        mu_.AssertHeld();
+        return stop_ || !queue_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stop_ with nothing left
+      w = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+    }
+    Write(w);
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+  }
+}
+
+void PrefixStore::Write(PendingWrite& w) {
+  const std::string id = SequenceId(w.hashes, w.n_blocks);
+  absl::StatusOr<psa::v1::OpenSequenceResponse> opened = client_->Open(id, layout_);
+  if (!opened.ok()) {
+    errors_.Add({{"op", "publish"}}).Increment();
+    return;
+  }
+  bool complete = opened->blocks_per_layer_size() > 0;
+  for (uint32_t n : opened->blocks_per_layer()) complete = complete && n >= uint32_t(w.n_blocks);
+  if (!complete) {  // identical rewrites are no-ops, so a partial one just resumes
+    absl::StatusOr<psa::v1::WriteBlocksResponse> written = client_->Write(id, w.blocks);
+    if (!written.ok()) {
+      errors_.Add({{"op", "publish"}}).Increment();
+      return;
+    }
+    uint64_t bytes = 0;
+    for (const auto& b : w.blocks) bytes += b.data().size() + b.metadata().size();
+    write_bytes_.Increment(bytes);
+  }
+  for (int k = options_.checkpoint_blocks; k < w.n_blocks; k += options_.checkpoint_blocks) {
+    if (!client_->OpenLinked(SequenceId(w.hashes, k), layout_, id, k).ok()) {
+      errors_.Add({{"op", "link"}}).Increment();
+    }
+  }
+}
+
+}  // namespace psa

@@ -1,0 +1,109 @@
+// PrefixStore: the worker's side of the KV service. After a prompt is
+// prefilled, its full KV blocks are published to the KV service (behind the
+// computation, by a background writer); before a prompt is prefilled, the
+// longest prefix any worker already published is fetched instead of
+// recomputed. The KV service is a cache: any failure here means "prefill it
+// yourself", never a wrong token.
+//
+// Identity: block i of a prompt is named by a chained SHA-256 over the model
+// id, the block size and every token up to the end of block i, so equal
+// names mean equal token prefixes on equal weights. A prompt of n full blocks
+// is stored under "P/h(n)" (P: the hash of its first `checkpoint_blocks`
+// blocks, or of all n if fewer, so related prefixes share a shard), and
+// linked, without copying, under "P/h(k)" for every multiple k of
+// checkpoint_blocks below n; a later prompt sharing only a multiple of
+// checkpoint_blocks with it still finds its prefix.
+#ifndef PSA_COMPUTE_WORKER_SERVER_PREFIX_STORE_H_
+#define PSA_COMPUTE_WORKER_SERVER_PREFIX_STORE_H_
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "common/metrics.h"
+#include "compute_worker/model/tokenizer.h"
+#include "compute_worker/runtime/kv_cache.h"
+#include "kv_service/kv_client.h"
+
+namespace psa {
+
+class PrefixStore {
+ public:
+  struct Options {
+    int checkpoint_blocks = 32;  // links every 512 tokens at block size 16
+    int max_queued_writes = 8;   // prompts waiting to be published; more are dropped
+    absl::Duration fetch_timeout = absl::Seconds(30);
+    int loader_threads = 2;      // prompts looked up and fetched at once
+  };
+  // `client` and `registry` must outlive the store. `layout` describes the
+  // worker's KV (model id = weights' sha256).
+  PrefixStore(KvClient* client, psa::v1::KvLayout layout, Options options,
+              metrics::Registry* registry);
+  ~PrefixStore();  // publishes what is queued, then stops
+
+  // Fills the empty `kv` with the longest published prefix of `prompt`
+  // (whole blocks, leaving at least one token to prefill) and returns its
+  // length in tokens; 0 (and `kv` empty) when none is found or anything fails.
+  int Load(absl::Span<const TokenId> prompt, KvCache* kv);
+
+  // Load() on one of the store's loader threads; `done` gets the cache and
+  // the tokens loaded.
+  using LoadDone = std::function<void(std::unique_ptr<KvCache> kv, int tokens)>;
+  void LoadAsync(std::vector<TokenId> prompt, std::unique_ptr<KvCache> kv, LoadDone done);
+
+  // Queues the full prompt blocks of `kv` for publishing unless the first
+  // `already_published` blocks are all of them. Copies now, writes later.
+  void Publish(absl::Span<const TokenId> prompt, const KvCache& kv, int already_published);
+
+  // Waits until every queued prompt is written (tests, shutdown).
+  void Flush();
+
+  // Chained block names of the first n_blocks blocks of `tokens` (hex).
+  static std::vector<std::string> BlockHashes(const std::string& model_id, int block_size,
+                                              absl::Span<const TokenId> tokens, int n_blocks);
+
+ private:
+  struct PendingWrite {
+    std::vector<std::string> hashes;           // per block
+    std::vector<psa::v1::KvBlock> blocks;      // all layers
+    int n_blocks = 0;
+  };
+  std::string SequenceId(const std::vector<std::string>& hashes, int n_blocks) const;
+  void WriteLoop();
+  void Write(PendingWrite& w);
+
+  KvClient* const client_;
+  const psa::v1::KvLayout layout_;
+  const Options options_;
+
+  metrics::Counter& query_tokens_;
+  metrics::Counter& hit_tokens_;
+  metrics::Counter& fetch_bytes_;
+  metrics::Histogram& load_seconds_;
+  metrics::Counter& write_bytes_;
+  metrics::Family<metrics::Counter>& errors_;
+
+  struct PendingLoad {
+    std::vector<TokenId> prompt;
+    std::unique_ptr<KvCache> kv;
+    LoadDone done;
+  };
+  void LoadLoop();
+
+  absl::Mutex mu_;
+  std::deque<PendingLoad> loads_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> loaders_;
+  std::deque<PendingWrite> queue_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread writer_;
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_SERVER_PREFIX_STORE_H_
