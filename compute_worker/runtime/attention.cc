@@ -24,7 +24,7 @@ constexpr int kKeyBlock = 16;
 typedef float KeyLanes __attribute__((vector_size(kKeyBlock * sizeof(float))));
 
 void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
-                      const uint16_t* keys, const uint16_t* values) {
+                      const KvRows& keys, const KvRows& values) {
   const int d = shape.head_dim;
   const int n_keys_max = task.q_pos0 + task.n_q;
   const int n_blocks = (n_keys_max + kKeyBlock - 1) / kKeyBlock;
@@ -35,13 +35,16 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
   scores.resize(static_cast<size_t>(n_blocks) * kKeyBlock);
   q16.resize(d);
   row.resize(d);
-  Fp16RowToFp32(values, vf.data(), n_keys_max * d);
+  for (int t0 = 0; t0 < n_keys_max; t0 += values.block_size) {  // rows are contiguous per block
+    const int n = std::min(values.block_size, n_keys_max - t0);
+    Fp16RowToFp32(values.row(t0), &vf[static_cast<size_t>(t0) * d], n * d);
+  }
   for (int b = 0; b < n_blocks; ++b) {
     KeyLanes* blk = &kt[static_cast<size_t>(b) * d];
     for (int j = 0; j < kKeyBlock; ++j) {
       const int t = b * kKeyBlock + j;
       if (t < n_keys_max) {
-        Fp16RowToFp32(keys + static_cast<size_t>(t) * d, row.data(), d);
+        Fp16RowToFp32(keys.row(t), row.data(), d);
       } else {
         std::fill(row.begin(), row.end(), 0.0f);
       }
@@ -77,12 +80,18 @@ void PrefillAttention(const AttentionShape& shape, const AttentionTask& task,
 #if defined(__AVX512F__)
 // scores[g][t] = scale * q_g . k_t for keys [0, n) in blocks of 16, head dim
 // 64; returns the number of keys done (a multiple of 16).
-int Scores64(const uint16_t* keys, const float* q16, int group, int n, float scale,
+int Scores64(const KvRows& keys, const float* q16, int group, int n, float scale,
              float* scores, int stride) {
   alignas(64) float kbuf[16][64];
+  // With blocks a multiple of 16 rows, each 16-row chunk is contiguous.
+  const bool chunked = keys.block_size % 16 == 0;
   int t = 0;
   for (; t + 16 <= n; t += 16) {
-    for (int j = 0; j < 16; ++j) Fp16RowToFp32(keys + static_cast<size_t>(t + j) * 64, kbuf[j], 64);
+    if (chunked) {
+      Fp16RowToFp32(keys.row(t), kbuf[0], 16 * 64);
+    } else {
+      for (int j = 0; j < 16; ++j) Fp16RowToFp32(keys.row(t + j), kbuf[j], 64);
+    }
     for (int g = 0; g < group; ++g) {
       const float* q = q16 + g * 64;
       const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16),
@@ -106,21 +115,24 @@ int Scores64(const uint16_t* keys, const float* q16, int group, int n, float sca
 // out[g] = sum_t p[g][t] * v[t] for head_dim 64 and up to 4 heads, with the
 // 4 x 16-float accumulators of every head kept in registers across keys
 // (the generic loop reloads and stores the outputs for every key).
-void AccumulateValues64(const uint16_t* values, const float* p, int p_stride, int n_keys,
+void AccumulateValues64(const KvRows& values, const float* p, int p_stride, int n_keys,
                         int group, float* out) {
   __m512 acc[4][4];
   for (auto& a : acc)
     for (auto& x : a) x = _mm512_setzero_ps();
-  for (int t = 0; t < n_keys; ++t) {
-    const uint16_t* v = values + static_cast<size_t>(t) * 64;
-    __m512 vv[4];
-    for (int j = 0; j < 4; ++j) {
-      vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
-    }
-    for (int g = 0; g < 4; ++g) {
-      if (g >= group) break;
-      const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
-      for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
+  for (int t0 = 0; t0 < n_keys; t0 += values.block_size) {  // one block at a time
+    const uint16_t* v = values.row(t0);
+    const int t1 = std::min(n_keys, t0 + values.block_size);
+    for (int t = t0; t < t1; ++t, v += 64) {
+      __m512 vv[4];
+      for (int j = 0; j < 4; ++j) {
+        vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
+      }
+      for (int g = 0; g < 4; ++g) {
+        if (g >= group) break;
+        const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
+        for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
+      }
     }
   }
   for (int g = 0; g < group; ++g)
@@ -131,7 +143,7 @@ void AccumulateValues64(const uint16_t* values, const float* p, int p_stride, in
 // Decode path: few queries. Each key and value row is converted once and
 // used by every head of the group while it is in registers / L1.
 void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
-                     const uint16_t* keys, const uint16_t* values) {
+                     const KvRows& keys, const KvRows& values) {
   const int d = shape.head_dim, group = shape.group();
   thread_local std::vector<float> scores, q16, row;  // scores: [group][n_keys]
   const int n_keys_max = task.q_pos0 + task.n_q;
@@ -149,7 +161,7 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
     if (d == 64) t = Scores64(keys, q16.data(), group, n_keys, shape.scale, scores.data(), n_keys_max);
 #endif
     for (; t < n_keys; ++t) {
-      Fp16RowToFp32(keys + static_cast<size_t>(t) * d, row.data(), d);
+      Fp16RowToFp32(keys.row(t), row.data(), d);
       for (int g = 0; g < group; ++g) {
         scores[static_cast<size_t>(g) * n_keys_max + t] =
             DotF32(&q16[g * d], row.data(), d) * shape.scale;
@@ -178,7 +190,7 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
 #endif
     std::fill(out0, out0 + group * d, 0.0f);
     for (int t = 0; t < n_keys; ++t) {
-      Fp16RowToFp32(values + static_cast<size_t>(t) * d, row.data(), d);
+      Fp16RowToFp32(values.row(t), row.data(), d);
       for (int g = 0; g < group; ++g) {
         AxpyF32(scores[static_cast<size_t>(g) * n_keys_max + t], row.data(), out0 + g * d, d);
       }
@@ -189,8 +201,8 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
 }  // namespace
 
 void DenseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
-  const uint16_t* keys = task.kv->Keys(task.layer, task.kv_head);
-  const uint16_t* values = task.kv->Values(task.layer, task.kv_head);
+  const KvRows keys = task.kv->Keys(task.layer, task.kv_head);
+  const KvRows values = task.kv->Values(task.layer, task.kv_head);
   if (task.n_q >= 8) {
     PrefillAttention(shape, task, keys, values);
   } else {

@@ -236,11 +236,13 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
 
   // Exact attention over one block for every still-active head.
   // c: the block's candidate index, or -1 for an always-attended block.
+  const KvRows keys = kv.Keys(task.layer, task.kv_head);
+  const KvRows values = kv.Values(task.layer, task.kv_head);
   auto process_block = [&](int b, int c) {
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
     for (int t = t0; t < t1; ++t) {
-      Fp16RowToFp32(kv.Keys(task.layer, task.kv_head) + static_cast<size_t>(t) * d, krow.data(), d);
+      Fp16RowToFp32(keys.row(t), krow.data(), d);
       for (int g = 0; g < group; ++g) {
         if (heads[g].active) scores[g * B + (t - t0)] = DotF32(qs[g], krow.data(), d) * shape.scale;
       }
@@ -272,7 +274,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       ++h.blocks;
     }
     for (int t = t0; t < t1; ++t) {
-      Fp16RowToFp32(kv.Values(task.layer, task.kv_head) + static_cast<size_t>(t) * d, krow.data(), d);
+      Fp16RowToFp32(values.row(t), krow.data(), d);
       for (int g = 0; g < group; ++g) {
         if (heads[g].active) AxpyF32(scores[g * B + (t - t0)], krow.data(), heads[g].acc.data(), d);
       }

@@ -133,8 +133,6 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
       return 0;
     }
     // Fetch every layer's blocks [0, n) straight into the cache's slots.
-    const int d = layout_.head_dim(), heads = layout_.num_kv_heads();
-    const uint64_t head_bytes = static_cast<uint64_t>(B) * d * 2;  // K or V of one head
     kv->Reserve(n * B);
     absl::Mutex mu;
     absl::Status failure;
@@ -152,16 +150,12 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
         absl::Status s = client_->FetchAsync(
             id, layer, indices, deadline,
             [&, layer, first](absl::Status status, FetchedBlocks got) {
-              if (status.ok() && got.size() != 0) {
+              if (status.ok() && got.block_bytes() != kv->block_elements() * 2) {
+                status = absl::InternalError("fetched blocks have the wrong size");
+              }
+              if (status.ok()) {
                 for (size_t k = 0; k < got.size(); ++k) {
-                  const int b = first + static_cast<int>(k);
-                  for (int h = 0; h < heads; ++h) {
-                    const uint64_t at = k * got.block_bytes() + 2 * h * head_bytes;
-                    got.CopyBytes(at, head_bytes,
-                                  reinterpret_cast<char*>(kv->KeySlot(layer, h, b * B)));
-                    got.CopyBytes(at + head_bytes, head_bytes,
-                                  reinterpret_cast<char*>(kv->ValueSlot(layer, h, b * B)));
-                  }
+                  got.CopyTo(k, 1, reinterpret_cast<char*>(kv->MutableBlock(layer, first + k)));
                 }
               }
               absl::MutexLock lock(&mu);
@@ -215,20 +209,16 @@ void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
   w.n_blocks = n;
   w.hashes = BlockHashes(layout_.model_id(), B, prompt, n);
   const int d = layout_.head_dim(), heads = layout_.num_kv_heads();
-  const size_t head_elems = static_cast<size_t>(B) * d;
   for (uint32_t layer = 0; layer < layout_.num_layers(); ++layer) {
     for (int b = 0; b < n; ++b) {
       psa::v1::KvBlock block;
       block.set_layer(layer);
       block.set_index(b);
-      std::string* data = block.mutable_data();
+      // The cache's block layout is the KV service's: one copy.
+      block.mutable_data()->assign(reinterpret_cast<const char*>(kv.Block(layer, b)),
+                                   kv.block_elements() * 2);
       std::string* meta = block.mutable_metadata();
-      data->reserve(2 * heads * head_elems * 2);
       for (int h = 0; h < heads; ++h) {
-        const uint16_t* k = kv.Keys(layer, h) + static_cast<size_t>(b) * head_elems;
-        const uint16_t* v = kv.Values(layer, h) + static_cast<size_t>(b) * head_elems;
-        data->append(reinterpret_cast<const char*>(k), head_elems * 2);
-        data->append(reinterpret_cast<const char*>(v), head_elems * 2);
         meta->append(reinterpret_cast<const char*>(kv.KeyMax(layer, h, b)), d * 2);
         meta->append(reinterpret_cast<const char*>(kv.KeyMin(layer, h, b)), d * 2);
       }
