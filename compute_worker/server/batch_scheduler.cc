@@ -189,6 +189,7 @@ bool BatchScheduler::Step() {
         seq->summary.kv_blocks_touched += h.blocks_touched;
         seq->summary.kv_blocks_total += h.blocks_total;
       }
+      if (options_.on_decode_stats) options_.on_decode_stats(seq->stats);
     } else {
       seq->prefilled += batch[i].tokens.size();
       if (seq->prefilled == seq->request.prompt.size() && options_.on_prompt_prefilled) {

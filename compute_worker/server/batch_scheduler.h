@@ -52,6 +52,9 @@ class BatchScheduler {
     std::function<void(const GenerationRequest& request, const KvCache& kv,
                        int preloaded_tokens)>
         on_prompt_prefilled;
+    // Called on the scheduler thread after every decode step of a sequence
+    // with what attention did: stats[layer * n_head + head].
+    std::function<void(const std::vector<HeadStepStats>& stats)> on_decode_stats;
   };
   struct Load {
     int running = 0;

@@ -12,6 +12,7 @@
 #include "common/grpc_server_main.h"
 #include "common/metrics_http_server.h"
 #include "common/sha256.h"
+#include "compute_worker/server/attention_metrics.h"
 #include "compute_worker/server/generation_service.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
@@ -119,6 +120,11 @@ int main(int argc, char** argv) {
       store->Publish(request.prompt, kv, preloaded / psa::KvCache::kDefaultBlockSize);
     };
   }
+  psa::AttentionMetrics attention_metrics(&registry, (*model)->hparams().n_layer);
+  scheduler_options.on_decode_stats = [&attention_metrics, n_head = (*model)->hparams().n_head](
+                                          const std::vector<psa::HeadStepStats>& stats) {
+    attention_metrics.Observe(stats, n_head);
+  };
   auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
   psa::GenerationServiceOptions service_options;
   service_options.model_id = *sha;

@@ -180,6 +180,14 @@ TEST_F(TinyWorkerTest, PsaAtEpsilonOneEqualsDenseAndDefaultPsaReadsLess) {
   ASSERT_TRUE(sparse.status.ok()) << sparse.status.error_message();
   EXPECT_THAT(sparse.usage.attention(), HasSubstr("psa(eps=0.5"));
   EXPECT_LT(sparse.usage.kv_blocks_touched(), sparse.usage.kv_blocks_total());
+  // Per-step attention metrics: 15 decode steps per request (the first
+  // token comes from the prefill), two requests.
+  EXPECT_EQ(worker.Metric("psa_worker_attention_step_selected_fraction_count"), 30);
+  EXPECT_EQ(worker.Metric("psa_worker_attention_blocks_selected_count{layer=\"1\"}"), 30);
+  const double fraction_sum = worker.Metric("psa_worker_attention_step_selected_fraction_sum");
+  EXPECT_GT(fraction_sum, 15 * 0.999);  // the epsilon = 1 steps read everything
+  EXPECT_LT(fraction_sum, 29.9);        // the epsilon = 0.5 ones did not
+  EXPECT_GT(worker.Metric("psa_worker_attention_iterations_sum"), 30);
 }
 
 TEST_F(TinyWorkerTest, ConcurrentSequencesOfMixedLengthsEachMatchTheirSoloRun) {

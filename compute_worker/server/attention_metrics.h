@@ -1,0 +1,28 @@
+// AttentionMetrics: what the attention policy did at each decode step, as
+// Prometheus histograms: blocks selected per layer, the fraction of the KV
+// read, and PSA's progressive iterations.
+#ifndef PSA_COMPUTE_WORKER_SERVER_ATTENTION_METRICS_H_
+#define PSA_COMPUTE_WORKER_SERVER_ATTENTION_METRICS_H_
+
+#include <vector>
+
+#include "common/metrics.h"
+#include "compute_worker/runtime/attention.h"
+
+namespace psa {
+
+class AttentionMetrics {
+ public:
+  AttentionMetrics(metrics::Registry* registry, int n_layer);
+  // One sequence's decode step: stats[layer * n_head + head].
+  void Observe(const std::vector<HeadStepStats>& stats, int n_head);
+
+ private:
+  std::vector<metrics::Histogram*> blocks_by_layer_;
+  metrics::Histogram& fraction_;
+  metrics::Histogram& iterations_;
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_SERVER_ATTENTION_METRICS_H_
