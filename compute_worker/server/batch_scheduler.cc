@@ -190,6 +190,13 @@ bool BatchScheduler::Step() {
         seq->summary.kv_blocks_total += h.blocks_total;
       }
       if (options_.on_decode_stats) options_.on_decode_stats(seq->stats);
+      if (options_.on_block_filled && seq->kv.length() % seq->kv.block_size() == 0) {
+        std::vector<TokenId> tokens = seq->request.prompt;
+        const std::vector<TokenId>& generated = seq->state.tokens();
+        tokens.insert(tokens.end(), generated.begin(),
+                      generated.begin() + (seq->kv.length() - tokens.size()));
+        options_.on_block_filled(tokens, seq->kv);
+      }
     } else {
       seq->prefilled += batch[i].tokens.size();
       if (seq->prefilled == seq->request.prompt.size() && options_.on_prompt_prefilled) {

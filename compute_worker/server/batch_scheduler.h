@@ -52,6 +52,9 @@ class BatchScheduler {
     std::function<void(const GenerationRequest& request, const KvCache& kv,
                        int preloaded_tokens)>
         on_prompt_prefilled;
+    // Called on the scheduler thread when a decode step fills a block, with
+    // the tokens now in the cache (prompt, then generated).
+    std::function<void(const std::vector<TokenId>& tokens, const KvCache& kv)> on_block_filled;
     // Called on the scheduler thread after every decode step of a sequence
     // with what attention did: stats[layer * n_head + head].
     std::function<void(const std::vector<HeadStepStats>& stats)> on_decode_stats;

@@ -198,19 +198,31 @@ void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
   const int B = layout_.block_size();
   const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
   if (n <= already_published) return;
-  {
-    absl::MutexLock lock(&mu_);
-    if (static_cast<int>(queue_.size()) >= options_.max_queued_writes) {
-      errors_.Add({{"op", "publish_dropped"}}).Increment();
-      return;
-    }
-  }
   PendingWrite w;
   w.n_blocks = n;
   w.hashes = BlockHashes(layout_.model_id(), B, prompt, n);
+  Export(kv, 0, n, &w.blocks);
+  Enqueue(std::move(w));
+}
+
+void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> tokens, const KvCache& kv) {
+  const int B = layout_.block_size();
+  const int C = options_.checkpoint_blocks;
+  const int n = std::min<int>(tokens.size() / B, kv.full_blocks());
+  if (n == 0 || n % C != 0) return;
+  PendingWrite w;
+  w.n_blocks = n;
+  w.link_blocks = n - C;
+  w.hashes = BlockHashes(layout_.model_id(), B, tokens, n);
+  Export(kv, w.link_blocks, n, &w.blocks);
+  Enqueue(std::move(w));
+}
+
+void PrefixStore::Export(const KvCache& kv, int first, int last,
+                         std::vector<psa::v1::KvBlock>* out) const {
   const int d = layout_.head_dim(), heads = layout_.num_kv_heads();
   for (uint32_t layer = 0; layer < layout_.num_layers(); ++layer) {
-    for (int b = 0; b < n; ++b) {
+    for (int b = first; b < last; ++b) {
       psa::v1::KvBlock block;
       block.set_layer(layer);
       block.set_index(b);
@@ -222,10 +234,17 @@ void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
         meta->append(reinterpret_cast<const char*>(kv.KeyMax(layer, h, b)), d * 2);
         meta->append(reinterpret_cast<const char*>(kv.KeyMin(layer, h, b)), d * 2);
       }
-      w.blocks.push_back(std::move(block));
+      out->push_back(std::move(block));
     }
   }
+}
+
+void PrefixStore::Enqueue(PendingWrite w) {
   absl::MutexLock lock(&mu_);
+  if (static_cast<int>(queue_.size()) >= options_.max_queued_writes) {
+    errors_.Add({{"op", "publish_dropped"}}).Increment();
+    return;
+  }
   queue_.push_back(std::move(w));
 }
 
@@ -261,7 +280,10 @@ void PrefixStore::WriteLoop() {
 
 void PrefixStore::Write(PendingWrite& w) {
   const std::string id = SequenceId(w.hashes, w.n_blocks);
-  absl::StatusOr<psa::v1::OpenSequenceResponse> opened = client_->Open(id, layout_);
+  absl::StatusOr<psa::v1::OpenSequenceResponse> opened =
+      w.link_blocks > 0
+          ? client_->OpenLinked(id, layout_, SequenceId(w.hashes, w.link_blocks), w.link_blocks)
+          : client_->Open(id, layout_);
   if (!opened.ok()) {
     errors_.Add({{"op", "publish"}}).Increment();
     return;

@@ -60,6 +60,14 @@ class PrefixStore {
   // `already_published` blocks are all of them. Copies now, writes later.
   void Publish(absl::Span<const TokenId> prompt, const KvCache& kv, int already_published);
 
+  // During decode: when the cache's full blocks reach a multiple of
+  // checkpoint_blocks, publishes the sequence so far (`tokens`: those in the
+  // cache) under its own name, linking the previous checkpoint and writing
+  // only the blocks after it. A generation resumed elsewhere from its
+  // prompt plus the tokens so far then loads all but the last few hundred
+  // tokens instead of recomputing them.
+  void PublishCheckpoint(absl::Span<const TokenId> tokens, const KvCache& kv);
+
   // Waits until every queued prompt is written (tests, shutdown).
   void Flush();
 
@@ -69,10 +77,14 @@ class PrefixStore {
 
  private:
   struct PendingWrite {
-    std::vector<std::string> hashes;           // per block
-    std::vector<psa::v1::KvBlock> blocks;      // all layers
+    std::vector<std::string> hashes;       // per block
     int n_blocks = 0;
+    int link_blocks = 0;                   // [0, link_blocks): linked from that checkpoint
+    std::vector<psa::v1::KvBlock> blocks;  // [link_blocks, n_blocks) of all layers
   };
+  // Copies blocks [first, last) of every layer.
+  void Export(const KvCache& kv, int first, int last, std::vector<psa::v1::KvBlock>* out) const;
+  void Enqueue(PendingWrite w);
   std::string SequenceId(const std::vector<std::string>& hashes, int n_blocks) const;
   void WriteLoop();
   void Write(PendingWrite& w);

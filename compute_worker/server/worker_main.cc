@@ -119,6 +119,10 @@ int main(int argc, char** argv) {
                                                     const psa::KvCache& kv, int preloaded) {
       store->Publish(request.prompt, kv, preloaded / psa::KvCache::kDefaultBlockSize);
     };
+    scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& tokens,
+                                                const psa::KvCache& kv) {
+      store->PublishCheckpoint(tokens, kv);
+    };
   }
   psa::AttentionMetrics attention_metrics(&registry, (*model)->hparams().n_layer);
   scheduler_options.on_decode_stats = [&attention_metrics, n_head = (*model)->hparams().n_head](

@@ -357,6 +357,29 @@ TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) 
   EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192 + 128);
   EXPECT_EQ(b2.tokens, Reference(p2, 16, Dense()));
 
+  // Decode publishes checkpoints too: a generation resumed on B from A's
+  // prompt plus the tokens A generated loads the last checkpoint (8 blocks of
+  // the 40 + 150 tokens A had in its cache) and continues exactly.
+  const auto p4 = Prompt(40, vocab(), 10);
+  Streamed a4 = a.Generate(IdsRequest(p4, 150, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(a4.status.ok()) << a4.status.error_message();
+  // Let A's writer publish the checkpoints: wait until its bytes stop moving.
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  for (double last = -1, now = a.Metric("psa_worker_kv_write_bytes_total");
+       now != last && absl::Now() < give_up;
+       last = now, now = a.Metric("psa_worker_kv_write_bytes_total")) {
+    absl::SleepFor(absl::Milliseconds(300));
+  }
+  std::vector<TokenId> resumed = p4;
+  resumed.insert(resumed.end(), a4.tokens.begin(), a4.tokens.end());
+  const double hits_before = b.Metric("psa_worker_prefix_cache_hits_total");
+  Streamed b4 = b.Generate(IdsRequest(resumed, 10, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(b4.status.ok()) << b4.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total") - hits_before, 128);
+  const auto whole = Reference(p4, 160, Dense());
+  EXPECT_EQ(std::vector<TokenId>(whole.begin(), whole.begin() + 150), a4.tokens);
+  EXPECT_EQ(b4.tokens, std::vector<TokenId>(whole.begin() + 150, whole.end()));
+
   // Without the KV service the worker computes everything itself: correct
   // tokens, the failure only counted.
   (*shard)->Stop(SIGKILL);
@@ -364,7 +387,7 @@ TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) 
   Streamed b3 = b.Generate(IdsRequest(p3, 16, psa::v1::AttentionPolicy::KIND_DENSE));
   ASSERT_TRUE(b3.status.ok()) << b3.status.error_message();
   EXPECT_EQ(b3.tokens, Reference(p3, 16, Dense()));
-  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192 + 128);
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192 + 128 + 128);
   EXPECT_GE(b.Metric("psa_worker_kv_errors_total{op=\"lookup\"}"), 1);
 }
 
