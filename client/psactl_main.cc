@@ -1,0 +1,177 @@
+// psactl: the PSA-Serve command line.
+//   psactl [--target=HOST:PORT] generate "PROMPT"     stream a completion
+//   psactl chat                                       talk turn by turn (stdin)
+//   psactl tokenize "TEXT"                            token ids of TEXT
+//   psactl info                                       the served model
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/psa_client.h"
+
+ABSL_FLAG(std::string, target, "localhost:7000", "Router (or worker) address, host:port");
+ABSL_FLAG(int, max_tokens, 256, "Tokens to generate at most");
+ABSL_FLAG(double, temperature, 0.0, "Sampling temperature (0: greedy)");
+ABSL_FLAG(int, top_k, 0, "Sample among the k most likely tokens (0: all)");
+ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass");
+ABSL_FLAG(int64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings (comma-separated)");
+ABSL_FLAG(std::string, attention, "",
+          "Attention policy: dense, topk or psa (empty: the server's default)");
+ABSL_FLAG(double, epsilon, 0, "psa: attention mass to capture (0: the server's default)");
+ABSL_FLAG(bool, raw, false, "generate: send the prompt as is, not as a chat user message");
+ABSL_FLAG(std::string, system, "", "chat/generate: a system message");
+ABSL_FLAG(int, timeout_s, 300, "Deadline of each call, seconds");
+ABSL_FLAG(bool, stats, true, "Print token counts, speed and KV read to stderr");
+
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "psactl: %s: %s\n", absl::StatusCodeToString(s.code()).c_str(),
+               std::string(s.message()).c_str());
+  return 1;
+}
+
+absl::Status ApplyFlags(psa::v1::GenerateRequest* r) {
+  r->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
+  r->mutable_sampling()->set_temperature(absl::GetFlag(FLAGS_temperature));
+  r->mutable_sampling()->set_top_k(absl::GetFlag(FLAGS_top_k));
+  r->mutable_sampling()->set_top_p(absl::GetFlag(FLAGS_top_p));
+  r->mutable_sampling()->set_seed(absl::GetFlag(FLAGS_seed));
+  for (const std::string& s : absl::GetFlag(FLAGS_stop)) r->add_stop(s);
+  const std::string a = absl::GetFlag(FLAGS_attention);
+  if (a == "dense") {
+    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
+  } else if (a == "topk") {
+    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_TOPK);
+  } else if (a == "psa") {
+    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_PSA);
+  } else if (!a.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--attention must be dense, topk or psa, not \"", a, "\""));
+  }
+  r->mutable_attention()->set_epsilon(absl::GetFlag(FLAGS_epsilon));
+  return absl::OkStatus();
+}
+
+// Streams one generation to stdout; returns its completion.
+absl::StatusOr<psa::client::Completion> Stream(psa::client::Client& client,
+                                               const psa::v1::GenerateRequest& request) {
+  const absl::Time start = absl::Now();
+  auto done = client.Generate(request, [](const psa::v1::GenerateResponse& chunk) {
+    std::cout << chunk.text() << std::flush;
+    return true;
+  });
+  if (!done.ok()) return done;
+  std::cout << "\n";
+  if (absl::GetFlag(FLAGS_stats)) {
+    const psa::v1::Usage& u = done->usage;
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    std::string kv;
+    if (u.kv_blocks_total() > 0) {
+      kv = absl::StrCat(", attention ", u.attention(), " read ",
+                        absl::StrFormat("%.1f", 100.0 * u.kv_blocks_touched() / u.kv_blocks_total()),
+                        "% of the KV dense would");
+    }
+    std::fprintf(stderr, "[%u prompt + %u generated tokens, %.1f tok/s, first token %.2f s, %s%s]\n",
+                 u.prompt_tokens(), u.completion_tokens(),
+                 u.completion_tokens() / std::max(seconds, 1e-9),
+                 u.time_to_first_token_seconds(), done->finish_reason.c_str(), kv.c_str());
+  }
+  return done;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "The PSA-Serve command line.\n"
+      "  psactl [flags] generate PROMPT   stream a completion (PROMPT '-' reads stdin)\n"
+      "  psactl [flags] chat              talk turn by turn; one line per turn, EOF ends\n"
+      "  psactl [flags] tokenize TEXT     print the token ids of TEXT\n"
+      "  psactl [flags] info              describe the served model");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
+    return 2;
+  }
+  const std::string command = args[1];
+  psa::client::ClientOptions options;
+  options.target = absl::GetFlag(FLAGS_target);
+  options.timeout = absl::Seconds(absl::GetFlag(FLAGS_timeout_s));
+  auto client = psa::client::Client::Connect(options);
+  if (!client.ok()) return Fail(client.status());
+
+  if (command == "generate") {
+    if (args.size() != 3) return Fail(absl::InvalidArgumentError("generate takes one PROMPT"));
+    std::string prompt = args[2];
+    if (prompt == "-") prompt.assign(std::istreambuf_iterator<char>(std::cin), {});
+    psa::v1::GenerateRequest request;
+    if (absl::GetFlag(FLAGS_raw)) {
+      request.set_text(prompt);
+    } else {
+      if (!absl::GetFlag(FLAGS_system).empty()) {
+        auto* m = request.mutable_chat()->add_messages();
+        m->set_role("system");
+        m->set_content(absl::GetFlag(FLAGS_system));
+      }
+      auto* m = request.mutable_chat()->add_messages();
+      m->set_role("user");
+      m->set_content(prompt);
+    }
+    if (absl::Status s = ApplyFlags(&request); !s.ok()) return Fail(s);
+    auto done = Stream(**client, request);
+    return done.ok() ? 0 : Fail(done.status());
+  }
+  if (command == "chat") {
+    psa::v1::GenerateRequest request;
+    if (!absl::GetFlag(FLAGS_system).empty()) {
+      auto* m = request.mutable_chat()->add_messages();
+      m->set_role("system");
+      m->set_content(absl::GetFlag(FLAGS_system));
+    }
+    if (absl::Status s = ApplyFlags(&request); !s.ok()) return Fail(s);
+    std::string line;
+    while (std::fprintf(stderr, "> "), std::getline(std::cin, line)) {
+      if (line.empty()) continue;
+      auto* m = request.mutable_chat()->add_messages();
+      m->set_role("user");
+      m->set_content(line);
+      auto done = Stream(**client, request);
+      if (!done.ok()) return Fail(done.status());
+      auto* reply = request.mutable_chat()->add_messages();
+      reply->set_role("assistant");
+      reply->set_content(done->text);
+    }
+    return 0;
+  }
+  if (command == "tokenize") {
+    if (args.size() != 3) return Fail(absl::InvalidArgumentError("tokenize takes one TEXT"));
+    auto ids = (*client)->Tokenize(args[2]);
+    if (!ids.ok()) return Fail(ids.status());
+    std::cout << absl::StrJoin(*ids, " ") << "\n";
+    return 0;
+  }
+  if (command == "info") {
+    auto info = (*client)->GetModelInfo();
+    if (!info.ok()) return Fail(info.status());
+    std::cout << "model        " << info->name() << "\n"
+              << "model_id     " << info->model_id() << "\n"
+              << "layers       " << info->num_layers() << "\n"
+              << "heads        " << info->num_heads() << " (" << info->num_kv_heads()
+              << " KV), head dim " << info->head_dim() << "\n"
+              << "vocab        " << info->vocab_size() << "\n"
+              << "max context  " << info->max_context() << "\n"
+              << "attention    " << info->default_attention() << "\n";
+    return 0;
+  }
+  return Fail(absl::InvalidArgumentError(
+      absl::StrCat("unknown command \"", command, "\"; use generate, chat, tokenize or info")));
+}
