@@ -62,7 +62,12 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& req, int n_vocab
   for (const std::string& s : req.stop_strings) {
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
   }
-  if (static_cast<int64_t>(req.prompt.size()) + req.max_tokens > max_context) {
+  if (req.resumed < 0 || req.resumed > static_cast<int>(req.prompt.size()) - 1 ||
+      req.resumed > req.max_tokens) {
+    return absl::InvalidArgumentError(
+        "resumed tokens must leave a prompt token and not exceed max_tokens");
+  }
+  if (static_cast<int64_t>(req.prompt.size()) - req.resumed + req.max_tokens > max_context) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", req.prompt.size(), " tokens) plus max_tokens (", req.max_tokens,
         ") exceeds the context limit of ", max_context, " tokens"));
@@ -74,7 +79,20 @@ GenerationState::GenerationState(const Tokenizer& tokenizer, const GenerationReq
     : tokenizer_(tokenizer), request_(request) {
   for (const std::string& s : request.stop_strings) hold_ = std::max(hold_, s.size() - 1);
   if (request.max_tokens == 0) finish_reason_ = "length";
+  // Replay the resumed tokens through the same rules the first worker ran.
+  const size_t first = request.prompt.size() - request.resumed;
+  std::string released;
+  for (size_t i = first; i < request.prompt.size() && finish_reason_.empty(); ++i) {
+    released += Accept(request.prompt[i]).text;
+  }
+  if (released.size() > request.resumed_text_bytes) {
+    resumed_text_ = released.substr(request.resumed_text_bytes);
+  } else {
+    skip_bytes_ = request.resumed_text_bytes - released.size();
+  }
 }
+
+std::string GenerationState::TakeResumedText() { return std::move(resumed_text_); }
 
 GenerationState::Step GenerationState::Accept(TokenId token) {
   Step step;
@@ -93,6 +111,11 @@ GenerationState::Step GenerationState::Accept(TokenId token) {
   step.text = pending_.substr(0, release);
   pending_.erase(0, release);
   text_ += step.text;
+  if (skip_bytes_ > 0) {  // the client has these already
+    const size_t skip = std::min(skip_bytes_, step.text.size());
+    step.text.erase(0, skip);
+    skip_bytes_ -= skip;
+  }
   if (step.finished) finish_reason_ = eog ? "eos" : stopped ? "stop" : "length";
   return step;
 }

@@ -23,6 +23,12 @@ struct GenerationRequest {
   bool ignore_eos = false;  // keep going past end-of-generation tokens
   // Attention for the decode steps (null: the runtime's default backend).
   const AttentionBackend* attention = nullptr;
+  // Resuming a generation another worker started: the last `resumed`
+  // tokens of `prompt` were already generated (they count toward
+  // max_tokens, stop strings and end of generation), and the client already
+  // has `resumed_text_bytes` bytes of their text.
+  int resumed = 0;
+  size_t resumed_text_bytes = 0;
 };
 
 struct GenerationResult {
@@ -65,6 +71,9 @@ class GenerationState {
   };
   // Takes the next sampled token.
   Step Accept(TokenId token);
+  // Text owed to the client after resuming (see GenerationRequest::resumed):
+  // released by the resumed tokens but not yet sent. Empty afterwards.
+  std::string TakeResumedText();
   // Ends the generation early (finish_reason "cancelled").
   void Cancel() { finish_reason_ = "cancelled"; }
 
@@ -81,6 +90,8 @@ class GenerationState {
   std::vector<TokenId> tokens_;
   std::string text_;
   std::string finish_reason_;
+  std::string resumed_text_;  // owed to the client
+  size_t skip_bytes_ = 0;     // already sent beyond what resuming released
 };
 
 // Bytes at the end of s that form an incomplete UTF-8 sequence (0..3).

@@ -101,7 +101,7 @@ BatchScheduler::Load BatchScheduler::load() {
 }
 
 void BatchScheduler::Finish(Sequence* seq, const absl::Status& status) {
-  seq->summary.prompt_tokens = seq->request.prompt.size();
+  seq->summary.prompt_tokens = seq->request.prompt.size() - seq->request.resumed;
   seq->summary.completion_tokens = seq->state.tokens().size();
   seq->summary.finish_reason = seq->state.finish_reason();
   seq->summary.total_seconds = absl::ToDoubleSeconds(absl::Now() - seq->submitted);
@@ -215,7 +215,9 @@ bool BatchScheduler::Step() {
           absl::ToDoubleSeconds(absl::Now() - seq->submitted);
     }
     const GenerationState::Step step = seq->state.Accept(seq->next);
-    if (seq->events.on_token) seq->events.on_token(seq->next, step.text);
+    if (seq->events.on_token) {
+      seq->events.on_token(seq->next, seq->state.TakeResumedText() + step.text);
+    }
     if (step.finished) Finish(seq, absl::OkStatus());
   }
   Retire();

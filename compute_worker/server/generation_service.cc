@@ -100,6 +100,12 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
                                                : static_cast<int>(request.max_tokens());
     gen.stop_strings.assign(request.stop().begin(), request.stop().end());
     gen.ignore_eos = request.ignore_eos();
+    if (request.has_resume()) {
+      gen.prompt.insert(gen.prompt.end(), request.resume().token_ids().begin(),
+                        request.resume().token_ids().end());
+      gen.resumed = request.resume().token_ids_size();
+      gen.resumed_text_bytes = request.resume().text_bytes();
+    }
     const LlamaHparams& hp = service_->model_->hparams();
     if (absl::Status s = ValidateGenerationRequest(gen, hp.n_vocab, service_->max_context_);
         !s.ok()) {

@@ -1,0 +1,119 @@
+// psa-router: the public front door of a PSA-Serve cluster.
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "common/grpc_server_main.h"
+#include "common/metrics_http_server.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "router/router_service.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:7000", "gRPC address to serve on (port 0: pick one)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9000",
+          "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write grpc_port=N and metrics_port=M here once serving");
+ABSL_FLAG(std::string, workers, "", "Worker addresses, host:port, comma-separated");
+ABSL_FLAG(std::string, workers_file, "",
+          "File with one worker address per line (# comments), instead of --workers");
+ABSL_FLAG(int, max_inflight, 256,
+          "Generations relayed at once; more are refused with RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_attempts, 3, "Workers tried per request, the first included");
+ABSL_FLAG(int, affinity_slack, 4,
+          "Prefer the prompt's affinity worker unless it has this many more requests "
+          "outstanding than the least loaded one");
+ABSL_FLAG(int, health_interval_ms, 500, "How often workers' health is checked");
+ABSL_FLAG(int, shutdown_grace_ms, 10000,
+          "On SIGTERM: how long running generations may finish before they are cancelled");
+
+namespace {
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "psa-router: %s\n", message.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Routes psa.v1.Generation requests to compute workers.\n"
+      "Usage: psa-router --workers=HOST:PORT,... [--listen=ADDR:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  psa::BlockTerminationSignals();
+
+  std::vector<std::string> workers =
+      absl::StrSplit(absl::GetFlag(FLAGS_workers), ',', absl::SkipEmpty());
+  if (const std::string path = absl::GetFlag(FLAGS_workers_file); !path.empty()) {
+    std::ifstream in(path);
+    if (!in) return Fail(absl::StrCat("cannot read --workers_file ", path));
+    std::string line;
+    while (std::getline(in, line)) {
+      absl::string_view w = absl::StripAsciiWhitespace(line);
+      if (!w.empty() && w[0] != '#') workers.emplace_back(w);
+    }
+  }
+  if (workers.empty()) return Fail("no workers: set --workers or --workers_file");
+  psa::RouterOptions options;
+  options.max_inflight = absl::GetFlag(FLAGS_max_inflight);
+  options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  if (options.max_inflight < 1 || options.max_attempts < 1) {
+    return Fail("--max_inflight and --max_attempts must be >= 1");
+  }
+
+  psa::metrics::Registry registry;
+  psa::WorkerPoolOptions pool_options;
+  pool_options.workers = workers;
+  pool_options.affinity_slack = absl::GetFlag(FLAGS_affinity_slack);
+  pool_options.health_interval = absl::Milliseconds(absl::GetFlag(FLAGS_health_interval_ms));
+  auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
+  auto service = std::make_unique<psa::RouterService>(pool.get(), &registry, options);
+
+  std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
+  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
+    const size_t colon = m.rfind(':');
+    int port = -1;
+    if (colon == std::string::npos || !absl::SimpleAtoi(m.substr(colon + 1), &port)) {
+      return Fail("--metrics_listen must look like 0.0.0.0:9000");
+    }
+    auto started = psa::metrics::MetricsHttpServer::Start(&registry, m.substr(0, colon), port);
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    metrics_server = std::move(*started);
+  }
+
+  psa::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(),
+                           &grpc_port);
+  builder.RegisterService(service.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    return Fail(absl::StrCat("cannot serve on ", absl::GetFlag(FLAGS_listen)));
+  }
+  const int metrics_port = metrics_server ? metrics_server->port() : 0;
+  if (const std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
+    absl::Status s =
+        psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
+    if (!s.ok()) return Fail(std::string(s.message()));
+  }
+  std::fprintf(stderr, "psa-router: serving on port %d (metrics on %d), %zu workers (%d healthy)\n",
+               grpc_port, metrics_port, workers.size(), pool->healthy_count());
+
+  const int sig = psa::WaitForTerminationSignal();
+  std::fprintf(stderr, "psa-router: signal %d, finishing running generations\n", sig);
+  psa::GracefulShutdown(server.get(), nullptr,
+                        absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
+  service.reset();
+  std::fprintf(stderr, "psa-router: stopped\n");
+  return 0;
+}

@@ -1,0 +1,298 @@
+#include "router/router_service.h"
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+
+namespace psa {
+namespace {
+
+using psa::v1::GenerateRequest;
+using psa::v1::GenerateResponse;
+
+bool WorthAnotherWorker(const grpc::Status& s) {
+  // The worker is gone or full; anything else is the request's own fault.
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+         s.error_code() == grpc::StatusCode::INTERNAL ||
+         s.error_code() == grpc::StatusCode::UNKNOWN;
+}
+
+const char* CodeLabel(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
+}  // namespace
+
+RouterService::Metrics::Metrics(metrics::Registry* r)
+    : requests(r->AddCounter("psa_router_requests_total", "Finished generations by status code")),
+      ttft(r->AddHistogram("psa_router_time_to_first_token_seconds",
+                           "From arrival at the router to the first token relayed",
+                           metrics::LatencyBuckets())
+               .Add()),
+      e2e(r->AddHistogram("psa_router_e2e_request_latency_seconds",
+                          "From arrival to the end of the stream", metrics::LatencyBuckets())
+              .Add()),
+      active(r->AddGauge("psa_router_requests_active", "Generations being relayed").Add()),
+      retries(r->AddCounter("psa_router_retries_total",
+                            "Requests sent to another worker before their first token")
+                  .Add()),
+      resumes(r->AddCounter("psa_router_resumes_total",
+                            "Generations continued on another worker after tokens were streamed")
+                  .Add()) {}
+
+// One generation: a relay thread runs the worker call(s) with the sync API
+// and hands messages to this reactor, which writes them to the client (one
+// write in flight; messages arriving meanwhile are merged). Lives until both
+// gRPC (OnDone) and the relay thread are done with it.
+class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateResponse> {
+ public:
+  Relay(RouterService* service, grpc::CallbackServerContext* ctx, const GenerateRequest& request)
+      : service_(service), request_(request), deadline_(ctx->deadline()), start_(absl::Now()) {
+    const int inflight = ++service_->inflight_;
+    if (inflight > service_->options_.max_inflight) {
+      --service_->inflight_;
+      ctx->AddTrailingMetadata("retry-after-ms", "1000");
+      refs_ = 1;
+      Done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("the router is at capacity (",
+                                     service_->options_.max_inflight,
+                                     " generations running); retry in about a second")));
+      return;
+    }
+    service_->metrics_.active.Add(1);
+    {
+      absl::MutexLock lock(&service_->mu_);
+      ++service_->relays_;
+    }
+    std::thread([this] { Run(); }).detach();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+    if (worker_ctx_ != nullptr) worker_ctx_->TryCancel();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      client_gone_ = true;
+      if (worker_ctx_ != nullptr) worker_ctx_->TryCancel();
+      if (!finish_called_) {
+        finish_called_ = true;
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      }
+      return;
+    }
+    MaybeWriteLocked();
+  }
+
+  void OnDone() override { Unref(); }
+
+ private:
+  void Run() {
+    const uint64_t affinity = PromptAffinity(request_);
+    std::vector<WorkerPool::Worker*> tried;
+    std::vector<uint32_t> generated;
+    uint64_t text_bytes = 0;
+    bool finished = false;
+    grpc::Status status(grpc::StatusCode::UNAVAILABLE, "no worker was tried");
+    for (int attempt = 0; attempt < service_->options_.max_attempts && !finished; ++attempt) {
+      absl::StatusOr<WorkerPool::Worker*> worker = service_->pool_->Acquire(affinity, tried);
+      if (!worker.ok()) {
+        status = ToGrpcStatus(worker.status());
+        break;
+      }
+      GenerateRequest request = request_;
+      if (!generated.empty()) {  // continue where the failed worker stopped
+        request.mutable_resume()->mutable_token_ids()->Add(generated.begin(), generated.end());
+        request.mutable_resume()->set_text_bytes(text_bytes);
+        service_->metrics_.resumes.Increment();
+      } else if (attempt > 0) {
+        service_->metrics_.retries.Increment();
+      }
+      grpc::ClientContext ctx;
+      ctx.set_deadline(deadline_);
+      {
+        absl::MutexLock lock(&mu_);
+        if (cancelled_ || client_gone_) {
+          service_->pool_->Release(*worker);
+          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+          break;
+        }
+        worker_ctx_ = &ctx;
+      }
+      auto reader = (*worker)->stub->Generate(&ctx, request);
+      GenerateResponse message;
+      while (reader->Read(&message)) {
+        if (generated.empty() && message.token_ids_size() > 0) {
+          service_->metrics_.ttft.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
+        }
+        generated.insert(generated.end(), message.token_ids().begin(), message.token_ids().end());
+        text_bytes += message.text().size();
+        if (!message.finish_reason().empty()) finished = true;
+        Push(message);
+      }
+      status = reader->Finish();
+      {
+        absl::MutexLock lock(&mu_);
+        worker_ctx_ = nullptr;
+        if (cancelled_ || client_gone_) {
+          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+        }
+      }
+      service_->pool_->Release(*worker);
+      if (finished && status.ok()) break;
+      if (status.ok()) {  // the stream ended without its last message
+        status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker's stream broke off");
+      }
+      if (!WorthAnotherWorker(status)) break;
+      if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+        service_->pool_->ReportFailure(*worker);
+      }
+      tried.push_back(*worker);
+    }
+    if (finished && status.ok()) status = grpc::Status::OK;
+    service_->metrics_.requests.Add({{"code", CodeLabel(status.error_code())}}).Increment();
+    service_->metrics_.e2e.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
+    service_->metrics_.active.Add(-1);
+    --service_->inflight_;
+    Done(status);
+    {
+      absl::MutexLock lock(&service_->mu_);
+      --service_->relays_;
+    }
+    Unref();
+  }
+
+  void Push(const GenerateResponse& message) {
+    absl::MutexLock lock(&mu_);
+    pending_.mutable_token_ids()->Add(message.token_ids().begin(), message.token_ids().end());
+    pending_.mutable_text()->append(message.text());
+    if (!message.finish_reason().empty()) {
+      pending_.set_finish_reason(message.finish_reason());
+      *pending_.mutable_usage() = message.usage();
+    }
+    has_pending_ = true;
+    MaybeWriteLocked();
+  }
+
+  void Done(const grpc::Status& status) {
+    absl::MutexLock lock(&mu_);
+    final_status_ = status;
+    done_ = true;
+    MaybeWriteLocked();
+  }
+
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finish_called_ || client_gone_) return;
+    if (has_pending_) {
+      in_flight_.Swap(&pending_);
+      pending_.Clear();
+      has_pending_ = false;
+      writing_ = true;
+      StartWrite(&in_flight_);
+      return;
+    }
+    if (done_) {
+      finish_called_ = true;
+      Finish(final_status_);
+    }
+  }
+
+  void Unref() {
+    bool last;
+    {
+      absl::MutexLock lock(&mu_);
+      last = --refs_ == 0;
+    }
+    if (last) delete this;
+  }
+
+  RouterService* const service_;
+  const GenerateRequest request_;
+  const std::chrono::system_clock::time_point deadline_;
+  const absl::Time start_;
+
+  absl::Mutex mu_;
+  int refs_ ABSL_GUARDED_BY(mu_) = 2;  // gRPC's OnDone + the relay thread
+  grpc::ClientContext* worker_ctx_ ABSL_GUARDED_BY(mu_) = nullptr;
+  GenerateResponse pending_ ABSL_GUARDED_BY(mu_);
+  GenerateResponse in_flight_ ABSL_GUARDED_BY(mu_);
+  bool has_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+RouterService::RouterService(WorkerPool* pool, metrics::Registry* registry,
+                             RouterOptions options)
+    : pool_(pool), options_(options), metrics_(registry) {}
+
+RouterService::~RouterService() {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this] {
+    mu_.AssertHeld();
+    return relays_ == 0;
+  };
+  mu_.Await(absl::Condition(&idle));
+}
+
+grpc::ServerWriteReactor<GenerateResponse>* RouterService::Generate(
+    grpc::CallbackServerContext* ctx, const GenerateRequest* request) {
+  return new Relay(this, ctx, *request);
+}
+
+template <typename Call>
+grpc::Status RouterService::OnAnyWorker(const grpc::CallbackServerContext* ctx, Call call) {
+  std::vector<WorkerPool::Worker*> tried;
+  grpc::Status status(grpc::StatusCode::UNAVAILABLE, "no worker was tried");
+  for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
+    absl::StatusOr<WorkerPool::Worker*> worker = pool_->Acquire(0, tried);
+    if (!worker.ok()) return ToGrpcStatus(worker.status());
+    grpc::ClientContext worker_ctx;
+    worker_ctx.set_deadline(ctx->deadline());
+    status = call(**worker, &worker_ctx);
+    pool_->Release(*worker);
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE) return status;
+    pool_->ReportFailure(*worker);
+    tried.push_back(*worker);
+  }
+  return status;
+}
+
+grpc::ServerUnaryReactor* RouterService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                  const psa::v1::TokenizeRequest* request,
+                                                  psa::v1::TokenizeResponse* response) {
+  const grpc::Status s = OnAnyWorker(ctx, [&](WorkerPool::Worker& w, grpc::ClientContext* c) {
+    return w.stub->Tokenize(c, *request, response);
+  });
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterService::GetModelInfo(grpc::CallbackServerContext* ctx,
+                                                      const psa::v1::GetModelInfoRequest* request,
+                                                      psa::v1::ModelInfo* response) {
+  const grpc::Status s = OnAnyWorker(ctx, [&](WorkerPool::Worker& w, grpc::ClientContext* c) {
+    return w.stub->GetModelInfo(c, *request, response);
+  });
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+}  // namespace psa

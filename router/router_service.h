@@ -1,0 +1,62 @@
+// RouterService: the public psa.v1.Generation front door. Picks a worker
+// (WorkerPool), relays its token stream, and hides worker failures: a
+// request that fails before its first token is retried on another worker;
+// one that fails after tokens were streamed resumes on another worker from
+// the tokens so far (GenerateRequest.resume), so the client sees one
+// uninterrupted, duplicate-free stream.
+#ifndef PSA_ROUTER_ROUTER_SERVICE_H_
+#define PSA_ROUTER_ROUTER_SERVICE_H_
+
+#include <atomic>
+
+#include "common/metrics.h"
+#include "proto/psa/v1/generation.grpc.pb.h"
+#include "router/worker_pool.h"
+
+namespace psa {
+
+struct RouterOptions {
+  int max_inflight = 256;  // generations at once; more get RESOURCE_EXHAUSTED
+  int max_attempts = 3;    // workers tried per request (first try included)
+};
+
+class RouterService final : public psa::v1::Generation::CallbackService {
+ public:
+  RouterService(WorkerPool* pool, metrics::Registry* registry, RouterOptions options);
+  ~RouterService() override;  // waits for relays to finish
+
+  grpc::ServerWriteReactor<psa::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* ctx, const psa::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
+                                     const psa::v1::TokenizeRequest* request,
+                                     psa::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx,
+                                         const psa::v1::GetModelInfoRequest* request,
+                                         psa::v1::ModelInfo* response) override;
+
+ private:
+  class Relay;
+  struct Metrics {
+    explicit Metrics(metrics::Registry* r);
+    metrics::Family<metrics::Counter>& requests;
+    metrics::Histogram& ttft;
+    metrics::Histogram& e2e;
+    metrics::Gauge& active;
+    metrics::Counter& retries;
+    metrics::Counter& resumes;
+  };
+  // Runs a unary call on a healthy worker, retrying on UNAVAILABLE.
+  template <typename Call>
+  grpc::Status OnAnyWorker(const grpc::CallbackServerContext* ctx, Call call);
+
+  WorkerPool* const pool_;
+  const RouterOptions options_;
+  Metrics metrics_;
+  std::atomic<int> inflight_{0};
+  absl::Mutex mu_;
+  int relays_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace psa
+
+#endif  // PSA_ROUTER_ROUTER_SERVICE_H_
