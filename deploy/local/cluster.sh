@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The whole PSA-Serve system on one machine, on loopback: 2 KV service
+# shards, 2 compute workers and the router.
+#
+#   deploy/local/cluster.sh start [MODEL.gguf]   start everything, wait until healthy
+#   deploy/local/cluster.sh status               show what runs where
+#   deploy/local/cluster.sh stop                 stop everything (SIGTERM, then SIGKILL)
+#
+# Environment: PSA_BUILD_DIR (default build), PSA_CLUSTER_DIR (logs, pids,
+# ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_WORKER_THREADS
+# (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BUILD="${PSA_BUILD_DIR:-build}"
+DIR="${PSA_CLUSTER_DIR:-.cluster}"
+ROUTER_PORT="${PSA_ROUTER_PORT:-7000}"
+THREADS="${PSA_WORKER_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
+CAPACITY="${PSA_KV_CAPACITY:-2GiB}"
+
+port_of() {  # port_of NAME KEY
+  sed -n "s/^$2=//p" "$DIR/$1.ports" 2>/dev/null
+}
+
+launch() {  # launch NAME BINARY ARGS...
+  local name="$1"; shift
+  rm -f "$DIR/$name.ports"
+  "$@" --port_file="$DIR/$name.ports" >"$DIR/$name.log" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+wait_for() {  # wait_for NAME SECONDS
+  local name="$1" deadline=$(( SECONDS + $2 ))
+  while [ ! -s "$DIR/$name.ports" ]; do
+    if ! kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null; then
+      echo "cluster: $name exited during start-up; its log ($DIR/$name.log) ends with:" >&2
+      tail -5 "$DIR/$name.log" >&2
+      stop_all
+      exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "cluster: $name did not start within $2 s (see $DIR/$name.log)" >&2
+      stop_all
+      exit 1
+    fi
+    sleep 0.1
+  done
+}
+
+stop_all() {
+  local pids=()
+  for f in "$DIR"/*.pid; do
+    [ -e "$f" ] || continue
+    local pid; pid="$(cat "$f")"
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$f"
+  done
+  for pid in "${pids[@]}"; do  # up to 15 s for a clean exit, then force
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+
+case "${1:-}" in
+  start)
+    MODEL="${2:-${PSA_MODEL:-}}"
+    [ -n "$MODEL" ] || MODEL="$(scripts/fetch_model.sh)"
+    for bin in kv_service/psa-kv-service compute_worker/psa-worker router/psa-router; do
+      [ -x "$BUILD/$bin" ] || { echo "cluster: $BUILD/$bin is missing; run scripts/build.sh" >&2; exit 1; }
+    done
+    mkdir -p "$DIR"
+    if ls "$DIR"/*.pid >/dev/null 2>&1; then
+      echo "cluster: already running (deploy/local/cluster.sh stop first)" >&2; exit 1
+    fi
+    for i in 0 1; do
+      launch "kv$i" "$BUILD/kv_service/psa-kv-service" --listen=127.0.0.1:0 \
+        --metrics_listen=127.0.0.1:0 --capacity="$CAPACITY"
+    done
+    for i in 0 1; do wait_for "kv$i" 20; done
+    SHARDS="127.0.0.1:$(port_of kv0 grpc_port),127.0.0.1:$(port_of kv1 grpc_port)"
+    for i in 0 1; do
+      launch "worker$i" "$BUILD/compute_worker/psa-worker" --model="$MODEL" \
+        --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --threads="$THREADS" \
+        --kv_shards="$SHARDS"
+    done
+    for i in 0 1; do wait_for "worker$i" 120; done
+    WORKERS="127.0.0.1:$(port_of worker0 grpc_port),127.0.0.1:$(port_of worker1 grpc_port)"
+    launch router "$BUILD/router/psa-router" --listen="127.0.0.1:$ROUTER_PORT" \
+      --metrics_listen=127.0.0.1:0 --workers="$WORKERS"
+    wait_for router 20
+    # Healthy means the router sees both workers serving.
+    for _ in $(seq 100); do
+      if "$BUILD/client/psactl" --target="127.0.0.1:$ROUTER_PORT" --timeout_s=5 info >/dev/null 2>&1; then
+        break
+      fi
+      sleep 0.1
+    done
+    echo "cluster: up — router 127.0.0.1:$ROUTER_PORT, workers $WORKERS, KV shards $SHARDS (logs in $DIR/)"
+    ;;
+  status)
+    for f in "$DIR"/*.pid; do
+      [ -e "$f" ] || { echo "cluster: not running"; exit 0; }
+      name="$(basename "$f" .pid)"
+      state=stopped; kill -0 "$(cat "$f")" 2>/dev/null && state=running
+      echo "$name: $state, grpc port $(port_of "$name" grpc_port), metrics port $(port_of "$name" metrics_port)"
+    done
+    ;;
+  stop)
+    stop_all
+    echo "cluster: stopped"
+    ;;
+  *)
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
