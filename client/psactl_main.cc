@@ -70,20 +70,23 @@ absl::StatusOr<psa::client::Completion> Stream(psa::client::Client& client,
     return true;
   });
   if (!done.ok()) return done;
-  std::cout << "\n";
+  std::cout << "\n" << std::flush;
   if (absl::GetFlag(FLAGS_stats)) {
     const psa::v1::Usage& u = done->usage;
-    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    const double total = absl::ToDoubleSeconds(absl::Now() - start);
+    const double first = u.time_to_first_token_seconds();
+    const double decode = std::max(total - first, 1e-9);
     std::string kv;
     if (u.kv_blocks_total() > 0) {
-      kv = absl::StrCat(", attention ", u.attention(), " read ",
-                        absl::StrFormat("%.1f", 100.0 * u.kv_blocks_touched() / u.kv_blocks_total()),
-                        "% of the KV dense would");
+      kv = absl::StrFormat("; attention %s read %.1f%% of the KV dense would", u.attention(),
+                           100.0 * u.kv_blocks_touched() / u.kv_blocks_total());
     }
-    std::fprintf(stderr, "[%u prompt + %u generated tokens, %.1f tok/s, first token %.2f s, %s%s]\n",
-                 u.prompt_tokens(), u.completion_tokens(),
-                 u.completion_tokens() / std::max(seconds, 1e-9),
-                 u.time_to_first_token_seconds(), done->finish_reason.c_str(), kv.c_str());
+    std::fprintf(stderr,
+                 "[prompt %u tokens, first token after %.2f s; %u tokens generated at %.1f "
+                 "tok/s (%s)%s]\n",
+                 u.prompt_tokens(), first, u.completion_tokens(),
+                 u.completion_tokens() > 1 ? (u.completion_tokens() - 1) / decode : 0.0,
+                 done->finish_reason.c_str(), kv.c_str());
   }
   return done;
 }
