@@ -87,6 +87,7 @@ case "${1:-}" in
     launch router "$BUILD/router/psa-router" --listen="127.0.0.1:$ROUTER_PORT" \
       --metrics_listen=127.0.0.1:0 --workers="$WORKERS"
     wait_for router 20
+    ROUTER_PORT="$(port_of router grpc_port)"  # the real one if 0 was asked for
     # Healthy means the router sees both workers serving.
     for _ in $(seq 100); do
       if "$BUILD/client/psactl" --target="127.0.0.1:$ROUTER_PORT" --timeout_s=5 info >/dev/null 2>&1; then

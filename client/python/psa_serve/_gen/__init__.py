@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (built by setup.py from proto/)."""
