@@ -3,6 +3,7 @@
 //   psactl chat                                       talk turn by turn (stdin)
 //   psactl tokenize "TEXT"                            token ids of TEXT
 //   psactl info                                       the served model
+//   psactl --metrics=HOST:PORT stats                  traffic, latency, health
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -11,10 +12,14 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/psa_client.h"
+#include "common/http_get.h"
 
 ABSL_FLAG(std::string, target, "localhost:7000", "Router (or worker) address, host:port");
 ABSL_FLAG(int, max_tokens, 256, "Tokens to generate at most");
@@ -30,6 +35,8 @@ ABSL_FLAG(bool, raw, false, "generate: send the prompt as is, not as a chat user
 ABSL_FLAG(std::string, system, "", "chat/generate: a system message");
 ABSL_FLAG(int, timeout_s, 300, "Deadline of each call, seconds");
 ABSL_FLAG(bool, stats, true, "Print token counts, speed and KV read to stderr");
+ABSL_FLAG(std::string, metrics, "",
+          "stats: the router's (or a worker's) metrics address, host:port");
 
 namespace {
 
@@ -91,6 +98,68 @@ absl::StatusOr<psa::client::Completion> Stream(psa::client::Client& client,
   return done;
 }
 
+// Sum of every sample of `name` (any labels) in a Prometheus exposition.
+double Sum(const std::string& text, const std::string& name) {
+  double total = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::StartsWith(line, name)) continue;
+    const absl::string_view rest = line.substr(name.size());
+    if (rest.empty() || (rest[0] != ' ' && rest[0] != '{')) continue;
+    double v;
+    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) total += v;
+  }
+  return total;
+}
+
+int Stats() {
+  const std::string target = absl::GetFlag(FLAGS_metrics);
+  const size_t colon = target.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(target.substr(colon + 1), &port)) {
+    return Fail(absl::InvalidArgumentError(
+        "stats needs --metrics=HOST:PORT (the router's or a worker's --metrics_listen)"));
+  }
+  auto text = psa::HttpGet(target.substr(0, colon), port, "/metrics");
+  if (!text.ok()) return Fail(text.status());
+  auto mean = [&](const std::string& histogram) {
+    const double n = Sum(*text, histogram + "_count");
+    return n > 0 ? Sum(*text, histogram + "_sum") / n : 0.0;
+  };
+  if (absl::StrContains(*text, "psa_router_")) {
+    std::printf("requests finished   %.0f (OK %.0f)\n", Sum(*text, "psa_router_requests_total"),
+                psa::MetricValue(*text, "psa_router_requests_total{code=\"OK\"}"));
+    std::printf("active              %.0f\n", Sum(*text, "psa_router_requests_active"));
+    std::printf("mean TTFT           %.3f s\n", mean("psa_router_time_to_first_token_seconds"));
+    std::printf("mean e2e latency    %.3f s\n", mean("psa_router_e2e_request_latency_seconds"));
+    std::printf("retries / resumes   %.0f / %.0f\n", Sum(*text, "psa_router_retries_total"),
+                Sum(*text, "psa_router_resumes_total"));
+    for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+      if (absl::StartsWith(line, "psa_router_worker_healthy{")) {
+        std::printf("worker %s\n", std::string(line.substr(26)).c_str());
+      }
+    }
+  } else if (absl::StrContains(*text, "psa_worker_")) {
+    std::printf("running / waiting   %.0f / %.0f\n", Sum(*text, "psa_worker_requests_running"),
+                Sum(*text, "psa_worker_requests_waiting"));
+    std::printf("requests finished   %.0f\n", Sum(*text, "psa_worker_requests_total"));
+    std::printf("tokens              %.0f prompt, %.0f generated\n",
+                Sum(*text, "psa_worker_prompt_tokens_total"),
+                Sum(*text, "psa_worker_generation_tokens_total"));
+    std::printf("mean TTFT           %.3f s\n", mean("psa_worker_time_to_first_token_seconds"));
+    std::printf("mean inter-token    %.4f s\n", mean("psa_worker_inter_token_latency_seconds"));
+    const double dense = Sum(*text, "psa_worker_attention_kv_blocks_dense_total");
+    std::printf("KV read vs dense    %.1f%%\n",
+                dense > 0 ? 100 * Sum(*text, "psa_worker_attention_kv_blocks_read_total") / dense
+                          : 100.0);
+    std::printf("prefix cache hits   %.0f of %.0f prompt tokens\n",
+                Sum(*text, "psa_worker_prefix_cache_hits_total"),
+                Sum(*text, "psa_worker_prefix_cache_queries_total"));
+  } else {
+    return Fail(absl::NotFoundError(absl::StrCat(target, " serves no PSA-Serve metrics")));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -99,7 +168,8 @@ int main(int argc, char** argv) {
       "  psactl [flags] generate PROMPT   stream a completion (PROMPT '-' reads stdin)\n"
       "  psactl [flags] chat              talk turn by turn; one line per turn, EOF ends\n"
       "  psactl [flags] tokenize TEXT     print the token ids of TEXT\n"
-      "  psactl [flags] info              describe the served model");
+      "  psactl [flags] info              describe the served model\n"
+      "  psactl --metrics=HOST:PORT stats a summary of a router's or worker's metrics");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
@@ -175,6 +245,7 @@ int main(int argc, char** argv) {
               << "attention    " << info->default_attention() << "\n";
     return 0;
   }
-  return Fail(absl::InvalidArgumentError(
-      absl::StrCat("unknown command \"", command, "\"; use generate, chat, tokenize or info")));
+  if (command == "stats") return Stats();
+  return Fail(absl::InvalidArgumentError(absl::StrCat(
+      "unknown command \"", command, "\"; use generate, chat, tokenize, info or stats")));
 }

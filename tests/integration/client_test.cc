@@ -25,8 +25,8 @@ class ClientTest : public ::testing::Test {
     path_ = new std::string(
         psa::testing::WriteTempFile(psa::testing::BuildTinyLlamaGguf(spec), "client.gguf"));
     auto worker = ServerProcess::Start(
-        PSA_WORKER_BIN, {"--model=" + *path_, "--listen=127.0.0.1:0", "--metrics_listen=",
-                         "--threads=2"});
+        PSA_WORKER_BIN, {"--model=" + *path_, "--listen=127.0.0.1:0",
+                         "--metrics_listen=127.0.0.1:0", "--threads=2"});
     ASSERT_TRUE(worker.ok()) << worker.status();
     worker_ = worker->release();
   }
@@ -135,6 +135,13 @@ TEST_F(ClientTest, PsactlCommands) {
   EXPECT_THAT(out, HasSubstr("5 tokens generated"));
   EXPECT_EQ(Psactl("generate --attention=bogus hi", &out), 1);
   EXPECT_THAT(out, HasSubstr("--attention must be dense, topk or psa"));
+  EXPECT_EQ(Psactl(absl::StrCat("--metrics=127.0.0.1:", worker_->port("metrics_port"), " stats"),
+                   &out),
+            0)
+      << out;
+  EXPECT_THAT(out, ::testing::ContainsRegex("tokens +[0-9]+ prompt, [1-9][0-9]* generated"));
+  EXPECT_EQ(Psactl("stats", &out), 1);
+  EXPECT_THAT(out, HasSubstr("--metrics=HOST:PORT"));
   EXPECT_EQ(Psactl("frobnicate", &out), 1);
   EXPECT_THAT(out, HasSubstr("unknown command"));
 }

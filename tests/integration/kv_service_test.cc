@@ -17,7 +17,7 @@
 #include "gtest/gtest.h"
 #include "kv_service/kv_client.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
-#include "tests/support/http_get.h"
+#include "common/http_get.h"
 #include "tests/support/kv_blocks.h"
 #include "tests/support/server_process.h"
 
@@ -415,9 +415,9 @@ TEST(KvServiceTest, HealthServiceAndMetrics) {
   ASSERT_TRUE(client->Open("s", layout).ok());
   ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 4, 1)).ok());
   ASSERT_TRUE(client->Fetch("s", 0, {0, 1, 2}, absl::Seconds(5)).ok());
-  auto body = psa::testing::HttpGet(shard->port("metrics_port"), "/metrics");
+  auto body = psa::HttpGet(shard->port("metrics_port"), "/metrics");
   ASSERT_TRUE(body.ok()) << body.status();
-  using psa::testing::MetricValue;
+  using psa::MetricValue;
   EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_bytes_total"), 3 * 12288);
   EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_blocks_total"), 3);
   EXPECT_EQ(MetricValue(*body, "psa_kv_store_blocks"), 4);

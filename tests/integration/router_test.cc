@@ -12,7 +12,7 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
-#include "tests/support/http_get.h"
+#include "common/http_get.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -50,8 +50,8 @@ Streamed Generate(const std::string& address, const psa::v1::GenerateRequest& re
 }
 
 double Metric(const ServerProcess& p, const std::string& series) {
-  auto body = psa::testing::HttpGet(p.port("metrics_port"), "/metrics");
-  return body.ok() ? std::max(0.0, psa::testing::MetricValue(*body, series)) : -1;
+  auto body = psa::HttpGet(p.port("metrics_port"), "/metrics");
+  return body.ok() ? std::max(0.0, psa::MetricValue(*body, series)) : -1;
 }
 
 psa::v1::GenerateRequest Request(const std::string& text, int max_tokens) {

@@ -13,7 +13,7 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
-#include "tests/support/http_get.h"
+#include "common/http_get.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -69,8 +69,8 @@ class Worker {
   }
 
   double Metric(const std::string& series) {
-    auto body = psa::testing::HttpGet(process_->port("metrics_port"), "/metrics");
-    return body.ok() ? psa::testing::MetricValue(*body, series) : -2;
+    auto body = psa::HttpGet(process_->port("metrics_port"), "/metrics");
+    return body.ok() ? psa::MetricValue(*body, series) : -2;
   }
 
   psa::v1::Generation::Stub* stub() { return stub_.get(); }

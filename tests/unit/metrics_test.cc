@@ -4,7 +4,7 @@
 #include "common/metrics_http_server.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/support/http_get.h"
+#include "common/http_get.h"
 
 namespace psa::metrics {
 namespace {
@@ -50,11 +50,11 @@ TEST(MetricsTest, HttpServerServesMetricsAndHealth) {
   registry.AddCounter("psa_test_scrapes_total", "x").Add().Increment(2);
   auto server = MetricsHttpServer::Start(&registry, "127.0.0.1", 0);
   ASSERT_TRUE(server.ok()) << server.status();
-  auto body = psa::testing::HttpGet((*server)->port(), "/metrics");
+  auto body = psa::HttpGet((*server)->port(), "/metrics");
   ASSERT_TRUE(body.ok()) << body.status();
-  EXPECT_EQ(psa::testing::MetricValue(*body, "psa_test_scrapes_total"), 2);
-  EXPECT_EQ(*psa::testing::HttpGet((*server)->port(), "/healthz"), "ok\n");
-  EXPECT_FALSE(psa::testing::HttpGet((*server)->port(), "/nope").ok());
+  EXPECT_EQ(psa::MetricValue(*body, "psa_test_scrapes_total"), 2);
+  EXPECT_EQ(*psa::HttpGet((*server)->port(), "/healthz"), "ok\n");
+  EXPECT_FALSE(psa::HttpGet((*server)->port(), "/nope").ok());
   EXPECT_EQ(MetricsHttpServer::Start(&registry, "not-an-ip", 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   // The port is taken now.
