@@ -134,9 +134,12 @@ int Stats() {
     std::printf("retries / resumes   %.0f / %.0f\n", Sum(*text, "psa_router_retries_total"),
                 Sum(*text, "psa_router_resumes_total"));
     for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-      if (absl::StartsWith(line, "psa_router_worker_healthy{")) {
-        std::printf("worker %s\n", std::string(line.substr(26)).c_str());
-      }
+      // psa_router_worker_healthy{worker="host:port"} 1
+      if (!absl::StartsWith(line, "psa_router_worker_healthy{worker=\"")) continue;
+      const size_t begin = line.find('"') + 1, end = line.find('"', begin);
+      const bool up = absl::EndsWith(line, " 1");
+      std::printf("worker %-21s %s\n", std::string(line.substr(begin, end - begin)).c_str(),
+                  up ? "healthy" : "DOWN");
     }
   } else if (absl::StrContains(*text, "psa_worker_")) {
     std::printf("running / waiting   %.0f / %.0f\n", Sum(*text, "psa_worker_requests_running"),
