@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
@@ -22,6 +23,12 @@ std::string FormatValue(double v) {
   if (std::isnan(v)) return "NaN";
   // Whole numbers (counts, bytes) exactly; others with full precision.
   if (v == std::floor(v) && std::fabs(v) < 9e15) return absl::StrCat(int64_t(v));
+  // The shortest form that reads back exactly ("2.048", not
+  // "2.0480000000000000"): rules and dashboards match `le` labels as text.
+  for (int precision = 15; precision < 17; ++precision) {
+    std::string s = absl::StrFormat("%.*g", precision, v);
+    if (std::strtod(s.c_str(), nullptr) == v) return s;
+  }
   return absl::StrFormat("%.17g", v);
 }
 

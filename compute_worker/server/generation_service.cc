@@ -261,10 +261,18 @@ GenerationService::GenerationService(const LlamaModel* model, int max_context,
                                      "Sequences in the running batch").Add();
   auto& waiting = registry->AddGauge("psa_worker_requests_waiting",
                                      "Sequences queued for the batch").Add();
-  registry->AddCollector([scheduler, &running, &waiting] {
+  // The same under the names vLLM exports, which load balancers and
+  // autoscalers (e.g. KEDA, the Gateway API inference extension) read.
+  auto& vllm_running = registry->AddGauge("vllm:num_requests_running",
+                                          "Alias of psa_worker_requests_running").Add();
+  auto& vllm_waiting = registry->AddGauge("vllm:num_requests_waiting",
+                                          "Alias of psa_worker_requests_waiting").Add();
+  registry->AddCollector([scheduler, &running, &waiting, &vllm_running, &vllm_waiting] {
     const BatchScheduler::Load load = scheduler->load();
     running.Set(load.running);
     waiting.Set(load.waiting);
+    vllm_running.Set(load.running);
+    vllm_waiting.Set(load.waiting);
   });
 }
 

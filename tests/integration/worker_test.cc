@@ -214,6 +214,8 @@ TEST_F(TinyWorkerTest, ConcurrentSequencesOfMixedLengthsEachMatchTheirSoloRun) {
   }
   EXPECT_EQ(worker.Metric("psa_worker_requests_total{outcome=\"length\"}"), kSequences);
   EXPECT_EQ(worker.Metric("psa_worker_requests_running"), 0);
+  EXPECT_EQ(worker.Metric("vllm:num_requests_running"), 0);
+  EXPECT_EQ(worker.Metric("vllm:num_requests_waiting"), 0);
 }
 
 TEST_F(TinyWorkerTest, BadRequestsGetClearErrors) {

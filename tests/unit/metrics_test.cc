@@ -38,10 +38,10 @@ TEST(MetricsTest, TextExposition) {
   EXPECT_THAT(text, HasSubstr("# TYPE psa_test_bytes gauge\npsa_test_bytes 1073741800\n"));
   EXPECT_THAT(text, HasSubstr("psa_test_label{v=\"a\\\"b\\\\c\\nd\"} 0.25\n"));
   EXPECT_THAT(text, HasSubstr("# TYPE psa_test_seconds histogram\n"
-                              "psa_test_seconds_bucket{m=\"x\",le=\"0.10000000000000001\"} 2\n"
+                              "psa_test_seconds_bucket{m=\"x\",le=\"0.1\"} 2\n"
                               "psa_test_seconds_bucket{m=\"x\",le=\"1\"} 3\n"
                               "psa_test_seconds_bucket{m=\"x\",le=\"+Inf\"} 4\n"
-                              "psa_test_seconds_sum{m=\"x\"} 7.6500000000000004\n"
+                              "psa_test_seconds_sum{m=\"x\"} 7.65\n"
                               "psa_test_seconds_count{m=\"x\"} 4\n"));
 }
 
