@@ -23,6 +23,9 @@ ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9000",
 ABSL_FLAG(std::string, port_file, "",
           "If set, write grpc_port=N and metrics_port=M here once serving");
 ABSL_FLAG(std::string, workers, "", "Worker addresses, host:port, comma-separated");
+ABSL_FLAG(std::string, workers_dns, "",
+          "NAME:PORT whose DNS A records are the workers (e.g. a Kubernetes headless "
+          "Service), re-resolved at every health check");
 ABSL_FLAG(std::string, workers_file, "",
           "File with one worker address per line (# comments), instead of --workers");
 ABSL_FLAG(int, max_inflight, 256,
@@ -62,7 +65,9 @@ int main(int argc, char** argv) {
       if (!w.empty() && w[0] != '#') workers.emplace_back(w);
     }
   }
-  if (workers.empty()) return Fail("no workers: set --workers or --workers_file");
+  if (workers.empty() && absl::GetFlag(FLAGS_workers_dns).empty()) {
+    return Fail("no workers: set --workers, --workers_file or --workers_dns");
+  }
   psa::RouterOptions options;
   options.max_inflight = absl::GetFlag(FLAGS_max_inflight);
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
@@ -73,6 +78,7 @@ int main(int argc, char** argv) {
   psa::metrics::Registry registry;
   psa::WorkerPoolOptions pool_options;
   pool_options.workers = workers;
+  pool_options.workers_dns = absl::GetFlag(FLAGS_workers_dns);
   pool_options.affinity_slack = absl::GetFlag(FLAGS_affinity_slack);
   pool_options.health_interval = absl::Milliseconds(absl::GetFlag(FLAGS_health_interval_ms));
   auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
@@ -106,8 +112,8 @@ int main(int argc, char** argv) {
         psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
     if (!s.ok()) return Fail(std::string(s.message()));
   }
-  std::fprintf(stderr, "psa-router: serving on port %d (metrics on %d), %zu workers (%d healthy)\n",
-               grpc_port, metrics_port, workers.size(), pool->healthy_count());
+  std::fprintf(stderr, "psa-router: serving on port %d (metrics on %d), %d healthy workers\n",
+               grpc_port, metrics_port, pool->healthy_count());
 
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-router: signal %d, finishing running generations\n", sig);

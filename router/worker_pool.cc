@@ -1,5 +1,9 @@
 #include "router/worker_pool.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+
 #include <algorithm>
 #include <limits>
 
@@ -50,14 +54,10 @@ WorkerPool::WorkerPool(WorkerPoolOptions options, metrics::Registry* registry)
     : options_(std::move(options)),
       healthy_gauge_(registry->AddGauge("psa_router_worker_healthy",
                                         "1 if the worker answers health checks as SERVING")) {
-  for (const std::string& address : options_.workers) {
-    auto w = std::make_unique<Worker>();
-    w->address = address;
-    w->channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
-    w->stub = psa::v1::Generation::NewStub(w->channel);
-    workers_.push_back(std::move(w));
+  {
+    absl::MutexLock lock(&mu_);
+    for (const std::string& address : options_.workers) AddWorker(address);
   }
-  state_.resize(workers_.size());
   PollHealth();  // know the state before the first request
   poller_ = std::thread([this] {
     while (!stop_.WaitForNotificationWithTimeout(options_.health_interval)) PollHealth();
@@ -69,17 +69,65 @@ WorkerPool::~WorkerPool() {
   poller_.join();
 }
 
-void WorkerPool::PollHealth() {
+void WorkerPool::AddWorker(const std::string& address) {
   for (size_t i = 0; i < workers_.size(); ++i) {
-    auto stub = grpc::health::v1::Health::NewStub(workers_[i]->channel);
+    if (workers_[i]->address == address) {
+      listed_[i] = true;
+      return;
+    }
+  }
+  auto w = std::make_unique<Worker>();
+  w->address = address;
+  w->channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  w->stub = psa::v1::Generation::NewStub(w->channel);
+  workers_.push_back(std::move(w));
+  state_.emplace_back();
+  listed_.push_back(true);
+}
+
+void WorkerPool::ResolveDns() {
+  const std::string& spec = options_.workers_dns;
+  const size_t colon = spec.rfind(':');
+  if (spec.empty() || colon == std::string::npos) return;
+  const std::string host = spec.substr(0, colon), port = spec.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return;  // keep the last view
+  std::vector<std::string> addresses;
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, ip, sizeof(ip));
+    addresses.push_back(absl::StrCat(ip, ":", port));
+  }
+  freeaddrinfo(found);
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    // Static workers stay listed; DNS ones must be in this answer.
+    listed_[i] = std::find(options_.workers.begin(), options_.workers.end(),
+                           workers_[i]->address) != options_.workers.end();
+  }
+  for (const std::string& a : addresses) AddWorker(a);
+}
+
+void WorkerPool::PollHealth() {
+  ResolveDns();
+  std::vector<std::pair<size_t, Worker*>> to_check;
+  {
+    absl::MutexLock lock(&mu_);
+    for (size_t i = 0; i < workers_.size(); ++i) to_check.emplace_back(i, workers_[i].get());
+  }
+  for (auto [i, worker] : to_check) {
+    auto stub = grpc::health::v1::Health::NewStub(worker->channel);
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.health_interval));
     grpc::health::v1::HealthCheckResponse response;
     const bool ok = stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &response).ok() &&
                     response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-    healthy_gauge_.Add({{"worker", workers_[i]->address}}).Set(ok ? 1 : 0);
     absl::MutexLock lock(&mu_);
-    state_[i].healthy = ok;
+    state_[i].healthy = ok && listed_[i];
+    healthy_gauge_.Add({{"worker", worker->address}}).Set(state_[i].healthy ? 1 : 0);
   }
 }
 

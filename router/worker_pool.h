@@ -28,6 +28,10 @@ namespace psa {
 
 struct WorkerPoolOptions {
   std::vector<std::string> workers;                    // host:port each
+  // Or / also: a DNS name whose A records are the workers (a Kubernetes
+  // headless Service), "name:port", re-resolved at every health poll so
+  // workers that scale in or out join and leave.
+  std::string workers_dns;
   absl::Duration health_interval = absl::Milliseconds(500);
   int affinity_slack = 4;
 };
@@ -59,9 +63,14 @@ class WorkerPool {
     int outstanding = 0;
   };
   void PollHealth();
+  // Adds a worker if new (workers are never deleted: relays hold pointers;
+  // one that disappears from DNS just stays unhealthy).
+  void AddWorker(const std::string& address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ResolveDns();
 
   const WorkerPoolOptions options_;
-  std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> listed_ ABSL_GUARDED_BY(mu_);  // still in the DNS answer (or static)
   metrics::Family<metrics::Gauge>& healthy_gauge_;
   absl::Mutex mu_;
   std::vector<State> state_ ABSL_GUARDED_BY(mu_);

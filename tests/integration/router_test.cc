@@ -204,5 +204,20 @@ TEST_F(RouterTest, AdmissionControlAndDeadlines) {
             0);
 }
 
+TEST_F(RouterTest, WorkersFoundThroughDns) {
+  StartCluster();
+  // "localhost" resolves to 127.0.0.1: one worker, found by name.
+  auto r = ServerProcess::Start(
+      PSA_ROUTER_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       absl::StrCat("--workers_dns=localhost:", workers_[1]->port("grpc_port"))});
+  ASSERT_TRUE(r.ok()) << r.status();
+  Streamed got = Generate((*r)->address(), Request("by name", 5));
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(Served(1), 1);
+  EXPECT_EQ(Metric(**r, absl::StrCat("psa_router_worker_healthy{worker=\"127.0.0.1:",
+                                     workers_[1]->port("grpc_port"), "\"}")),
+            1);
+}
+
 }  // namespace
 }  // namespace psa
