@@ -28,8 +28,9 @@ ABSL_FLAG(std::string, workers_dns, "",
           "Service), re-resolved at every health check");
 ABSL_FLAG(std::string, workers_file, "",
           "File with one worker address per line (# comments), instead of --workers");
-ABSL_FLAG(int, max_inflight, 256,
-          "Generations relayed at once; more are refused with RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_inflight, 256, "Generations relayed at once");
+ABSL_FLAG(int, max_queued, 256,
+          "Generations waiting for a relay slot; more are refused with RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_attempts, 3, "Workers tried per request, the first included");
 ABSL_FLAG(int, affinity_slack, 4,
           "Prefer the prompt's affinity worker unless it has this many more requests "
@@ -70,9 +71,10 @@ int main(int argc, char** argv) {
   }
   psa::RouterOptions options;
   options.max_inflight = absl::GetFlag(FLAGS_max_inflight);
+  options.max_queued = absl::GetFlag(FLAGS_max_queued);
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
-  if (options.max_inflight < 1 || options.max_attempts < 1) {
-    return Fail("--max_inflight and --max_attempts must be >= 1");
+  if (options.max_inflight < 1 || options.max_attempts < 1 || options.max_queued < 0) {
+    return Fail("--max_inflight and --max_attempts must be >= 1, --max_queued >= 0");
   }
 
   psa::metrics::Registry registry;

@@ -41,6 +41,8 @@ RouterService::Metrics::Metrics(metrics::Registry* r)
                           "From arrival to the end of the stream", metrics::LatencyBuckets())
               .Add()),
       active(r->AddGauge("psa_router_requests_active", "Generations being relayed").Add()),
+      queued(r->AddGauge("psa_router_requests_queued",
+                         "Generations admitted and waiting for a relay slot").Add()),
       retries(r->AddCounter("psa_router_retries_total",
                             "Requests sent to another worker before their first token")
                   .Add()),
@@ -56,29 +58,37 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
  public:
   Relay(RouterService* service, grpc::CallbackServerContext* ctx, const GenerateRequest& request)
       : service_(service), request_(request), deadline_(ctx->deadline()), start_(absl::Now()) {
-    const int inflight = ++service_->inflight_;
-    if (inflight > service_->options_.max_inflight) {
-      --service_->inflight_;
-      ctx->AddTrailingMetadata("retry-after-ms", "1000");
-      refs_ = 1;
-      Done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the router is at capacity (",
-                                     service_->options_.max_inflight,
-                                     " generations running); retry in about a second")));
-      return;
-    }
-    service_->metrics_.active.Add(1);
     {
       absl::MutexLock lock(&service_->mu_);
-      ++service_->relays_;
+      const RouterOptions& o = service_->options_;
+      admitted_ = service_->running_ + service_->queued_ < o.max_inflight + o.max_queued;
+      if (admitted_) {
+        ++service_->queued_;
+        ++service_->relays_;
+      }
     }
+    if (!admitted_) {
+      ctx->AddTrailingMetadata("retry-after-ms", "1000");
+      refs_ = 1;
+      service_->metrics_.requests.Add({{"code", "RESOURCE_EXHAUSTED"}}).Increment();
+      Done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("the router is at capacity (",
+                                     service_->options_.max_inflight, " generations running, ",
+                                     service_->options_.max_queued,
+                                     " queued); retry in about a second")));
+      return;
+    }
+    service_->metrics_.queued.Add(1);
     std::thread([this] { Run(); }).detach();
   }
 
   void OnCancel() override {
-    absl::MutexLock lock(&mu_);
-    cancelled_ = true;
-    if (worker_ctx_ != nullptr) worker_ctx_->TryCancel();
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      if (worker_ctx_ != nullptr) worker_ctx_->TryCancel();
+    }
+    absl::MutexLock wake(&service_->mu_);  // a queued relay re-checks its wait
   }
 
   void OnWriteDone(bool ok) override {
@@ -99,7 +109,37 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
   void OnDone() override { Unref(); }
 
  private:
+  // Waits (queued) for a relay slot; false if the deadline passed or the
+  // client left first.
+  bool TakeSlot() {
+    absl::MutexLock lock(&service_->mu_);
+    auto ready = [this] {
+      service_->mu_.AssertHeld();
+      absl::MutexLock own(&mu_);
+      return service_->running_ < service_->options_.max_inflight || cancelled_;
+    };
+    const bool got = service_->mu_.AwaitWithDeadline(absl::Condition(&ready),
+                                                     absl::FromChrono(deadline_));
+    --service_->queued_;
+    service_->metrics_.queued.Add(-1);
+    absl::MutexLock own(&mu_);
+    if (!got || cancelled_) return false;
+    ++service_->running_;
+    service_->metrics_.active.Add(1);
+    return true;
+  }
+
   void Run() {
+    if (!TakeSlot()) {
+      const grpc::Status s = cancelled()
+          ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client")
+          : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                         "the deadline passed while the request waited in the router's queue");
+      service_->metrics_.requests.Add({{"code", CodeLabel(s.error_code())}}).Increment();
+      Done(s);
+      ReleaseRelay(/*held_slot=*/false);
+      return;
+    }
     const uint64_t affinity = PromptAffinity(request_);
     std::vector<WorkerPool::Worker*> tried;
     std::vector<uint32_t> generated;
@@ -164,11 +204,22 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
     if (finished && status.ok()) status = grpc::Status::OK;
     service_->metrics_.requests.Add({{"code", CodeLabel(status.error_code())}}).Increment();
     service_->metrics_.e2e.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
-    service_->metrics_.active.Add(-1);
-    --service_->inflight_;
     Done(status);
+    ReleaseRelay(/*held_slot=*/true);
+  }
+
+  bool cancelled() {
+    absl::MutexLock lock(&mu_);
+    return cancelled_;
+  }
+
+  void ReleaseRelay(bool held_slot) {
     {
       absl::MutexLock lock(&service_->mu_);
+      if (held_slot) {
+        --service_->running_;
+        service_->metrics_.active.Add(-1);
+      }
       --service_->relays_;
     }
     Unref();
@@ -220,6 +271,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
 
   RouterService* const service_;
   const GenerateRequest request_;
+  bool admitted_ = false;
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time start_;
 

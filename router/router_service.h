@@ -16,7 +16,8 @@
 namespace psa {
 
 struct RouterOptions {
-  int max_inflight = 256;  // generations at once; more get RESOURCE_EXHAUSTED
+  int max_inflight = 256;  // generations relayed at once
+  int max_queued = 256;    // waiting for one of those slots; more get RESOURCE_EXHAUSTED
   int max_attempts = 3;    // workers tried per request (first try included)
 };
 
@@ -42,6 +43,7 @@ class RouterService final : public psa::v1::Generation::CallbackService {
     metrics::Histogram& ttft;
     metrics::Histogram& e2e;
     metrics::Gauge& active;
+    metrics::Gauge& queued;
     metrics::Counter& retries;
     metrics::Counter& resumes;
   };
@@ -52,9 +54,10 @@ class RouterService final : public psa::v1::Generation::CallbackService {
   WorkerPool* const pool_;
   const RouterOptions options_;
   Metrics metrics_;
-  std::atomic<int> inflight_{0};
   absl::Mutex mu_;
   int relays_ ABSL_GUARDED_BY(mu_) = 0;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // holding a slot
+  int queued_ ABSL_GUARDED_BY(mu_) = 0;   // admitted, waiting for a slot
 };
 
 }  // namespace psa

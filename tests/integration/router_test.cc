@@ -178,17 +178,25 @@ TEST_F(RouterTest, AWorkerDeadBeforeTheFirstTokenIsRetriedElsewhere) {
 }
 
 TEST_F(RouterTest, AdmissionControlAndDeadlines) {
-  StartCluster({"--max_inflight=1"});
+  StartCluster({"--max_inflight=1", "--max_queued=1"});
   std::atomic<bool> running{false};
   std::thread long_one([&] {
     Generate(router_->address(), Request("long", 3000), absl::Seconds(60),
              [&](const Streamed&) { running = true; });
   });
   while (!running) absl::SleepFor(absl::Milliseconds(5));
+  Streamed queued;
+  std::thread waiting_one([&] { queued = Generate(router_->address(), Request("queued", 2)); });
+  while (Metric(*router_, "psa_router_requests_queued") != 1) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
   Streamed refused = Generate(router_->address(), Request("short", 2));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_THAT(refused.status.error_message(), HasSubstr("retry"));
   long_one.join();
+  waiting_one.join();
+  EXPECT_TRUE(queued.status.ok()) << queued.status.error_message();  // ran once a slot freed
+  EXPECT_EQ(queued.tokens.size(), 2u);
 
   Streamed late = Generate(router_->address(), Request("late", 3000), absl::Milliseconds(300));
   EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
