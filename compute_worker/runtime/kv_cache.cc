@@ -55,7 +55,7 @@ void KvCache::Reserve(int n) {
   for (int l = 0; l < n_layer_; ++l) {
     for (auto* meta : {&kmax_[l], &kmin_[l]}) {
       std::vector<uint16_t> grown(static_cast<size_t>(n_head_kv_) * new_blocks * row);
-      for (int h = 0; h < n_head_kv_; ++h) {
+      for (int h = 0; h < n_head_kv_ && full_blocks() > 0; ++h) {
         std::memcpy(grown.data() + h * new_blocks * row, meta->data() + h * old_blocks * row,
                     static_cast<size_t>(full_blocks()) * row * sizeof(uint16_t));
       }
