@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/support/channel_arguments.h"
 #include "kv_service/hash_ring.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
 
@@ -78,7 +79,12 @@ void WorkerPool::AddWorker(const std::string& address) {
   }
   auto w = std::make_unique<Worker>();
   w->address = address;
-  w->channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::ChannelArguments args;
+  // Notice a recovered worker within seconds (gRPC's default backoff grows
+  // to two minutes between connection attempts).
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   w->stub = psa::v1::Generation::NewStub(w->channel);
   workers_.push_back(std::move(w));
   state_.emplace_back();

@@ -2,6 +2,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -224,6 +225,74 @@ TEST_F(RouterTest, WorkersFoundThroughDns) {
   EXPECT_EQ(Served(1), 1);
   EXPECT_EQ(Metric(**r, absl::StrCat("psa_router_worker_healthy{worker=\"127.0.0.1:",
                                      workers_[1]->port("grpc_port"), "\"}")),
+            1);
+}
+
+TEST_F(RouterTest, WorkersFileRecoveryAndClientCancellation) {
+  StartCluster();  // for the workers; this test runs its own router
+  const std::string file = absl::StrCat(::testing::TempDir(), "/workers.txt");
+  {
+    std::ofstream out(file);
+    out << "# the cluster's workers\n"
+        << workers_[0]->address() << "\n\n"
+        << workers_[1]->address() << "\n";
+  }
+  auto r = ServerProcess::Start(PSA_ROUTER_BIN, {"--listen=127.0.0.1:0",
+                                                 "--metrics_listen=127.0.0.1:0",
+                                                 "--workers_file=" + file,
+                                                 "--health_interval_ms=100"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ServerProcess& router = **r;
+  const std::string healthy1 =
+      absl::StrCat("psa_router_worker_healthy{worker=\"", workers_[1]->address(), "\"}");
+  auto wait_for = [&](const std::string& series, double value) {
+    const absl::Time until = absl::Now() + absl::Seconds(20);
+    while (Metric(router, series) != value && absl::Now() < until) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return Metric(router, series);
+  };
+  EXPECT_EQ(wait_for(healthy1, 1), 1);
+
+  // A worker that fails is taken out, and back in once it answers again.
+  const int port = workers_[1]->port("grpc_port");
+  workers_[1]->Stop(SIGKILL);
+  EXPECT_EQ(wait_for(healthy1, 0), 0);
+  auto back = ServerProcess::Start(PSA_WORKER_BIN, {"--model=" + *path_,
+                                                    absl::StrCat("--listen=127.0.0.1:", port),
+                                                    "--metrics_listen=127.0.0.1:0",
+                                                    "--threads=1"});
+  ASSERT_TRUE(back.ok()) << back.status();
+  workers_[1] = std::move(*back);
+  EXPECT_EQ(wait_for(healthy1, 1), 1);
+
+  // A client that cancels stops the worker's computation too.
+  Streamed cancelled;
+  {
+    auto stub = psa::v1::Generation::NewStub(
+        grpc::CreateChannel(router.address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    auto reader = stub->Generate(&ctx, Request("cancel me", 3000));
+    psa::v1::GenerateResponse message;
+    while (reader->Read(&message)) {
+      cancelled.tokens.insert(cancelled.tokens.end(), message.token_ids().begin(),
+                              message.token_ids().end());
+      if (cancelled.tokens.size() >= 5) ctx.TryCancel();
+    }
+    cancelled.status = reader->Finish();
+  }
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (Metric(*workers_[0], "psa_worker_requests_running") +
+                 Metric(*workers_[1], "psa_worker_requests_running") > 0 &&
+         absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ(Metric(*workers_[0], "psa_worker_requests_running") +
+                Metric(*workers_[1], "psa_worker_requests_running"),
+            0);
+  EXPECT_EQ(Metric(*workers_[0], "psa_worker_requests_total{outcome=\"cancelled\"}") +
+                Metric(*workers_[1], "psa_worker_requests_total{outcome=\"cancelled\"}"),
             1);
 }
 
