@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <fstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -57,6 +59,47 @@ absl::Status WritePortFile(const std::string& path, const std::map<std::string, 
     return absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", path));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
+                                          metrics::Registry* registry,
+                                          const std::vector<grpc::Service*>& services) {
+  RunningServer running;
+  if (!options.metrics_listen.empty()) {
+    const size_t colon = options.metrics_listen.rfind(':');
+    int port = -1;
+    if (colon == std::string::npos ||
+        !absl::SimpleAtoi(options.metrics_listen.substr(colon + 1), &port)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--metrics_listen \"", options.metrics_listen, "\" must look like 0.0.0.0:9100"));
+    }
+    auto metrics = metrics::MetricsHttpServer::Start(
+        registry, options.metrics_listen.substr(0, colon), port);
+    if (!metrics.ok()) return metrics.status();
+    running.metrics = std::move(*metrics);
+    running.metrics_port = running.metrics->port();
+  }
+  EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(),
+                           &running.grpc_port);
+  if (options.max_message_bytes > 0) {
+    builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+    builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  }
+  for (grpc::Service* service : services) builder.RegisterService(service);
+  running.grpc = builder.BuildAndStart();
+  if (running.grpc == nullptr || running.grpc_port == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot serve on ", options.listen, " (address in use or malformed?)"));
+  }
+  if (!options.port_file.empty()) {
+    absl::Status s = WritePortFile(
+        options.port_file,
+        {{"grpc_port", running.grpc_port}, {"metrics_port", running.metrics_port}});
+    if (!s.ok()) return s;
+  }
+  return running;
 }
 
 void GracefulShutdown(grpc::Server* server, const std::function<void()>& drain,

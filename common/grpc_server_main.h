@@ -8,11 +8,14 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "common/metrics_http_server.h"
 
 namespace psa {
 
@@ -36,6 +39,27 @@ void EnableHealthAndReflection();
 // Writes "name=value" lines atomically (temp file + rename), so a reader
 // never sees a half-written file. Used for the bound ports.
 absl::Status WritePortFile(const std::string& path, const std::map<std::string, int>& ports);
+
+struct ServeOptions {
+  std::string listen;              // gRPC host:port (port 0: pick one)
+  std::string metrics_listen;      // IPv4 host:port for /metrics; empty: none
+  std::string port_file;           // WritePortFile() here once serving; empty: none
+  uint64_t max_message_bytes = 0;  // both directions; 0: gRPC's default
+};
+
+struct RunningServer {
+  std::unique_ptr<metrics::MetricsHttpServer> metrics;  // null without metrics_listen
+  std::unique_ptr<grpc::Server> grpc;
+  int grpc_port = 0;
+  int metrics_port = 0;
+};
+
+// Starts the metrics endpoint and a gRPC server with `services` plus health
+// and reflection, then writes the port file. The error names the flag or
+// address at fault.
+absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
+                                          metrics::Registry* registry,
+                                          const std::vector<grpc::Service*>& services);
 
 // Marks the server NOT_SERVING, runs `drain` (ends long streams), then
 // shuts down, cancelling whatever is still running after `grace`.

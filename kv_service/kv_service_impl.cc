@@ -17,16 +17,6 @@ namespace {
 // back-pressure on a client that does not read its answers.
 constexpr size_t kMaxQueuedAnswers = 256;
 
-const char* CodeName(grpc::StatusCode code) {
-  static constexpr const char* kNames[] = {
-      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
-}
 
 }  // namespace
 
@@ -286,7 +276,7 @@ KvServiceImpl::KvServiceImpl(BlockStore* store, metrics::Registry* registry,
 }
 
 void KvServiceImpl::Record(const char* method, const grpc::Status& status, absl::Time start) {
-  rpcs_.Add({{"method", method}, {"code", CodeName(status.error_code())}}).Increment();
+  rpcs_.Add({{"method", method}, {"code", GrpcCodeName(status.error_code())}}).Increment();
   rpc_seconds_.Add({{"method", method}}).Observe(absl::ToDoubleSeconds(absl::Now() - start));
 }
 

@@ -9,9 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/byte_size.h"
 #include "common/grpc_server_main.h"
-#include "common/metrics_http_server.h"
-#include "grpcpp/security/server_credentials.h"
-#include "grpcpp/server_builder.h"
 #include "kv_service/kv_service_impl.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7100", "gRPC address to serve on (port 0: pick one)");
@@ -59,47 +56,18 @@ int main(int argc, char** argv) {
   psa::ExportBlockStoreMetrics(&store, &registry);
   psa::KvServiceImpl service(&store, &registry, *max_message);
 
-  std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
-  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
-  if (!metrics_listen.empty()) {
-    const size_t colon = metrics_listen.rfind(':');
-    int port = -1;
-    if (colon == std::string::npos ||
-        !absl::SimpleAtoi(metrics_listen.substr(colon + 1), &port)) {
-      return Fail("--metrics_listen must look like 0.0.0.0:9100");
-    }
-    auto started = psa::metrics::MetricsHttpServer::Start(
-        &registry, metrics_listen.substr(0, colon), port);
-    if (!started.ok()) return Fail(std::string(started.status().message()));
-    metrics_server = std::move(*started);
-  }
-
-  psa::EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int grpc_port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(),
-                           &grpc_port);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(*max_message));
-  builder.SetMaxSendMessageSize(static_cast<int>(*max_message));
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || grpc_port == 0) {
-    return Fail(absl::StrCat("cannot serve on ", absl::GetFlag(FLAGS_listen),
-                             " (address in use or malformed?)"));
-  }
-  const int metrics_port = metrics_server ? metrics_server->port() : 0;
-  if (const std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
-    absl::Status s =
-        psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
-    if (!s.ok()) return Fail(std::string(s.message()));
-  }
+  auto running = psa::StartServer({absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
+                                   absl::GetFlag(FLAGS_port_file), *max_message},
+                                  &registry, {&service});
+  if (!running.ok()) return Fail(std::string(running.status().message()));
+  const int grpc_port = running->grpc_port, metrics_port = running->metrics_port;
   std::fprintf(stderr,
                "psa-kv-service: serving on port %d (metrics on %d), capacity %s\n",
                grpc_port, metrics_port, psa::FormatByteSize(*capacity).c_str());
 
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-kv-service: signal %d, draining streams\n", sig);
-  psa::GracefulShutdown(server.get(), [&] { service.Drain(); },
+  psa::GracefulShutdown(running->grpc.get(), [&] { service.Drain(); },
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   std::fprintf(stderr, "psa-kv-service: stopped\n");
   return 0;

@@ -7,14 +7,10 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/grpc_server_main.h"
-#include "common/metrics_http_server.h"
-#include "grpcpp/security/server_credentials.h"
-#include "grpcpp/server_builder.h"
 #include "router/router_service.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7000", "gRPC address to serve on (port 0: pick one)");
@@ -86,40 +82,17 @@ int main(int argc, char** argv) {
   auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
   auto service = std::make_unique<psa::RouterService>(pool.get(), &registry, options);
 
-  std::unique_ptr<psa::metrics::MetricsHttpServer> metrics_server;
-  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
-    const size_t colon = m.rfind(':');
-    int port = -1;
-    if (colon == std::string::npos || !absl::SimpleAtoi(m.substr(colon + 1), &port)) {
-      return Fail("--metrics_listen must look like 0.0.0.0:9000");
-    }
-    auto started = psa::metrics::MetricsHttpServer::Start(&registry, m.substr(0, colon), port);
-    if (!started.ok()) return Fail(std::string(started.status().message()));
-    metrics_server = std::move(*started);
-  }
-
-  psa::EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int grpc_port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(),
-                           &grpc_port);
-  builder.RegisterService(service.get());
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || grpc_port == 0) {
-    return Fail(absl::StrCat("cannot serve on ", absl::GetFlag(FLAGS_listen)));
-  }
-  const int metrics_port = metrics_server ? metrics_server->port() : 0;
-  if (const std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
-    absl::Status s =
-        psa::WritePortFile(path, {{"grpc_port", grpc_port}, {"metrics_port", metrics_port}});
-    if (!s.ok()) return Fail(std::string(s.message()));
-  }
+  auto running = psa::StartServer({absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
+                                   absl::GetFlag(FLAGS_port_file)},
+                                  &registry, {service.get()});
+  if (!running.ok()) return Fail(std::string(running.status().message()));
+  const int grpc_port = running->grpc_port, metrics_port = running->metrics_port;
   std::fprintf(stderr, "psa-router: serving on port %d (metrics on %d), %d healthy workers\n",
                grpc_port, metrics_port, pool->healthy_count());
 
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-router: signal %d, finishing running generations\n", sig);
-  psa::GracefulShutdown(server.get(), nullptr,
+  psa::GracefulShutdown(running->grpc.get(), nullptr,
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   service.reset();
   std::fprintf(stderr, "psa-router: stopped\n");

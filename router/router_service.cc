@@ -19,16 +19,6 @@ bool WorthAnotherWorker(const grpc::Status& s) {
          s.error_code() == grpc::StatusCode::UNKNOWN;
 }
 
-const char* CodeLabel(grpc::StatusCode code) {
-  static constexpr const char* kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
-}
-
 }  // namespace
 
 RouterService::Metrics::Metrics(metrics::Registry* r)
@@ -135,7 +125,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
           ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client")
           : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                          "the deadline passed while the request waited in the router's queue");
-      service_->metrics_.requests.Add({{"code", CodeLabel(s.error_code())}}).Increment();
+      service_->metrics_.requests.Add({{"code", GrpcCodeName(s.error_code())}}).Increment();
       Done(s);
       ReleaseRelay(/*held_slot=*/false);
       return;
@@ -202,7 +192,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
       tried.push_back(*worker);
     }
     if (finished && status.ok()) status = grpc::Status::OK;
-    service_->metrics_.requests.Add({{"code", CodeLabel(status.error_code())}}).Increment();
+    service_->metrics_.requests.Add({{"code", GrpcCodeName(status.error_code())}}).Increment();
     service_->metrics_.e2e.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
     Done(status);
     ReleaseRelay(/*held_slot=*/true);

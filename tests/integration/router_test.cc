@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 #include "common/http_get.h"
+#include "tests/support/generate_stream.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -23,31 +24,15 @@ namespace {
 using psa::testing::ServerProcess;
 using ::testing::HasSubstr;
 
-struct Streamed {
-  grpc::Status status;
-  std::vector<TokenId> tokens;
-  std::string text;
-  std::string finish_reason;
-};
+using psa::testing::Streamed;
 
 Streamed Generate(const std::string& address, const psa::v1::GenerateRequest& request,
                   absl::Duration timeout = absl::Seconds(120),
                   const std::function<void(const Streamed&)>& on_message = nullptr) {
-  auto stub = psa::v1::Generation::NewStub(
-      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  Streamed out;
-  auto reader = stub->Generate(&ctx, request);
-  psa::v1::GenerateResponse r;
-  while (reader->Read(&r)) {
-    for (uint32_t t : r.token_ids()) out.tokens.push_back(t);
-    out.text += r.text();
-    if (!r.finish_reason().empty()) out.finish_reason = r.finish_reason();
-    if (on_message) on_message(out);
-  }
-  out.status = reader->Finish();
-  return out;
+  return psa::testing::StreamGenerate(address, request, timeout, [&](const Streamed& so_far) {
+    if (on_message) on_message(so_far);
+    return true;
+  });
 }
 
 double Metric(const ServerProcess& p, const std::string& series) {

@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 #include "common/http_get.h"
+#include "tests/support/generate_stream.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -23,14 +24,7 @@ namespace {
 using psa::testing::ServerProcess;
 using ::testing::HasSubstr;
 
-struct Streamed {
-  grpc::Status status;
-  std::vector<TokenId> tokens;
-  std::string text;
-  std::string finish_reason;
-  psa::v1::Usage usage;
-  int messages = 0;
-};
+using psa::testing::Streamed;
 
 class Worker {
  public:
@@ -47,25 +41,10 @@ class Worker {
 
   Streamed Generate(const psa::v1::GenerateRequest& request,
                     absl::Duration timeout = absl::Seconds(120), int cancel_after = -1) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-    Streamed out;
-    auto reader = stub_->Generate(&ctx, request);
-    psa::v1::GenerateResponse r;
-    while (reader->Read(&r)) {
-      ++out.messages;
-      for (uint32_t t : r.token_ids()) out.tokens.push_back(t);
-      out.text += r.text();
-      if (!r.finish_reason().empty()) {
-        out.finish_reason = r.finish_reason();
-        out.usage = r.usage();
-      }
-      if (cancel_after >= 0 && static_cast<int>(out.tokens.size()) >= cancel_after) {
-        ctx.TryCancel();
-      }
-    }
-    out.status = reader->Finish();
-    return out;
+    return psa::testing::StreamGenerate(
+        process_->address(), request, timeout, [cancel_after](const Streamed& so_far) {
+          return cancel_after < 0 || static_cast<int>(so_far.tokens.size()) < cancel_after;
+        });
   }
 
   double Metric(const std::string& series) {
