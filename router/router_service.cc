@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/generate_stream_writer.h"
 #include "common/grpc_status.h"
 
 namespace psa {
@@ -41,13 +42,16 @@ RouterService::Metrics::Metrics(metrics::Registry* r)
                   .Add()) {}
 
 // One generation: a relay thread runs the worker call(s) with the sync API
-// and hands messages to this reactor, which writes them to the client (one
-// write in flight; messages arriving meanwhile are merged). Lives until both
-// gRPC (OnDone) and the relay thread are done with it.
-class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateResponse> {
+// and pushes their messages to the client through the stream writer. Lives
+// until both gRPC (OnDone) and the relay thread are done with it.
+class RouterService::Relay final : public GenerateStreamWriter {
  public:
   Relay(RouterService* service, grpc::CallbackServerContext* ctx, const GenerateRequest& request)
-      : service_(service), request_(request), deadline_(ctx->deadline()), start_(absl::Now()) {
+      : GenerateStreamWriter(/*producers=*/1),  // the relay thread
+        service_(service),
+        request_(request),
+        deadline_(ctx->deadline()),
+        start_(absl::Now()) {
     {
       absl::MutexLock lock(&service_->mu_);
       const RouterOptions& o = service_->options_;
@@ -59,20 +63,21 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
     }
     if (!admitted_) {
       ctx->AddTrailingMetadata("retry-after-ms", "1000");
-      refs_ = 1;
       service_->metrics_.requests.Add({{"code", "RESOURCE_EXHAUSTED"}}).Increment();
-      Done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the router is at capacity (",
-                                     service_->options_.max_inflight, " generations running, ",
-                                     service_->options_.max_queued,
-                                     " queued); retry in about a second")));
+      Close(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                         absl::StrCat("the router is at capacity (",
+                                      service_->options_.max_inflight, " generations running, ",
+                                      service_->options_.max_queued,
+                                      " queued); retry in about a second")));
+      Unref();  // no relay thread
       return;
     }
     service_->metrics_.queued.Add(1);
     std::thread([this] { Run(); }).detach();
   }
 
-  void OnCancel() override {
+ private:
+  void OnClientGone() override {
     {
       absl::MutexLock lock(&mu_);
       cancelled_ = true;
@@ -81,24 +86,6 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
     absl::MutexLock wake(&service_->mu_);  // a queued relay re-checks its wait
   }
 
-  void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    if (!ok) {
-      client_gone_ = true;
-      if (worker_ctx_ != nullptr) worker_ctx_->TryCancel();
-      if (!finish_called_) {
-        finish_called_ = true;
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-      }
-      return;
-    }
-    MaybeWriteLocked();
-  }
-
-  void OnDone() override { Unref(); }
-
- private:
   // Waits (queued) for a relay slot; false if the deadline passed or the
   // client left first.
   bool TakeSlot() {
@@ -126,7 +113,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
           : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                          "the deadline passed while the request waited in the router's queue");
       service_->metrics_.requests.Add({{"code", GrpcCodeName(s.error_code())}}).Increment();
-      Done(s);
+      Close(s);
       ReleaseRelay(/*held_slot=*/false);
       return;
     }
@@ -154,7 +141,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
       ctx.set_deadline(deadline_);
       {
         absl::MutexLock lock(&mu_);
-        if (cancelled_ || client_gone_) {
+        if (cancelled_) {
           service_->pool_->Release(*worker);
           status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
           break;
@@ -176,7 +163,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
       {
         absl::MutexLock lock(&mu_);
         worker_ctx_ = nullptr;
-        if (cancelled_ || client_gone_) {
+        if (cancelled_) {
           status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
         }
       }
@@ -194,7 +181,7 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
     if (finished && status.ok()) status = grpc::Status::OK;
     service_->metrics_.requests.Add({{"code", GrpcCodeName(status.error_code())}}).Increment();
     service_->metrics_.e2e.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
-    Done(status);
+    Close(status);
     ReleaseRelay(/*held_slot=*/true);
   }
 
@@ -215,68 +202,15 @@ class RouterService::Relay final : public grpc::ServerWriteReactor<GenerateRespo
     Unref();
   }
 
-  void Push(const GenerateResponse& message) {
-    absl::MutexLock lock(&mu_);
-    pending_.mutable_token_ids()->Add(message.token_ids().begin(), message.token_ids().end());
-    pending_.mutable_text()->append(message.text());
-    if (!message.finish_reason().empty()) {
-      pending_.set_finish_reason(message.finish_reason());
-      *pending_.mutable_usage() = message.usage();
-    }
-    has_pending_ = true;
-    MaybeWriteLocked();
-  }
-
-  void Done(const grpc::Status& status) {
-    absl::MutexLock lock(&mu_);
-    final_status_ = status;
-    done_ = true;
-    MaybeWriteLocked();
-  }
-
-  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finish_called_ || client_gone_) return;
-    if (has_pending_) {
-      in_flight_.Swap(&pending_);
-      pending_.Clear();
-      has_pending_ = false;
-      writing_ = true;
-      StartWrite(&in_flight_);
-      return;
-    }
-    if (done_) {
-      finish_called_ = true;
-      Finish(final_status_);
-    }
-  }
-
-  void Unref() {
-    bool last;
-    {
-      absl::MutexLock lock(&mu_);
-      last = --refs_ == 0;
-    }
-    if (last) delete this;
-  }
-
   RouterService* const service_;
   const GenerateRequest request_;
   bool admitted_ = false;
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time start_;
 
-  absl::Mutex mu_;
-  int refs_ ABSL_GUARDED_BY(mu_) = 2;  // gRPC's OnDone + the relay thread
+  absl::Mutex mu_;  // the worker call in progress and whether the client left
   grpc::ClientContext* worker_ctx_ ABSL_GUARDED_BY(mu_) = nullptr;
-  GenerateResponse pending_ ABSL_GUARDED_BY(mu_);
-  GenerateResponse in_flight_ ABSL_GUARDED_BY(mu_);
-  bool has_pending_ ABSL_GUARDED_BY(mu_) = false;
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
-  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
-  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
 RouterService::RouterService(WorkerPool* pool, metrics::Registry* registry,

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/generate_stream_writer.h"
 #include "common/grpc_status.h"
 
 namespace psa {
@@ -51,36 +52,21 @@ GenerationService::Metrics::Metrics(metrics::Registry* r)
 // (on_finish) are done with it. Tokens that arrive while a write is in
 // flight are merged into the next message, so a slow reader never holds up
 // the scheduler.
-class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+class GenerationService::GenerateReactor final : public GenerateStreamWriter {
  public:
+  // One producer reference: the scheduler (or whatever fails before it).
   GenerateReactor(GenerationService* service, grpc::CallbackServerContext* ctx,
                   const GenerateRequest& request)
-      : service_(service), start_(absl::Now()) {
+      : GenerateStreamWriter(/*producers=*/1), service_(service), start_(absl::Now()) {
     absl::Status s = Prepare(ctx, request);
     if (!s.ok()) FailBeforeScheduling(s);
   }
 
-  void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    if (!ok) {  // the client is gone
-      client_gone_ = true;
-      if (!finish_called_) {
-        finish_called_ = true;
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-      }
-      return;
-    }
-    MaybeWriteLocked();
-  }
-
-  void OnCancel() override {
+  void OnClientGone() override {
     absl::MutexLock lock(&mu_);
     cancelled_ = true;
-    if (id_ != 0 && !scheduler_done_) service_->scheduler_->Cancel(id_);
+    if (id_ != 0) service_->scheduler_->Cancel(id_);
   }
-
-  void OnDone() override { Unref(); }
 
  private:
   // Builds the generation, then schedules it, after a prefix lookup in the
@@ -132,7 +118,7 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
     events.on_finish = [this](const absl::Status& status, const SequenceSummary& summary) {
       OnFinish(status, summary);
     };
-    absl::MutexLock lock(&mu_);  // OnCancel must see id_
+    absl::MutexLock lock(&mu_);  // OnClientGone must see id_
     if (cancelled_) return absl::CancelledError("the client cancelled the request");
     absl::StatusOr<uint64_t> id =
         service_->scheduler_->Submit(std::move(gen), MakeAttention(policy_), deadline_,
@@ -145,12 +131,7 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
   // The scheduler will never call back: finish with `s` and drop its reference.
   void FailBeforeScheduling(const absl::Status& s) {
     service_->metrics_.requests.Add({{"outcome", FinishLabel(s, "")}}).Increment();
-    {
-      absl::MutexLock lock(&mu_);
-      final_status_ = ToGrpcStatus(s);
-      scheduler_done_ = true;
-      MaybeWriteLocked();
-    }
+    Close(ToGrpcStatus(s));
     Unref();
   }
 
@@ -160,10 +141,10 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
       service_->metrics_.inter_token.Observe(absl::ToDoubleSeconds(now - last_token_));
     }
     last_token_ = now;
-    absl::MutexLock lock(&mu_);
-    pending_.add_token_ids(token);
-    pending_.mutable_text()->append(ValidUtf8(text));
-    MaybeWriteLocked();
+    GenerateResponse message;
+    message.add_token_ids(token);
+    message.set_text(ValidUtf8(text));
+    Push(message);
   }
 
   void OnFinish(const absl::Status& status, const SequenceSummary& summary) {
@@ -178,52 +159,23 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
     if (summary.kv_blocks_total > 0) {
       m.kv_selected_fraction.Observe(double(summary.kv_blocks_touched) / summary.kv_blocks_total);
     }
-    {
-      absl::MutexLock lock(&mu_);
-      scheduler_done_ = true;
-      if (!status.ok()) {
-        final_status_ = ToGrpcStatus(status);
-      } else {
-        pending_.set_finish_reason(summary.finish_reason);
-        psa::v1::Usage* usage = pending_.mutable_usage();
-        usage->set_prompt_tokens(summary.prompt_tokens);
-        usage->set_completion_tokens(summary.completion_tokens);
-        usage->set_time_to_first_token_seconds(summary.time_to_first_token_seconds);
-        usage->set_total_seconds(summary.total_seconds);
-        usage->set_kv_blocks_touched(summary.kv_blocks_touched);
-        usage->set_kv_blocks_total(summary.kv_blocks_total);
-        usage->set_attention(attention_name_);
-        final_message_ = true;
-      }
-      MaybeWriteLocked();
+    if (!status.ok()) {
+      Close(ToGrpcStatus(status));
+    } else {
+      GenerateResponse last;
+      last.set_finish_reason(summary.finish_reason);
+      psa::v1::Usage* usage = last.mutable_usage();
+      usage->set_prompt_tokens(summary.prompt_tokens);
+      usage->set_completion_tokens(summary.completion_tokens);
+      usage->set_time_to_first_token_seconds(summary.time_to_first_token_seconds);
+      usage->set_total_seconds(summary.total_seconds);
+      usage->set_kv_blocks_touched(summary.kv_blocks_touched);
+      usage->set_kv_blocks_total(summary.kv_blocks_total);
+      usage->set_attention(attention_name_);
+      Push(last);
+      Close(grpc::Status::OK);
     }
     Unref();
-  }
-
-  // Starts the next write, or finishes once everything is sent.
-  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finish_called_ || client_gone_) return;
-    if (pending_.token_ids_size() > 0 || final_message_) {
-      in_flight_.Swap(&pending_);
-      pending_.Clear();
-      final_message_ = false;
-      writing_ = true;
-      StartWrite(&in_flight_);
-      return;
-    }
-    if (scheduler_done_) {
-      finish_called_ = true;
-      Finish(final_status_);
-    }
-  }
-
-  void Unref() {
-    bool last;
-    {
-      absl::MutexLock lock(&mu_);
-      last = --refs_ == 0;
-    }
-    if (last) delete this;
   }
 
   GenerationService* const service_;
@@ -233,18 +185,9 @@ class GenerationService::GenerateReactor final : public grpc::ServerWriteReactor
   AttentionPolicy policy_;
   absl::Time deadline_;
 
-  absl::Mutex mu_;
-  int refs_ ABSL_GUARDED_BY(mu_) = 2;  // gRPC's OnDone + the scheduler's on_finish
+  absl::Mutex mu_;  // the sequence's id and whether the client left
   uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
-  GenerateResponse pending_ ABSL_GUARDED_BY(mu_);
-  GenerateResponse in_flight_ ABSL_GUARDED_BY(mu_);
-  bool final_message_ ABSL_GUARDED_BY(mu_) = false;
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool scheduler_done_ ABSL_GUARDED_BY(mu_) = false;
-  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
-  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
 GenerationService::GenerationService(const LlamaModel* model, int max_context,
