@@ -61,17 +61,6 @@ namespace {
 
 constexpr uint64_t kMaxMessage = 64ull << 20;
 
-psa::v1::KvLayout BenchLayout() {
-  psa::v1::KvLayout l;
-  l.set_model_id("bench");
-  l.set_num_layers(1);
-  l.set_num_kv_heads(3);
-  l.set_head_dim(64);
-  l.set_block_size(16);
-  l.set_dtype(psa::v1::KV_DTYPE_F16);
-  return l;
-}
-
 std::vector<int> ParseList(const std::string& s) {
   std::vector<int> out;
   for (absl::string_view part : absl::StrSplit(s, ',', absl::SkipEmpty())) {
@@ -275,7 +264,7 @@ int main(int argc, char** argv) {
   const std::vector<int> group_sizes = ParseList(absl::GetFlag(FLAGS_groups));
   const std::vector<int> outstandings = ParseList(absl::GetFlag(FLAGS_outstanding));
   const int num_blocks = absl::GetFlag(FLAGS_blocks);
-  const psa::v1::KvLayout layout = BenchLayout();
+  const psa::v1::KvLayout layout = psa::testing::ModelShapedLayout("bench", /*layers=*/1);
 
   // The gRPC side: a real KV service on loopback, filled through the client.
   psa::metrics::Registry registry;

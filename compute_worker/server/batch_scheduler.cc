@@ -191,11 +191,7 @@ bool BatchScheduler::Step() {
       }
       if (options_.on_decode_stats) options_.on_decode_stats(seq->stats);
       if (options_.on_block_filled && seq->kv.length() % seq->kv.block_size() == 0) {
-        std::vector<TokenId> tokens = seq->request.prompt;
-        const std::vector<TokenId>& generated = seq->state.tokens();
-        tokens.insert(tokens.end(), generated.begin(),
-                      generated.begin() + (seq->kv.length() - tokens.size()));
-        options_.on_block_filled(tokens, seq->kv);
+        options_.on_block_filled(seq->request.prompt, seq->state.tokens(), seq->kv);
       }
     } else {
       seq->prefilled += batch[i].tokens.size();

@@ -52,9 +52,12 @@ class BatchScheduler {
     std::function<void(const GenerationRequest& request, const KvCache& kv,
                        int preloaded_tokens)>
         on_prompt_prefilled;
-    // Called on the scheduler thread when a decode step fills a block, with
-    // the tokens now in the cache (prompt, then generated).
-    std::function<void(const std::vector<TokenId>& tokens, const KvCache& kv)> on_block_filled;
+    // Called on the scheduler thread when a decode step fills a block; the
+    // cache holds the prompt and then the first kv.length() - prompt.size()
+    // generated tokens.
+    std::function<void(const std::vector<TokenId>& prompt, const std::vector<TokenId>& generated,
+                       const KvCache& kv)>
+        on_block_filled;
     // Called on the scheduler thread after every decode step of a sequence
     // with what attention did: stats[layer * n_head + head].
     std::function<void(const std::vector<HeadStepStats>& stats)> on_decode_stats;

@@ -205,11 +205,16 @@ void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
   Enqueue(std::move(w));
 }
 
-void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> tokens, const KvCache& kv) {
+void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> prompt,
+                                    absl::Span<const TokenId> generated, const KvCache& kv) {
   const int B = layout_.block_size();
   const int C = options_.checkpoint_blocks;
-  const int n = std::min<int>(tokens.size() / B, kv.full_blocks());
-  if (n == 0 || n % C != 0) return;
+  const int n = kv.full_blocks();
+  if (n == 0 || n % C != 0) return;  // most steps: nothing to do, nothing copied
+  std::vector<TokenId> tokens(prompt.begin(), prompt.end());
+  tokens.insert(tokens.end(), generated.begin(),
+                generated.begin() + std::min<size_t>(generated.size(),
+                                                     static_cast<size_t>(n) * B - prompt.size()));
   PendingWrite w;
   w.n_blocks = n;
   w.link_blocks = n - C;

@@ -61,12 +61,13 @@ class PrefixStore {
   void Publish(absl::Span<const TokenId> prompt, const KvCache& kv, int already_published);
 
   // During decode: when the cache's full blocks reach a multiple of
-  // checkpoint_blocks, publishes the sequence so far (`tokens`: those in the
-  // cache) under its own name, linking the previous checkpoint and writing
+  // checkpoint_blocks, publishes the sequence so far (the prompt, then the
+  // generated tokens the cache holds) under its own name, linking the previous checkpoint and writing
   // only the blocks after it. A generation resumed elsewhere from its
   // prompt plus the tokens so far then loads all but the last few hundred
   // tokens instead of recomputing them.
-  void PublishCheckpoint(absl::Span<const TokenId> tokens, const KvCache& kv);
+  void PublishCheckpoint(absl::Span<const TokenId> prompt, absl::Span<const TokenId> generated,
+                         const KvCache& kv);
 
   // Waits until every queued prompt is written (tests, shutdown).
   void Flush();

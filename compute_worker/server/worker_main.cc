@@ -115,9 +115,10 @@ int main(int argc, char** argv) {
                                                     const psa::KvCache& kv, int preloaded) {
       store->Publish(request.prompt, kv, preloaded / psa::KvCache::kDefaultBlockSize);
     };
-    scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& tokens,
+    scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& prompt,
+                                                const std::vector<psa::TokenId>& generated,
                                                 const psa::KvCache& kv) {
-      store->PublishCheckpoint(tokens, kv);
+      store->PublishCheckpoint(prompt, generated, kv);
     };
   }
   psa::AttentionMetrics attention_metrics(&registry, (*model)->hparams().n_layer);

@@ -28,18 +28,7 @@ using psa::testing::MakeBlock;
 using psa::testing::ServerProcess;
 using ::testing::HasSubstr;
 
-// The default model's shape: 30 layers, 3 KV heads, head dim 64, blocks of
-// 16 fp16 tokens (12 KiB of K+V per block).
-psa::v1::KvLayout ModelLayout() {
-  psa::v1::KvLayout l;
-  l.set_model_id("smollm2-135m-test");
-  l.set_num_layers(30);
-  l.set_num_kv_heads(3);
-  l.set_head_dim(64);
-  l.set_block_size(16);
-  l.set_dtype(psa::v1::KV_DTYPE_F16);
-  return l;
-}
+psa::v1::KvLayout ModelLayout() { return psa::testing::ModelShapedLayout("smollm2-135m-test"); }
 
 std::unique_ptr<ServerProcess> StartShard(std::vector<std::string> extra = {}) {
   std::vector<std::string> args = {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"};

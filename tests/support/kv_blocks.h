@@ -22,6 +22,17 @@ inline psa::v1::KvLayout SmallLayout(const std::string& model_id = "test-model")
   return l;
 }
 
+// The default model's shape (3 KV heads, head dim 64, blocks of 16 fp16
+// tokens: 12 KiB of K+V per block) with `layers` layers (the model has 30).
+inline psa::v1::KvLayout ModelShapedLayout(const std::string& model_id, int layers = 30) {
+  psa::v1::KvLayout l = SmallLayout(model_id);
+  l.set_num_layers(layers);
+  l.set_num_kv_heads(3);
+  l.set_head_dim(64);
+  l.set_block_size(16);
+  return l;
+}
+
 // Pseudo-random bytes determined by (seed, n).
 inline std::string PatternBytes(uint64_t seed, size_t n) {
   std::string s(n, '\0');
