@@ -7,6 +7,7 @@
 
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/fp16_kernels.h"
+#include "compute_worker/runtime/kv_page_reader.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -201,8 +202,18 @@ void DecodeAttention(const AttentionShape& shape, const AttentionTask& task,
 }  // namespace
 
 void DenseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
-  const KvRows keys = task.kv->Keys(task.layer, task.kv_head);
-  const KvRows values = task.kv->Values(task.layer, task.kv_head);
+  // Dense reads every page of the (layer, head): ask for all of them up
+  // front so the fetches of absent ones overlap each other.
+  KvPageReader reader(*task.kv, task.layer, task.kv_head);
+  const int n_blocks = (task.q_pos0 + task.n_q + task.kv->block_size() - 1) / task.kv->block_size();
+  if (task.kv->paged()) {
+    std::vector<int> all(n_blocks);
+    for (int b = 0; b < n_blocks; ++b) all[b] = b;
+    reader.Prefetch(all);
+    for (int b = 0; b < n_blocks; ++b) reader.Page(b);
+  }
+  const KvRows keys = reader.Keys();
+  const KvRows values = reader.Values();
   if (task.n_q >= 8) {
     PrefillAttention(shape, task, keys, values);
   } else {

@@ -11,101 +11,100 @@ constexpr size_t kSlabBytes = 2 << 20;
 
 }  // namespace
 
-BlockPool::BlockPool(uint64_t capacity_bytes, size_t block_bytes)
-    : block_bytes_(block_bytes),
-      capacity_slots_(block_bytes ? capacity_bytes / block_bytes : 0),
+BlockPool::BlockPool(uint64_t capacity_bytes, size_t page_bytes)
+    : page_bytes_(page_bytes),
+      capacity_slots_(page_bytes ? capacity_bytes / page_bytes : 0),
       slots_(capacity_slots_) {
   stats_.capacity_slots = capacity_slots_;
 }
 
 BlockPool::~BlockPool() = default;
 
-bool BlockPool::InLruLocked(SlotId slot) const {
-  const Slot& s = slots_[slot];
-  return s.used && s.evictable && s.pins == 0;
+BlockPool::Slot* BlockPool::Find(Handle h) {
+  if (!h.valid() || h.slot >= slots_.size()) return nullptr;
+  Slot& s = slots_[h.slot];
+  return s.generation == h.generation ? &s : nullptr;
 }
 
-void BlockPool::EnterLruLocked(SlotId slot) {
-  lru_.push_front(slot);
-  slots_[slot].lru = lru_.begin();
-}
-
-void BlockPool::LeaveLruLocked(SlotId slot) { lru_.erase(slots_[slot].lru); }
-
-absl::StatusOr<BlockPool::SlotId> BlockPool::Allocate(OnEvict on_evict) {
+absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
   absl::MutexLock lock(&mu_);
-  SlotId slot;
+  uint32_t slot;
   if (!free_.empty()) {
     slot = free_.back();
     free_.pop_back();
   } else if (carved_ < capacity_slots_) {
     // Give memory to the next slots from a new slab.
-    const size_t per_slab = std::max<size_t>(1, kSlabBytes / block_bytes_);
+    const size_t per_slab = std::max<size_t>(1, kSlabBytes / page_bytes_);
     const size_t n = std::min<uint64_t>(per_slab, capacity_slots_ - carved_);
-    slabs_.emplace_back(new char[n * block_bytes_]);
+    slabs_.emplace_back(new char[n * page_bytes_]);
     for (size_t i = 0; i < n; ++i) {
-      slots_[carved_ + i].data = slabs_.back().get() + i * block_bytes_;
+      slots_[carved_ + i].data = slabs_.back().get() + i * page_bytes_;
       if (i > 0) free_.push_back(carved_ + i);
     }
     slot = carved_;
     carved_ += n;
   } else if (!lru_.empty()) {
-    slot = lru_.back();  // least recently used
+    slot = lru_.back();  // least recently used; its handle goes stale below
     lru_.pop_back();
-    Slot& victim = slots_[slot];
-    if (victim.on_evict) victim.on_evict();
-    victim.evictable = false;
     --stats_.used;
     ++stats_.evictions;
   } else {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the block pool is full: all ", capacity_slots_,
-        " slots hold blocks that are pinned or not yet in the KV service"));
+        " slots hold pages that are pinned or not yet in the KV service"));
   }
   Slot& s = slots_[slot];
-  s.used = true;
+  s.generation = next_generation_++;
+  if (next_generation_ == 0) next_generation_ = 1;  // 0 means "no allocation"
   s.evictable = false;
   s.pins = 0;
-  s.on_evict = std::move(on_evict);
   ++stats_.used;
-  return slot;
+  return Handle{slot, s.generation};
 }
 
-void BlockPool::MarkEvictable(SlotId slot) {
+void* BlockPool::TryPin(Handle h) {
   absl::MutexLock lock(&mu_);
-  Slot& s = slots_[slot];
-  if (!s.used || s.evictable) return;
-  s.evictable = true;
-  if (s.pins == 0) EnterLruLocked(slot);
-}
-
-void BlockPool::Pin(SlotId slot) {
-  absl::MutexLock lock(&mu_);
-  if (InLruLocked(slot)) LeaveLruLocked(slot);
-  ++slots_[slot].pins;
-}
-
-void BlockPool::Unpin(SlotId slot) {
-  absl::MutexLock lock(&mu_);
-  Slot& s = slots_[slot];
-  if (s.pins == 0) return;
-  --s.pins;
-  if (InLruLocked(slot)) EnterLruLocked(slot);
-}
-
-void BlockPool::Touch(SlotId slot) {
-  absl::MutexLock lock(&mu_);
+  Slot* s = Find(h);
+  if (s == nullptr) {
+    ++stats_.misses;
+    return nullptr;
+  }
   ++stats_.hits;
-  if (InLruLocked(slot)) lru_.splice(lru_.begin(), lru_, slots_[slot].lru);
+  if (InLru(*s)) lru_.erase(s->lru);
+  ++s->pins;
+  return s->data;
 }
 
-void BlockPool::Free(SlotId slot) {
+void BlockPool::Unpin(Handle h) {
   absl::MutexLock lock(&mu_);
-  Slot& s = slots_[slot];
-  if (!s.used) return;
-  if (InLruLocked(slot)) LeaveLruLocked(slot);
-  s = Slot{s.data};
-  free_.push_back(slot);
+  Slot* s = Find(h);
+  if (s == nullptr || s->pins == 0) return;
+  if (--s->pins == 0 && s->evictable) {
+    lru_.push_front(h.slot);
+    s->lru = lru_.begin();
+  }
+}
+
+void BlockPool::MarkEvictable(Handle h) {
+  absl::MutexLock lock(&mu_);
+  Slot* s = Find(h);
+  if (s == nullptr || s->evictable) return;
+  s->evictable = true;
+  if (s->pins == 0) {
+    lru_.push_front(h.slot);
+    s->lru = lru_.begin();
+  }
+}
+
+void BlockPool::Free(Handle h) {
+  absl::MutexLock lock(&mu_);
+  Slot* s = Find(h);
+  if (s == nullptr) return;
+  if (InLru(*s)) lru_.erase(s->lru);
+  s->generation = 0;
+  s->evictable = false;
+  s->pins = 0;
+  free_.push_back(h.slot);
   --stats_.used;
 }
 
@@ -114,7 +113,7 @@ BlockPool::Stats BlockPool::stats() {
   Stats s = stats_;
   s.evictable = lru_.size();
   s.pinned = 0;
-  for (const Slot& slot : slots_) s.pinned += slot.used && slot.pins > 0;
+  for (const Slot& slot : slots_) s.pinned += slot.generation != 0 && slot.pins > 0;
   return s;
 }
 

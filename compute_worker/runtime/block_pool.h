@@ -1,22 +1,25 @@
-// BlockPool: one memory budget for KV blocks, shared by every layer and
+// BlockPool: one memory budget for KV pages, shared by every layer, head and
 // sequence of a worker (the "unified block pool" of DESIGN.md section 3).
 //
-// A slot holds one block. A block starts private (only in this worker: the
-// open tail of a sequence, or a full block not yet written to the KV
-// service); once the KV service holds it, the owner marks it evictable. When
-// the pool is full, Allocate() evicts the least recently used evictable
-// block that no computation has pinned, telling its owner through the
-// callback it gave, and reuses the slot. If every slot is private or
+// A slot holds one page. A page starts private (only in this worker: the
+// open tail of a sequence, or a block not yet written to the KV service);
+// once the KV service holds it, the owner marks it evictable. When the pool
+// is full, Allocate() takes the least recently used evictable page that no
+// computation has pinned and reuses its slot. If every slot is private or
 // pinned, Allocate() fails with RESOURCE_EXHAUSTED instead of waiting, so a
-// scheduler can hold back work rather than deadlock.
+// caller can fall back (read into scratch memory) rather than deadlock.
 //
-// Thread-safe. Callbacks run with the pool's lock held: they must only
-// forget the slot (e.g. null a pointer), never call back into the pool.
+// Owners hold Handles, not slots: a handle names one allocation (slot plus
+// generation), so after its page is evicted and the slot reused, every call
+// with the old handle is a harmless miss — TryPin() returns null, the rest
+// do nothing. Owners therefore need no eviction callbacks and no locks of
+// their own to notice an eviction.
+//
+// Thread-safe.
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
 
 #include <cstdint>
-#include <functional>
 #include <list>
 #include <memory>
 #include <vector>
@@ -28,60 +31,67 @@ namespace psa {
 
 class BlockPool {
  public:
-  using SlotId = uint32_t;
-  using OnEvict = std::function<void()>;
+  struct Handle {
+    uint32_t slot = 0;
+    uint32_t generation = 0;  // 0: no allocation
+    bool valid() const { return generation != 0; }
+  };
 
   struct Stats {
     uint64_t capacity_slots = 0;
-    uint64_t used = 0;        // allocated slots
-    uint64_t evictable = 0;   // of which could be evicted now (not pinned)
+    uint64_t used = 0;       // allocated slots
+    uint64_t evictable = 0;  // of which could be evicted now (not pinned)
     uint64_t pinned = 0;
     uint64_t evictions = 0;
-    uint64_t hits = 0;        // Touch() calls: reads served from the pool
+    uint64_t hits = 0;       // TryPin() calls that found their page
+    uint64_t misses = 0;     // TryPin() calls whose page had been evicted
     double usage_ratio() const { return capacity_slots ? double(used) / capacity_slots : 0; }
   };
 
-  // Up to capacity_bytes / block_bytes slots; memory is taken as needed.
-  BlockPool(uint64_t capacity_bytes, size_t block_bytes);
+  // Up to capacity_bytes / page_bytes slots; memory is taken as needed.
+  BlockPool(uint64_t capacity_bytes, size_t page_bytes);
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
   ~BlockPool();
 
-  // A private slot; `on_evict` runs if the block is later evicted.
-  absl::StatusOr<SlotId> Allocate(OnEvict on_evict);
-  void* data(SlotId slot) const { return slots_[slot].data; }
-  size_t block_bytes() const { return block_bytes_; }
+  // A private slot (not evictable, not pinned).
+  absl::StatusOr<Handle> Allocate();
+  // The page of a private or pinned handle; undefined for others.
+  void* data(Handle h) const { return slots_[h.slot].data; }
+  size_t page_bytes() const { return page_bytes_; }
+  uint64_t capacity_slots() const { return capacity_slots_; }
 
-  void MarkEvictable(SlotId slot);  // durable elsewhere now
-  void Pin(SlotId slot);            // being read: not evictable until Unpin
-  void Unpin(SlotId slot);
-  void Touch(SlotId slot);          // used: most recently used, counted as a hit
-  void Free(SlotId slot);           // the owner is done with it (no callback)
+  // The page, pinned (not evictable until Unpin) and made most recently
+  // used, or null if it was evicted.
+  void* TryPin(Handle h);
+  void Unpin(Handle h);
+  void MarkEvictable(Handle h);  // durable elsewhere now
+  void Free(Handle h);           // the owner is done with it
 
   Stats stats();
 
  private:
   struct Slot {
     void* data = nullptr;
-    bool used = false;
+    uint32_t generation = 0;  // of the current allocation; 0 while free
     bool evictable = false;
     int pins = 0;
-    OnEvict on_evict;
-    std::list<SlotId>::iterator lru;  // valid while evictable
+    std::list<uint32_t>::iterator lru;  // valid while evictable and unpinned
   };
-  void EnterLruLocked(SlotId slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void LeaveLruLocked(SlotId slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool InLruLocked(SlotId slot) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slot if `h` is its current allocation, else null.
+  Slot* Find(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool InLru(const Slot& s) const { return s.evictable && s.pins == 0; }
 
-  const size_t block_bytes_;
+  const size_t page_bytes_;
   const uint64_t capacity_slots_;
   absl::Mutex mu_;
   // Addresses of slots never change; the vector is sized once.
-  std::vector<Slot> slots_;
+  std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
   std::vector<std::unique_ptr<char[]>> slabs_ ABSL_GUARDED_BY(mu_);
   uint64_t carved_ ABSL_GUARDED_BY(mu_) = 0;  // slots given memory so far
-  std::vector<SlotId> free_ ABSL_GUARDED_BY(mu_);
-  std::list<SlotId> lru_ ABSL_GUARDED_BY(mu_);  // evictable, unpinned; front = most recent
+  uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<uint32_t> free_ ABSL_GUARDED_BY(mu_);
+  std::list<uint32_t> lru_ ABSL_GUARDED_BY(mu_);  // evictable, unpinned; front = most recent
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };
 

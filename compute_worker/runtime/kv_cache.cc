@@ -2,83 +2,167 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
+#include "absl/strings/str_cat.h"
 #include "compute_worker/model/ggml_types.h"
 
 namespace psa {
+
+void KvDurability::Update(const std::string& sequence_id, int blocks) {
+  absl::MutexLock lock(&mu_);
+  if (blocks <= blocks_) return;
+  id_ = sequence_id;
+  blocks_ = blocks;
+}
+
+void KvDurability::Get(std::string* sequence_id, int* blocks) {
+  absl::MutexLock lock(&mu_);
+  *sequence_id = id_;
+  *blocks = blocks_;
+}
 
 KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
     : n_layer_(n_layer),
       n_head_kv_(n_head_kv),
       head_dim_(head_dim),
       block_size_(block_size > 0 ? block_size : kDefaultBlockSize),
-      blocks_(n_layer),
+      pages_(static_cast<size_t>(n_layer) * n_head_kv),
       kmax_(n_layer),
       kmin_(n_layer) {}
+
+KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size, KvPaging paging)
+    : KvCache(n_layer, n_head_kv, head_dim, block_size) {
+  pooled_.paging = paging;
+  pooled_.handles.resize(pages_.size());
+  pooled_.overflow.resize(pages_.size());
+}
+
+KvCache::PooledPages& KvCache::PooledPages::operator=(PooledPages&& o) noexcept {
+  if (this == &o) return *this;
+  Release();
+  paging = o.paging;
+  handles = std::move(o.handles);
+  overflow = std::move(o.overflow);
+  o.paging = KvPaging{};
+  o.handles.clear();
+  o.overflow.clear();
+  return *this;
+}
+
+void KvCache::PooledPages::Release() {
+  for (auto& table : handles) {
+    for (BlockPool::Handle h : table) {
+      if (h.valid()) paging.pool->Free(h);  // a no-op if it was evicted
+    }
+  }
+  int64_t overflowed = 0;
+  for (auto& table : overflow) {
+    for (auto& page : table) overflowed += page != nullptr;
+  }
+  if (paging.counters != nullptr) paging.counters->overflow_pages -= overflowed;
+  handles.clear();
+  overflow.clear();
+}
 
 KvCache::KvCache(const KvCache& other) { *this = other; }
 
 KvCache& KvCache::operator=(const KvCache& other) {
   if (this == &other) return *this;
+  if (other.paged()) std::abort();  // documented: pool-backed caches are not copied
   n_layer_ = other.n_layer_;
   n_head_kv_ = other.n_head_kv_;
   head_dim_ = other.head_dim_;
   block_size_ = other.block_size_;
-  length_ = other.length_;
-  capacity_ = other.capacity_;
-  kmax_ = other.kmax_;
-  kmin_ = other.kmin_;
-  blocks_.clear();
-  blocks_.resize(n_layer_);
+  length_ = 0;
+  capacity_ = 0;
+  table_blocks_ = 0;
+  pooled_ = PooledPages{};
+  pages_.assign(static_cast<size_t>(n_layer_) * n_head_kv_, {});
+  kmax_.assign(n_layer_, {});
+  kmin_.assign(n_layer_, {});
   slabs_.clear();
   slab_next_ = nullptr;
   slab_left_ = 0;
-  const size_t n = block_elements();
-  for (int l = 0; l < n_layer_; ++l) {
-    AllocateBlocks(l, other.blocks_[l].size());
-    for (size_t b = 0; b < blocks_[l].size(); ++b) {
-      std::memcpy(blocks_[l][b], other.blocks_[l][b], n * sizeof(uint16_t));
+  durability_ = std::make_shared<KvDurability>();
+  durable_id_.clear();
+  durable_blocks_ = 0;
+  fetch_failure_ = std::make_unique<FetchFailure>();
+  const int blocks = other.capacity_ / block_size_;
+  GrowTables(other.table_blocks_);
+  kmax_ = other.kmax_;
+  kmin_ = other.kmin_;
+  length_ = other.length_;
+  for (int l = 0; l < n_layer_; ++l) AllocatePrivateBlocks(l, blocks);
+  capacity_ = other.capacity_;
+  for (size_t t = 0; t < pages_.size(); ++t) {
+    for (int b = 0; b < blocks; ++b) {
+      std::memcpy(pages_[t][b], other.pages_[t][b], page_bytes());
     }
   }
   return *this;
 }
 
-void KvCache::Reserve(int n) {
-  if (n <= capacity_) return;
-  int new_cap = std::max(n, std::max(64, capacity_ * 2));
-  new_cap = (new_cap + block_size_ - 1) / block_size_ * block_size_;
+void KvCache::GrowTables(int blocks) {
+  if (blocks <= table_blocks_) return;
+  const int new_blocks = std::max(blocks, std::max(4, table_blocks_ * 2));
   const size_t row = head_dim_;
-  const size_t old_blocks = max_blocks(), new_blocks = new_cap / block_size_;
   for (int l = 0; l < n_layer_; ++l) {
     for (auto* meta : {&kmax_[l], &kmin_[l]}) {
       std::vector<uint16_t> grown(static_cast<size_t>(n_head_kv_) * new_blocks * row);
       for (int h = 0; h < n_head_kv_ && full_blocks() > 0; ++h) {
-        std::memcpy(grown.data() + h * new_blocks * row, meta->data() + h * old_blocks * row,
+        std::memcpy(grown.data() + h * new_blocks * row, meta->data() + h * table_blocks_ * row,
                     static_cast<size_t>(full_blocks()) * row * sizeof(uint16_t));
       }
       meta->swap(grown);
     }
-    // New blocks only: existing ones never move (pointers into them stay valid).
-    AllocateBlocks(l, new_blocks - old_blocks);
   }
-  capacity_ = new_cap;
+  for (size_t t = 0; t < pages_.size(); ++t) {
+    pages_[t].resize(new_blocks, nullptr);
+    if (paged()) {
+      pooled_.handles[t].resize(new_blocks);
+      pooled_.overflow[t].resize(new_blocks);
+    }
+  }
+  table_blocks_ = new_blocks;
+}
+
+void KvCache::Reserve(int n) {
+  if (n <= capacity_) return;
+  const int old_blocks = capacity_ / block_size_;
+  if (!paged()) {
+    // Private memory grows geometrically: few, large allocations.
+    int new_cap = std::max(n, std::max(64, capacity_ * 2));
+    new_cap = (new_cap + block_size_ - 1) / block_size_ * block_size_;
+    GrowTables(new_cap / block_size_);
+    for (int l = 0; l < n_layer_; ++l) AllocatePrivateBlocks(l, new_cap / block_size_ - old_blocks);
+    capacity_ = new_cap;
+    return;
+  }
+  // Pool pages are taken only as positions need them: the budget is shared.
+  const int new_blocks = (n + block_size_ - 1) / block_size_;
+  GrowTables(new_blocks);
+  for (size_t t = 0; t < pages_.size(); ++t) {
+    for (int b = old_blocks; b < new_blocks; ++b) AllocatePooledPage(t, b);
+  }
+  capacity_ = new_blocks * block_size_;
 }
 
 void KvCache::FreeSlab::operator()(uint16_t* p) const { std::free(p); }
 
-void KvCache::AllocateBlocks(int layer, size_t count) {
+void KvCache::AllocatePrivateBlocks(int layer, int count) {
   constexpr size_t kSlabBytes = 2 << 20;
   const size_t block_bytes = block_elements() * sizeof(uint16_t);
-  for (size_t i = 0; i < count; ++i) {
+  const int first = capacity_ / block_size_;
+  for (int i = 0; i < count; ++i) {
     if (slab_left_ == 0) {
       // Slabs of up to 2 MiB: few allocations, and blocks of a layer mostly
       // adjacent. Not zeroed: attention reads only committed rows, and
       // pages are then touched as rows are written rather than all at once
       // (a doubling at 8K tokens would otherwise stall one step for 190 MB).
-      const size_t want = std::max<size_t>(count - i, 1) * block_bytes;
+      const size_t want = static_cast<size_t>(std::max(count - i, 1)) * block_bytes;
       const size_t bytes = std::min(want, kSlabBytes);
       void* p = std::malloc(bytes);
       if (p == nullptr) throw std::bad_alloc();
@@ -86,10 +170,27 @@ void KvCache::AllocateBlocks(int layer, size_t count) {
       slab_next_ = static_cast<uint16_t*>(p);
       slab_left_ = bytes / block_bytes;
     }
-    blocks_[layer].push_back(slab_next_);
+    // One (layer, block): the pages of its heads, adjacent.
+    for (int h = 0; h < n_head_kv_; ++h) {
+      pages_[PageTable(layer, h)][first + i] = slab_next_ + h * page_elements();
+    }
     slab_next_ += block_elements();
     --slab_left_;
   }
+}
+
+void KvCache::AllocatePooledPage(size_t t, int b) {
+  absl::StatusOr<BlockPool::Handle> h = pooled_.paging.pool->Allocate();
+  if (h.ok()) {
+    pooled_.handles[t][b] = *h;
+    pages_[t][b] = static_cast<uint16_t*>(pooled_.paging.pool->data(*h));
+    return;
+  }
+  // Every slot is pinned or private: this page lives outside the budget
+  // until it is stored (ApplyDurability frees it then).
+  pooled_.overflow[t][b].reset(new uint16_t[page_elements()]);
+  pages_[t][b] = pooled_.overflow[t][b].get();
+  if (pooled_.paging.counters != nullptr) ++pooled_.paging.counters->overflow_pages;
 }
 
 void KvCache::Commit(int n) {
@@ -98,7 +199,7 @@ void KvCache::Commit(int n) {
   std::vector<float> key(head_dim_), mx(head_dim_), mn(head_dim_);
   for (int l = 0; l < n_layer_; ++l) {
     for (int h = 0; h < n_head_kv_; ++h) {
-      const KvRows keys = Keys(l, h);
+      const KvRows keys = Keys(l, h);  // blocks [first, last) are private: just written
       for (int b = first; b < last; ++b) {
         std::fill(mx.begin(), mx.end(), -INFINITY);
         std::fill(mn.begin(), mn.end(), INFINITY);
@@ -109,7 +210,7 @@ void KvCache::Commit(int n) {
             mn[d] = std::min(mn[d], key[d]);
           }
         }
-        const size_t at = (static_cast<size_t>(h) * max_blocks() + b) * head_dim_;
+        const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * head_dim_;
         QuantizeRow(GgmlType::kF16, mx.data(), kmax_[l].data() + at, head_dim_);  // exact
         QuantizeRow(GgmlType::kF16, mn.data(), kmin_[l].data() + at, head_dim_);
       }
@@ -118,9 +219,84 @@ void KvCache::Commit(int n) {
 }
 
 size_t KvCache::bytes() const {
-  const size_t kv = static_cast<size_t>(n_layer_) * max_blocks() * block_elements();
-  const size_t meta = static_cast<size_t>(2) * n_layer_ * n_head_kv_ * max_blocks() * head_dim_;
-  return (kv + meta) * sizeof(uint16_t);
+  const size_t meta = static_cast<size_t>(2) * n_layer_ * n_head_kv_ * table_blocks_ * head_dim_;
+  size_t pages = 0;
+  if (!paged()) {
+    pages = pages_.size() * static_cast<size_t>(capacity_ / block_size_);
+  } else {
+    for (const auto& table : pooled_.overflow) {
+      for (const auto& p : table) pages += p != nullptr;
+    }
+  }
+  return (pages * page_elements() + meta) * sizeof(uint16_t);
+}
+
+void KvCache::ApplyDurability() {
+  std::string id;
+  int n = 0;
+  durability_->Get(&id, &n);
+  n = std::min(n, full_blocks());
+  if (n <= durable_blocks_) return;
+  if (paged()) {
+    for (size_t t = 0; t < pages_.size(); ++t) {
+      for (int b = durable_blocks_; b < n; ++b) {
+        if (pooled_.handles[t][b].valid()) pooled_.paging.pool->MarkEvictable(pooled_.handles[t][b]);
+        if (pooled_.overflow[t][b] != nullptr) {
+          pooled_.overflow[t][b].reset();  // stored: fetched back into the pool if needed
+          if (pooled_.paging.counters != nullptr) --pooled_.paging.counters->overflow_pages;
+        }
+        pages_[t][b] = nullptr;  // read through the handle from now on
+      }
+    }
+  }
+  durable_id_ = id;
+  durable_blocks_ = n;
+}
+
+absl::Status KvCache::AdoptStored(const std::string& sequence_id, int n_blocks,
+                                  const std::vector<std::string>& layer_metadata) {
+  if (!paged() || length_ != 0) {
+    return absl::FailedPreconditionError("AdoptStored needs an empty pool-backed cache");
+  }
+  const size_t record = static_cast<size_t>(n_head_kv_) * 2 * head_dim_ * sizeof(uint16_t);
+  if (n_blocks <= 0 || static_cast<int>(layer_metadata.size()) != n_layer_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("expected metadata of ", n_layer_, " layers, got ", layer_metadata.size()));
+  }
+  for (const std::string& m : layer_metadata) {
+    if (m.size() < record * n_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("layer metadata holds ", m.size() / record,
+                                                     " blocks, expected ", n_blocks));
+    }
+  }
+  GrowTables(n_blocks);
+  const size_t d = head_dim_;
+  for (int l = 0; l < n_layer_; ++l) {
+    const auto* src = reinterpret_cast<const uint16_t*>(layer_metadata[l].data());
+    for (int b = 0; b < n_blocks; ++b) {
+      for (int h = 0; h < n_head_kv_; ++h) {
+        const uint16_t* rec = src + (static_cast<size_t>(b) * n_head_kv_ + h) * 2 * d;
+        const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * d;
+        std::memcpy(kmax_[l].data() + at, rec, d * sizeof(uint16_t));
+        std::memcpy(kmin_[l].data() + at, rec + d, d * sizeof(uint16_t));
+      }
+    }
+  }
+  length_ = capacity_ = n_blocks * block_size_;  // every page absent until read
+  durability_->Update(sequence_id, n_blocks);
+  durable_id_ = sequence_id;
+  durable_blocks_ = n_blocks;
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::fetch_status() const {
+  absl::MutexLock lock(&fetch_failure_->mu);
+  return fetch_failure_->status;
+}
+
+void KvCache::SetFetchFailure(const absl::Status& s) const {
+  absl::MutexLock lock(&fetch_failure_->mu);
+  if (fetch_failure_->status.ok()) fetch_failure_->status = s;
 }
 
 }  // namespace psa

@@ -43,6 +43,10 @@ LlamaRuntime::LlamaRuntime(const LlamaModel& model, RuntimeOptions options,
 
 KvCache LlamaRuntime::NewCache(int block_size) const {
   const LlamaHparams& hp = model_.hparams();
+  if (options_.paging.pool != nullptr) {
+    return KvCache(hp.n_layer, hp.n_head_kv, hp.head_dim,
+                   block_size > 0 ? block_size : KvCache::kDefaultBlockSize, options_.paging);
+  }
   return KvCache(hp.n_layer, hp.n_head_kv, hp.head_dim, block_size);
 }
 

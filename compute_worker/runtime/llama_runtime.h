@@ -24,6 +24,7 @@ struct RuntimeOptions {
   int threads = 0;            // 0: OpenMP default (all cores)
   int max_batch_tokens = 512; // rows per Forward() pass; longer prompts are chunked
   int max_context = 0;        // 0: the model's training context
+  KvPaging paging;            // NewCache(): pages in this pool (if set), else private
 };
 
 // One sequence's part of a batch: `tokens` are appended at positions

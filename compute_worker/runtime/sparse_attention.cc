@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/fp16_kernels.h"
+#include "compute_worker/runtime/kv_page_reader.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -236,9 +237,13 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
 
   // Exact attention over one block for every still-active head.
   // c: the block's candidate index, or -1 for an always-attended block.
-  const KvRows keys = kv.Keys(task.layer, task.kv_head);
-  const KvRows values = kv.Values(task.layer, task.kv_head);
+  // Pages come through the reader: with a pool, the next iteration's blocks
+  // are fetched while the current ones are computed.
+  KvPageReader reader(kv, task.layer, task.kv_head);
+  const KvRows keys = reader.Keys();
+  const KvRows values = reader.Values();
   auto process_block = [&](int b, int c) {
+    reader.Page(b);
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
     for (int t = t0; t < t1; ++t) {
@@ -281,11 +286,31 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
   };
 
+  // Prefetch: the candidates of iteration `it` (1-based) are
+  // order[(it - 1) * G, it * G). Issued one iteration ahead.
+  const int G = topk ? std::max(1, take) : policy_.group_blocks;
+  const bool paged = kv.paged();
+  thread_local std::vector<int> ahead;
+  auto prefetch_iteration = [&](int first) {
+    if (!paged || first >= take) return;
+    const int end = std::min(take, first + G);
+    ensure_sorted(end);
+    ahead.clear();
+    for (int k = first; k < end; ++k) ahead.push_back(sink + order[k]);
+    reader.Prefetch(ahead);
+  };
+  if (paged) {
+    ahead.clear();
+    for (int b = 0; b < sink; ++b) ahead.push_back(b);
+    for (int b = local_begin; b < n_blocks; ++b) ahead.push_back(b);
+    reader.Prefetch(ahead);
+    prefetch_iteration(0);
+  }
+
   // Iteration 1: the sinks and the newest blocks.
   for (int b = 0; b < sink; ++b) process_block(b, -1);
   for (int b = local_begin; b < n_blocks; ++b) process_block(b, -1);
   int next = 0;  // position in `order`
-  const int G = topk ? std::max(1, take) : policy_.group_blocks;
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
   for (int it = 1;; ++it) {
     int active = 0;
@@ -335,6 +360,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
     const int end = std::min(take, next + G);
     ensure_sorted(end);
+    prefetch_iteration(end);  // the next iteration's blocks, while these compute
     for (; next < end; ++next) process_block(sink + order[next], order[next]);
   }
 

@@ -150,6 +150,9 @@ bool BatchScheduler::Step() {
   }
   Retire();
 
+  // Blocks the KV service stored since the last step become evictable.
+  for (auto& seq : running_) seq->kv.ApplyDurability();
+
   // Decode rows first (one each), then prompt chunks within the budget.
   std::vector<BatchEntry> batch;
   std::vector<Sequence*> owners;
@@ -181,6 +184,14 @@ bool BatchScheduler::Step() {
     Sequence* seq = owners[i];
     if (!status.ok()) {  // validated on submit: this is a bug, not bad input
       Finish(seq, absl::InternalError(absl::StrCat("forward pass failed: ", status.message())));
+      continue;
+    }
+    if (absl::Status fetched = seq->kv.fetch_status(); !fetched.ok()) {
+      // Attention read pages that never arrived: this step's output is
+      // wrong and is dropped. Resuming elsewhere recomputes from the tokens.
+      Finish(seq, absl::UnavailableError(absl::StrCat(
+                      "the KV service could not return this sequence's blocks (",
+                      fetched.message(), "); resubmit with the tokens so far to continue")));
       continue;
     }
     const bool decode = seq->prefilled == seq->request.prompt.size();

@@ -79,6 +79,8 @@ class BatchScheduler {
                                   std::unique_ptr<AttentionBackend> attention,
                                   absl::Time deadline, SequenceEvents events,
                                   std::unique_ptr<KvCache> preloaded = nullptr);
+  // An empty cache of the kind sequences use (e.g. to preload a prefix into).
+  KvCache NewCache() const { return runtime_->NewCache(); }
   // Ends the sequence at the next step (finish_reason "cancelled"); no-op
   // for unknown or finished ids. Thread-safe.
   void Cancel(uint64_t id);

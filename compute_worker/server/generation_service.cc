@@ -101,7 +101,7 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
     attention_name_ = policy_.kind == AttentionPolicy::Kind::kDense ? "dense" : policy_.ToString();
     deadline_ = absl::FromChrono(ctx->deadline());
     if (service_->prefix_store_ == nullptr) return Schedule(std::move(gen), nullptr);
-    auto kv = std::make_unique<KvCache>(hp.n_layer, hp.n_head_kv, hp.head_dim);
+    auto kv = std::make_unique<KvCache>(service_->scheduler_->NewCache());
     std::vector<TokenId> prompt_copy = gen.prompt;
     service_->prefix_store_->LoadAsync(
         std::move(prompt_copy), std::move(kv),

@@ -132,7 +132,30 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
       errors_.Add({{"op", "lookup"}}).Increment();
       return 0;
     }
-    // Fetch every layer's blocks [0, n) straight into the cache's slots.
+    bool loaded = false;
+    if (kv->paged()) {
+      // Pool-backed: take the metadata only; attention fetches the pages
+      // it reads, when it reads them.
+      absl::StatusOr<std::vector<psa::v1::LayerMetadata>> meta = client_->ReadMetadata(id);
+      if (meta.ok()) {
+        std::vector<std::string> layers(layout_.num_layers());
+        for (psa::v1::LayerMetadata& m : *meta) {
+          if (m.layer() < layers.size()) layers[m.layer()] = std::move(*m.mutable_metadata());
+        }
+        absl::Status adopted = kv->AdoptStored(id, n, layers);
+        loaded = adopted.ok();
+      }
+      (void)client_->Lease(id, lease->lease_id(), absl::ZeroDuration());
+      if (!loaded) {
+        errors_.Add({{"op", "fetch"}}).Increment();
+        return 0;
+      }
+      hit_tokens_.Increment(n * B);
+      load_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+      return n * B;
+    }
+    // Private memory: fetch every layer's blocks [0, n) straight into the
+    // cache's pages.
     kv->Reserve(n * B);
     absl::Mutex mu;
     absl::Status failure;
@@ -154,8 +177,12 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
                 status = absl::InternalError("fetched blocks have the wrong size");
               }
               if (status.ok()) {
+                const size_t page = kv->page_bytes();
                 for (size_t k = 0; k < got.size(); ++k) {
-                  got.CopyTo(k, 1, reinterpret_cast<char*>(kv->MutableBlock(layer, first + k)));
+                  for (int h = 0; h < kv->n_head_kv(); ++h) {
+                    got.CopyBytes(k * got.block_bytes() + h * page, page,
+                                  reinterpret_cast<char*>(kv->MutablePage(layer, h, first + k)));
+                  }
                 }
               }
               absl::MutexLock lock(&mu);
@@ -185,6 +212,8 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
       return 0;  // kv stays empty (length 0): the caller prefills everything
     }
     kv->Commit(n * B);  // recomputes the block metadata from the keys
+    kv->durability()->Update(id, n);
+    kv->ApplyDurability();
     hit_tokens_.Increment(n * B);
     load_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
     return n * B;
@@ -193,16 +222,11 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
   return 0;
 }
 
-void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv,
-                          int already_published) {
+void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv) {
   const int B = layout_.block_size();
   const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
-  if (n <= already_published) return;
-  PendingWrite w;
-  w.n_blocks = n;
-  w.hashes = BlockHashes(layout_.model_id(), B, prompt, n);
-  Export(kv, 0, n, &w.blocks);
-  Enqueue(std::move(w));
+  if (n <= kv.durable_blocks()) return;
+  Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
 }
 
 void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> prompt,
@@ -210,15 +234,39 @@ void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> prompt,
   const int B = layout_.block_size();
   const int C = options_.checkpoint_blocks;
   const int n = kv.full_blocks();
-  if (n == 0 || n % C != 0) return;  // most steps: nothing to do, nothing copied
+  if (n == 0 || n % C != 0 || n <= kv.durable_blocks()) return;  // most steps: nothing to do
   std::vector<TokenId> tokens(prompt.begin(), prompt.end());
   tokens.insert(tokens.end(), generated.begin(),
                 generated.begin() + std::min<size_t>(generated.size(),
                                                      static_cast<size_t>(n) * B - prompt.size()));
+  Plan(BlockHashes(layout_.model_id(), B, tokens, n), n, kv);
+}
+
+void PrefixStore::Plan(std::vector<std::string> hashes, int n, const KvCache& kv) {
   PendingWrite w;
   w.n_blocks = n;
-  w.link_blocks = n - C;
-  w.hashes = BlockHashes(layout_.model_id(), B, tokens, n);
+  w.hashes = std::move(hashes);
+  w.durability = kv.durability();
+  // Link what the KV service already holds for this cache, write the rest.
+  // A link must stay on one shard: same placement key.
+  const std::string id = SequenceId(w.hashes, n);
+  if (kv.durable_blocks() > 0 &&
+      KvClient::PlacementKey(kv.durable_id()) == KvClient::PlacementKey(id)) {
+    w.link_blocks = kv.durable_blocks();
+    w.link_source = kv.durable_id();
+  }
+  for (uint32_t layer = 0; layer < layout_.num_layers(); ++layer) {
+    for (int h = 0; h < static_cast<int>(layout_.num_kv_heads()); ++h) {
+      for (int b = w.link_blocks; b < n; ++b) {
+        if (kv.Page(layer, h, b) == nullptr) {
+          // Evicted (stored elsewhere, not linkable from here): keep what
+          // is stored; the cache stays as durable as it was.
+          errors_.Add({{"op", "publish_skipped"}}).Increment();
+          return;
+        }
+      }
+    }
+  }
   Export(kv, w.link_blocks, n, &w.blocks);
   Enqueue(std::move(w));
 }
@@ -231,9 +279,12 @@ void PrefixStore::Export(const KvCache& kv, int first, int last,
       psa::v1::KvBlock block;
       block.set_layer(layer);
       block.set_index(b);
-      // The cache's block layout is the KV service's: one copy.
-      block.mutable_data()->assign(reinterpret_cast<const char*>(kv.Block(layer, b)),
-                                   kv.block_elements() * 2);
+      // The cache's pages, heads in order, are the KV service's block.
+      std::string* data = block.mutable_data();
+      data->reserve(kv.block_elements() * 2);
+      for (int h = 0; h < heads; ++h) {
+        data->append(reinterpret_cast<const char*>(kv.Page(layer, h, b)), kv.page_bytes());
+      }
       std::string* meta = block.mutable_metadata();
       for (int h = 0; h < heads; ++h) {
         meta->append(reinterpret_cast<const char*>(kv.KeyMax(layer, h, b)), d * 2);
@@ -286,9 +337,8 @@ void PrefixStore::WriteLoop() {
 void PrefixStore::Write(PendingWrite& w) {
   const std::string id = SequenceId(w.hashes, w.n_blocks);
   absl::StatusOr<psa::v1::OpenSequenceResponse> opened =
-      w.link_blocks > 0
-          ? client_->OpenLinked(id, layout_, SequenceId(w.hashes, w.link_blocks), w.link_blocks)
-          : client_->Open(id, layout_);
+      w.link_blocks > 0 ? client_->OpenLinked(id, layout_, w.link_source, w.link_blocks)
+                        : client_->Open(id, layout_);
   if (!opened.ok()) {
     errors_.Add({{"op", "publish"}}).Increment();
     return;
@@ -310,6 +360,7 @@ void PrefixStore::Write(PendingWrite& w) {
       errors_.Add({{"op", "link"}}).Increment();
     }
   }
+  w.durability->Update(id, w.n_blocks);  // the cache may evict these pages now
 }
 
 }  // namespace psa

@@ -48,7 +48,9 @@ class PrefixStore {
 
   // Fills the empty `kv` with the longest published prefix of `prompt`
   // (whole blocks, leaving at least one token to prefill) and returns its
-  // length in tokens; 0 (and `kv` empty) when none is found or anything fails.
+  // length in tokens; 0 (and `kv` empty) when none is found or anything
+  // fails. A pool-backed cache takes only the metadata (its pages are read
+  // on demand); a private one fetches every block.
   int Load(absl::Span<const TokenId> prompt, KvCache* kv);
 
   // Load() on one of the store's loader threads; `done` gets the cache and
@@ -56,16 +58,18 @@ class PrefixStore {
   using LoadDone = std::function<void(std::unique_ptr<KvCache> kv, int tokens)>;
   void LoadAsync(std::vector<TokenId> prompt, std::unique_ptr<KvCache> kv, LoadDone done);
 
-  // Queues the full prompt blocks of `kv` for publishing unless the first
-  // `already_published` blocks are all of them. Copies now, writes later.
-  void Publish(absl::Span<const TokenId> prompt, const KvCache& kv, int already_published);
+  // Queues the full prompt blocks of `kv` that the KV service does not
+  // hold yet for publishing (linking those it holds). Copies now, writes
+  // later, then tells kv.durability().
+  void Publish(absl::Span<const TokenId> prompt, const KvCache& kv);
 
   // During decode: when the cache's full blocks reach a multiple of
   // checkpoint_blocks, publishes the sequence so far (the prompt, then the
-  // generated tokens the cache holds) under its own name, linking the previous checkpoint and writing
-  // only the blocks after it. A generation resumed elsewhere from its
-  // prompt plus the tokens so far then loads all but the last few hundred
-  // tokens instead of recomputing them.
+  // generated tokens the cache holds) under its own name, linking what is
+  // already stored and writing only the blocks after it. A generation
+  // resumed elsewhere from its prompt plus the tokens so far then loads all
+  // but the last few hundred tokens instead of recomputing them, and a
+  // pool-backed cache may evict the stored pages.
   void PublishCheckpoint(absl::Span<const TokenId> prompt, absl::Span<const TokenId> generated,
                          const KvCache& kv);
 
@@ -80,9 +84,13 @@ class PrefixStore {
   struct PendingWrite {
     std::vector<std::string> hashes;       // per block
     int n_blocks = 0;
-    int link_blocks = 0;                   // [0, link_blocks): linked from that checkpoint
+    int link_blocks = 0;                   // [0, link_blocks): linked from link_source
+    std::string link_source;
+    std::shared_ptr<KvDurability> durability;  // told once written
     std::vector<psa::v1::KvBlock> blocks;  // [link_blocks, n_blocks) of all layers
   };
+  // Queues the write of blocks [0, n) named by `hashes`.
+  void Plan(std::vector<std::string> hashes, int n, const KvCache& kv);
   // Copies blocks [first, last) of every layer.
   void Export(const KvCache& kv, int first, int last, std::vector<psa::v1::KvBlock>* out) const;
   void Enqueue(PendingWrite w);

@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
     psa::PrefixStore* store = prefix_store.get();
     scheduler_options.on_prompt_prefilled = [store](const psa::GenerationRequest& request,
                                                     const psa::KvCache& kv, int preloaded) {
-      store->Publish(request.prompt, kv, preloaded / psa::KvCache::kDefaultBlockSize);
+      store->Publish(request.prompt, kv);
     };
     scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& prompt,
                                                 const std::vector<psa::TokenId>& generated,

@@ -9,82 +9,94 @@
 namespace psa {
 namespace {
 
-constexpr size_t kBlock = 12288;
+constexpr size_t kPage = 4096;
 
-TEST(BlockPoolTest, EvictsLeastRecentlyUsedDurableUnpinnedBlocks) {
-  BlockPool pool(4 * kBlock, kBlock);
-  std::vector<int> evicted;
-  std::vector<BlockPool::SlotId> slots;
+TEST(BlockPoolTest, EvictsLeastRecentlyUsedDurableUnpinnedPages) {
+  BlockPool pool(4 * kPage, kPage);
+  std::vector<BlockPool::Handle> pages;
   for (int i = 0; i < 4; ++i) {
-    auto s = pool.Allocate([&evicted, i] { evicted.push_back(i); });
-    ASSERT_TRUE(s.ok()) << s.status();
-    std::memset(pool.data(*s), i, kBlock);  // memory is really there
-    slots.push_back(*s);
+    auto h = pool.Allocate();
+    ASSERT_TRUE(h.ok()) << h.status();
+    std::memset(pool.data(*h), i, kPage);  // memory is really there
+    pages.push_back(*h);
   }
   // Full, and everything private: refused, nothing evicted.
-  EXPECT_EQ(pool.Allocate(nullptr).status().code(), absl::StatusCode::kResourceExhausted);
-  for (auto s : slots) pool.MarkEvictable(s);  // LRU order now 3 2 1 0 (0 oldest)
-  pool.Touch(slots[0]);                        // 0 becomes the most recent
-  pool.Pin(slots[1]);                          // 1 is being read
-  auto a = pool.Allocate(nullptr);
+  EXPECT_EQ(pool.Allocate().status().code(), absl::StatusCode::kResourceExhausted);
+  for (auto h : pages) pool.MarkEvictable(h);  // LRU order now 3 2 1 0 (0 oldest)
+  ASSERT_NE(pool.TryPin(pages[0]), nullptr);   // 0 becomes the most recent ...
+  pool.Unpin(pages[0]);
+  ASSERT_NE(pool.TryPin(pages[1]), nullptr);   // ... 1 is being read
+  auto a = pool.Allocate();
   ASSERT_TRUE(a.ok());
-  EXPECT_EQ(evicted, std::vector<int>({2}));  // the oldest evictable, unpinned one
-  EXPECT_EQ(*a, slots[2]);                    // its slot is reused
-  auto b = pool.Allocate(nullptr);
-  ASSERT_TRUE(b.ok());
-  EXPECT_EQ(evicted, std::vector<int>({2, 3}));
-  auto c = pool.Allocate(nullptr);
-  EXPECT_EQ(evicted, std::vector<int>({2, 3, 0}));
-  // Only the pinned block is left among the old ones: refused, not evicted.
-  EXPECT_EQ(pool.Allocate(nullptr).status().code(), absl::StatusCode::kResourceExhausted);
-  pool.Unpin(slots[1]);
-  EXPECT_TRUE(pool.Allocate(nullptr).ok());
-  EXPECT_EQ(evicted, std::vector<int>({2, 3, 0, 1}));
+  EXPECT_EQ(a->slot, pages[2].slot);  // the oldest evictable, unpinned one is reused
+  EXPECT_EQ(pool.TryPin(pages[2]), nullptr);  // and its old handle is stale
+  pool.Unpin(pages[2]);                       // harmless
+  pool.Free(pages[2]);                        // harmless: does not free *a
+  EXPECT_EQ(pool.stats().used, 4u);
+  ASSERT_TRUE(pool.Allocate().ok());  // evicts 3
+  ASSERT_TRUE(pool.Allocate().ok());  // evicts 0
+  EXPECT_EQ(pool.TryPin(pages[3]), nullptr);
+  EXPECT_EQ(pool.TryPin(pages[0]), nullptr);
+  // Only the pinned page is left among the old ones: refused, not evicted.
+  EXPECT_EQ(pool.Allocate().status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(static_cast<char*>(pool.data(pages[1]))[0], 1);  // untouched while pinned
+  pool.Unpin(pages[1]);
+  EXPECT_TRUE(pool.Allocate().ok());
+  EXPECT_EQ(pool.TryPin(pages[1]), nullptr);
   const BlockPool::Stats st = pool.stats();
   EXPECT_EQ(st.capacity_slots, 4u);
   EXPECT_EQ(st.used, 4u);
   EXPECT_EQ(st.evictions, 4u);
-  EXPECT_EQ(st.hits, 1u);
+  EXPECT_EQ(st.hits, 2u);
+  EXPECT_EQ(st.misses, 4u);
   EXPECT_DOUBLE_EQ(st.usage_ratio(), 1.0);
 }
 
-TEST(BlockPoolTest, FreeReturnsSlotsWithoutCallbacks) {
-  BlockPool pool(2 * kBlock, kBlock);
-  bool called = false;
-  auto a = pool.Allocate([&] { called = true; });
-  auto b = pool.Allocate(nullptr);
+TEST(BlockPoolTest, FreeReturnsTheSlotAndStalesTheHandle) {
+  BlockPool pool(2 * kPage, kPage);
+  auto a = pool.Allocate();
+  auto b = pool.Allocate();
   ASSERT_TRUE(a.ok() && b.ok());
   pool.MarkEvictable(*a);
   pool.Free(*a);
-  EXPECT_FALSE(called);
   EXPECT_EQ(pool.stats().used, 1u);
   EXPECT_EQ(pool.stats().evictable, 0u);
-  auto c = pool.Allocate(nullptr);
+  auto c = pool.Allocate();
   ASSERT_TRUE(c.ok());
-  EXPECT_EQ(*c, *a);
+  EXPECT_EQ(c->slot, a->slot);
+  EXPECT_NE(c->generation, a->generation);
+  EXPECT_EQ(pool.TryPin(*a), nullptr);
   EXPECT_EQ(pool.stats().evictions, 0u);
+  pool.Free(*a);  // stale: must not free c
+  EXPECT_EQ(pool.stats().used, 2u);
 }
 
 TEST(BlockPoolTest, ManyThreadsNeverExceedTheBudgetOrShareASlot) {
   constexpr int kSlots = 64;
-  BlockPool pool(kSlots * kBlock, kBlock);
+  BlockPool pool(kSlots * kPage, kPage);
   std::vector<std::atomic<int>> owners(kSlots);
   std::atomic<int> errors{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
+      std::vector<BlockPool::Handle> mine;
       for (int i = 0; i < 2000; ++i) {
-        auto s = pool.Allocate(nullptr);
-        if (!s.ok()) continue;  // full of private blocks for a moment
-        if (owners[*s].fetch_add(1) != 0) ++errors;  // someone else holds it
-        pool.Pin(*s);
-        static_cast<char*>(pool.data(*s))[0] = static_cast<char>(t);
-        pool.Unpin(*s);
-        owners[*s].fetch_sub(1);
+        auto h = pool.Allocate();
+        if (!h.ok()) continue;  // full of private pages for a moment
+        if (owners[h->slot].fetch_add(1) != 0) ++errors;  // someone else holds it
+        static_cast<char*>(pool.data(*h))[0] = static_cast<char>(t);
+        owners[h->slot].fetch_sub(1);
         if (i % 2) {
-          pool.MarkEvictable(*s);  // left for eviction
+          pool.MarkEvictable(*h);  // left for eviction; read back later
+          mine.push_back(*h);
         } else {
-          pool.Free(*s);
+          pool.Free(*h);
+        }
+        if (i % 7 == 0 && !mine.empty()) {
+          if (void* p = pool.TryPin(mine[i % mine.size()])) {
+            if (static_cast<char*>(p)[0] != static_cast<char>(t)) ++errors;
+            pool.Unpin(mine[i % mine.size()]);
+          }
         }
       }
     });

@@ -1,0 +1,155 @@
+#include "compute_worker/runtime/kv_page_reader.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace psa {
+
+KvPageReader::KvPageReader(const KvCache& kv, int layer, int kv_head)
+    : kv_(const_cast<KvCache&>(kv)),
+      layer_(layer),
+      kv_head_(kv_head),
+      table_(kv.PageTable(layer, kv_head)) {
+  if (!kv.paged()) {
+    direct_ = kv.pages_[table_].data();
+    return;
+  }
+  const size_t n = kv.pages_[table_].size();
+  ptr_.assign(n, nullptr);
+  waiting_.assign(n, 0);
+  absl::MutexLock lock(&mu_);
+  arrived_.assign(n, 0);
+}
+
+KvPageReader::~KvPageReader() {
+  if (direct_ != nullptr) return;
+  absl::Status failure;
+  {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this] {
+      mu_.AssertHeld();
+      return in_flight_ == 0;
+    };
+    mu_.Await(absl::Condition(&idle));  // fetches write into memory we own
+    failure = failure_;
+  }
+  BlockPool* pool = kv_.pooled_.paging.pool;
+  for (BlockPool::Handle h : pinned_) pool->Unpin(h);
+  for (BlockPool::Handle h : fetched_) {
+    if (failure.ok()) {
+      pool->MarkEvictable(h);
+    } else {
+      pool->Free(h);  // garbage: the cache's handle goes stale, a later read refetches
+    }
+  }
+  if (!failure.ok()) kv_.SetFetchFailure(failure);
+}
+
+void KvPageReader::Prefetch(absl::Span<const int> blocks) {
+  if (direct_ != nullptr) return;
+  const KvPaging& paging = kv_.pooled_.paging;
+  std::vector<int> want;
+  std::vector<uint16_t*> dsts;
+  auto flush = [&] {
+    if (want.empty()) return;
+    const int n = static_cast<int>(want.size());
+    if (paging.counters != nullptr) {
+      paging.counters->page_fetches += n;
+      paging.counters->fetch_bytes += n * kv_.page_bytes();
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      ++in_flight_;
+    }
+    paging.fetcher->FetchPages(
+        kv_.durable_id(), layer_, kv_head_, want, dsts,
+        [this, got = want](absl::Status status) {
+          absl::MutexLock lock(&mu_);
+          for (int b : got) arrived_[b] = 1;
+          if (!status.ok() && failure_.ok()) {
+            failure_ = absl::Status(status.code(),
+                                    absl::StrCat("fetching KV pages: ", status.message()));
+          }
+          --in_flight_;
+        });
+    want.clear();
+    dsts.clear();
+  };
+  for (int b : blocks) {
+    if (ptr_[b] != nullptr) continue;  // readable or on its way
+    if (const uint16_t* own = kv_.pages_[table_][b]; own != nullptr) {
+      ptr_[b] = own;  // still private to the cache
+      continue;
+    }
+    if (paging.counters != nullptr) ++paging.counters->page_reads;
+    BlockPool::Handle& h = kv_.pooled_.handles[table_][b];
+    if (void* p = paging.pool->TryPin(h)) {
+      ptr_[b] = static_cast<const uint16_t*>(p);
+      pinned_.push_back(h);
+      continue;
+    }
+    uint16_t* dst;
+    if (absl::StatusOr<BlockPool::Handle> slot = paging.pool->Allocate(); slot.ok()) {
+      h = *slot;  // private until the reader ends: nobody else can take it
+      fetched_.push_back(h);
+      dst = static_cast<uint16_t*>(paging.pool->data(h));
+    } else {
+      h = BlockPool::Handle{};
+      scratch_.emplace_back(new uint16_t[kv_.page_elements()]);
+      dst = scratch_.back().get();
+      if (paging.counters != nullptr) ++paging.counters->scratch_pages;
+    }
+    if (b >= kv_.durable_blocks()) {
+      // Not resident and not stored: cannot happen unless the cache's
+      // bookkeeping is broken. Fail loudly rather than read garbage.
+      std::memset(dst, 0, kv_.page_bytes());
+      absl::MutexLock lock(&mu_);
+      arrived_[b] = 1;
+      if (failure_.ok()) {
+        failure_ = absl::InternalError(absl::StrCat("KV page of block ", b, " is missing"));
+      }
+    } else {
+      want.push_back(b);
+      dsts.push_back(dst);
+    }
+    ptr_[b] = dst;
+    waiting_[b] = 1;
+    if (static_cast<int>(want.size()) == kMaxBlocksPerFetch) flush();
+  }
+  flush();
+}
+
+const uint16_t* KvPageReader::WaitPage(int b) {
+  if (ptr_[b] == nullptr) Prefetch({b});
+  if (waiting_[b]) {
+    absl::MutexLock lock(&mu_);
+    if (!arrived_[b]) {
+      const absl::Time start = absl::Now();
+      auto here = [this, b] {
+        mu_.AssertHeld();
+        return arrived_[b] != 0;
+      };
+      mu_.Await(absl::Condition(&here));
+      if (KvPagingCounters* c = kv_.pooled_.paging.counters) {
+        c->stall_ns += absl::ToInt64Nanoseconds(absl::Now() - start);
+      }
+    }
+    if (!failure_.ok()) std::memset(const_cast<uint16_t*>(ptr_[b]), 0, kv_.page_bytes());
+    waiting_[b] = 0;
+  }
+  return ptr_[b];
+}
+
+KvRows KvPageReader::Keys() const {
+  return KvRows{direct_ != nullptr ? direct_ : ptr_.data(), 0, kv_.block_size(), kv_.head_dim()};
+}
+
+KvRows KvPageReader::Values() const {
+  return KvRows{direct_ != nullptr ? direct_ : ptr_.data(),
+                static_cast<size_t>(kv_.block_size()) * kv_.head_dim(), kv_.block_size(),
+                kv_.head_dim()};
+}
+
+}  // namespace psa
