@@ -368,9 +368,10 @@ uint64_t BlockStore::RemoveLocked(const std::string& id) {
   return freed;
 }
 
-absl::Status BlockStore::ReadRefs(const std::string& id, uint32_t layer,
+absl::Status BlockStore::ReadRefs(const std::string& id, uint32_t layer, int kv_head,
                                   absl::Span<const uint32_t> indices, uint64_t max_bytes,
-                                  std::vector<std::shared_ptr<const std::string>>* blocks) {
+                                  std::vector<std::shared_ptr<const std::string>>* blocks,
+                                  ByteRange* range) {
   blocks->clear();
   blocks->reserve(indices.size());
   absl::MutexLock lock(&mu_);
@@ -383,7 +384,19 @@ absl::Status BlockStore::ReadRefs(const std::string& id, uint32_t layer,
     return absl::InvalidArgumentError(absl::StrCat(
         "layer ", layer, " is out of range; the sequence has ", seq->layers.size()));
   }
-  const uint64_t bytes = KvBlockDataBytes(seq->layout);
+  const uint64_t block_bytes = KvBlockDataBytes(seq->layout);
+  *range = ByteRange{0, block_bytes};
+  if (kv_head != kAllHeads) {
+    if (kv_head < 0 || kv_head >= static_cast<int>(seq->layout.num_kv_heads())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv_head ", kv_head, " is out of range; the layout has ",
+          seq->layout.num_kv_heads(), " KV heads"));
+    }
+    // Blocks are laid out head by head: [head][K B x d][V B x d].
+    const uint64_t page = block_bytes / seq->layout.num_kv_heads();
+    *range = ByteRange{page * kv_head, page};
+  }
+  const uint64_t bytes = range->length;
   if (indices.size() * bytes > max_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         indices.size(), " blocks of ", bytes, " bytes exceed the ", max_bytes,
@@ -408,7 +421,11 @@ absl::Status BlockStore::Read(const std::string& id, uint32_t layer,
                               absl::Span<const uint32_t> indices, uint64_t max_bytes,
                               std::string* out, uint64_t* block_bytes) {
   std::vector<std::shared_ptr<const std::string>> blocks;
-  if (absl::Status s = ReadRefs(id, layer, indices, max_bytes, &blocks); !s.ok()) return s;
+  ByteRange range;
+  if (absl::Status s = ReadRefs(id, layer, kAllHeads, indices, max_bytes, &blocks, &range);
+      !s.ok()) {
+    return s;
+  }
   *block_bytes = blocks.empty() ? 0 : blocks[0]->size();
   for (const auto& b : blocks) out->append(*b);
   return absl::OkStatus();

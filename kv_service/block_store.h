@@ -90,12 +90,22 @@ class BlockStore {
   absl::StatusOr<WriteResult> Write(const std::string& id,
                                     absl::Span<const BlockWrite> blocks);
 
+  // Which bytes of each block a read returns.
+  struct ByteRange {
+    uint64_t offset = 0;
+    uint64_t length = 0;
+  };
+  static constexpr int kAllHeads = -1;
+
   // References to the data of `indices` of `layer`, in order, valid for as
-  // long as they are held (even if the sequence is released meanwhile);
-  // refuses (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.
-  absl::Status ReadRefs(const std::string& id, uint32_t layer,
+  // long as they are held (even if the sequence is released meanwhile).
+  // With kv_head >= 0 only that head's part of each block (its K then V) is
+  // wanted: *range says which bytes; otherwise all of them. Refuses
+  // (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.
+  absl::Status ReadRefs(const std::string& id, uint32_t layer, int kv_head,
                         absl::Span<const uint32_t> indices, uint64_t max_bytes,
-                        std::vector<std::shared_ptr<const std::string>>* blocks);
+                        std::vector<std::shared_ptr<const std::string>>* blocks,
+                        ByteRange* range);
 
   // Appends the data of `indices` of `layer`, in order, to `out`; refuses
   // (RESOURCE_EXHAUSTED) a read of more than `max_bytes`.

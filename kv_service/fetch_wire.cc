@@ -101,9 +101,10 @@ class SliceReader {
 }  // namespace
 
 EncodedAnswer EncodeAnswer(uint64_t tag,
-                           const std::vector<std::shared_ptr<const std::string>>& blocks) {
-  uint64_t total = 0;
-  for (const auto& b : blocks) total += b->size();
+                           const std::vector<std::shared_ptr<const std::string>>& blocks,
+                           uint64_t offset, uint64_t length) {
+  if (length == 0 && !blocks.empty()) length = blocks[0]->size() - offset;
+  const uint64_t total = length * blocks.size();
   std::string head;
   if (tag != 0) {  // proto3 omits default values; so do we
     AppendKey(&head, BlockAnswer::kTagFieldNumber, kVarint);
@@ -111,7 +112,7 @@ EncodedAnswer EncodeAnswer(uint64_t tag,
   }
   if (!blocks.empty()) {
     AppendKey(&head, BlockAnswer::kBlockBytesFieldNumber, kVarint);
-    AppendVarint(&head, blocks[0]->size());
+    AppendVarint(&head, length);
     AppendKey(&head, BlockAnswer::kDataFieldNumber, kLengthDelimited);
     AppendVarint(&head, total);
   }
@@ -121,7 +122,7 @@ EncodedAnswer EncodeAnswer(uint64_t tag,
   answer.slices.emplace_back(head);
   for (const auto& b : blocks) {
     // The slice holds its own reference; gRPC drops it once the bytes are sent.
-    answer.slices.emplace_back(const_cast<char*>(b->data()), b->size(), &ReleaseBlock,
+    answer.slices.emplace_back(const_cast<char*>(b->data()) + offset, length, &ReleaseBlock,
                                new std::shared_ptr<const std::string>(b));
   }
   return answer;

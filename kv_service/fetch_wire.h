@@ -30,8 +30,10 @@ struct EncodedAnswer {
   uint64_t bytes = 0;
 };
 
+// Carries bytes [offset, offset + length) of each block (length 0: all).
 EncodedAnswer EncodeAnswer(uint64_t tag,
-                           const std::vector<std::shared_ptr<const std::string>>& blocks);
+                           const std::vector<std::shared_ptr<const std::string>>& blocks,
+                           uint64_t offset = 0, uint64_t length = 0);
 // An answer carrying `status` (not OK) for query `tag`.
 EncodedAnswer EncodeErrorAnswer(uint64_t tag, const absl::Status& status);
 

@@ -431,10 +431,11 @@ std::shared_ptr<KvClient::FetchStream> KvClient::LiveStream(const std::string& a
 
 absl::Status KvClient::FetchAsync(const std::string& sequence_id, uint32_t layer,
                                   absl::Span<const uint32_t> block_indices,
-                                  absl::Time deadline, FetchCallback done) {
+                                  absl::Time deadline, FetchCallback done, int kv_head) {
   psa::v1::BlockQuery query;
   query.set_sequence_id(sequence_id);
   query.set_layer(layer);
+  if (kv_head >= 0) query.set_kv_head(kv_head);
   query.mutable_block_indices()->Add(block_indices.begin(), block_indices.end());
   Shard& shard = ShardOf(sequence_id);
   Connection& c = *shard.connections[shard.next++ % shard.connections.size()];

@@ -82,10 +82,11 @@ class KvClient {
   // Queues a fetch and returns; `done` runs exactly once, with
   // DEADLINE_EXCEEDED if no answer came by `deadline`. Waits (back-pressure)
   // while the shard's stream has max_outstanding_fetches pending; an error
-  // return means `done` will not run.
+  // return means `done` will not run. With kv_head >= 0 each block is only
+  // that head's part (see BlockQuery.kv_head).
   absl::Status FetchAsync(const std::string& sequence_id, uint32_t layer,
                           absl::Span<const uint32_t> block_indices, absl::Time deadline,
-                          FetchCallback done);
+                          FetchCallback done, int kv_head = -1);
   // Blocking fetch.
   absl::StatusOr<FetchedBlocks> Fetch(const std::string& sequence_id, uint32_t layer,
                                       absl::Span<const uint32_t> block_indices,

@@ -306,13 +306,17 @@ void KvServiceImpl::AnswerFetch(grpc::ByteBuffer* request_buffer,
   }
   std::vector<std::shared_ptr<const std::string>> blocks;
   for (const psa::v1::BlockQuery& query : request.queries()) {
-    absl::Status s = store_->ReadRefs(query.sequence_id(), query.layer(), query.block_indices(),
-                                      // room for the envelope fields
-                                      max_message_bytes_ - 4096, &blocks);
+    BlockStore::ByteRange range;
+    absl::Status s = store_->ReadRefs(
+        query.sequence_id(), query.layer(),
+        query.has_kv_head() ? static_cast<int>(query.kv_head()) : BlockStore::kAllHeads,
+        query.block_indices(),
+        // room for the envelope fields
+        max_message_bytes_ - 4096, &blocks, &range);
     if (s.ok()) {
-      answers->push_back(EncodeAnswer(query.tag(), blocks));
+      answers->push_back(EncodeAnswer(query.tag(), blocks, range.offset, range.length));
       fetch_blocks_.Increment(blocks.size());
-      fetch_bytes_.Increment(blocks.empty() ? 0 : blocks.size() * blocks[0]->size());
+      fetch_bytes_.Increment(blocks.size() * range.length);
     } else {
       answers->push_back(EncodeErrorAnswer(query.tag(), s));
     }

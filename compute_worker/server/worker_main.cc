@@ -8,10 +8,13 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/byte_size.h"
 #include "common/grpc_server_main.h"
 #include "common/sha256.h"
 #include "compute_worker/server/attention_metrics.h"
 #include "compute_worker/server/generation_service.h"
+#include "compute_worker/server/kv_page_fetcher.h"
+#include "compute_worker/server/kv_pool_metrics.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7200", "gRPC address to serve on (port 0: pick one)");
@@ -32,6 +35,13 @@ ABSL_FLAG(int, top_k_blocks, 64, "Default topk budget in blocks");
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");
+ABSL_FLAG(std::string, kv_pool, "0",
+          "Memory for KV pages (e.g. 2GiB), shared by all sequences, layers and heads; pages "
+          "the KV service stores are evicted least-recently-used and fetched again when "
+          "attention reads them. Needs --kv_shards. 0: every sequence keeps all its KV in "
+          "memory");
+ABSL_FLAG(int, kv_fetch_timeout_ms, 10000,
+          "A KV page fetch not answered within this fails its sequence with UNAVAILABLE");
 ABSL_FLAG(int, prefix_checkpoint_blocks, 32,
           "Publish prompt prefixes under their own names every this many blocks");
 ABSL_FLAG(int, shutdown_grace_ms, 5000,
@@ -76,7 +86,43 @@ int main(int argc, char** argv) {
   auto model = psa::LlamaModel::Load(model_path);
   if (!model.ok()) return Fail(absl::StrCat("cannot load the model: ", model.status().message()));
 
+  absl::StatusOr<uint64_t> pool_bytes = psa::ParseByteSize(absl::GetFlag(FLAGS_kv_pool));
+  if (!pool_bytes.ok()) return Fail(absl::StrCat("--kv_pool: ", pool_bytes.status().message()));
+  const std::string shards = absl::GetFlag(FLAGS_kv_shards);
+  if (*pool_bytes > 0 && shards.empty()) {
+    return Fail("--kv_pool needs --kv_shards: evicted pages are fetched from the KV service");
+  }
+  const psa::LlamaHparams& hp = (*model)->hparams();
+  psa::metrics::Registry registry;
+  std::unique_ptr<psa::KvClient> kv_client;
+  if (!shards.empty()) {
+    psa::KvClientOptions kv_options;
+    kv_options.shards = absl::StrSplit(shards, ',', absl::SkipEmpty());
+    auto client = psa::KvClient::Connect(kv_options);
+    if (!client.ok()) return Fail(absl::StrCat("--kv_shards: ", client.status().message()));
+    kv_client = std::move(*client);
+  }
+
+  // The unified block pool: one page per (layer, KV head, block).
+  const size_t page_bytes = 2ull * psa::KvCache::kDefaultBlockSize * hp.head_dim * 2;
+  std::unique_ptr<psa::BlockPool> pool;
+  std::unique_ptr<psa::KvPageFetcher> fetcher;
+  psa::KvPagingCounters paging_counters;
+  std::unique_ptr<psa::KvPoolMetrics> pool_metrics;
   psa::RuntimeOptions runtime_options;
+  if (*pool_bytes > 0) {
+    if (*pool_bytes < 64 * page_bytes) {
+      return Fail(absl::StrCat("--kv_pool must hold at least 64 pages of ", page_bytes, " bytes"));
+    }
+    pool = std::make_unique<psa::BlockPool>(*pool_bytes, page_bytes);
+    fetcher = std::make_unique<psa::KvPageFetcher>(
+        kv_client.get(), page_bytes, absl::Milliseconds(absl::GetFlag(FLAGS_kv_fetch_timeout_ms)));
+    runtime_options.paging = psa::KvPaging{pool.get(), fetcher.get(), &paging_counters};
+    pool_metrics = std::make_unique<psa::KvPoolMetrics>(&registry, pool.get(), &paging_counters);
+    std::fprintf(stderr, "psa-worker: KV block pool of %llu pages (%s)\n",
+                 static_cast<unsigned long long>(pool->capacity_slots()),
+                 absl::GetFlag(FLAGS_kv_pool).c_str());
+  }
   runtime_options.threads = absl::GetFlag(FLAGS_threads);
   runtime_options.max_context = absl::GetFlag(FLAGS_max_context);
   psa::LlamaRuntime runtime(**model, runtime_options);
@@ -88,16 +134,8 @@ int main(int argc, char** argv) {
       scheduler_options.step_tokens < 1) {
     return Fail("--max_running and --step_tokens must be >= 1, --max_waiting >= 0");
   }
-  psa::metrics::Registry registry;
-  std::unique_ptr<psa::KvClient> kv_client;
   std::unique_ptr<psa::PrefixStore> prefix_store;
-  if (const std::string shards = absl::GetFlag(FLAGS_kv_shards); !shards.empty()) {
-    psa::KvClientOptions kv_options;
-    kv_options.shards = absl::StrSplit(shards, ',', absl::SkipEmpty());
-    auto client = psa::KvClient::Connect(kv_options);
-    if (!client.ok()) return Fail(absl::StrCat("--kv_shards: ", client.status().message()));
-    kv_client = std::move(*client);
-    const psa::LlamaHparams& hp = (*model)->hparams();
+  if (kv_client != nullptr) {
     psa::v1::KvLayout layout;
     layout.set_model_id(*sha);
     layout.set_num_layers(hp.n_layer);
@@ -112,7 +150,7 @@ int main(int argc, char** argv) {
                                                       &registry);
     psa::PrefixStore* store = prefix_store.get();
     scheduler_options.on_prompt_prefilled = [store](const psa::GenerationRequest& request,
-                                                    const psa::KvCache& kv, int preloaded) {
+                                                    const psa::KvCache& kv, int) {
       store->Publish(request.prompt, kv);
     };
     scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& prompt,

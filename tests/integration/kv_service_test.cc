@@ -9,6 +9,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
@@ -118,6 +119,50 @@ TEST(KvServiceTest, RoundTripIsBitExactWithManyFetchesOutstanding) {
   psa::v1::KvLayout other = layout;
   other.set_model_id("other-weights");
   EXPECT_EQ(client->Open("doc", other).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(KvServiceTest, PerHeadFetchReturnsThatHeadsPartOfEachBlock) {
+  auto shard = StartShard({});
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("doc", layout).ok());
+  ASSERT_TRUE(client->Write("doc", SequenceBlocks(layout, 2, 10, 5)).ok());
+  const size_t block = 2ull * layout.num_kv_heads() * layout.block_size() * layout.head_dim() * 2;
+  const size_t page = block / layout.num_kv_heads();
+  for (int head = 0; head < static_cast<int>(layout.num_kv_heads()); ++head) {
+    absl::Notification done;
+    absl::Status status;
+    std::string got;
+    uint32_t page_bytes = 0;
+    ASSERT_TRUE(client
+                    ->FetchAsync("doc", 1, {7, 2}, absl::Now() + absl::Seconds(10),
+                                 [&](absl::Status s, FetchedBlocks blocks) {
+                                   status = s;
+                                   got = blocks.ToString();
+                                   page_bytes = blocks.block_bytes();
+                                   done.Notify();
+                                 },
+                                 head)
+                    .ok());
+    done.WaitForNotification();
+    ASSERT_TRUE(status.ok()) << status;
+    EXPECT_EQ(page_bytes, page);
+    const std::string b7 = MakeBlock(layout, 1, 7, 5).data(), b2 = MakeBlock(layout, 1, 2, 5).data();
+    EXPECT_TRUE(got == b7.substr(head * page, page) + b2.substr(head * page, page)) << head;
+  }
+  absl::Notification done;
+  absl::Status status;
+  ASSERT_TRUE(client
+                  ->FetchAsync("doc", 1, {0}, absl::Now() + absl::Seconds(10),
+                               [&](absl::Status s, FetchedBlocks) {
+                                 status = s;
+                                 done.Notify();
+                               },
+                               /*kv_head=*/3)
+                  .ok());
+  done.WaitForNotification();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(status.message(), "kv_head 3")) << status;
 }
 
 TEST(KvServiceTest, BadInputsGetClearErrorsAndChangeNothing) {

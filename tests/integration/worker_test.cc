@@ -372,6 +372,97 @@ TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) 
   EXPECT_GE(b.Metric("psa_worker_kv_errors_total{op=\"lookup\"}"), 1);
 }
 
+// A worker whose KV lives in a block pool far smaller than its sequences'
+// KV: pages the KV service stores are evicted and fetched back on demand,
+// and every result is still exactly the in-process runtime's.
+TEST_F(TinyWorkerTest, PoolFarSmallerThanTheKvGivesExactResults) {
+  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const auto& hp = model_->hparams();
+  const int page_bytes = 2 * 16 * hp.head_dim * 2;
+  // 64 pages: 16 blocks of the model's 2 layers x 2 KV heads, 256 tokens.
+  Worker worker(*path_, {"--kv_shards=" + (*shard)->address(),
+                         absl::StrCat("--kv_pool=", 64 * page_bytes),
+                         "--prefix_checkpoint_blocks=4", "--max_running=16",
+                         "--step_tokens=256"});
+  EXPECT_EQ(worker.Metric("psa_worker_kv_pool_capacity_bytes"), 64 * page_bytes);
+
+  const auto prompt = Prompt(600, vocab(), 21);  // 38 blocks: 152 pages
+  Streamed dense = worker.Generate(IdsRequest(prompt, 40, psa::v1::AttentionPolicy::KIND_DENSE));
+  ASSERT_TRUE(dense.status.ok()) << dense.status.error_message();
+  EXPECT_EQ(dense.tokens, Reference(prompt, 40, Dense()));
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (worker.Metric("psa_worker_kv_write_bytes_total") <= 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(10));  // the prompt is being published
+  }
+
+  // PSA at epsilon 1 reads everything: equal to dense. The prompt's prefix
+  // is now in the KV service, so this one starts from its metadata alone
+  // and fetches every page it reads.
+  auto psa_request = IdsRequest(prompt, 40, psa::v1::AttentionPolicy::KIND_PSA);
+  psa_request.mutable_attention()->set_epsilon(1.0f);
+  const double hits_before = worker.Metric("psa_worker_prefix_cache_hits_total");
+  Streamed exact = worker.Generate(psa_request);
+  ASSERT_TRUE(exact.status.ok()) << exact.status.error_message();
+  EXPECT_EQ(exact.tokens, dense.tokens);
+  EXPECT_EQ(worker.Metric("psa_worker_prefix_cache_hits_total") - hits_before, 592);
+  EXPECT_GE(worker.Metric("psa_worker_kv_page_fetches_total"), 148);  // 37 blocks x 4 pages
+  EXPECT_EQ(worker.Metric("psa_worker_kv_page_fetch_bytes_total"),
+            worker.Metric("psa_worker_kv_page_fetches_total") * page_bytes);
+  EXPECT_GT(worker.Metric("psa_worker_kv_pool_evictions_total") +
+                worker.Metric("psa_worker_kv_pool_scratch_pages_total"),
+            0);
+  EXPECT_GT(worker.Metric("psa_worker_kv_fetch_stall_seconds_total"), 0);
+  EXPECT_LE(worker.Metric("vllm:kv_cache_usage_perc"), 1.0);
+
+  // 32 concurrent sequences of mixed lengths share the 64 pages: no
+  // deadlock, every one exact.
+  constexpr int kSequences = 32;
+  std::vector<std::vector<TokenId>> prompts;
+  std::vector<int> lengths;
+  for (int i = 0; i < kSequences; ++i) {
+    prompts.push_back(Prompt(20 + 37 * i % 400, vocab(), 300 + i));
+    lengths.push_back(8 + i % 11);
+  }
+  std::vector<Streamed> results(kSequences);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kSequences; ++i) {
+    clients.emplace_back([&, i] {
+      results[i] = worker.Generate(IdsRequest(prompts[i], lengths[i],
+                                              i % 2 ? psa::v1::AttentionPolicy::KIND_DENSE
+                                                    : psa::v1::AttentionPolicy::KIND_PSA));
+    });
+  }
+  for (auto& c : clients) c.join();
+  AttentionPolicy psa_default;  // the worker's default epsilon
+  for (int i = 0; i < kSequences; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, Reference(prompts[i], lengths[i], i % 2 ? Dense() : psa_default))
+        << "sequence " << i;
+  }
+  EXPECT_EQ(worker.Metric("psa_worker_kv_pool_pinned_pages"), 0);
+  EXPECT_LE(worker.Metric("psa_worker_kv_pool_used_bytes"), 64 * page_bytes);
+
+  // The KV service goes away mid-generation: the sequence either finishes
+  // with the right tokens (nothing needed fetching) or ends UNAVAILABLE,
+  // never with a wrong token.
+  std::thread killer([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    (*shard)->Stop(SIGKILL);
+  });
+  const auto long_prompt = Prompt(700, vocab(), 22);
+  Streamed cut = worker.Generate(IdsRequest(long_prompt, 300, psa::v1::AttentionPolicy::KIND_DENSE));
+  killer.join();
+  const auto expected = Reference(long_prompt, 300, Dense());
+  ASSERT_LE(cut.tokens.size(), expected.size());
+  EXPECT_EQ(cut.tokens, std::vector<TokenId>(expected.begin(), expected.begin() + cut.tokens.size()));
+  if (!cut.status.ok()) {
+    EXPECT_EQ(cut.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(cut.status.error_message(), HasSubstr("KV service"));
+  }
+}
+
 std::string DefaultModelPath() {
   if (const char* p = std::getenv("PSA_MODEL")) return p;
   const char* home = std::getenv("HOME");
