@@ -85,14 +85,13 @@ void BlockPool::Unpin(Handle h) {
   }
 }
 
-void BlockPool::MarkEvictable(Handle h) {
+void BlockPool::MarkEvictable(Handle h, bool cold) {
   absl::MutexLock lock(&mu_);
   Slot* s = Find(h);
   if (s == nullptr || s->evictable) return;
   s->evictable = true;
   if (s->pins == 0) {
-    lru_.push_front(h.slot);
-    s->lru = lru_.begin();
+    s->lru = cold ? lru_.insert(lru_.end(), h.slot) : lru_.insert(lru_.begin(), h.slot);
   }
 }
 

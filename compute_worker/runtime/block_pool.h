@@ -65,7 +65,9 @@ class BlockPool {
   // used, or null if it was evicted.
   void* TryPin(Handle h);
   void Unpin(Handle h);
-  void MarkEvictable(Handle h);  // durable elsewhere now
+  // Durable elsewhere now. `cold`: first in line for eviction (a page
+  // fetched ahead but not read) instead of most recently used.
+  void MarkEvictable(Handle h, bool cold = false);
   void Free(Handle h);           // the owner is done with it
 
   Stats stats();

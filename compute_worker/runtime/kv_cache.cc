@@ -31,7 +31,8 @@ KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
       block_size_(block_size > 0 ? block_size : kDefaultBlockSize),
       pages_(static_cast<size_t>(n_layer) * n_head_kv),
       kmax_(n_layer),
-      kmin_(n_layer) {}
+      kmin_(n_layer),
+      read_hint_(static_cast<size_t>(n_layer) * n_head_kv, 0) {}
 
 KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size, KvPaging paging)
     : KvCache(n_layer, n_head_kv, head_dim, block_size) {
@@ -86,6 +87,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   slabs_.clear();
   slab_next_ = nullptr;
   slab_left_ = 0;
+  read_hint_.assign(pages_.size(), 0);
   durability_ = std::make_shared<KvDurability>();
   durable_id_.clear();
   durable_blocks_ = 0;

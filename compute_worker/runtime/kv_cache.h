@@ -173,6 +173,11 @@ class KvCache {
   // then key min, head_dim fp16 each).
   absl::Status AdoptStored(const std::string& sequence_id, int n_blocks,
                            const std::vector<std::string>& layer_metadata);
+  // Blocks the last decode step's attention read for (layer, KV head):
+  // a pool-backed cache's attention prefetches about that many, since a
+  // PSA budget changes little from one step to the next. Read and written
+  // only by the attention task of (layer, head).
+  int& ReadHint(int layer, int head) const { return read_hint_[PageTable(layer, head)]; }
   // Not OK once a fetch failed: attention read garbage, the step's output
   // must be discarded. Sticky.
   absl::Status fetch_status() const;
@@ -219,6 +224,7 @@ class KvCache {
   size_t slab_left_ = 0;           // in (layer, block)s
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
 
+  mutable std::vector<int> read_hint_;  // [layer * n_head_kv + head]
   std::shared_ptr<KvDurability> durability_ = std::make_shared<KvDurability>();
   std::string durable_id_;
   int durable_blocks_ = 0;

@@ -37,9 +37,11 @@ KvPageReader::~KvPageReader() {
   }
   BlockPool* pool = kv_.pooled_.paging.pool;
   for (BlockPool::Handle h : pinned_) pool->Unpin(h);
-  for (BlockPool::Handle h : fetched_) {
+  for (size_t i = 0; i < fetched_.size(); ++i) {
+    const BlockPool::Handle h = fetched_[i];
     if (failure.ok()) {
-      pool->MarkEvictable(h);
+      // Fetched ahead but never read: first to go, not most recently used.
+      pool->MarkEvictable(h, /*cold=*/waiting_[fetched_block_[i]] != 0);
     } else {
       pool->Free(h);  // garbage: the cache's handle goes stale, a later read refetches
     }
@@ -94,6 +96,7 @@ void KvPageReader::Prefetch(absl::Span<const int> blocks) {
     if (absl::StatusOr<BlockPool::Handle> slot = paging.pool->Allocate(); slot.ok()) {
       h = *slot;  // private until the reader ends: nobody else can take it
       fetched_.push_back(h);
+      fetched_block_.push_back(b);
       dst = static_cast<uint16_t*>(paging.pool->data(h));
     } else {
       h = BlockPool::Handle{};

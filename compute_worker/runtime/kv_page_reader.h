@@ -61,7 +61,9 @@ class KvPageReader {
   std::vector<const uint16_t*> ptr_;
   std::vector<uint8_t> waiting_;  // requested and not yet seen arrived
   std::vector<BlockPool::Handle> pinned_;   // hits: unpin at the end
-  std::vector<BlockPool::Handle> fetched_;  // fetched into the pool: evictable at the end
+  // Fetched into the pool (evictable at the end), and the block of each.
+  std::vector<BlockPool::Handle> fetched_;
+  std::vector<int> fetched_block_;
   std::vector<std::unique_ptr<uint16_t[]>> scratch_;
 
   absl::Mutex mu_;

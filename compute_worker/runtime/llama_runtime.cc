@@ -193,11 +193,16 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     bool last;
   };
   std::vector<Item> items;
+  bool any_paged = false;
   {
-    constexpr int kQueryChunk = 32;
     int row = 0;
     for (size_t e = 0; e < batch.size(); ++e) {
       const int len = static_cast<int>(batch[e].tokens.size());
+      // A pool-backed cache's (layer, head) is read by one KvPageReader at a
+      // time: one item per head, however many rows.
+      const bool paged = batch[e].kv->paged();
+      any_paged = any_paged || paged;
+      const int kQueryChunk = paged ? std::max(len, 1) : 32;
       for (int c = 0; c < len; c += kQueryChunk) {
         for (int h = 0; h < hp.n_head_kv; ++h) {
           items.push_back({static_cast<int>(e), h, row + c, std::min(kQueryChunk, len - c),
@@ -237,7 +242,12 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       }
     }
 
-#pragma omp parallel for schedule(dynamic, 1)
+    // Attention over pool-backed caches waits for fetched pages: more
+    // threads than cores keep the cores busy while some of them wait.
+    const int attention_threads =
+        any_paged ? std::clamp(static_cast<int>(items.size()), 1, 4 * omp_get_max_threads())
+                  : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(attention_threads)
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
       const BatchEntry& b = batch[it.entry];

@@ -286,25 +286,37 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
   };
 
-  // Prefetch: the candidates of iteration `it` (1-based) are
-  // order[(it - 1) * G, it * G). Issued one iteration ahead.
+  // With a pool, pages not resident are fetched: ask early so transfers
+  // overlap computation. A fetch takes far longer than computing a few
+  // blocks, so waiting iteration by iteration would stall on every one.
+  // Up front: the forced blocks, every candidate the budget floor
+  // (min_blocks) makes certain, and as many as the last step read (budgets
+  // change little between steps); then, before each iteration, candidates
+  // for the next iteration (blocks come in descending criticality, so the
+  // next ones are the likeliest to be read). Overshooting costs transfers
+  // and pool room, so the window stays tight.
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
   const bool paged = kv.paged();
+  int requested = 0;  // candidates order[0, requested) asked for
   thread_local std::vector<int> ahead;
-  auto prefetch_iteration = [&](int first) {
-    if (!paged || first >= take) return;
-    const int end = std::min(take, first + G);
-    ensure_sorted(end);
+  auto prefetch_upto = [&](int upto) {
+    upto = std::min(upto, take);
+    if (!paged || upto <= requested) return;
+    ensure_sorted(upto);
     ahead.clear();
-    for (int k = first; k < end; ++k) ahead.push_back(sink + order[k]);
+    for (int k = requested; k < upto; ++k) ahead.push_back(sink + order[k]);
     reader.Prefetch(ahead);
+    requested = upto;
   };
   if (paged) {
     ahead.clear();
     for (int b = 0; b < sink; ++b) ahead.push_back(b);
     for (int b = local_begin; b < n_blocks; ++b) ahead.push_back(b);
     reader.Prefetch(ahead);
-    prefetch_iteration(0);
+    int& hint = kv.ReadHint(task.layer, task.kv_head);
+    int upfront = std::max(G, policy_.min_blocks - forced);
+    upfront = std::max(upfront, hint - forced);
+    prefetch_upto(upfront);
   }
 
   // Iteration 1: the sinks and the newest blocks.
@@ -360,10 +372,15 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
     const int end = std::min(take, next + G);
     ensure_sorted(end);
-    prefetch_iteration(end);  // the next iteration's blocks, while these compute
+    prefetch_upto(end + G);  // the next iteration's blocks, while these compute
     for (; next < end; ++next) process_block(sink + order[next], order[next]);
   }
 
+  if (paged) {
+    int most = 0;
+    for (int g = 0; g < group; ++g) most = std::max(most, heads[g].blocks);
+    kv.ReadHint(task.layer, task.kv_head) = most;
+  }
   for (int g = 0; g < group; ++g) {
     float* out = task.out + static_cast<size_t>(row) * task.out_stride + g * d;
     const float inv = static_cast<float>(1.0 / heads[g].l);

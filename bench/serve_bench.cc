@@ -1,0 +1,317 @@
+// The paper's serving table on this machine: generation throughput and
+// per-token latency of a worker whose KV lives in the KV service, with a
+// block pool of a fraction (default 25%) of the sequences' KV, for `dense`,
+// `topk` and `psa` side by side at the same context and concurrency.
+//
+// Real processes on loopback: one psa-kv-service and, per concurrency level,
+// one psa-worker with --kv_pool. The long document (essays from
+// ../shared/eval/haystack) is prefilled and published once; every sequence
+// then starts from its stored prefix (metadata only) plus a short question
+// of its own, so each step's attention reads the document's pages through
+// the pool: hits, or fetches from the KV service.
+//
+//   build/bench/psa_serve_bench --context 8192 --concurrency 1,8,32 --tokens 16
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "client/psa_client.h"
+#include "common/http_get.h"
+#include "tests/support/server_process.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF model (default: the default model in ~/.cache/psa-serve)");
+ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files");
+ABSL_FLAG(int, context, 8192, "Tokens of document before each question");
+ABSL_FLAG(std::string, concurrency, "1,8,32", "Concurrent sequences, comma-separated");
+ABSL_FLAG(std::string, policies, "dense,topk,psa", "Attention policies, comma-separated");
+ABSL_FLAG(int, tokens, 16, "Tokens generated per sequence");
+ABSL_FLAG(double, pool_fraction, 0.25, "Block pool size as a fraction of all sequences' KV");
+ABSL_FLAG(int, top_k, 64, "topk budget in blocks (64: top-k's equal-accuracy point, README)");
+ABSL_FLAG(double, epsilon, 0.9, "psa epsilon");
+ABSL_FLAG(int, threads, 2, "Worker compute threads");
+ABSL_FLAG(std::string, csv, "", "Also write the table here");
+
+namespace {
+
+using psa::testing::ServerProcess;
+
+[[noreturn]] void Die(const std::string& message) {
+  std::fprintf(stderr, "psa_serve_bench: %s\n", message.c_str());
+  std::exit(1);
+}
+
+std::string ReadHaystack(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".txt") files.push_back(e.path());
+  }
+  if (ec || files.empty()) Die(absl::StrCat("no essays (*.txt) in ", dir, " (--haystack)"));
+  std::sort(files.begin(), files.end());
+  std::string text;
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    text += ss.str();
+    text += "\n\n";
+  }
+  return text;
+}
+
+std::unique_ptr<ServerProcess> Start(const std::string& binary, std::vector<std::string> args) {
+  auto p = ServerProcess::Start(binary, std::move(args), absl::Minutes(2));
+  if (!p.ok()) Die(std::string(p.status().message()));
+  return std::move(*p);
+}
+
+std::unique_ptr<psa::client::Client> Connect(const std::string& address) {
+  psa::client::ClientOptions options;
+  options.target = address;
+  options.timeout = absl::Minutes(30);
+  options.max_attempts = 1;
+  auto c = psa::client::Client::Connect(options);
+  if (!c.ok()) Die(std::string(c.status().message()));
+  return std::move(*c);
+}
+
+double Metric(const ServerProcess& p, const std::string& series) {
+  auto body = psa::HttpGet(p.port("metrics_port"), "/metrics");
+  return body.ok() ? std::max(0.0, psa::MetricValue(*body, series)) : 0;
+}
+
+// Waits until the worker's publishing stops moving (the prompt is stored).
+void WaitPublished(const ServerProcess& worker) {
+  double last = -1;
+  for (int stable = 0; stable < 3;) {
+    absl::SleepFor(absl::Milliseconds(500));
+    const double now = Metric(worker, "psa_worker_kv_write_bytes_total");
+    stable = now == last && now > 0 ? stable + 1 : 0;
+    last = now;
+  }
+}
+
+struct Row {
+  std::string policy;
+  int sequences = 0;
+  double tok_per_s = 0;       // decode throughput, all sequences
+  double ms_per_token = 0;    // mean gap between a sequence's tokens
+  double ttft_s = 0;          // mean
+  double kv_read = 0;         // fraction of the KV attention read
+  double fetch_mb_per_token = 0;
+  double hit_ratio = 0;       // pool hits / stored pages read
+  double stall_ms_per_token = 0;
+};
+
+Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
+              const std::vector<uint32_t>& document, const std::vector<std::vector<uint32_t>>& questions) {
+  const int tokens = absl::GetFlag(FLAGS_tokens);
+  const char* kMetrics[] = {"psa_worker_kv_page_fetch_bytes_total", "psa_worker_kv_page_reads_total",
+                            "psa_worker_kv_page_fetches_total",
+                            "psa_worker_kv_fetch_stall_seconds_total"};
+  double before[4];
+  for (int i = 0; i < 4; ++i) before[i] = Metric(worker, kMetrics[i]);
+
+  struct Seq {
+    absl::Time start, first, last;
+    int tokens = 0;
+    psa::v1::Usage usage;
+  };
+  std::vector<Seq> seqs(n);
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      auto client = Connect(worker.address());
+      psa::v1::GenerateRequest r;
+      for (uint32_t t : document) r.mutable_token_ids()->add_ids(t);
+      for (uint32_t t : questions[i % questions.size()]) r.mutable_token_ids()->add_ids(t);
+      r.set_max_tokens(tokens);
+      r.set_ignore_eos(true);
+      auto* a = r.mutable_attention();
+      if (policy == "dense") a->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
+      if (policy == "topk") {
+        a->set_kind(psa::v1::AttentionPolicy::KIND_TOPK);
+        a->set_top_k_blocks(absl::GetFlag(FLAGS_top_k));
+      }
+      if (policy == "psa") {
+        a->set_kind(psa::v1::AttentionPolicy::KIND_PSA);
+        a->set_epsilon(static_cast<float>(absl::GetFlag(FLAGS_epsilon)));
+      }
+      Seq& s = seqs[i];
+      s.start = absl::Now();
+      auto done = client->Generate(r, [&s](const psa::v1::GenerateResponse& chunk) {
+        if (chunk.token_ids_size() > 0) {
+          const absl::Time now = absl::Now();
+          if (s.tokens == 0) s.first = now;
+          s.last = now;
+          s.tokens += chunk.token_ids_size();
+        }
+        return true;
+      });
+      if (!done.ok()) Die(absl::StrCat(policy, " sequence ", i, ": ", done.status().message()));
+      s.usage = done->usage;
+    });
+  }
+  for (auto& t : threads) t.join();
+  (void)start;
+
+  Row row;
+  row.policy = policy;
+  row.sequences = n;
+  absl::Time first_any = absl::InfiniteFuture(), last_all = absl::InfinitePast();
+  double gaps = 0, ttft = 0, touched = 0, total = 0;
+  int decoded = 0;
+  for (const Seq& s : seqs) {
+    first_any = std::min(first_any, s.first);
+    last_all = std::max(last_all, s.last);
+    decoded += s.tokens - 1;
+    if (s.tokens > 1) gaps += absl::ToDoubleMilliseconds(s.last - s.first) / (s.tokens - 1);
+    ttft += absl::ToDoubleSeconds(s.first - s.start);
+    touched += s.usage.kv_blocks_touched();
+    total += s.usage.kv_blocks_total();
+  }
+  // Decode throughput: the tokens after each sequence's first, over the time
+  // from the earliest first token to the last token.
+  row.tok_per_s = decoded / std::max(1e-9, absl::ToDoubleSeconds(last_all - first_any));
+  row.ms_per_token = gaps / n;
+  row.ttft_s = ttft / n;
+  row.kv_read = total > 0 ? touched / total : 0;
+  double delta[4];
+  for (int i = 0; i < 4; ++i) delta[i] = Metric(worker, kMetrics[i]) - before[i];
+  const double generated = static_cast<double>(n) * tokens;
+  row.fetch_mb_per_token = delta[0] / generated / 1e6;
+  row.hit_ratio = delta[1] > 0 ? 1.0 - delta[2] / delta[1] : 0;
+  row.stall_ms_per_token = delta[3] * 1e3 / generated;
+  return row;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serving throughput through the KV service with a block pool: dense vs topk vs psa.\n"
+      "Usage: psa_serve_bench [--context 8192] [--concurrency 1,8,32] [--tokens 16]");
+  absl::ParseCommandLine(argc, argv);
+  std::string model = absl::GetFlag(FLAGS_model);
+  if (model.empty()) {
+    const char* home = std::getenv("HOME");
+    model = std::string(home ? home : "/root") +
+            "/.cache/psa-serve/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  }
+  const int context = absl::GetFlag(FLAGS_context) / 16 * 16;  // whole blocks: a stored prefix
+  const int tokens = absl::GetFlag(FLAGS_tokens);
+  std::vector<int> levels;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',')) {
+    int n;
+    if (!absl::SimpleAtoi(s, &n) || n < 1) Die(absl::StrCat("bad --concurrency entry '", s, "'"));
+    levels.push_back(n);
+  }
+  std::vector<std::string> policies = absl::StrSplit(absl::GetFlag(FLAGS_policies), ',');
+  for (const auto& p : policies) {
+    if (p != "dense" && p != "topk" && p != "psa") Die("--policies: dense, topk or psa");
+  }
+  const std::string threads = absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads));
+  const int max_context = context + 64 + tokens;
+
+  auto kv = Start(PSA_KV_SERVICE_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                                       "--capacity=8GiB"});
+  const std::vector<std::string> common = {
+      "--model=" + model, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", threads,
+      "--kv_shards=" + kv->address(), absl::StrCat("--max_context=", max_context)};
+
+  // The document, prefilled and published once.
+  std::vector<uint32_t> document;
+  std::vector<std::vector<uint32_t>> questions;
+  uint64_t kv_bytes_per_token = 0;
+  {
+    std::vector<std::string> args = common;
+    auto worker = Start(PSA_WORKER_BIN, args);
+    auto client = Connect(worker->address());
+    auto info = client->GetModelInfo();
+    if (!info.ok()) Die(std::string(info.status().message()));
+    kv_bytes_per_token = 2ull * info->num_layers() * info->num_kv_heads() * info->head_dim() * 2;
+    auto ids = client->Tokenize(ReadHaystack(absl::GetFlag(FLAGS_haystack)));
+    if (!ids.ok()) Die(std::string(ids.status().message()));
+    if (static_cast<int>(ids->size()) < context) Die("the haystack is shorter than --context");
+    document.assign(ids->begin(), ids->begin() + context);
+    for (int i = 0; i < 64; ++i) {
+      auto q = client->Tokenize(absl::StrCat("\n\nQuestion ", i + 1,
+                                             ": what does the essay above say about item ", i * 7,
+                                             "? Answer:"));
+      if (!q.ok()) Die(std::string(q.status().message()));
+      questions.push_back(*q);
+    }
+    std::fprintf(stderr, "prefilling and publishing the %d-token document...\n", context);
+    const absl::Time t0 = absl::Now();
+    psa::v1::GenerateRequest r;
+    for (uint32_t t : document) r.mutable_token_ids()->add_ids(t);
+    r.mutable_token_ids()->add_ids(questions[0][0]);
+    r.set_max_tokens(1);
+    auto done = client->Generate(r);
+    if (!done.ok()) Die(std::string(done.status().message()));
+    WaitPublished(*worker);
+    std::fprintf(stderr, "  done in %.1f s\n", absl::ToDoubleSeconds(absl::Now() - t0));
+  }
+
+  std::vector<Row> rows;
+  for (int n : levels) {
+    const uint64_t pool = static_cast<uint64_t>(absl::GetFlag(FLAGS_pool_fraction) * n *
+                                                (context + 32 + tokens) * kv_bytes_per_token);
+    std::vector<std::string> args = common;
+    args.push_back(absl::StrCat("--kv_pool=", pool));
+    args.push_back(absl::StrCat("--max_running=", n));
+    auto worker = Start(PSA_WORKER_BIN, args);
+    for (const std::string& policy : policies) {
+      std::fprintf(stderr, "%d sequences, %s (pool %.0f MB)...\n", n, policy.c_str(), pool / 1e6);
+      rows.push_back(RunPolicy(policy, n, *worker, document, questions));
+      const Row& r = rows.back();
+      std::fprintf(stderr, "  %.2f tok/s, %.1f ms/token, hit ratio %.2f\n", r.tok_per_s,
+                   r.ms_per_token, r.hit_ratio);
+    }
+  }
+
+  std::string table = absl::StrCat(
+      "context,sequences,policy,tok_per_s,ms_per_token,ttft_s,kv_read,fetch_mb_per_token,"
+      "pool_hit_ratio,stall_ms_per_token,vs_dense,vs_topk\n");
+  std::printf("\n%d-token context, pool %.0f%% of the KV, %d tokens per sequence\n", context,
+              100 * absl::GetFlag(FLAGS_pool_fraction), tokens);
+  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %8s %8s\n", "seqs", "policy", "tok/s",
+              "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "vs dense",
+              "vs topk");
+  for (const Row& r : rows) {
+    double dense = 0, topk = 0;
+    for (const Row& o : rows) {
+      if (o.sequences != r.sequences) continue;
+      if (o.policy == "dense") dense = o.tok_per_s;
+      if (o.policy == "topk") topk = o.tok_per_s;
+    }
+    const double vs_dense = dense > 0 ? r.tok_per_s / dense : 0;
+    const double vs_topk = topk > 0 ? r.tok_per_s / topk : 0;
+    std::printf("%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %7.2fx %7.2fx\n",
+                r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s,
+                100 * r.kv_read, r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token,
+                vs_dense, vs_topk);
+    absl::StrAppend(&table, context, ",", r.sequences, ",", r.policy, ",", r.tok_per_s, ",",
+                    r.ms_per_token, ",", r.ttft_s, ",", r.kv_read, ",", r.fetch_mb_per_token, ",",
+                    r.hit_ratio, ",", r.stall_ms_per_token, ",", vs_dense, ",", vs_topk, "\n");
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_csv); !path.empty()) {
+    std::ofstream(path) << table;
+    std::printf("\nwrote %s\n", path.c_str());
+  }
+  return 0;
+}
