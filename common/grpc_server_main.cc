@@ -9,6 +9,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/grpc_callback_queue.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -64,6 +65,7 @@ absl::Status WritePortFile(const std::string& path, const std::map<std::string, 
 absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
                                           metrics::Registry* registry,
                                           const std::vector<grpc::Service*>& services) {
+  PinGrpcCallbackQueue();  // see common/grpc_callback_queue.h
   RunningServer running;
   if (!options.metrics_listen.empty()) {
     const size_t colon = options.metrics_listen.rfind(':');

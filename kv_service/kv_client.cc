@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/grpc_callback_queue.h"
 #include "common/grpc_status.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
@@ -215,6 +216,7 @@ class KvClient::FetchStream final
 };
 
 absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(KvClientOptions options) {
+  PinGrpcCallbackQueue();  // fetch streams use the callback API; see the header
   if (options.shards.empty()) {
     return absl::InvalidArgumentError("no KV service shards given");
   }

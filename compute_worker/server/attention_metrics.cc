@@ -2,15 +2,18 @@
 
 #include <string>
 
+#include "absl/strings/str_format.h"
+#include "compute_worker/runtime/sparse_attention.h"
+
 namespace psa {
 
 AttentionMetrics::AttentionMetrics(metrics::Registry* registry, int n_layer)
     : fraction_(registry
                     ->AddHistogram("psa_worker_attention_step_selected_fraction",
-                                   "Per decode step and sequence: KV blocks read over dense's",
+                                   "Per decode step and sequence: KV blocks read over dense's, "
+                                   "by policy (and epsilon for psa)",
                                    {0.01, 0.02, 0.05, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
-                                    0.75, 1.0})
-                    .Add()),
+                                    0.75, 1.0})),
       iterations_(registry
                       ->AddHistogram("psa_worker_attention_iterations",
                                      "Per decode step and sequence: mean progressive iterations "
@@ -26,7 +29,8 @@ AttentionMetrics::AttentionMetrics(metrics::Registry* registry, int n_layer)
   }
 }
 
-void AttentionMetrics::Observe(const std::vector<HeadStepStats>& stats, int n_head) {
+void AttentionMetrics::Observe(const std::vector<HeadStepStats>& stats, int n_head,
+                               const AttentionBackend* attention) {
   if (n_head <= 0 || stats.empty()) return;
   double touched = 0, total = 0, iterations = 0;
   const int n_layer = static_cast<int>(stats.size()) / n_head;
@@ -41,7 +45,17 @@ void AttentionMetrics::Observe(const std::vector<HeadStepStats>& stats, int n_he
     touched += layer_touched;
     blocks_by_layer_[l]->Observe(layer_touched / n_head);
   }
-  if (total > 0) fraction_.Observe(touched / total);
+  if (total > 0) {
+    metrics::Labels labels = {{"policy", "dense"}};
+    if (const auto* sparse = dynamic_cast<const SparseAttention*>(attention)) {
+      const AttentionPolicy& p = sparse->policy();
+      labels = {{"policy", std::string(sparse->name())}};
+      if (p.kind == AttentionPolicy::Kind::kPsa) {
+        labels["epsilon"] = absl::StrFormat("%.2f", p.epsilon);
+      }
+    }
+    fraction_.Add(labels).Observe(touched / total);
+  }
   iterations_.Observe(iterations / stats.size());
 }
 

@@ -200,7 +200,7 @@ bool BatchScheduler::Step() {
         seq->summary.kv_blocks_touched += h.blocks_touched;
         seq->summary.kv_blocks_total += h.blocks_total;
       }
-      if (options_.on_decode_stats) options_.on_decode_stats(seq->stats);
+      if (options_.on_decode_stats) options_.on_decode_stats(seq->stats, seq->attention.get());
       if (options_.on_block_filled && seq->kv.length() % seq->kv.block_size() == 0) {
         options_.on_block_filled(seq->request.prompt, seq->state.tokens(), seq->kv);
       }

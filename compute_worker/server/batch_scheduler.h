@@ -59,8 +59,11 @@ class BatchScheduler {
                        const KvCache& kv)>
         on_block_filled;
     // Called on the scheduler thread after every decode step of a sequence
-    // with what attention did: stats[layer * n_head + head].
-    std::function<void(const std::vector<HeadStepStats>& stats)> on_decode_stats;
+    // with what attention did: stats[layer * n_head + head], and the
+    // sequence's attention (null: the runtime's default).
+    std::function<void(const std::vector<HeadStepStats>& stats,
+                       const AttentionBackend* attention)>
+        on_decode_stats;
   };
   struct Load {
     int running = 0;

@@ -161,8 +161,9 @@ int main(int argc, char** argv) {
   }
   psa::AttentionMetrics attention_metrics(&registry, (*model)->hparams().n_layer);
   scheduler_options.on_decode_stats = [&attention_metrics, n_head = (*model)->hparams().n_head](
-                                          const std::vector<psa::HeadStepStats>& stats) {
-    attention_metrics.Observe(stats, n_head);
+                                          const std::vector<psa::HeadStepStats>& stats,
+                                          const psa::AttentionBackend* attention) {
+    attention_metrics.Observe(stats, n_head, attention);
   };
   auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
   psa::GenerationServiceOptions service_options;

@@ -8,7 +8,9 @@
 #
 # Environment: PSA_BUILD_DIR (default build), PSA_CLUSTER_DIR (logs, pids,
 # ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_WORKER_THREADS
-# (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB).
+# (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB),
+# PSA_KV_POOL (each worker's KV block pool, default 512MiB; 0: no pool, every
+# sequence keeps its whole KV in the worker).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD="${PSA_BUILD_DIR:-build}"
@@ -16,6 +18,7 @@ DIR="${PSA_CLUSTER_DIR:-.cluster}"
 ROUTER_PORT="${PSA_ROUTER_PORT:-7000}"
 THREADS="${PSA_WORKER_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 CAPACITY="${PSA_KV_CAPACITY:-2GiB}"
+POOL="${PSA_KV_POOL:-512MiB}"
 
 port_of() {  # port_of NAME KEY
   sed -n "s/^$2=//p" "$DIR/$1.ports" 2>/dev/null
@@ -80,7 +83,7 @@ case "${1:-}" in
     for i in 0 1; do
       launch "worker$i" "$BUILD/compute_worker/psa-worker" --model="$MODEL" \
         --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --threads="$THREADS" \
-        --kv_shards="$SHARDS"
+        --kv_shards="$SHARDS" --kv_pool="$POOL"
     done
     for i in 0 1; do wait_for "worker$i" 120; done
     WORKERS="127.0.0.1:$(port_of worker0 grpc_port),127.0.0.1:$(port_of worker1 grpc_port)"
