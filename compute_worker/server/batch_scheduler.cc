@@ -206,8 +206,12 @@ bool BatchScheduler::Step() {
       }
     } else {
       seq->prefilled += batch[i].tokens.size();
-      if (seq->prefilled == seq->request.prompt.size() && options_.on_prompt_prefilled) {
-        options_.on_prompt_prefilled(seq->request, seq->kv, seq->preloaded);
+      if (seq->prefilled == seq->request.prompt.size()) {
+        if (options_.on_prompt_prefilled) {
+          options_.on_prompt_prefilled(seq->request, seq->kv, seq->preloaded);
+        }
+      } else if (options_.on_prompt_chunk) {
+        options_.on_prompt_chunk(seq->request.prompt, seq->kv);
       }
     }
     if (!batch[i].want_logits) continue;

@@ -52,6 +52,10 @@ class BatchScheduler {
     std::function<void(const GenerationRequest& request, const KvCache& kv,
                        int preloaded_tokens)>
         on_prompt_prefilled;
+    // Called on the scheduler thread after each prompt chunk but the last,
+    // with the prompt and the cache so far (e.g. to store full blocks
+    // behind the computation).
+    std::function<void(const std::vector<TokenId>& prompt, const KvCache& kv)> on_prompt_chunk;
     // Called on the scheduler thread when a decode step fills a block; the
     // cache holds the prompt and then the first kv.length() - prompt.size()
     // generated tokens.

@@ -229,6 +229,13 @@ void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv) {
   Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
 }
 
+void PrefixStore::PublishPrefix(absl::Span<const TokenId> prompt, const KvCache& kv) {
+  const int B = layout_.block_size();
+  const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
+  if (n - kv.durable_blocks() < options_.checkpoint_blocks) return;
+  Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
+}
+
 void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> prompt,
                                     absl::Span<const TokenId> generated, const KvCache& kv) {
   const int B = layout_.block_size();

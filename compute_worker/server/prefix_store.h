@@ -63,6 +63,11 @@ class PrefixStore {
   // later, then tells kv.durability().
   void Publish(absl::Span<const TokenId> prompt, const KvCache& kv);
 
+  // During a long prefill: once the cache holds checkpoint_blocks full
+  // blocks more than the KV service does, stores them (linking what is
+  // stored), so a pool-backed cache can evict them before the prompt ends.
+  void PublishPrefix(absl::Span<const TokenId> prompt, const KvCache& kv);
+
   // During decode: when the cache's full blocks reach a multiple of
   // checkpoint_blocks, publishes the sequence so far (the prompt, then the
   // generated tokens the cache holds) under its own name, linking what is

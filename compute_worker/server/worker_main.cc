@@ -153,6 +153,10 @@ int main(int argc, char** argv) {
                                                     const psa::KvCache& kv, int) {
       store->Publish(request.prompt, kv);
     };
+    scheduler_options.on_prompt_chunk = [store](const std::vector<psa::TokenId>& prompt,
+                                                const psa::KvCache& kv) {
+      store->PublishPrefix(prompt, kv);
+    };
     scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& prompt,
                                                 const std::vector<psa::TokenId>& generated,
                                                 const psa::KvCache& kv) {
