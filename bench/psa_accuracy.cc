@@ -12,12 +12,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -28,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/haystack.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/sampler.h"
@@ -63,25 +62,10 @@ std::vector<std::string> SplitList(const std::string& s) {
   std::exit(1);
 }
 
-std::string ReadHaystack(const std::string& dir) {
-  std::vector<std::filesystem::path> files;
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-    if (e.path().extension() == ".txt" && e.path().filename() != "LICENSE.txt") {
-      files.push_back(e.path());
-    }
-  }
-  if (ec || files.empty()) Die(absl::StrCat("no essays (*.txt) in ", dir, " (--haystack)"));
-  std::sort(files.begin(), files.end());
-  std::string text;
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    if (!text.empty()) text += "\n\n";
-    text += ss.str();
-  }
-  return text;
+std::string Haystack() {
+  absl::StatusOr<std::string> text = ReadHaystack(absl::GetFlag(FLAGS_haystack));
+  if (!text.ok()) Die(std::string(text.status().message()));
+  return *text;
 }
 
 // Wraps a policy and, for every decode task, recomputes dense attention on
@@ -258,7 +242,7 @@ int main(int argc, char** argv) {
     backends.push_back(std::make_unique<ProbedAttention>(MakeAttention(p)));
   }
 
-  const std::vector<TokenId> essay = tok.Encode(ReadHaystack(absl::GetFlag(FLAGS_haystack)), false, false);
+  const std::vector<TokenId> essay = tok.Encode(Haystack(), false, false);
   std::vector<PolicyResult> results;
   using Clock = std::chrono::steady_clock;
 

@@ -13,10 +13,8 @@
 //   build/bench/psa_serve_bench --context 8192 --concurrency 1,8,32 --tokens 16
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <map>
-#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -28,6 +26,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "bench/haystack.h"
 #include "client/psa_client.h"
 #include "common/http_get.h"
 #include "tests/support/server_process.h"
@@ -51,25 +50,6 @@ using psa::testing::ServerProcess;
 [[noreturn]] void Die(const std::string& message) {
   std::fprintf(stderr, "psa_serve_bench: %s\n", message.c_str());
   std::exit(1);
-}
-
-std::string ReadHaystack(const std::string& dir) {
-  std::vector<std::filesystem::path> files;
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-    if (e.path().extension() == ".txt") files.push_back(e.path());
-  }
-  if (ec || files.empty()) Die(absl::StrCat("no essays (*.txt) in ", dir, " (--haystack)"));
-  std::sort(files.begin(), files.end());
-  std::string text;
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    text += ss.str();
-    text += "\n\n";
-  }
-  return text;
 }
 
 std::unique_ptr<ServerProcess> Start(const std::string& binary, std::vector<std::string> args) {
@@ -244,7 +224,9 @@ int main(int argc, char** argv) {
     auto info = client->GetModelInfo();
     if (!info.ok()) Die(std::string(info.status().message()));
     kv_bytes_per_token = 2ull * info->num_layers() * info->num_kv_heads() * info->head_dim() * 2;
-    auto ids = client->Tokenize(ReadHaystack(absl::GetFlag(FLAGS_haystack)));
+    absl::StatusOr<std::string> haystack = psa::ReadHaystack(absl::GetFlag(FLAGS_haystack));
+    if (!haystack.ok()) Die(std::string(haystack.status().message()));
+    auto ids = client->Tokenize(*haystack);
     if (!ids.ok()) Die(std::string(ids.status().message()));
     if (static_cast<int>(ids->size()) < context) Die("the haystack is shorter than --context");
     document.assign(ids->begin(), ids->begin() + context);

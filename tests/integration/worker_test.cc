@@ -47,6 +47,18 @@ class Worker {
         });
   }
 
+  // Every request on its own client thread at once; results in order.
+  std::vector<Streamed> GenerateConcurrently(
+      const std::vector<psa::v1::GenerateRequest>& requests) {
+    std::vector<Streamed> results(requests.size());
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      clients.emplace_back([&, i] { results[i] = Generate(requests[i]); });
+    }
+    for (auto& c : clients) c.join();
+    return results;
+  }
+
   double Metric(const std::string& series) {
     auto body = psa::HttpGet(process_->port("metrics_port"), "/metrics");
     return body.ok() ? psa::MetricValue(*body, series) : -2;
@@ -186,15 +198,11 @@ TEST_F(TinyWorkerTest, ConcurrentSequencesOfMixedLengthsEachMatchTheirSoloRun) {
     prompts.push_back(Prompt(5 + 23 * i % 300, vocab(), 100 + i));
     lengths.push_back(4 + i % 13);
   }
-  std::vector<Streamed> results(kSequences);
-  std::vector<std::thread> clients;
+  std::vector<psa::v1::GenerateRequest> requests;
   for (int i = 0; i < kSequences; ++i) {
-    clients.emplace_back([&, i] {
-      results[i] = worker.Generate(
-          IdsRequest(prompts[i], lengths[i], psa::v1::AttentionPolicy::KIND_DENSE));
-    });
+    requests.push_back(IdsRequest(prompts[i], lengths[i], psa::v1::AttentionPolicy::KIND_DENSE));
   }
-  for (auto& c : clients) c.join();
+  const std::vector<Streamed> results = worker.GenerateConcurrently(requests);
   for (int i = 0; i < kSequences; ++i) {
     ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
     EXPECT_EQ(results[i].tokens, Reference(prompts[i], lengths[i], Dense())) << "sequence " << i;
@@ -424,17 +432,18 @@ TEST_F(TinyWorkerTest, PoolFarSmallerThanTheKvGivesExactResults) {
   EXPECT_GT(worker.Metric("psa_worker_kv_fetch_stall_seconds_total"), 0);
   EXPECT_LE(worker.Metric("vllm:kv_cache_usage_perc"), 1.0);
 
-  // A short prompt (one full block) loaded from the KV service: still exact
-  // as decode fills and opens blocks.
+  // Short prompts, computed, then loaded from the KV service (the rest of
+  // the prompt then prefills in other chunks): exact both times, as decode
+  // fills and opens blocks.
   for (int len : {26, 52, 37}) {
-  const auto short_prompt = Prompt(len, vocab(), 23 + len);
-  for (int run = 0; run < 2; ++run) {
-    Streamed got =
-        worker.Generate(IdsRequest(short_prompt, 60, psa::v1::AttentionPolicy::KIND_DENSE));
-    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
-    EXPECT_EQ(got.tokens, Reference(short_prompt, 60, Dense())) << "run " << run << " len " << len;
-    absl::SleepFor(absl::Milliseconds(300));
-  }
+    const auto short_prompt = Prompt(len, vocab(), 23 + len);
+    for (int run = 0; run < 2; ++run) {
+      Streamed got =
+          worker.Generate(IdsRequest(short_prompt, 60, psa::v1::AttentionPolicy::KIND_DENSE));
+      ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+      EXPECT_EQ(got.tokens, Reference(short_prompt, 60, Dense())) << "run " << run << ", " << len;
+      absl::SleepFor(absl::Milliseconds(300));  // published before the next run
+    }
   }
 
   // 32 concurrent sequences of mixed lengths share the 64 pages: no
@@ -446,16 +455,13 @@ TEST_F(TinyWorkerTest, PoolFarSmallerThanTheKvGivesExactResults) {
     prompts.push_back(Prompt(20 + 37 * i % 400, vocab(), 300 + i));
     lengths.push_back(8 + i % 11);
   }
-  std::vector<Streamed> results(kSequences);
-  std::vector<std::thread> clients;
+  std::vector<psa::v1::GenerateRequest> requests;
   for (int i = 0; i < kSequences; ++i) {
-    clients.emplace_back([&, i] {
-      results[i] = worker.Generate(IdsRequest(prompts[i], lengths[i],
-                                              i % 2 ? psa::v1::AttentionPolicy::KIND_DENSE
-                                                    : psa::v1::AttentionPolicy::KIND_PSA));
-    });
+    requests.push_back(IdsRequest(prompts[i], lengths[i],
+                                  i % 2 ? psa::v1::AttentionPolicy::KIND_DENSE
+                                        : psa::v1::AttentionPolicy::KIND_PSA));
   }
-  for (auto& c : clients) c.join();
+  const std::vector<Streamed> results = worker.GenerateConcurrently(requests);
   AttentionPolicy psa_default;  // the worker's default epsilon
   for (int i = 0; i < kSequences; ++i) {
     ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();

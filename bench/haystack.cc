@@ -1,0 +1,36 @@
+#include "bench/haystack.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace psa {
+
+absl::StatusOr<std::string> ReadHaystack(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".txt" && e.path().filename() != "LICENSE.txt") {
+      files.push_back(e.path());
+    }
+  }
+  if (ec || files.empty()) {
+    return absl::NotFoundError(absl::StrCat("no essays (*.txt) in ", dir, " (--haystack)"));
+  }
+  std::sort(files.begin(), files.end());
+  std::string text;
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (!text.empty()) text += "\n\n";
+    text += ss.str();
+  }
+  return text;
+}
+
+}  // namespace psa
