@@ -52,10 +52,24 @@ using psa::testing::ServerProcess;
   std::exit(1);
 }
 
-std::unique_ptr<ServerProcess> Start(const std::string& binary, std::vector<std::string> args) {
+// The servers this run started. A static, so that std::exit (Die) stops
+// them too rather than leaving them running.
+std::vector<std::unique_ptr<ServerProcess>>& Servers() {
+  static std::vector<std::unique_ptr<ServerProcess>> servers;
+  return servers;
+}
+
+ServerProcess* Start(const std::string& binary, std::vector<std::string> args) {
   auto p = ServerProcess::Start(binary, std::move(args), absl::Minutes(2));
   if (!p.ok()) Die(std::string(p.status().message()));
-  return std::move(*p);
+  Servers().push_back(std::move(*p));
+  return Servers().back().get();
+}
+
+void Stop(ServerProcess* server) {
+  auto& all = Servers();
+  all.erase(std::remove_if(all.begin(), all.end(), [&](const auto& s) { return s.get() == server; }),
+            all.end());
 }
 
 std::unique_ptr<psa::client::Client> Connect(const std::string& address) {
@@ -247,6 +261,7 @@ int main(int argc, char** argv) {
     if (!done.ok()) Die(std::string(done.status().message()));
     WaitPublished(*worker);
     std::fprintf(stderr, "  done in %.1f s\n", absl::ToDoubleSeconds(absl::Now() - t0));
+    Stop(worker);
   }
 
   std::vector<Row> rows;
@@ -264,6 +279,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "  %.2f tok/s, %.1f ms/token, hit ratio %.2f\n", r.tok_per_s,
                    r.ms_per_token, r.hit_ratio);
     }
+    Stop(worker);
   }
 
   std::string table = absl::StrCat(

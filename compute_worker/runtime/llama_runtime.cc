@@ -194,6 +194,12 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
   };
   std::vector<Item> items;
   bool any_paged = false;
+  bool fetching = false;  // since the last pass
+  if (const KvPagingCounters* c = options_.paging.counters) {
+    const uint64_t f = c->page_fetches.load(std::memory_order_relaxed);
+    fetching = f != fetches_seen_;
+    fetches_seen_ = f;
+  }
   {
     int row = 0;
     for (size_t e = 0; e < batch.size(); ++e) {
@@ -242,11 +248,14 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       }
     }
 
-    // Attention over pool-backed caches waits for fetched pages: more
-    // threads than cores keep the cores busy while some of them wait.
+    // Attention over pool-backed caches that are fetching pages waits for
+    // them: more threads than cores keep the cores busy meanwhile. (When the
+    // pool serves everything, extra threads only cost switching: 3x slower
+    // decode on one core.)
+    const int cores = omp_get_max_threads();
     const int attention_threads =
-        any_paged ? std::clamp(static_cast<int>(items.size()), 1, 4 * omp_get_max_threads())
-                  : omp_get_max_threads();
+        any_paged && fetching ? std::clamp(static_cast<int>(items.size()), cores, 4 * cores)
+                              : cores;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(attention_threads)
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];

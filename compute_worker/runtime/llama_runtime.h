@@ -70,6 +70,9 @@ class LlamaRuntime {
   RuntimeOptions options_;
   std::unique_ptr<AttentionBackend> attention_;
   int max_context_;
+  // Pages fetched by all pool-backed caches when the last pass began: a pass
+  // after one that fetched runs attention on more threads than cores.
+  uint64_t fetches_seen_ = 0;
   // RoPE cos/sin per position and rotated pair, computed as ggml does.
   std::vector<float> rope_cos_, rope_sin_;
   int rope_positions_ = 0;
