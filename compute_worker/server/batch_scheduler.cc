@@ -30,8 +30,13 @@ struct BatchScheduler::Sequence {
   GenerationState state;  // refers to `request`
   Sampler sampler;
   const absl::Time submitted;
-  size_t prefilled = 0;  // prompt tokens already in the cache
+  // What is prefilled into the cache: the prompt, or after a rebuild the
+  // prompt and the tokens generated before the last (fed as `next`).
+  std::vector<TokenId> replay;  // empty: the prompt
+  const std::vector<TokenId>& context() const { return replay.empty() ? request.prompt : replay; }
+  size_t prefilled = 0;  // context tokens already in the cache
   int preloaded = 0;     // of which came with Submit
+  int rebuilds = 0;
   TokenId next = -1;     // sampled, to be fed at the next step
   std::vector<HeadStepStats> stats;
   SequenceSummary summary;
@@ -158,19 +163,21 @@ bool BatchScheduler::Step() {
   std::vector<Sequence*> owners;
   int budget = options_.step_tokens;
   for (auto& seq : running_) {
-    if (seq->prefilled < seq->request.prompt.size()) continue;
+    if (seq->prefilled < seq->context().size()) continue;
     batch.push_back(BatchEntry{&seq->kv, {&seq->next, 1}, true, seq->attention.get(),
                                &seq->stats});
     owners.push_back(seq.get());
     --budget;
   }
   for (auto& seq : running_) {
-    const size_t left = seq->request.prompt.size() - seq->prefilled;
+    const std::vector<TokenId>& context = seq->context();
+    const size_t left = context.size() - seq->prefilled;
     if (left == 0 || budget <= 0) continue;
     const size_t chunk = std::min<size_t>(left, budget);
-    batch.push_back(BatchEntry{&seq->kv,
-                               {seq->request.prompt.data() + seq->prefilled, chunk},
-                               chunk == left, seq->attention.get(), nullptr});
+    // A replay's last token is sampled already (`next`): no logits wanted.
+    const bool logits = chunk == left && seq->replay.empty();
+    batch.push_back(BatchEntry{&seq->kv, {context.data() + seq->prefilled, chunk}, logits,
+                               seq->attention.get(), nullptr});
     owners.push_back(seq.get());
     budget -= chunk;
   }
@@ -182,19 +189,30 @@ bool BatchScheduler::Step() {
   size_t row = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence* seq = owners[i];
+    const float* row_logits = batch[i].want_logits ? logits.data() + row++ * n_vocab : nullptr;
     if (!status.ok()) {  // validated on submit: this is a bug, not bad input
       Finish(seq, absl::InternalError(absl::StrCat("forward pass failed: ", status.message())));
       continue;
     }
     if (absl::Status fetched = seq->kv.fetch_status(); !fetched.ok()) {
       // Attention read pages that never arrived: this step's output is
-      // wrong and is dropped. Resuming elsewhere recomputes from the tokens.
-      Finish(seq, absl::UnavailableError(absl::StrCat(
-                      "the KV service could not return this sequence's blocks (",
-                      fetched.message(), "); resubmit with the tokens so far to continue")));
+      // wrong and is dropped. The token history is the truth: recompute
+      // the cache from it (a few times at most).
+      if (seq->rebuilds < kMaxRebuilds) {
+        Rebuild(seq);
+      } else {
+        Finish(seq, absl::UnavailableError(absl::StrCat(
+                        "the KV service could not return this sequence's blocks (",
+                        fetched.message(), ") ", seq->rebuilds,
+                        " times; resubmit with the tokens so far to continue")));
+      }
       continue;
     }
-    const bool decode = seq->prefilled == seq->request.prompt.size();
+    if (!seq->replay.empty() && seq->prefilled < seq->replay.size()) {
+      seq->prefilled += batch[i].tokens.size();  // rebuilding: nothing to sample yet
+      continue;
+    }
+    const bool decode = seq->prefilled == seq->context().size();
     if (decode) {
       for (const HeadStepStats& h : seq->stats) {
         seq->summary.kv_blocks_touched += h.blocks_touched;
@@ -214,8 +232,7 @@ bool BatchScheduler::Step() {
         options_.on_prompt_chunk(seq->request.prompt, seq->kv);
       }
     }
-    if (!batch[i].want_logits) continue;
-    const float* row_logits = logits.data() + row++ * n_vocab;
+    if (row_logits == nullptr) continue;
     if (!seq->state.finish_reason().empty()) {  // max_tokens 0
       Finish(seq, absl::OkStatus());
       continue;
@@ -233,6 +250,22 @@ bool BatchScheduler::Step() {
   }
   Retire();
   return true;
+}
+
+void BatchScheduler::Rebuild(Sequence* seq) {
+  ++seq->rebuilds;
+  seq->kv = runtime_->NewCache();
+  seq->prefilled = 0;
+  seq->preloaded = 0;
+  seq->replay.clear();
+  const std::vector<TokenId>& generated = seq->state.tokens();
+  if (!generated.empty()) {
+    // Decoding: the cache must hold the prompt and every generated token
+    // but the last, which the next step feeds (`next`).
+    seq->replay = seq->request.prompt;
+    seq->replay.insert(seq->replay.end(), generated.begin(), generated.end() - 1);
+  }
+  if (options_.on_rebuild) options_.on_rebuild();
 }
 
 void BatchScheduler::Retire() {

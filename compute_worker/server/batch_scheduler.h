@@ -62,6 +62,9 @@ class BatchScheduler {
     std::function<void(const std::vector<TokenId>& prompt, const std::vector<TokenId>& generated,
                        const KvCache& kv)>
         on_block_filled;
+    // Called on the scheduler thread when a sequence's cache is rebuilt from
+    // its tokens (the KV service lost blocks it needed).
+    std::function<void()> on_rebuild;
     // Called on the scheduler thread after every decode step of a sequence
     // with what attention did: stats[layer * n_head + head], and the
     // sequence's attention (null: the runtime's default).
@@ -99,6 +102,10 @@ class BatchScheduler {
   // One Forward() over the running sequences; false when there was nothing to do.
   bool Step();
   void Finish(Sequence* seq, const absl::Status& status);
+  // Replaces the cache with an empty one and replays the sequence's tokens
+  // into it: after a failed page fetch, the token history is the truth.
+  void Rebuild(Sequence* seq);
+  static constexpr int kMaxRebuilds = 2;
   // Removes finished sequences from running_.
   void Retire();
 

@@ -169,6 +169,13 @@ int main(int argc, char** argv) {
                                           const psa::AttentionBackend* attention) {
     attention_metrics.Observe(stats, n_head, attention);
   };
+  psa::metrics::Counter& rebuilds =
+      registry
+          .AddCounter("psa_worker_sequence_rebuilds_total",
+                      "Sequences whose KV cache was recomputed from their tokens because the KV "
+                      "service could not return blocks they needed")
+          .Add();
+  scheduler_options.on_rebuild = [&rebuilds] { rebuilds.Increment(); };
   auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
   psa::GenerationServiceOptions service_options;
   service_options.model_id = *sha;
