@@ -62,12 +62,13 @@ int Scores64(const KvSource& keys, const float* q16, int group, int n, float sca
       __m512 acc[16];
       for (int j = 0; j < 16; ++j) {
         const float* kj = k + j * 64;
-        // ggml's vec_dot_f16 order: four partial products, then pairwise.
-        const __m512 p0 = _mm512_mul_ps(q0, _mm512_loadu_ps(kj));
-        const __m512 p1 = _mm512_mul_ps(q1, _mm512_loadu_ps(kj + 16));
-        const __m512 p2 = _mm512_mul_ps(q2, _mm512_loadu_ps(kj + 32));
-        const __m512 p3 = _mm512_mul_ps(q3, _mm512_loadu_ps(kj + 48));
-        acc[j] = _mm512_add_ps(_mm512_add_ps(p0, p2), _mm512_add_ps(p1, p3));
+        // ggml's vec_dot_f16 pairing (dims 0-15 with 32-47, 16-31 with
+        // 48-63), fused: two chains, one add.
+        const __m512 a02 = _mm512_fmadd_ps(q2, _mm512_loadu_ps(kj + 32),
+                                           _mm512_mul_ps(q0, _mm512_loadu_ps(kj)));
+        const __m512 a13 = _mm512_fmadd_ps(q3, _mm512_loadu_ps(kj + 48),
+                                           _mm512_mul_ps(q1, _mm512_loadu_ps(kj + 16)));
+        acc[j] = _mm512_add_ps(a02, a13);
       }
       _mm512_storeu_ps(scores + static_cast<size_t>(g) * stride + t,
                        _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale)));
@@ -84,24 +85,32 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
   __m512 acc[4][4];
   for (auto& a : acc)
     for (auto& x : a) x = _mm512_setzero_ps();
-  for (int t = 0; t < n_keys; ++t) {
-    __m512 vv[4];
-    if (values.f32 != nullptr) {
-      const float* v = values.f32 + static_cast<size_t>(t) * 64;
-      for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(v + 16 * j);
-    } else {
-      const uint16_t* v = values.rows->row(t);
-      for (int j = 0; j < 4; ++j) {
-        vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
-      }
-    }
+  auto accumulate = [&](int t, const __m512 (&vv)[4]) {
     for (int g = 0; g < 4; ++g) {
       if (g >= group) break;
       const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
       for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
     }
+  };
+  if (values.f32 != nullptr) {
+    for (int t = 0; t < n_keys; ++t) {
+      const float* v = values.f32 + static_cast<size_t>(t) * 64;
+      const __m512 vv[4] = {_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16),
+                            _mm512_loadu_ps(v + 32), _mm512_loadu_ps(v + 48)};
+      accumulate(t, vv);
+    }
+  } else {
+    for (int t0 = 0; t0 < n_keys; t0 += block_size) {  // rows contiguous within a block
+      const uint16_t* v = values.rows->row(t0);
+      for (int t = t0; t < std::min(n_keys, t0 + block_size); ++t, v += 64) {
+        __m512 vv[4];
+        for (int j = 0; j < 4; ++j) {
+          vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
+        }
+        accumulate(t, vv);
+      }
+    }
   }
-  (void)block_size;
   for (int g = 0; g < group; ++g)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * 64 + 16 * j, acc[g][j]);
 }
