@@ -11,8 +11,9 @@ KvPageReader::KvPageReader(const KvCache& kv, int layer, int kv_head)
     : kv_(const_cast<KvCache&>(kv)),
       layer_(layer),
       kv_head_(kv_head),
-      table_(kv.PageTable(layer, kv_head)) {
-  if (!kv.paged()) {
+      table_(kv.PageTable(layer, kv_head)),
+      paged_(kv.paged()) {
+  if (!paged_) {
     direct_ = kv.pages_[table_].data();
     return;
   }
@@ -24,7 +25,7 @@ KvPageReader::KvPageReader(const KvCache& kv, int layer, int kv_head)
 }
 
 KvPageReader::~KvPageReader() {
-  if (direct_ != nullptr) return;
+  if (!paged_) return;
   absl::Status failure;
   {
     absl::MutexLock lock(&mu_);
@@ -50,7 +51,7 @@ KvPageReader::~KvPageReader() {
 }
 
 void KvPageReader::Prefetch(absl::Span<const int> blocks) {
-  if (direct_ != nullptr) return;
+  if (!paged_) return;
   const KvPaging& paging = kv_.pooled_.paging;
   std::vector<int> want;
   std::vector<uint16_t*> dsts;
@@ -146,11 +147,11 @@ const uint16_t* KvPageReader::WaitPage(int b) {
 }
 
 KvRows KvPageReader::Keys() const {
-  return KvRows{direct_ != nullptr ? direct_ : ptr_.data(), 0, kv_.block_size(), kv_.head_dim()};
+  return KvRows{paged_ ? ptr_.data() : direct_, 0, kv_.block_size(), kv_.head_dim()};
 }
 
 KvRows KvPageReader::Values() const {
-  return KvRows{direct_ != nullptr ? direct_ : ptr_.data(),
+  return KvRows{paged_ ? ptr_.data() : direct_,
                 static_cast<size_t>(kv_.block_size()) * kv_.head_dim(), kv_.block_size(),
                 kv_.head_dim()};
 }

@@ -41,10 +41,7 @@ class KvPageReader {
   // Starts making blocks' pages readable (no-op without a pool).
   void Prefetch(absl::Span<const int> blocks);
   // Block b's page (K then V), waiting for it if it is being fetched.
-  const uint16_t* Page(int b) {
-    if (direct_ != nullptr) return direct_[b];
-    return WaitPage(b);
-  }
+  const uint16_t* Page(int b) { return paged_ ? WaitPage(b) : direct_[b]; }
   // Rows over every block Page() was called for.
   KvRows Keys() const;
   KvRows Values() const;
@@ -55,6 +52,7 @@ class KvPageReader {
   KvCache& kv_;  // its page table (layer, kv_head) is this reader's to update
   const int layer_, kv_head_;
   const size_t table_;
+  const bool paged_;
   const uint16_t* const* direct_ = nullptr;  // no pool: the cache's pages
 
   // Pool mode. ptr_[b]: where block b's page is (readable once it arrived).
