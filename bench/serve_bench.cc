@@ -108,7 +108,22 @@ struct Row {
   double fetch_mb_per_token = 0;
   double hit_ratio = 0;       // pool hits / stored pages read
   double stall_ms_per_token = 0;
+  std::vector<std::vector<uint32_t>> outputs;  // per sequence, greedy tokens
 };
+
+// Accuracy in the same run: the share of each sequence's tokens generated
+// before it first differs from dense's greedy tokens for the same prompt.
+double SameAsDense(const Row& r, const Row& dense) {
+  double sum = 0;
+  for (size_t i = 0; i < r.outputs.size() && i < dense.outputs.size(); ++i) {
+    const auto& a = r.outputs[i];
+    const auto& b = dense.outputs[i];
+    size_t k = 0;
+    while (k < a.size() && k < b.size() && a[k] == b[k]) ++k;
+    sum += b.empty() ? 1.0 : static_cast<double>(k) / b.size();
+  }
+  return r.outputs.empty() ? 0 : sum / r.outputs.size();
+}
 
 Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
               const std::vector<uint32_t>& document, const std::vector<std::vector<uint32_t>>& questions) {
@@ -125,8 +140,8 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
     psa::v1::Usage usage;
   };
   std::vector<Seq> seqs(n);
+  std::vector<std::vector<uint32_t>> outputs(n);
   std::vector<std::thread> threads;
-  const absl::Time start = absl::Now();
   for (int i = 0; i < n; ++i) {
     threads.emplace_back([&, i] {
       auto client = Connect(worker.address());
@@ -158,14 +173,15 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
       });
       if (!done.ok()) Die(absl::StrCat(policy, " sequence ", i, ": ", done.status().message()));
       s.usage = done->usage;
+      outputs[i] = done->token_ids;
     });
   }
   for (auto& t : threads) t.join();
-  (void)start;
 
   Row row;
   row.policy = policy;
   row.sequences = n;
+  row.outputs = std::move(outputs);
   absl::Time first_any = absl::InfiniteFuture(), last_all = absl::InfinitePast();
   double gaps = 0, ttft = 0, touched = 0, total = 0;
   int decoded = 0;
@@ -284,29 +300,33 @@ int main(int argc, char** argv) {
 
   std::string table = absl::StrCat(
       "context,sequences,policy,tok_per_s,ms_per_token,ttft_s,kv_read,fetch_mb_per_token,"
-      "pool_hit_ratio,stall_ms_per_token,vs_dense,vs_topk\n");
+      "pool_hit_ratio,stall_ms_per_token,same_as_dense,vs_dense,vs_topk\n");
   std::printf("\n%d-token context, pool %.0f%% of the KV, %d tokens per sequence\n", context,
               100 * absl::GetFlag(FLAGS_pool_fraction), tokens);
-  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %8s %8s\n", "seqs", "policy", "tok/s",
-              "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "vs dense",
-              "vs topk");
+  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %8s %8s %8s\n", "seqs", "policy", "tok/s",
+              "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "=dense",
+              "vs dense", "vs topk");
   for (const Row& r : rows) {
-    double dense = 0, topk = 0;
+    const Row* dense = nullptr;
+    const Row* topk = nullptr;
     for (const Row& o : rows) {
       if (o.sequences != r.sequences) continue;
-      if (o.policy == "dense") dense = o.tok_per_s;
-      if (o.policy == "topk") topk = o.tok_per_s;
+      if (o.policy == "dense") dense = &o;
+      if (o.policy == "topk") topk = &o;
     }
-    const double vs_dense = dense > 0 ? r.tok_per_s / dense : 0;
-    const double vs_topk = topk > 0 ? r.tok_per_s / topk : 0;
-    std::printf("%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %7.2fx %7.2fx\n",
+    const double vs_dense = dense != nullptr ? r.tok_per_s / dense->tok_per_s : 0;
+    const double vs_topk = topk != nullptr ? r.tok_per_s / topk->tok_per_s : 0;
+    const double same = dense != nullptr ? SameAsDense(r, *dense) : -1;
+    std::printf("%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %7.0f%% %7.2fx %7.2fx\n",
                 r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s,
                 100 * r.kv_read, r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token,
-                vs_dense, vs_topk);
+                100 * same, vs_dense, vs_topk);
     absl::StrAppend(&table, context, ",", r.sequences, ",", r.policy, ",", r.tok_per_s, ",",
                     r.ms_per_token, ",", r.ttft_s, ",", r.kv_read, ",", r.fetch_mb_per_token, ",",
-                    r.hit_ratio, ",", r.stall_ms_per_token, ",", vs_dense, ",", vs_topk, "\n");
+                    r.hit_ratio, ",", r.stall_ms_per_token, ",", same, ",", vs_dense, ",",
+                    vs_topk, "\n");
   }
+  std::printf("(=dense: share of each sequence's tokens before it first differs from dense's)\n");
   if (const std::string path = absl::GetFlag(FLAGS_csv); !path.empty()) {
     std::ofstream(path) << table;
     std::printf("\nwrote %s\n", path.c_str());
