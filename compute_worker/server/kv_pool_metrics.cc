@@ -45,20 +45,24 @@ void KvPoolMetrics::Collect() {
   vllm_usage_.Set(s.usage_ratio());
   pinned_.Set(static_cast<double>(s.pinned));
   overflow_.Set(static_cast<double>(counters_->overflow_pages.load()));
-  const uint64_t now[6] = {s.evictions,
-                           counters_->page_reads.load(),
-                           counters_->page_fetches.load(),
-                           counters_->fetch_bytes.load(),
-                           counters_->stall_ns.load(),
-                           counters_->scratch_pages.load()};
-  metrics::Counter* out[6] = {&evictions_, &reads_, &fetches_, &fetch_bytes_, &stall_seconds_,
-                              &scratch_};
+  // Counters mirror totals kept elsewhere: add what they grew by.
+  const struct {
+    metrics::Counter& counter;
+    uint64_t total;
+    double unit;
+  } totals[kTotals] = {
+      {evictions_, s.evictions, 1},
+      {reads_, counters_->page_reads.load(), 1},
+      {fetches_, counters_->page_fetches.load(), 1},
+      {fetch_bytes_, counters_->fetch_bytes.load(), 1},
+      {stall_seconds_, counters_->stall_ns.load(), 1e-9},
+      {scratch_, counters_->scratch_pages.load(), 1},
+  };
   absl::MutexLock lock(&mu_);
-  for (int i = 0; i < 6; ++i) {
-    if (now[i] <= seen_[i]) continue;
-    const double delta = static_cast<double>(now[i] - seen_[i]);
-    out[i]->Increment(i == 4 ? delta * 1e-9 : delta);
-    seen_[i] = now[i];
+  for (int i = 0; i < kTotals; ++i) {
+    if (totals[i].total <= seen_[i]) continue;
+    totals[i].counter.Increment(static_cast<double>(totals[i].total - seen_[i]) * totals[i].unit);
+    seen_[i] = totals[i].total;
   }
 }
 

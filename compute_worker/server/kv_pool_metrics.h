@@ -24,8 +24,9 @@ class KvPoolMetrics {
   metrics::Gauge &capacity_bytes_, &used_bytes_, &usage_, &vllm_usage_, &pinned_, &overflow_;
   metrics::Counter &evictions_, &reads_, &fetches_, &fetch_bytes_, &stall_seconds_, &scratch_;
   absl::Mutex mu_;
-  // Totals already added to the counters above (they only go up).
-  uint64_t seen_[6] ABSL_GUARDED_BY(mu_) = {};
+  // Totals already added to the six counters above (they only go up).
+  static constexpr int kTotals = 6;
+  uint64_t seen_[kTotals] ABSL_GUARDED_BY(mu_) = {};
 };
 
 }  // namespace psa

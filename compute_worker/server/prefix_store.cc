@@ -223,16 +223,18 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
 }
 
 void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv) {
-  const int B = layout_.block_size();
-  const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
-  if (n <= kv.durable_blocks()) return;
-  Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
+  PublishPromptBlocks(prompt, kv, 1);
 }
 
 void PrefixStore::PublishPrefix(absl::Span<const TokenId> prompt, const KvCache& kv) {
+  PublishPromptBlocks(prompt, kv, options_.checkpoint_blocks);
+}
+
+void PrefixStore::PublishPromptBlocks(absl::Span<const TokenId> prompt, const KvCache& kv,
+                                      int min_new_blocks) {
   const int B = layout_.block_size();
   const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
-  if (n - kv.durable_blocks() < options_.checkpoint_blocks) return;
+  if (n - kv.durable_blocks() < min_new_blocks) return;
   Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
 }
 

@@ -94,6 +94,10 @@ class PrefixStore {
     std::shared_ptr<KvDurability> durability;  // told once written
     std::vector<psa::v1::KvBlock> blocks;  // [link_blocks, n_blocks) of all layers
   };
+  // Publishes the prompt's full blocks in `kv` if at least min_new_blocks
+  // of them are not stored yet.
+  void PublishPromptBlocks(absl::Span<const TokenId> prompt, const KvCache& kv,
+                           int min_new_blocks);
   // Queues the write of blocks [0, n) named by `hashes`.
   void Plan(std::vector<std::string> hashes, int n, const KvCache& kv);
   // Copies blocks [first, last) of every layer.

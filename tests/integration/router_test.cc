@@ -7,14 +7,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/generator.h"
-#include "compute_worker/runtime/sparse_attention.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 #include "common/http_get.h"
 #include "tests/support/generate_stream.h"
+#include "tests/support/reference_generation.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -85,17 +84,10 @@ class RouterTest : public ::testing::Test {
   }
   std::vector<TokenId> Reference(const std::string& text, int max_tokens) {
     auto model = LlamaModel::Load(*path_);
-    LlamaRuntime runtime(**model, RuntimeOptions{});
-    AttentionPolicy dense;
-    dense.kind = AttentionPolicy::Kind::kDense;
-    auto attention = MakeAttention(dense);
-    GenerationRequest req;
+    EXPECT_TRUE(model.ok());
     const Tokenizer& tok = (*model)->tokenizer();
-    req.prompt = tok.Encode(text, tok.add_bos_default(), false);
-    req.max_tokens = max_tokens;
-    req.ignore_eos = true;
-    req.attention = attention.get();
-    return psa::Generate(runtime, req)->tokens;
+    return psa::testing::ReferenceTokens(**model, tok.Encode(text, tok.add_bos_default(), false),
+                                         max_tokens);
   }
 
   static std::string* path_;

@@ -15,6 +15,7 @@
 #include "proto/psa/v1/generation.grpc.pb.h"
 #include "common/http_get.h"
 #include "tests/support/generate_stream.h"
+#include "tests/support/reference_generation.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -117,16 +118,7 @@ class TinyWorkerTest : public ::testing::Test {
   // What the in-process runtime generates (greedy, ignoring EOS).
   static std::vector<TokenId> Reference(const std::vector<TokenId>& prompt, int max_tokens,
                                         const AttentionPolicy& policy) {
-    LlamaRuntime runtime(*model_, RuntimeOptions{});
-    auto attention = MakeAttention(policy);
-    GenerationRequest req;
-    req.prompt = prompt;
-    req.max_tokens = max_tokens;
-    req.ignore_eos = true;
-    req.attention = attention.get();
-    auto result = psa::Generate(runtime, req);
-    EXPECT_TRUE(result.ok()) << result.status();
-    return result->tokens;
+    return psa::testing::ReferenceTokens(*model_, prompt, max_tokens, policy);
   }
   int vocab() const { return model_->hparams().n_vocab; }
 
@@ -138,11 +130,7 @@ std::string* TinyWorkerTest::path_ = nullptr;
 std::string* TinyWorkerTest::slow_path_ = nullptr;
 LlamaModel* TinyWorkerTest::model_ = nullptr;
 
-AttentionPolicy Dense() {
-  AttentionPolicy p;
-  p.kind = AttentionPolicy::Kind::kDense;
-  return p;
-}
+AttentionPolicy Dense() { return psa::testing::DensePolicy(); }
 
 TEST_F(TinyWorkerTest, DenseGenerationEqualsTheInProcessRuntime) {
   Worker worker(*path_);

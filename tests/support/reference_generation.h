@@ -1,0 +1,22 @@
+// What the in-process runtime generates: the reference that tests compare
+// servers (worker, router, SDKs) against, token for token.
+#ifndef PSA_TESTS_SUPPORT_REFERENCE_GENERATION_H_
+#define PSA_TESTS_SUPPORT_REFERENCE_GENERATION_H_
+
+#include <vector>
+
+#include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/sparse_attention.h"
+
+namespace psa::testing {
+
+AttentionPolicy DensePolicy();
+
+// Greedy tokens after `prompt`, ignoring EOS, on a fresh runtime over
+// `model`; empty (and a test failure) if generation fails.
+std::vector<TokenId> ReferenceTokens(const LlamaModel& model, const std::vector<TokenId>& prompt,
+                                     int max_tokens, const AttentionPolicy& policy = DensePolicy());
+
+}  // namespace psa::testing
+
+#endif  // PSA_TESTS_SUPPORT_REFERENCE_GENERATION_H_
