@@ -46,6 +46,19 @@ struct KvSource {
 };
 
 #if defined(__AVX512F__)
+// Blocks ahead whose rows are prefetched (into L2: more lines in flight than
+// L1's fill buffers allow). A sweep reads the K (or V) half of each page, so
+// the hardware prefetcher, which stops at page boundaries, leaves a single
+// core far below its read bandwidth on long contexts.
+constexpr int kPrefetchBlocks = 16;
+
+// Asks for rows [t, t + n) of `rows` (within one block) into the caches.
+inline void PrefetchRows(const KvRows& rows, int t, int n) {
+  const char* p = reinterpret_cast<const char*>(rows.row(t));
+  const size_t bytes = static_cast<size_t>(n) * rows.dim * sizeof(uint16_t);
+  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
+
 // scores[g][t] = scale * q_g . k_t for keys [0, n) in chunks of 16, head dim
 // 64; returns the number of keys done (a multiple of 16). Needs blocks of a
 // multiple of 16 rows (each chunk contiguous).
@@ -53,7 +66,11 @@ int Scores64(const KvSource& keys, const float* q16, int group, int n, float sca
              float* scores, int stride) {
   alignas(64) float kbuf[16 * 64];
   int t = 0;
+  const int ahead = kPrefetchBlocks * (keys.rows != nullptr ? keys.rows->block_size : 0);
   for (; t + 16 <= n; t += 16) {
+    if (keys.f32 == nullptr && t + ahead < n && (t + ahead) % keys.rows->block_size == 0) {
+      PrefetchRows(*keys.rows, t + ahead, std::min(keys.rows->block_size, n - t - ahead));
+    }
     const float* k = keys.Chunk16(t, kbuf);
     for (int g = 0; g < group; ++g) {
       const float* q = q16 + g * 64;
@@ -77,17 +94,17 @@ int Scores64(const KvSource& keys, const float* q16, int group, int n, float sca
   return t;
 }
 
-// out[g] = sum_t p[g][t] * v[t] for head_dim 64 and up to 4 heads, with the
+// out[g] = sum_t p[g][t] * v[t] for head_dim 64 and kGroup heads, with the
 // 4 x 16-float accumulators of every head kept in registers across keys
-// (the generic loop reloads and stores the outputs for every key).
+// (the group size is a template argument so that they are not spilled).
+template <int kGroup>
 void AccumulateValues64(const KvSource& values, int block_size, const float* p, int p_stride,
-                        int n_keys, int group, float* out) {
-  __m512 acc[4][4];
+                        int n_keys, float* out) {
+  __m512 acc[kGroup][4];
   for (auto& a : acc)
     for (auto& x : a) x = _mm512_setzero_ps();
-  auto accumulate = [&](int t, const __m512 (&vv)[4]) {
-    for (int g = 0; g < 4; ++g) {
-      if (g >= group) break;
+  const auto accumulate = [&](int t, const __m512(&vv)[4]) __attribute__((always_inline)) {
+    for (int g = 0; g < kGroup; ++g) {
       const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
       for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
     }
@@ -101,6 +118,8 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
     }
   } else {
     for (int t0 = 0; t0 < n_keys; t0 += block_size) {  // rows contiguous within a block
+      const int pf = t0 + kPrefetchBlocks * block_size;
+      if (pf < n_keys) PrefetchRows(*values.rows, pf, std::min(block_size, n_keys - pf));
       const uint16_t* v = values.rows->row(t0);
       for (int t = t0; t < std::min(n_keys, t0 + block_size); ++t, v += 64) {
         __m512 vv[4];
@@ -111,8 +130,20 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
       }
     }
   }
-  for (int g = 0; g < group; ++g)
+  for (int g = 0; g < kGroup; ++g)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * 64 + 16 * j, acc[g][j]);
+}
+
+// AccumulateValues64 for a run-time group size of 1-4; false for others.
+bool AccumulateValues64(const KvSource& values, int block_size, const float* p, int p_stride,
+                        int n_keys, int group, float* out) {
+  switch (group) {
+    case 1: AccumulateValues64<1>(values, block_size, p, p_stride, n_keys, out); return true;
+    case 2: AccumulateValues64<2>(values, block_size, p, p_stride, n_keys, out); return true;
+    case 3: AccumulateValues64<3>(values, block_size, p, p_stride, n_keys, out); return true;
+    case 4: AccumulateValues64<4>(values, block_size, p, p_stride, n_keys, out); return true;
+    default: return false;
+  }
 }
 #endif
 
@@ -160,21 +191,17 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
     float inv[kMaxGqaGroup];
     for (int g = 0; g < group; ++g) {
       float* s = &scores[static_cast<size_t>(g) * n_keys_max];
-      float max = -INFINITY;
-      for (int t = 0; t < n_keys; ++t) max = std::max(max, s[t]);
-      const double sum = ExpShiftSum(s, n_keys, max);
+      const double sum = ExpShiftSum(s, n_keys, MaxF32(s, n_keys));
       inv[g] = static_cast<float>(1.0 / sum);
     }
     // Probabilities, normalised and rounded to fp16 as llama.cpp does.
     for (int g = 0; g < group; ++g) {
-      float* s = &scores[static_cast<size_t>(g) * n_keys_max];
-#pragma omp simd
-      for (int t = 0; t < n_keys; ++t) s[t] = RoundToFp16(s[t] * inv[g]);
+      ScaleRoundToFp16(inv[g], &scores[static_cast<size_t>(g) * n_keys_max], n_keys);
     }
     float* out0 = task.out + static_cast<size_t>(i) * task.out_stride;
 #if defined(__AVX512F__)
-    if (d == 64 && group <= 4) {
-      AccumulateValues64(vsrc, values.block_size, scores.data(), n_keys_max, n_keys, group, out0);
+    if (d == 64 &&
+        AccumulateValues64(vsrc, values.block_size, scores.data(), n_keys_max, n_keys, group, out0)) {
       continue;
     }
 #endif

@@ -1,6 +1,6 @@
 // Small inline kernels over fp16 KV rows shared by the attention backends:
-// row conversion, dot products and axpy. F16C/AVX2 when the build has them
-// (AVX-512 code comes from the compiler widening the fp32 loops).
+// row conversion, dot products, axpy and the softmax passes (max, exp-sum,
+// normalise-and-round). F16C/AVX2/AVX-512 when the build has them.
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
 
@@ -87,14 +87,84 @@ inline float ExpNonPositive(float x) {
   return p * scale;
 }
 
+#if defined(__AVX512F__)
+// ExpNonPositive on 16 lanes, the same steps (FMA-contracted).
+inline __m512 ExpNonPositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Mask of the first min(n, 16) lanes.
+inline __mmask16 FirstLanes(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+#endif
+
 // s[i] = exp(s[i] - max) for i < n (max >= every s[i]); returns the sum.
+// Every element takes the same arithmetic whatever n is (the tail goes
+// through the same 16-lane code, masked).
 inline double ExpShiftSum(float* s, int n, float max) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) s[i] = ExpNonPositive(s[i] - max);
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(max);
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = FirstLanes(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(
+        k, ExpNonPositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m)));
+    _mm512_mask_storeu_ps(s + i, k, e);
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                 _mm512_castps_pd(e), 1))));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+#else
   double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; ++i) sum += s[i];
+  for (int i = 0; i < n; ++i) sum += (s[i] = ExpNonPositive(s[i] - max));
   return sum;
+#endif
+}
+
+// The largest of s[0, n) (-inf for n = 0).
+inline float MaxF32(const float* s, int n) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int i = 0; i < n; i += 16) {
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), FirstLanes(n - i), s + i));
+  }
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+#endif
+}
+
+// s[i] = fp16(s[i] * a) as fp32, for i < n.
+inline void ScaleRoundToFp16(float a, float* s, int n) {
+#if defined(__AVX512F__)
+  const __m512 av = _mm512_set1_ps(a);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = FirstLanes(n - i);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), av);
+    _mm512_mask_storeu_ps(s + i, k, _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)));
+  }
+#else
+  for (int i = 0; i < n; ++i) s[i] = RoundToFp16(s[i] * a);
+#endif
 }
 
 #if defined(__AVX512F__)

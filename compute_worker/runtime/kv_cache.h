@@ -189,7 +189,7 @@ class KvCache {
   }
   // Grows the metadata and page tables to hold `blocks` blocks.
   void GrowTables(int blocks);
-  // Private memory: carves `count` (layer, block)s out of slabs.
+  // Private memory: carves the pages of `count` blocks of `layer` out of slabs.
   void AllocatePrivateBlocks(int layer, int count);
   // Pool: a private page for block b of table t (pool slot, else overflow).
   void AllocatePooledPage(size_t t, int b);
@@ -221,7 +221,7 @@ class KvCache {
   };
   std::vector<std::unique_ptr<uint16_t, FreeSlab>> slabs_;  // private memory
   uint16_t* slab_next_ = nullptr;  // free space left in the newest slab
-  size_t slab_left_ = 0;           // in (layer, block)s
+  size_t slab_left_ = 0;           // in pages
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
 
   mutable std::vector<int> read_hint_;  // [layer * n_head_kv + head]
