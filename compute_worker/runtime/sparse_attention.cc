@@ -52,33 +52,49 @@ inline float BlockUpperBound(const float* q, const uint16_t* kmax, const uint16_
 }
 
 #if defined(__AVX512F__)
-// Upper bounds of 16 blocks at a time for head dim 64: the metadata is
-// converted once for every head of the group and the 16 sums come out of one
-// reduction tree. Fills ub[g * n_cand + c] and gscore[c] for candidates
-// [0, n) with n a multiple of 16 <= n_cand; returns n.
+// Upper bounds of 16 blocks at a time for head dim 64, in the box's centre
+// and radius form: sum_i max(q_i*hi_i, q_i*lo_i) = q.c + |q|.r with
+// c = (hi + lo) / 2, r = (hi - lo) / 2 (two FMAs per 16 dims instead of four
+// operations). Each block's metadata is converted once for every head of
+// the group; the 16 sums come out of one reduction tree per head. Fills
+// ub[g * n_cand + c] and gscore[c] for candidates [0, n) with n a multiple
+// of 16 <= n_cand; returns n.
 int ScoreBlocks64(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
                   const float* const* qs, int group, float scale, float* ub, float* gscore) {
-  alignas(64) float hi[16][64], lo[16][64];
+  __m512 qh[kMaxGqaGroup][4], qa[kMaxGqaGroup][4];  // q / 2 and |q| / 2
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int g = 0; g < group; ++g) {
+    for (int v = 0; v < 4; ++v) {
+      qh[g][v] = _mm512_mul_ps(_mm512_loadu_ps(qs[g] + 16 * v), half);
+      qa[g][v] = _mm512_abs_ps(qh[g][v]);
+    }
+  }
+  alignas(64) __m512 acc[kMaxGqaGroup][16];
   int c = 0;
   for (; c + 16 <= n_cand; c += 16) {
     for (int j = 0; j < 16; ++j) {
-      Fp16RowToFp32(kv.KeyMax(layer, kv_head, first_block + c + j), hi[j], 64);
-      Fp16RowToFp32(kv.KeyMin(layer, kv_head, first_block + c + j), lo[j], 64);
+      const uint16_t* mx = kv.KeyMax(layer, kv_head, first_block + c + j);
+      const uint16_t* mn = kv.KeyMin(layer, kv_head, first_block + c + j);
+      __m512 cen[4], rad[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mx + 16 * v)));
+        const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + 16 * v)));
+        cen[v] = _mm512_add_ps(hi, lo);  // exact: fp16 inputs
+        rad[v] = _mm512_sub_ps(hi, lo);
+      }
+      for (int g = 0; g < group; ++g) {
+        __m512 a = _mm512_mul_ps(qh[g][0], cen[0]);
+        a = _mm512_fmadd_ps(qa[g][0], rad[0], a);
+        for (int v = 1; v < 4; ++v) {
+          a = _mm512_fmadd_ps(qh[g][v], cen[v], a);
+          a = _mm512_fmadd_ps(qa[g][v], rad[v], a);
+        }
+        acc[g][j] = a;
+      }
     }
     __m512 best = _mm512_set1_ps(-INFINITY);
     for (int g = 0; g < group; ++g) {
-      __m512 q[4];
-      for (int v = 0; v < 4; ++v) q[v] = _mm512_loadu_ps(qs[g] + 16 * v);
-      __m512 acc[16];
-      for (int j = 0; j < 16; ++j) {
-        __m512 a = _mm512_setzero_ps();
-        for (int v = 0; v < 4; ++v) {
-          a = _mm512_add_ps(a, _mm512_max_ps(_mm512_mul_ps(q[v], _mm512_load_ps(hi[j] + 16 * v)),
-                                             _mm512_mul_ps(q[v], _mm512_load_ps(lo[j] + 16 * v))));
-        }
-        acc[j] = a;
-      }
-      const __m512 u = _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale));
+      const __m512 u = _mm512_mul_ps(SumEach16(acc[g]), _mm512_set1_ps(scale));
       _mm512_storeu_ps(ub + static_cast<size_t>(g) * n_cand + c, u);
       best = _mm512_max_ps(best, u);
     }
