@@ -102,6 +102,47 @@ int ScoreBlocks64(const KvCache& kv, int layer, int kv_head, int first_block, in
   }
   return c;
 }
+
+// The 16 rows of a full block, head dim 64, for the group's active heads:
+// s[g * stride + t] = scale * q_g . k_t.
+void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState* heads,
+                      int group, float scale, float* s, int stride) {
+  alignas(64) float kf[16 * 64];
+  Fp16RowToFp32(k, kf, 16 * 64);
+  for (int g = 0; g < group; ++g) {
+    if (!heads[g].active) continue;
+    const __m512 q0 = _mm512_loadu_ps(qs[g]), q1 = _mm512_loadu_ps(qs[g] + 16),
+                 q2 = _mm512_loadu_ps(qs[g] + 32), q3 = _mm512_loadu_ps(qs[g] + 48);
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {
+      const float* kj = kf + j * 64;
+      const __m512 a02 = _mm512_fmadd_ps(q2, _mm512_load_ps(kj + 32), _mm512_mul_ps(q0, _mm512_load_ps(kj)));
+      const __m512 a13 = _mm512_fmadd_ps(q3, _mm512_load_ps(kj + 48), _mm512_mul_ps(q1, _mm512_load_ps(kj + 16)));
+      acc[j] = _mm512_add_ps(a02, a13);
+    }
+    _mm512_storeu_ps(s + static_cast<size_t>(g) * stride,
+                     _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale)));
+  }
+}
+
+// acc_g += sum_t p[g * stride + t] * v_t over the 16 rows of a full block,
+// head dim 64, for the group's active heads.
+void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* heads,
+                      int group) {
+  alignas(64) float vf[16 * 64];
+  Fp16RowToFp32(v, vf, 16 * 64);
+  for (int g = 0; g < group; ++g) {
+    HeadState& h = heads[g];
+    if (!h.active) continue;
+    __m512 a[4];
+    for (int j = 0; j < 4; ++j) a[j] = _mm512_loadu_ps(h.acc.data() + 16 * j);
+    for (int t = 0; t < 16; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[static_cast<size_t>(g) * stride + t]);
+      for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(pt, _mm512_load_ps(vf + t * 64 + 16 * j), a[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(h.acc.data() + 16 * j, a[j]);
+  }
+}
 #endif
 
 }  // namespace
@@ -262,10 +303,21 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     reader.Page(b);
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
-    for (int t = t0; t < t1; ++t) {
-      Fp16RowToFp32(keys.row(t), krow.data(), d);
-      for (int g = 0; g < group; ++g) {
-        if (heads[g].active) scores[g * B + (t - t0)] = DotF32(qs[g], krow.data(), d) * shape.scale;
+#if defined(__AVX512F__)
+    const bool fast = d == 64 && n == 16;  // a full block of 16 rows: vector kernels
+#else
+    const bool fast = false;
+#endif
+    if (fast) {
+#if defined(__AVX512F__)
+      BlockScores16x64(keys.row(t0), qs, heads.data(), group, shape.scale, scores.data(), B);
+#endif
+    } else {
+      for (int t = t0; t < t1; ++t) {
+        Fp16RowToFp32(keys.row(t), krow.data(), d);
+        for (int g = 0; g < group; ++g) {
+          if (heads[g].active) scores[g * B + (t - t0)] = DotF32(qs[g], krow.data(), d) * shape.scale;
+        }
       }
     }
     for (int g = 0; g < group; ++g) {
@@ -294,12 +346,25 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       }
       ++h.blocks;
     }
+    if (fast) {
+#if defined(__AVX512F__)
+      BlockValues16x64(values.row(t0), scores.data(), B, heads.data(), group);
+#endif
+      return;
+    }
     for (int t = t0; t < t1; ++t) {
       Fp16RowToFp32(values.row(t), krow.data(), d);
       for (int g = 0; g < group; ++g) {
         if (heads[g].active) AxpyF32(scores[g * B + (t - t0)], krow.data(), heads[g].acc.data(), d);
       }
     }
+  };
+  // Blocks come in score order, scattered over memory: without a pool, ask
+  // for the next one's page while this one computes.
+  auto prefetch_page = [&](int b) {
+    if (kv.paged()) return;
+    const char* p = reinterpret_cast<const char*>(kv.Page(task.layer, task.kv_head, b));
+    for (size_t off = 0; off < kv.page_bytes(); off += 64) __builtin_prefetch(p + off);
   };
 
   // With a pool, pages not resident are fetched: ask early so transfers
@@ -389,7 +454,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     const int end = std::min(take, next + G);
     ensure_sorted(end);
     prefetch_upto(end + G);  // the next iteration's blocks, while these compute
-    for (; next < end; ++next) process_block(sink + order[next], order[next]);
+    for (; next < end; ++next) {
+      if (next + 1 < sorted) prefetch_page(sink + order[next + 1]);
+      process_block(sink + order[next], order[next]);
+    }
   }
 
   if (paged) {
