@@ -45,6 +45,9 @@ ABSL_FLAG(bool, paper_estimate, false,
           "Also sweep PSA with the paper's AS_min tail estimate (policy suffix ',min').");
 ABSL_FLAG(bool, calibrated_estimate, false,
           "Also sweep PSA with the calibrated-bound tail estimate (policy suffix ',cal').");
+ABSL_FLAG(bool, oracle, false,
+          "Also sweep PSA and top-k with the oracle ranking (blocks by their exact attention "
+          "mass, PSA stopping on the exact captured mass): the ceiling of any block selection.");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -223,6 +226,11 @@ int main(int argc, char** argv) {
       m.tail = AttentionPolicy::TailEstimate::kMinSeen;
       policies.push_back(m);
     }
+    if (absl::GetFlag(FLAGS_oracle)) {
+      AttentionPolicy m = p;
+      m.oracle = true;
+      policies.push_back(m);
+    }
     if (absl::GetFlag(FLAGS_certified)) {
       p.certified = true;
       policies.push_back(p);
@@ -233,6 +241,10 @@ int main(int argc, char** argv) {
     p.kind = AttentionPolicy::Kind::kTopK;
     if (!absl::SimpleAtoi(k, &p.top_k)) Die("bad --topk entry " + k);
     policies.push_back(p);
+    if (absl::GetFlag(FLAGS_oracle)) {
+      p.oracle = true;
+      policies.push_back(p);
+    }
   }
   for (const AttentionPolicy& p : policies) {
     if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));

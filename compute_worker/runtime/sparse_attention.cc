@@ -172,11 +172,12 @@ absl::Status AttentionPolicy::Validate() const {
 std::string AttentionPolicy::ToString() const {
   switch (kind) {
     case Kind::kDense: return "dense";
-    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, ")");
+    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, oracle ? ",oracle" : "", ")");
     case Kind::kPsa:
       return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
                           min_blocks > 0 ? absl::StrCat(",min_blocks=", min_blocks) : "",
-                          certified                              ? ",certified"
+                          oracle                                 ? ",oracle"
+                          : certified                            ? ",certified"
                           : tail == TailEstimate::kMinSeen        ? ",min"
                           : tail == TailEstimate::kCalibratedBound ? ",cal"
                                                                   : "",
@@ -238,6 +239,28 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       gscore[c] = std::max(gscore[c], u);
     }
   }
+  if (policy_.oracle && !kv.paged()) {
+    // Research ceiling: each block's exact log-mass log(sum_t exp(s_t))
+    // per head, from every key, in place of its upper bound.
+    const KvRows keys = kv.Keys(task.layer, task.kv_head);
+    thread_local std::vector<float> krow_buf, s;
+    krow_buf.resize(d);
+    s.resize(B);
+    for (int c2 = 0; c2 < n_cand; ++c2) {
+      const int t0 = (sink + c2) * B;
+      gscore[c2] = -INFINITY;
+      for (int g = 0; g < group; ++g) {
+        float m = -INFINITY;
+        for (int t = 0; t < B; ++t) {
+          Fp16RowToFp32(keys.row(t0 + t), krow_buf.data(), d);
+          m = std::max(m, s[t] = DotF32(qs[g], krow_buf.data(), d) * shape.scale);
+        }
+        const float lse = m + static_cast<float>(std::log(ExpShiftSum(s.data(), B, m)));
+        ub[static_cast<size_t>(g) * n_cand + c2] = lse;
+        gscore[c2] = std::max(gscore[c2], lse);
+      }
+    }
+  }
   order.resize(n_cand);
   std::iota(order.begin(), order.end(), 0);
   const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
@@ -249,7 +272,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
   // Bound-based stops need the whole order up front (suffix sums); the
   // others sort lazily, a chunk at a time, since most heads stop early.
-  const bool certified = !topk && policy_.certified;
+  const bool oracle = !topk && policy_.oracle && !kv.paged();  // stop on the exact mass
+  const bool certified = !topk && (policy_.certified || oracle);
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   int sorted = 0;  // order[0, sorted) is final
@@ -419,7 +443,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       }
       if (can_stop && h.blocks >= policy_.min_blocks) {
         double unseen;
-        if (certified) {
+        if (oracle) {  // ub is each block's exact log-mass
+          unseen = suffix[static_cast<size_t>(g) * (take + 1) + next] *
+                   std::exp(static_cast<double>(ub_max[g]) - h.m);
+        } else if (certified) {
           unseen = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
                    std::exp(static_cast<double>(ub_max[g]) - h.m);
         } else if (calibrated) {

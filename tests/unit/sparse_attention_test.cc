@@ -194,6 +194,45 @@ TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
   EXPECT_EQ(tiny.stats[0].blocks_touched, 2);
 }
 
+TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
+  const int length = 1024, block = 16, blocks = length / block;
+  const KvCache kv = RandomCache(1, length, block, 21);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  const std::vector<float> q = RandomQuery(1, 4, 2.0f);  // attention spread over many blocks
+  // Each block's exact mass, the test's own computation.
+  std::vector<double> mass(blocks, 0.0);
+  double total = 0;
+  for (int t = 0; t < length; ++t) {
+    double dot = 0;
+    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
+    const double e = std::exp(0.125 * dot);
+    mass[t / block] += e;
+    total += e;
+  }
+  // Forced: the sink (block 0) and the newest full block (the last).
+  double forced = mass[0] + mass[blocks - 1];
+  std::vector<double> rest(mass.begin() + 1, mass.end() - 1);
+  std::sort(rest.rbegin(), rest.rend());
+  for (float eps : {0.5f, 0.8f, 0.95f}) {
+    AttentionPolicy p = Psa(eps);
+    p.oracle = true;
+    p.group_blocks = 1;
+    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+    int need = 2;
+    for (double acc = forced; acc < eps * total; acc += rest[need++ - 2]) {}
+    EXPECT_NEAR(o.stats[0].blocks_touched, need, 1) << "eps " << eps;
+    EXPECT_GE(o.stats[0].captured, eps - 1e-4) << "eps " << eps;
+    EXPECT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;
+  }
+  // Top-k by exact mass errs less than top-k by the bound, at equal k.
+  const Output ref = Attend(DenseAttention(), shape, kv, q, 0);
+  AttentionPolicy ok = TopK(16);
+  ok.oracle = true;
+  EXPECT_LT(RelErr(Attend(SparseAttention(ok), shape, kv, q, 0).out, ref.out),
+            RelErr(Attend(SparseAttention(TopK(16)), shape, kv, q, 0).out, ref.out));
+  EXPECT_EQ(ok.ToString(), "topk(k=16,oracle)");
+}
+
 TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   EXPECT_TRUE(Psa(0.95f).Validate().ok());
   EXPECT_FALSE(Psa(0.0f).Validate().ok());
