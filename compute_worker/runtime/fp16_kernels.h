@@ -20,6 +20,12 @@ namespace psa {
 // dst[0..n) = fp16 src[0..n) as fp32.
 __attribute__((always_inline)) inline void Fp16RowToFp32(const uint16_t* src, float* dst, int n) {
   int i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i,
+                     _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+#endif
 #if defined(__AVX2__) && defined(__F16C__)
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(dst + i,
