@@ -6,8 +6,6 @@
 #include <cstring>
 #include <new>
 
-#include <sys/mman.h>
-
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/ggml_types.h"
 
@@ -172,15 +170,7 @@ void KvCache::AllocatePrivateBlocks(int layer, int count) {
         // otherwise stall one step for 190 MB).
         const size_t want = static_cast<size_t>(count - i) * page_bytes;
         const size_t bytes = std::min(want, kSlabBytes);
-        void* p;
-        if (bytes == kSlabBytes) {
-          // A whole huge page: a long context's KV spans far more 4 KiB
-          // pages than the TLB holds, and decode attention sweeps it all.
-          p = std::aligned_alloc(kSlabBytes, kSlabBytes);
-          if (p != nullptr) madvise(p, kSlabBytes, MADV_HUGEPAGE);  // advice only
-        } else {
-          p = std::malloc(bytes);
-        }
+        void* p = std::malloc(bytes);
         if (p == nullptr) throw std::bad_alloc();
         slabs_.emplace_back(static_cast<uint16_t*>(p));
         slab_next_ = static_cast<uint16_t*>(p);
