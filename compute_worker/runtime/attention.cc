@@ -50,7 +50,7 @@ struct KvSource {
 // L1's fill buffers allow). A sweep reads the K (or V) half of each page, so
 // the hardware prefetcher, which stops at page boundaries, leaves a single
 // core far below its read bandwidth on long contexts.
-constexpr int kPrefetchBlocks = 16;
+constexpr int kPrefetchBlocks = 32;
 
 // Asks for rows [t, t + n) of `rows` (within one block) into the caches.
 inline void PrefetchRows(const KvRows& rows, int t, int n) {
@@ -73,22 +73,8 @@ int Scores64(const KvSource& keys, const float* q16, int group, int n, float sca
     }
     const float* k = keys.Chunk16(t, kbuf);
     for (int g = 0; g < group; ++g) {
-      const float* q = q16 + g * 64;
-      const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16),
-                   q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
-      __m512 acc[16];
-      for (int j = 0; j < 16; ++j) {
-        const float* kj = k + j * 64;
-        // ggml's vec_dot_f16 pairing (dims 0-15 with 32-47, 16-31 with
-        // 48-63), fused: two chains, one add.
-        const __m512 a02 = _mm512_fmadd_ps(q2, _mm512_loadu_ps(kj + 32),
-                                           _mm512_mul_ps(q0, _mm512_loadu_ps(kj)));
-        const __m512 a13 = _mm512_fmadd_ps(q3, _mm512_loadu_ps(kj + 48),
-                                           _mm512_mul_ps(q1, _mm512_loadu_ps(kj + 16)));
-        acc[j] = _mm512_add_ps(a02, a13);
-      }
       _mm512_storeu_ps(scores + static_cast<size_t>(g) * stride + t,
-                       _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale)));
+                       _mm512_mul_ps(Dot16Rows64(q16 + g * 64, k), _mm512_set1_ps(scale)));
     }
   }
   return t;

@@ -196,6 +196,25 @@ inline __m512 SumEach16(const __m512 v[16]) {
                        _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
 
+
+// Lane j: q . k_j for 16 rows k_j of 64 fp32 values (row j at k + 64 j), in
+// ggml's vec_dot_f16 pairing (dims 0-15 with 32-47, 16-31 with 48-63),
+// fused: two chains, one add per row, then one reduction tree for all 16.
+inline __m512 Dot16Rows64(const float* q, const float* k) {
+  const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16),
+               q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) {
+    const float* kj = k + j * 64;
+    const __m512 a02 =
+        _mm512_fmadd_ps(q2, _mm512_loadu_ps(kj + 32), _mm512_mul_ps(q0, _mm512_loadu_ps(kj)));
+    const __m512 a13 =
+        _mm512_fmadd_ps(q3, _mm512_loadu_ps(kj + 48), _mm512_mul_ps(q1, _mm512_loadu_ps(kj + 16)));
+    acc[j] = _mm512_add_ps(a02, a13);
+  }
+  return SumEach16(acc);
+}
+
 #endif
 
 }  // namespace psa

@@ -111,17 +111,8 @@ void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState
   Fp16RowToFp32(k, kf, 16 * 64);
   for (int g = 0; g < group; ++g) {
     if (!heads[g].active) continue;
-    const __m512 q0 = _mm512_loadu_ps(qs[g]), q1 = _mm512_loadu_ps(qs[g] + 16),
-                 q2 = _mm512_loadu_ps(qs[g] + 32), q3 = _mm512_loadu_ps(qs[g] + 48);
-    __m512 acc[16];
-    for (int j = 0; j < 16; ++j) {
-      const float* kj = kf + j * 64;
-      const __m512 a02 = _mm512_fmadd_ps(q2, _mm512_load_ps(kj + 32), _mm512_mul_ps(q0, _mm512_load_ps(kj)));
-      const __m512 a13 = _mm512_fmadd_ps(q3, _mm512_load_ps(kj + 48), _mm512_mul_ps(q1, _mm512_load_ps(kj + 16)));
-      acc[j] = _mm512_add_ps(a02, a13);
-    }
     _mm512_storeu_ps(s + static_cast<size_t>(g) * stride,
-                     _mm512_mul_ps(SumEach16(acc), _mm512_set1_ps(scale)));
+                     _mm512_mul_ps(Dot16Rows64(qs[g], kf), _mm512_set1_ps(scale)));
   }
 }
 
@@ -143,6 +134,12 @@ void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* 
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(h.acc.data() + 16 * j, a[j]);
   }
 }
+constexpr bool kBlockKernels = true;
+#else
+constexpr bool kBlockKernels = false;  // the stubs below are never called
+void BlockScores16x64(const uint16_t*, const float* const*, const HeadState*, int, float, float*,
+                      int) {}
+void BlockValues16x64(const uint16_t*, const float*, int, HeadState*, int) {}
 #endif
 
 }  // namespace
@@ -327,15 +324,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     reader.Page(b);
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
-#if defined(__AVX512F__)
-    const bool fast = d == 64 && n == 16;  // a full block of 16 rows: vector kernels
-#else
-    const bool fast = false;
-#endif
+    const bool fast = kBlockKernels && d == 64 && n == 16;  // a full block of 16 rows
     if (fast) {
-#if defined(__AVX512F__)
       BlockScores16x64(keys.row(t0), qs, heads.data(), group, shape.scale, scores.data(), B);
-#endif
     } else {
       for (int t = t0; t < t1; ++t) {
         Fp16RowToFp32(keys.row(t), krow.data(), d);
@@ -371,9 +362,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       ++h.blocks;
     }
     if (fast) {
-#if defined(__AVX512F__)
       BlockValues16x64(values.row(t0), scores.data(), B, heads.data(), group);
-#endif
       return;
     }
     for (int t = t0; t < t1; ++t) {
