@@ -196,7 +196,6 @@ inline __m512 SumEach16(const __m512 v[16]) {
                        _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
 
-
 // Lane j: q . k_j for 16 rows k_j of 64 fp32 values (row j at k + 64 j), in
 // ggml's vec_dot_f16 pairing (dims 0-15 with 32-47, 16-31 with 48-63),
 // fused: two chains, one add per row, then one reduction tree for all 16.
