@@ -159,8 +159,8 @@ void KvCache::AllocatePrivateBlocks(int layer, int count) {
   const size_t page_bytes = page_elements() * sizeof(uint16_t);
   const int first = capacity_ / block_size_;
   // One head's pages of consecutive blocks are adjacent: decode attention
-  // sweeps one (layer, head) at a time, and a sweep over pages scattered
-  // among the other heads' ran at under half the memory bandwidth.
+  // sweeps one (layer, head) at a time, and with the heads' pages
+  // interleaved a sweep of K read 2 KiB of every 12 KiB.
   for (int h = 0; h < n_head_kv_; ++h) {
     for (int i = 0; i < count; ++i) {
       if (slab_left_ == 0) {
