@@ -18,7 +18,14 @@ absl::Status SamplingParams::Validate() const {
   return absl::OkStatus();
 }
 
-Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+// Sampling a token takes one draw of this distribution (greedy takes none).
+using Uniform = std::uniform_real_distribution<double>;
+
+Sampler::Sampler(const SamplingParams& params, int tokens_done)
+    : params_(params), rng_(params.seed) {
+  if (params_.temperature <= 0.0f || params_.top_k == 1) return;  // greedy: no draws
+  for (int i = 0; i < tokens_done; ++i) Uniform(0.0, 1.0)(rng_);
+}
 
 TokenId ArgMax(const float* logits, int n) {
   return static_cast<TokenId>(std::max_element(logits, logits + n) - logits);
@@ -58,7 +65,7 @@ TokenId Sampler::Sample(const float* logits, int n_vocab) {
     sum = 0;
     for (size_t i = 0; i < n; ++i) sum += candidates_[i].first;
   }
-  std::uniform_real_distribution<double> uniform(0.0, sum);
+  Uniform uniform(0.0, sum);
   double r = uniform(rng_);
   for (size_t i = 0; i < n; ++i) {
     r -= candidates_[i].first;

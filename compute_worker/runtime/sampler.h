@@ -25,7 +25,11 @@ struct SamplingParams {
 
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& params);
+  // `tokens_done`: tokens this generation already sampled elsewhere (a
+  // resumed generation); the random stream continues after their draws, so
+  // a seeded generation resumed on another worker samples what it would
+  // have sampled uninterrupted.
+  explicit Sampler(const SamplingParams& params, int tokens_done = 0);
   TokenId Sample(const float* logits, int n_vocab);
 
  private:

@@ -301,6 +301,35 @@ TEST(GeneratorTest, GreedyStopsAtMaxTokensAndIsDeterministic) {
   EXPECT_EQ(a->text, model->tokenizer().Decode(a->tokens));
 }
 
+TEST(GeneratorTest, ASampledGenerationResumedAfterNTokensContinuesTheSameStream) {
+  auto model = TinyModel(testing::TinyModelSpec{});
+  ASSERT_NE(model, nullptr);
+  LlamaRuntime rt(*model, RuntimeOptions{});
+  GenerationRequest req;
+  req.prompt = {5, 6, 7};
+  req.max_tokens = 30;
+  req.ignore_eos = true;
+  req.sampling.temperature = 1.5f;  // flat enough that the stream decides
+  req.sampling.seed = 11;
+  auto whole = Generate(rt, req);
+  ASSERT_TRUE(whole.ok());
+  for (int done : {1, 12}) {
+    GenerationRequest resumed = req;
+    resumed.prompt.insert(resumed.prompt.end(), whole->tokens.begin(),
+                          whole->tokens.begin() + done);
+    resumed.resumed = done;
+    auto rest = Generate(rt, resumed);
+    ASSERT_TRUE(rest.ok());
+    // The result counts the resumed tokens as generated (they come first).
+    EXPECT_EQ(rest->tokens, whole->tokens) << "resumed after " << done;
+  }
+  // Another seed samples another stream (so the equality above is not luck).
+  req.sampling.seed = 12;
+  auto other = Generate(rt, req);
+  ASSERT_TRUE(other.ok());
+  EXPECT_NE(other->tokens, whole->tokens);
+}
+
 TEST(GeneratorTest, StopStringsCancellationAndErrors) {
   auto model = TinyModel(testing::TinyModelSpec{});
   ASSERT_NE(model, nullptr);
