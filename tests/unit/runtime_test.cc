@@ -284,14 +284,20 @@ TEST(RuntimeTest, BadInputsAreRejectedAndLeaveCachesUnchanged) {
   EXPECT_EQ(kv.length(), 3);
 }
 
+// A 3-token prompt continued for max_tokens, end-of-generation ignored.
+GenerationRequest ContinueFor(int max_tokens) {
+  GenerationRequest req;
+  req.prompt = {5, 6, 7};
+  req.max_tokens = max_tokens;
+  req.ignore_eos = true;
+  return req;
+}
+
 TEST(GeneratorTest, GreedyStopsAtMaxTokensAndIsDeterministic) {
   auto model = TinyModel(testing::TinyModelSpec{});
   ASSERT_NE(model, nullptr);
   LlamaRuntime rt(*model, RuntimeOptions{});
-  GenerationRequest req;
-  req.prompt = {5, 6, 7};
-  req.max_tokens = 12;
-  req.ignore_eos = true;
+  const GenerationRequest req = ContinueFor(12);
   auto a = Generate(rt, req);
   auto b = Generate(rt, req);
   ASSERT_TRUE(a.ok() && b.ok());
@@ -305,10 +311,7 @@ TEST(GeneratorTest, ASampledGenerationResumedAfterNTokensContinuesTheSameStream)
   auto model = TinyModel(testing::TinyModelSpec{});
   ASSERT_NE(model, nullptr);
   LlamaRuntime rt(*model, RuntimeOptions{});
-  GenerationRequest req;
-  req.prompt = {5, 6, 7};
-  req.max_tokens = 30;
-  req.ignore_eos = true;
+  GenerationRequest req = ContinueFor(30);
   req.sampling.temperature = 1.5f;  // flat enough that the stream decides
   req.sampling.seed = 11;
   auto whole = Generate(rt, req);
