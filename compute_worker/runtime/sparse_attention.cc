@@ -51,6 +51,31 @@ inline float BlockUpperBound(const float* q, const uint16_t* kmax, const uint16_
   return s * scale;
 }
 
+// Research ceiling (AttentionPolicy::oracle): each candidate block's exact
+// log-mass log(sum_t exp(s_t)) per head, from every key, in place of its
+// upper bound; same outputs as ScoreBlocks64.
+void ExactBlockScores(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
+                      const float* const* qs, int group, int d, float scale, float* ub,
+                      float* gscore) {
+  const KvRows keys = kv.Keys(layer, kv_head);
+  const int B = kv.block_size();
+  std::vector<float> krow(d), s(B);
+  for (int c = 0; c < n_cand; ++c) {
+    const int t0 = (first_block + c) * B;
+    gscore[c] = -INFINITY;
+    for (int g = 0; g < group; ++g) {
+      float m = -INFINITY;
+      for (int t = 0; t < B; ++t) {
+        Fp16RowToFp32(keys.row(t0 + t), krow.data(), d);
+        m = std::max(m, s[t] = DotF32(qs[g], krow.data(), d) * scale);
+      }
+      const float lse = m + static_cast<float>(std::log(ExpShiftSum(s.data(), B, m)));
+      ub[static_cast<size_t>(g) * n_cand + c] = lse;
+      gscore[c] = std::max(gscore[c], lse);
+    }
+  }
+}
+
 #if defined(__AVX512F__)
 // Upper bounds of 16 blocks at a time for head dim 64, in the box's centre
 // and radius form: sum_i max(q_i*hi_i, q_i*lo_i) = q.c + |q|.r with
@@ -221,11 +246,19 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int n_cand = std::max(0, local_begin - sink);
   ub.resize(static_cast<size_t>(group) * n_cand);
   gscore.assign(n_cand, -INFINITY);
-  int c = 0;
+  // The oracle ranks by exact block masses instead (private caches only).
+  const bool exact = policy_.oracle && !kv.paged();
+  int c = 0;  // candidates [0, c) scored
+  if (exact) {
+    ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,
+                     ub.data(), gscore.data());
+    c = n_cand;
 #if defined(__AVX512F__)
-  if (d == 64) c = ScoreBlocks64(kv, task.layer, task.kv_head, sink, n_cand, qs, group,
-                                 shape.scale, ub.data(), gscore.data());
+  } else if (d == 64) {
+    c = ScoreBlocks64(kv, task.layer, task.kv_head, sink, n_cand, qs, group, shape.scale,
+                      ub.data(), gscore.data());
 #endif
+  }
   for (; c < n_cand; ++c) {
     const int b = sink + c;
     const uint16_t* mx = kv.KeyMax(task.layer, task.kv_head, b);
@@ -234,28 +267,6 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       const float u = BlockUpperBound(qs[g], mx, mn, d, shape.scale);
       ub[static_cast<size_t>(g) * n_cand + c] = u;
       gscore[c] = std::max(gscore[c], u);
-    }
-  }
-  if (policy_.oracle && !kv.paged()) {
-    // Research ceiling: each block's exact log-mass log(sum_t exp(s_t))
-    // per head, from every key, in place of its upper bound.
-    const KvRows keys = kv.Keys(task.layer, task.kv_head);
-    thread_local std::vector<float> krow_buf, s;
-    krow_buf.resize(d);
-    s.resize(B);
-    for (int c2 = 0; c2 < n_cand; ++c2) {
-      const int t0 = (sink + c2) * B;
-      gscore[c2] = -INFINITY;
-      for (int g = 0; g < group; ++g) {
-        float m = -INFINITY;
-        for (int t = 0; t < B; ++t) {
-          Fp16RowToFp32(keys.row(t0 + t), krow_buf.data(), d);
-          m = std::max(m, s[t] = DotF32(qs[g], krow_buf.data(), d) * shape.scale);
-        }
-        const float lse = m + static_cast<float>(std::log(ExpShiftSum(s.data(), B, m)));
-        ub[static_cast<size_t>(g) * n_cand + c2] = lse;
-        gscore[c2] = std::max(gscore[c2], lse);
-      }
     }
   }
   order.resize(n_cand);
@@ -269,7 +280,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
   // Bound-based stops need the whole order up front (suffix sums); the
   // others sort lazily, a chunk at a time, since most heads stop early.
-  const bool oracle = !topk && policy_.oracle && !kv.paged();  // stop on the exact mass
+  const bool oracle = !topk && exact;  // stops on the exact mass: certified with ub exact
   const bool certified = !topk && (policy_.certified || oracle);
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
@@ -432,17 +443,18 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       }
       if (can_stop && h.blocks >= policy_.min_blocks) {
         double unseen;
-        if (oracle) {  // ub is each block's exact log-mass
-          unseen = suffix[static_cast<size_t>(g) * (take + 1) + next] *
-                   std::exp(static_cast<double>(ub_max[g]) - h.m);
-        } else if (certified) {
-          unseen = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
-                   std::exp(static_cast<double>(ub_max[g]) - h.m);
+        // The unseen candidates' bound sum_j B * exp(ub_j - m) (the
+        // oracle's ub is a block's exact log-mass: no factor B).
+        const auto unseen_bound = [&] {
+          return (oracle ? 1 : B) * suffix[static_cast<size_t>(g) * (take + 1) + next] *
+                 std::exp(static_cast<double>(ub_max[g]) - h.m);
+        };
+        if (certified) {
+          unseen = unseen_bound();
         } else if (calibrated) {
           // The unseen blocks' bounds, scaled by how tight the bounds were
           // on the latest iteration's blocks (actual / bound).
-          const double bound = B * suffix[static_cast<size_t>(g) * (take + 1) + next] *
-                               std::exp(static_cast<double>(ub_max[g]) - h.m);
+          const double bound = unseen_bound();
           unseen = h.group_n == 0 || h.group_bound <= 0 ? INFINITY
                                                          : bound * (h.group_sum / h.group_bound);
         } else if (policy_.tail == AttentionPolicy::TailEstimate::kMinSeen) {
