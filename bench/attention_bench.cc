@@ -2,9 +2,9 @@
 //   - dense: GB/s of fp16 KV read, against this machine's read bandwidth
 //     measured in the same run;
 //   - topk and psa: time per step against dense at the same context, and
-//     PSA's selection overhead (block scoring, sorting, bookkeeping) as a
+//     PSA's selection overhead (block scoring, ranking, bookkeeping) as a
 //     share of its step, measured as the step time of a selection that
-//     attends only the always-included blocks.
+//     ranks every block and attends one.
 // The cache has SmolLM2's attention shape (3 KV heads, 3 query heads each,
 // head dim 64) and a "peaked" key distribution: a few hot blocks that a
 // query aligns with, so the sparse policies have something to find.
@@ -156,9 +156,12 @@ int main(int argc, char** argv) {
                    ? absl::GetFlag(FLAGS_top_k)
                    : std::max(3, static_cast<int>(std::lround(psa_frac * ctx / kBlock)));
     SparseAttention topk(tp);
-    AttentionPolicy forced_only = tp;
-    forced_only.top_k = 1;  // scoring + sorting + the always-attended blocks
-    SparseAttention selection(forced_only);
+    // Scoring and ranking every block, attending one: no sink or newest
+    // blocks (those are attention, not selection).
+    AttentionPolicy select_only = tp;
+    select_only.top_k = 1;
+    select_only.sink_blocks = select_only.local_blocks = 0;
+    SparseAttention selection(select_only);
 
     double td = 1e30, tbw = 1e30;
     for (int r = 0; r < reps; ++r) {  // interleaved: both see the same machine

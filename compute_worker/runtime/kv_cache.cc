@@ -32,6 +32,7 @@ KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
       pages_(static_cast<size_t>(n_layer) * n_head_kv),
       kmax_(n_layer),
       kmin_(n_layer),
+      bounds_(static_cast<size_t>(n_layer) * n_head_kv, BlockBounds(head_dim)),
       read_hint_(static_cast<size_t>(n_layer) * n_head_kv, 0) {}
 
 KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size, KvPaging paging)
@@ -84,6 +85,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   pages_.assign(static_cast<size_t>(n_layer_) * n_head_kv_, {});
   kmax_.assign(n_layer_, {});
   kmin_.assign(n_layer_, {});
+  bounds_.assign(pages_.size(), BlockBounds(head_dim_));
   slabs_.clear();
   slab_next_ = nullptr;
   slab_left_ = 0;
@@ -96,6 +98,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   GrowTables(other.table_blocks_);
   kmax_ = other.kmax_;
   kmin_ = other.kmin_;
+  bounds_ = other.bounds_;
   length_ = other.length_;
   for (int l = 0; l < n_layer_; ++l) AllocatePrivateBlocks(l, blocks);
   capacity_ = other.capacity_;
@@ -123,6 +126,7 @@ void KvCache::GrowTables(int blocks) {
   }
   for (size_t t = 0; t < pages_.size(); ++t) {
     pages_[t].resize(new_blocks, nullptr);
+    bounds_[t].Reserve(new_blocks);
     if (paged()) {
       pooled_.handles[t].resize(new_blocks);
       pooled_.overflow[t].resize(new_blocks);
@@ -217,6 +221,7 @@ void KvCache::Commit(int n) {
         const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * head_dim_;
         QuantizeRow(GgmlType::kF16, mx.data(), kmax_[l].data() + at, head_dim_);  // exact
         QuantizeRow(GgmlType::kF16, mn.data(), kmin_[l].data() + at, head_dim_);
+        bounds_[PageTable(l, h)].Set(b, kmax_[l].data() + at, kmin_[l].data() + at);
       }
     }
   }
@@ -232,7 +237,9 @@ size_t KvCache::bytes() const {
       for (const auto& p : table) pages += p != nullptr;
     }
   }
-  return (pages * page_elements() + meta) * sizeof(uint16_t);
+  size_t bounds = 0;
+  for (const BlockBounds& b : bounds_) bounds += b.bytes();
+  return (pages * page_elements() + meta) * sizeof(uint16_t) + bounds;
 }
 
 void KvCache::ApplyDurability() {
@@ -283,6 +290,7 @@ absl::Status KvCache::AdoptStored(const std::string& sequence_id, int n_blocks,
         const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * d;
         std::memcpy(kmax_[l].data() + at, rec, d * sizeof(uint16_t));
         std::memcpy(kmin_[l].data() + at, rec + d, d * sizeof(uint16_t));
+        bounds_[PageTable(l, h)].Set(b, rec, rec + d);
       }
     }
   }

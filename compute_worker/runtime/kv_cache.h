@@ -29,6 +29,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "compute_worker/runtime/block_bounds.h"
 #include "compute_worker/runtime/block_pool.h"
 
 namespace psa {
@@ -152,6 +153,8 @@ class KvCache {
   const uint16_t* KeyMin(int layer, int head, int b) const {
     return kmin_[layer].data() + (static_cast<size_t>(head) * table_blocks_ + b) * head_dim_;
   }
+  // The same metadata in 8 bits, for scoring blocks (see BlockBounds).
+  const BlockBounds& KeyBounds(int layer, int head) const { return bounds_[PageTable(layer, head)]; }
   // Makes positions [0, n) visible (n <= capacity) and computes the
   // metadata of every block that became full.
   void Commit(int n);
@@ -223,6 +226,7 @@ class KvCache {
   uint16_t* slab_next_ = nullptr;  // free space left in the newest slab
   size_t slab_left_ = 0;           // in pages
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
+  std::vector<BlockBounds> bounds_;                 // [layer * n_head_kv + head]
 
   mutable std::vector<int> read_hint_;  // [layer * n_head_kv + head]
   std::shared_ptr<KvDurability> durability_ = std::make_shared<KvDurability>();

@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/block_ranking.h"
 #include "compute_worker/runtime/fp16_kernels.h"
 #include "compute_worker/runtime/kv_page_reader.h"
 
@@ -32,28 +32,9 @@ struct HeadState {
   float captured = 1.0f;
 };
 
-// Upper bound of scale * q.k over a block from its key max/min.
-inline float BlockUpperBound(const float* q, const uint16_t* kmax, const uint16_t* kmin, int d,
-                             float scale) {
-  int i = 0;
-  float s = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();  // one reduction at the end (see DotF32)
-  for (; i + 16 <= d; i += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + i);
-    const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kmax + i)));
-    const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kmin + i)));
-    acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, hi), _mm512_mul_ps(qv, lo)));
-  }
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < d; ++i) s += std::max(q[i] * Fp16ToFp32(kmax[i]), q[i] * Fp16ToFp32(kmin[i]));
-  return s * scale;
-}
-
 // Research ceiling (AttentionPolicy::oracle): each candidate block's exact
 // log-mass log(sum_t exp(s_t)) per head, from every key, in place of its
-// upper bound; same outputs as ScoreBlocks64.
+// upper bound; same outputs as BlockBounds::Score.
 void ExactBlockScores(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
                       const float* const* qs, int group, int d, float scale, float* ub,
                       float* gscore) {
@@ -77,57 +58,6 @@ void ExactBlockScores(const KvCache& kv, int layer, int kv_head, int first_block
 }
 
 #if defined(__AVX512F__)
-// Upper bounds of 16 blocks at a time for head dim 64, in the box's centre
-// and radius form: sum_i max(q_i*hi_i, q_i*lo_i) = q.c + |q|.r with
-// c = (hi + lo) / 2, r = (hi - lo) / 2 (two FMAs per 16 dims instead of four
-// operations). Each block's metadata is converted once for every head of
-// the group; the 16 sums come out of one reduction tree per head. Fills
-// ub[g * n_cand + c] and gscore[c] for candidates [0, n) with n a multiple
-// of 16 <= n_cand; returns n.
-int ScoreBlocks64(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
-                  const float* const* qs, int group, float scale, float* ub, float* gscore) {
-  __m512 qh[kMaxGqaGroup][4], qa[kMaxGqaGroup][4];  // q / 2 and |q| / 2
-  const __m512 half = _mm512_set1_ps(0.5f);
-  for (int g = 0; g < group; ++g) {
-    for (int v = 0; v < 4; ++v) {
-      qh[g][v] = _mm512_mul_ps(_mm512_loadu_ps(qs[g] + 16 * v), half);
-      qa[g][v] = _mm512_abs_ps(qh[g][v]);
-    }
-  }
-  alignas(64) __m512 acc[kMaxGqaGroup][16];
-  int c = 0;
-  for (; c + 16 <= n_cand; c += 16) {
-    for (int j = 0; j < 16; ++j) {
-      const uint16_t* mx = kv.KeyMax(layer, kv_head, first_block + c + j);
-      const uint16_t* mn = kv.KeyMin(layer, kv_head, first_block + c + j);
-      __m512 cen[4], rad[4];
-      for (int v = 0; v < 4; ++v) {
-        const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mx + 16 * v)));
-        const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + 16 * v)));
-        cen[v] = _mm512_add_ps(hi, lo);  // exact: fp16 inputs
-        rad[v] = _mm512_sub_ps(hi, lo);
-      }
-      for (int g = 0; g < group; ++g) {
-        __m512 a = _mm512_mul_ps(qh[g][0], cen[0]);
-        a = _mm512_fmadd_ps(qa[g][0], rad[0], a);
-        for (int v = 1; v < 4; ++v) {
-          a = _mm512_fmadd_ps(qh[g][v], cen[v], a);
-          a = _mm512_fmadd_ps(qa[g][v], rad[v], a);
-        }
-        acc[g][j] = a;
-      }
-    }
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    for (int g = 0; g < group; ++g) {
-      const __m512 u = _mm512_mul_ps(SumEach16(acc[g]), _mm512_set1_ps(scale));
-      _mm512_storeu_ps(ub + static_cast<size_t>(g) * n_cand + c, u);
-      best = _mm512_max_ps(best, u);
-    }
-    _mm512_storeu_ps(gscore + c, best);
-  }
-  return c;
-}
-
 // The 16 rows of a full block, head dim 64, for the group's active heads:
 // s[g * stride + t] = scale * q_g . k_t.
 void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState* heads,
@@ -242,58 +172,34 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // Score the candidates (blocks between the sinks and the newest blocks).
   thread_local std::vector<float> ub;      // [group][candidate]
   thread_local std::vector<float> gscore;  // [candidate]
-  thread_local std::vector<int> order;
+  thread_local BlockRanking ranking;
   const int n_cand = std::max(0, local_begin - sink);
   ub.resize(static_cast<size_t>(group) * n_cand);
   gscore.assign(n_cand, -INFINITY);
   // The oracle ranks by exact block masses instead (private caches only).
   const bool exact = policy_.oracle && !kv.paged();
-  int c = 0;  // candidates [0, c) scored
   if (exact) {
     ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,
                      ub.data(), gscore.data());
-    c = n_cand;
-#if defined(__AVX512F__)
-  } else if (d == 64) {
-    c = ScoreBlocks64(kv, task.layer, task.kv_head, sink, n_cand, qs, group, shape.scale,
-                      ub.data(), gscore.data());
-#endif
+  } else {
+    kv.KeyBounds(task.layer, task.kv_head)
+        .Score(qs, group, shape.scale, sink, local_begin, ub.data(), n_cand, gscore.data());
   }
-  for (; c < n_cand; ++c) {
-    const int b = sink + c;
-    const uint16_t* mx = kv.KeyMax(task.layer, task.kv_head, b);
-    const uint16_t* mn = kv.KeyMin(task.layer, task.kv_head, b);
-    for (int g = 0; g < group; ++g) {
-      const float u = BlockUpperBound(qs[g], mx, mn, d, shape.scale);
-      ub[static_cast<size_t>(g) * n_cand + c] = u;
-      gscore[c] = std::max(gscore[c], u);
-    }
-  }
-  order.resize(n_cand);
-  std::iota(order.begin(), order.end(), 0);
+  ranking.Reset(gscore.data(), n_cand);
+  const std::vector<int>& order = ranking.order();
   const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
   const int forced = sink + (n_blocks - local_begin);
   int take = n_cand;  // candidates to consider, in order
   if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
-  auto by_score = [&](int a, int b) {
-    return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
-  };
   // Bound-based stops need the whole order up front (suffix sums); the
-  // others sort lazily, a chunk at a time, since most heads stop early.
+  // others rank lazily, since most heads stop early.
   const bool oracle = !topk && exact;  // stops on the exact mass: certified with ub exact
   const bool certified = !topk && (policy_.certified || oracle);
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   int sorted = 0;  // order[0, sorted) is final
   auto ensure_sorted = [&](int upto) {
-    upto = std::min(upto, take);
-    if (upto <= sorted) return;
-    const int chunk_end = std::min(take, std::max(upto, sorted + 64));
-    if (chunk_end < n_cand) {
-      std::nth_element(order.begin() + sorted, order.begin() + chunk_end, order.end(), by_score);
-    }
-    std::sort(order.begin() + sorted, order.begin() + chunk_end, by_score);
-    sorted = chunk_end;
+    if (upto > sorted) sorted = ranking.Extend(std::min(upto, take));
   };
   if (topk || certified || calibrated) ensure_sorted(take);
 

@@ -1,9 +1,10 @@
 // Block-sparse decode attention: top-k block selection (Quest-style) and
 // Progressive Sparse Attention (PSA), behind the AttentionBackend interface.
 //
-// Both score every full KV block with its key metadata: for query q the
-// upper bound  ub_j = scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji)  of
-// q.k over the block. One selection serves a GQA group: the group's score
+// Both score every full KV block with its key metadata: for query q an
+// upper bound ub_j of scale * q.k over the block, from the box its keys lie
+// in (BlockBounds: within a few % of the exact box bound
+// scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji)). One selection serves a GQA group: the group's score
 // is the max over its query heads. Sink blocks and the newest blocks (the
 // partial tail included) are always attended.
 //
