@@ -48,6 +48,9 @@ ABSL_FLAG(bool, calibrated_estimate, false,
 ABSL_FLAG(bool, oracle, false,
           "Also sweep PSA and top-k with the oracle ranking (blocks by their exact attention "
           "mass, PSA stopping on the exact captured mass): the ceiling of any block selection.");
+ABSL_FLAG(bool, oracle_parts, false,
+          "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
+          "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -228,8 +231,16 @@ int main(int argc, char** argv) {
     }
     if (absl::GetFlag(FLAGS_oracle)) {
       AttentionPolicy m = p;
-      m.oracle = true;
+      m.oracle_rank = m.oracle_stop = true;
       policies.push_back(m);
+    }
+    if (absl::GetFlag(FLAGS_oracle_parts)) {
+      for (bool rank : {true, false}) {
+        AttentionPolicy m = p;
+        m.oracle_rank = rank;
+        m.oracle_stop = !rank;
+        policies.push_back(m);
+      }
     }
     if (absl::GetFlag(FLAGS_certified)) {
       p.certified = true;
@@ -242,7 +253,7 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtoi(k, &p.top_k)) Die("bad --topk entry " + k);
     policies.push_back(p);
     if (absl::GetFlag(FLAGS_oracle)) {
-      p.oracle = true;
+      p.oracle_rank = true;
       policies.push_back(p);
     }
   }

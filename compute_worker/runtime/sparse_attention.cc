@@ -32,7 +32,7 @@ struct HeadState {
   float captured = 1.0f;
 };
 
-// Research ceiling (AttentionPolicy::oracle): each candidate block's exact
+// Research ceiling (AttentionPolicy::oracle_rank / oracle_stop): each candidate block's exact
 // log-mass log(sum_t exp(s_t)) per head, from every key, in place of its
 // upper bound; same outputs as BlockBounds::Score.
 void ExactBlockScores(const KvCache& kv, int layer, int kv_head, int first_block, int n_cand,
@@ -124,11 +124,13 @@ absl::Status AttentionPolicy::Validate() const {
 std::string AttentionPolicy::ToString() const {
   switch (kind) {
     case Kind::kDense: return "dense";
-    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, oracle ? ",oracle" : "", ")");
+    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, oracle_rank ? ",oracle" : "", ")");
     case Kind::kPsa:
       return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
                           min_blocks > 0 ? absl::StrCat(",min_blocks=", min_blocks) : "",
-                          oracle                                 ? ",oracle"
+                          oracle_rank && oracle_stop             ? ",oracle"
+                          : oracle_rank                          ? ",oracle-rank"
+                          : oracle_stop                          ? ",oracle-stop"
                           : certified                            ? ",certified"
                           : tail == TailEstimate::kMinSeen        ? ",min"
                           : tail == TailEstimate::kCalibratedBound ? ",cal"
@@ -176,25 +178,35 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int n_cand = std::max(0, local_begin - sink);
   ub.resize(static_cast<size_t>(group) * n_cand);
   gscore.assign(n_cand, -INFINITY);
-  // The oracle ranks by exact block masses instead (private caches only).
-  const bool exact = policy_.oracle && !kv.paged();
-  if (exact) {
-    ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,
-                     ub.data(), gscore.data());
-  } else {
+  // The oracles use exact block masses (private caches only): for the
+  // ranking (gscore) and / or the stop (ub); whatever they leave goes to
+  // the bounds, the rest to scratch.
+  const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
+  const bool exact_rank = policy_.oracle_rank && !kv.paged();
+  const bool exact_stop = !topk && policy_.oracle_stop && !kv.paged();
+  thread_local std::vector<float> scratch_ub, scratch_g;
+  if (exact_rank || exact_stop) {
+    scratch_ub.resize(ub.size());
+    scratch_g.resize(n_cand);
+  }
+  if (!(exact_rank && exact_stop)) {
     kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, sink, local_begin, ub.data(), n_cand, gscore.data());
+        .Score(qs, group, shape.scale, sink, local_begin, exact_stop ? scratch_ub.data() : ub.data(),
+               n_cand, exact_rank ? scratch_g.data() : gscore.data());
+  }
+  if (exact_rank || exact_stop) {
+    ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,
+                     exact_stop ? ub.data() : scratch_ub.data(),
+                     exact_rank ? gscore.data() : scratch_g.data());
   }
   ranking.Reset(gscore.data(), n_cand);
   const std::vector<int>& order = ranking.order();
-  const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
   const int forced = sink + (n_blocks - local_begin);
   int take = n_cand;  // candidates to consider, in order
   if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
   // Bound-based stops need the whole order up front (suffix sums); the
   // others rank lazily, since most heads stop early.
-  const bool oracle = !topk && exact;  // stops on the exact mass: certified with ub exact
-  const bool certified = !topk && (policy_.certified || oracle);
+  const bool certified = !topk && (policy_.certified || exact_stop);  // ub exact: exact stop
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   int sorted = 0;  // order[0, sorted) is final
@@ -350,9 +362,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       if (can_stop && h.blocks >= policy_.min_blocks) {
         double unseen;
         // The unseen candidates' bound sum_j B * exp(ub_j - m) (the
-        // oracle's ub is a block's exact log-mass: no factor B).
+        // exact stop's ub is a block's exact log-mass: no factor B).
         const auto unseen_bound = [&] {
-          return (oracle ? 1 : B) * suffix[static_cast<size_t>(g) * (take + 1) + next] *
+          return (exact_stop ? 1 : B) * suffix[static_cast<size_t>(g) * (take + 1) + next] *
                  std::exp(static_cast<double>(ub_max[g]) - h.m);
         };
         if (certified) {

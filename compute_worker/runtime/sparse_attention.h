@@ -48,12 +48,16 @@ struct AttentionPolicy {
   enum class TailEstimate { kMinSeen, kLastGroupMean, kCalibratedBound };
   TailEstimate tail = TailEstimate::kLastGroupMean;
   int min_blocks = 24;     // psa: no head stops before attending this many blocks
-  // Research only (bench/psa_accuracy --oracle), never served: blocks ranked
-  // by their exact attention mass (computed from every key) instead of the
-  // metadata bound, and psa stopping on the exact captured mass. The ceiling
-  // any ranking and stop rule could reach; costs more than dense. Caches in
-  // private memory only (ignored for pool-backed ones).
-  bool oracle = false;
+  // Research only (bench/psa_accuracy --oracle), never served: the ceiling
+  // a ranking and a stop rule could reach, each on its own. Both cost more
+  // than dense (every key's score); private caches only (ignored for
+  // pool-backed ones).
+  //  oracle_rank: blocks ranked by their exact attention mass instead of
+  //    the metadata bound.
+  //  oracle_stop: psa stops on the exact captured mass (the certified stop
+  //    with each block's exact mass in place of its bound).
+  bool oracle_rank = false;
+  bool oracle_stop = false;
   int top_k = 64;          // topk: blocks attended per step
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)

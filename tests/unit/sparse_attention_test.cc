@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "compute_worker/model/ggml_types.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/generator.h"
@@ -213,9 +214,17 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   double forced = mass[0] + mass[blocks - 1];
   std::vector<double> rest(mass.begin() + 1, mass.end() - 1);
   std::sort(rest.rbegin(), rest.rend());
+  // The candidates (blocks 1 .. blocks - 2) in the order of their bounds.
+  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
+  const float* qs[] = {q.data()};
+  kv.KeyBounds(0, 0).Score(qs, 1, 0.125f, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
+  std::vector<int> by_bound(blocks - 2);
+  for (int c = 0; c < blocks - 2; ++c) by_bound[c] = c + 1;
+  std::stable_sort(by_bound.begin(), by_bound.end(),
+                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
   for (float eps : {0.5f, 0.8f, 0.95f}) {
     AttentionPolicy p = Psa(eps);
-    p.oracle = true;
+    p.oracle_rank = p.oracle_stop = true;
     p.group_blocks = 1;
     const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
     int need = 2;
@@ -223,11 +232,20 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
     EXPECT_NEAR(o.stats[0].blocks_touched, need, 1) << "eps " << eps;
     EXPECT_GE(o.stats[0].captured, eps - 1e-4) << "eps " << eps;
     EXPECT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;
+    // The exact stop alone: blocks in the bound's order, as many as it
+    // takes to hold eps of the exact mass.
+    p.oracle_rank = false;
+    const Output s = Attend(SparseAttention(p), shape, kv, q, 0);
+    int need_bound = 2;
+    for (double acc = forced; acc < eps * total; acc += mass[by_bound[need_bound++ - 2]]) {}
+    EXPECT_NEAR(s.stats[0].blocks_touched, need_bound, 1) << "eps " << eps;
+    EXPECT_GE(s.stats[0].blocks_touched, need - 1) << "eps " << eps;  // heaviest-first needs fewest
+    EXPECT_EQ(p.ToString(), absl::StrCat("psa(eps=", eps, ",G=1,oracle-stop)"));
   }
   // Top-k by exact mass errs less than top-k by the bound, at equal k.
   const Output ref = Attend(DenseAttention(), shape, kv, q, 0);
   AttentionPolicy ok = TopK(16);
-  ok.oracle = true;
+  ok.oracle_rank = true;
   EXPECT_LT(RelErr(Attend(SparseAttention(ok), shape, kv, q, 0).out, ref.out),
             RelErr(Attend(SparseAttention(TopK(16)), shape, kv, q, 0).out, ref.out));
   EXPECT_EQ(ok.ToString(), "topk(k=16,oracle)");
