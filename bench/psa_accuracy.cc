@@ -45,6 +45,11 @@ ABSL_FLAG(bool, paper_estimate, false,
           "Also sweep PSA with the paper's AS_min tail estimate (policy suffix ',min').");
 ABSL_FLAG(bool, calibrated_estimate, false,
           "Also sweep PSA with the calibrated-bound tail estimate (policy suffix ',cal').");
+ABSL_FLAG(bool, mean_estimate, false,
+          "Also sweep PSA with the last-iteration-mean tail estimate (policy suffix ',mean').");
+ABSL_FLAG(bool, solo, false,
+          "Also sweep PSA with share_reads off: a stopped head ignores the blocks its GQA "
+          "group reads on for other heads (policy suffix ',solo').");
 ABSL_FLAG(bool, oracle, false,
           "Also sweep PSA and top-k with the oracle ranking (blocks by their exact attention "
           "mass, PSA stopping on the exact captured mass): the ceiling of any block selection.");
@@ -217,11 +222,20 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
     p.min_blocks = absl::GetFlag(FLAGS_min_blocks);
-    p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;  // variants below
     policies.push_back(p);
     if (absl::GetFlag(FLAGS_calibrated_estimate)) {
       AttentionPolicy m = p;
       m.tail = AttentionPolicy::TailEstimate::kCalibratedBound;
+      policies.push_back(m);
+    }
+    if (absl::GetFlag(FLAGS_solo)) {
+      AttentionPolicy m = p;
+      m.share_reads = false;
+      policies.push_back(m);
+    }
+    if (absl::GetFlag(FLAGS_mean_estimate)) {
+      AttentionPolicy m = p;
+      m.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
       policies.push_back(m);
     }
     if (absl::GetFlag(FLAGS_paper_estimate)) {

@@ -180,7 +180,7 @@ void BlockBounds::Set(int b, const uint16_t* kmax, const uint16_t* kmin) {
 }
 
 void BlockBounds::Score(const float* const* qs, int group, float scale, int first, int last,
-                        float* ub, int stride, float* gscore) const {
+                        float* ub, int stride, float* gscore, float* centre) const {
   if (first >= last) return;
   const int w = 4 * quads_;
   thread_local std::vector<int8_t> qbytes;  // [group][v (w), |v| (w)]
@@ -221,8 +221,13 @@ void BlockBounds::Score(const float* const* qs, int group, float scale, int firs
       // The centre bytes carry +128: take 128 * sum(v) back out.
       const __m512i icg = ic[pair * kMaxGqaGroup + g], irg = ir[pair * kMaxGqaGroup + g];
       const __m512 cs = _mm512_cvtepi32_ps(_mm512_sub_epi32(icg, _mm512_set1_epi32(128 * qsum[g])));
+      const __m512 s = _mm512_set1_ps(qstep[g] * scale);
       __m512 u = _mm512_fmadd_ps(rstep, _mm512_cvtepi32_ps(irg), slack);
-      u = _mm512_mul_ps(_mm512_fmadd_ps(cstep, cs, u), _mm512_set1_ps(qstep[g] * scale));
+      u = _mm512_mul_ps(_mm512_fmadd_ps(cstep, cs, u), s);
+      if (centre != nullptr) {
+        StoreLanes(centre + static_cast<size_t>(g) * stride + std::max(c0, 0), j0, j1,
+                   _mm512_mul_ps(_mm512_mul_ps(cstep, cs), s));
+      }
       best = _mm512_max_ps(best, u);
       StoreLanes(ub + static_cast<size_t>(g) * stride + std::max(c0, 0), j0, j1, u);
     }
@@ -238,9 +243,9 @@ void BlockBounds::Score(const float* const* qs, int group, float scale, int firs
           ic += cen[at] * v[i];
           ir += rad[at] * v[w + i];
         }
-        const float u = qstep[g] * scale *
-                        (steps.centre[j] * static_cast<float>(ic - 128 * qsum[g]) +
-                         steps.radius[j] * static_cast<float>(ir) + steps.slack[j]);
+        const float cs = steps.centre[j] * static_cast<float>(ic - 128 * qsum[g]);
+        const float u = qstep[g] * scale * (cs + steps.radius[j] * static_cast<float>(ir) + steps.slack[j]);
+        if (centre != nullptr) centre[static_cast<size_t>(g) * stride + c0 + j] = qstep[g] * scale * cs;
         ub[static_cast<size_t>(g) * stride + c0 + j] = u;
         best = std::max(best, u);
       }

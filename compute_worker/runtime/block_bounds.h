@@ -38,9 +38,11 @@ class BlockBounds {
   void Set(int b, const uint16_t* kmax, const uint16_t* kmin);
   // For blocks [first, last) of those set and heads g < group:
   // ub[g * stride + (b - first)] = scale * (an upper bound of q_g . k over
-  // block b's keys), and gscore[b - first] = the max over the heads.
+  // block b's keys), and gscore[b - first] = the max over the heads. With
+  // `centre`, also centre[g * stride + (b - first)] = scale * q_g . (the
+  // box's centre), about the block's typical score (8-bit steps).
   void Score(const float* const* qs, int group, float scale, int first, int last, float* ub,
-             int stride, float* gscore) const;
+             int stride, float* gscore, float* centre = nullptr) const;
 
   size_t bytes() const { return data_.size(); }
 

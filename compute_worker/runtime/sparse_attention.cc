@@ -23,10 +23,13 @@ struct HeadState {
   double l = 0;                 // exp-sum in the running scale (AS_acc)
   double as_min = INFINITY;     // smallest full-block exp-sum, running scale
   double group_sum = 0;         // exp-sum of the latest iteration's blocks, running scale
-  double group_bound = 0;       // their bounds B * exp(ub - m), same scale
   int group_n = 0;              // blocks in the latest iteration
+  double seen_sum = 0;          // exp-sum of every candidate block attended, running scale
+  double group_w = 0;           // stop weights (see below) of the latest iteration's blocks
+  double seen_w = 0;            // ... of every candidate block attended
   std::vector<float> acc;       // sum of exp(s - m) * v
-  bool active = true;
+  bool active = true;            // computes on the blocks read
+  bool deciding = true;          // has not stopped: its budget still grows
   int blocks = 0;
   int iterations = 0;
   float captured = 1.0f;
@@ -134,8 +137,9 @@ std::string AttentionPolicy::ToString() const {
                           : certified                            ? ",certified"
                           : tail == TailEstimate::kMinSeen        ? ",min"
                           : tail == TailEstimate::kCalibratedBound ? ",cal"
+                          : tail == TailEstimate::kLastGroupMean  ? ",mean"
                                                                   : "",
-                          ")");
+                          share_reads ? "" : ",solo", ")");
   }
   return "?";
 }
@@ -184,7 +188,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
   const bool exact_rank = policy_.oracle_rank && !kv.paged();
   const bool exact_stop = !topk && policy_.oracle_stop && !kv.paged();
-  thread_local std::vector<float> scratch_ub, scratch_g;
+  thread_local std::vector<float> scratch_ub, scratch_g, centre;  // centre: [group][candidate]
+  const bool centre_est = !topk && !policy_.certified && !exact_stop &&
+                          policy_.tail == AttentionPolicy::TailEstimate::kCentre;
+  if (centre_est) centre.resize(ub.size());
   if (exact_rank || exact_stop) {
     scratch_ub.resize(ub.size());
     scratch_g.resize(n_cand);
@@ -192,7 +199,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   if (!(exact_rank && exact_stop)) {
     kv.KeyBounds(task.layer, task.kv_head)
         .Score(qs, group, shape.scale, sink, local_begin, exact_stop ? scratch_ub.data() : ub.data(),
-               n_cand, exact_rank ? scratch_g.data() : gscore.data());
+               n_cand, exact_rank ? scratch_g.data() : gscore.data(),
+               centre_est ? centre.data() : nullptr);
   }
   if (exact_rank || exact_stop) {
     ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,
@@ -204,8 +212,6 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int forced = sink + (n_blocks - local_begin);
   int take = n_cand;  // candidates to consider, in order
   if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
-  // Bound-based stops need the whole order up front (suffix sums); the
-  // others rank lazily, since most heads stop early.
   const bool certified = !topk && (policy_.certified || exact_stop);  // ub exact: exact stop
   const bool calibrated =
       !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
@@ -213,20 +219,22 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   auto ensure_sorted = [&](int upto) {
     if (upto > sorted) sorted = ranking.Extend(std::min(upto, take));
   };
-  if (topk || certified || calibrated) ensure_sorted(take);
+  if (topk) ensure_sorted(take);  // PSA ranks lazily: most heads stop early
 
-  // Certified and calibrated stops: suffix sums of exp(ub - M) over the
-  // processing order give the unseen blocks' bound in O(1) per check.
-  thread_local std::vector<double> suffix;  // [group][take + 1]
-  float ub_max[kMaxGqaGroup];
-  if (certified || calibrated) {
-    suffix.assign(static_cast<size_t>(group) * (take + 1), 0.0);
+  // The weighted stops give each candidate a weight w_c = exp(x_c - X),
+  // x_c its bound (certified, calibrated; the exact log-mass for the exact
+  // stop) or its centre score (centre), X the head's largest: the unseen
+  // candidates' weight is then the total minus that of those attended.
+  const bool weighted = certified || calibrated || centre_est;
+  thread_local std::vector<float> weight;  // [group][candidate]
+  double w_total[kMaxGqaGroup];
+  float w_max[kMaxGqaGroup];
+  if (weighted) {
+    weight = centre_est ? centre : ub;
     for (int g = 0; g < group; ++g) {
-      const float* u = &ub[static_cast<size_t>(g) * n_cand];
-      ub_max[g] = -INFINITY;
-      for (int k = 0; k < take; ++k) ub_max[g] = std::max(ub_max[g], u[order[k]]);
-      double* suf = &suffix[static_cast<size_t>(g) * (take + 1)];
-      for (int k = take - 1; k >= 0; --k) suf[k] = suf[k + 1] + std::exp(u[order[k]] - ub_max[g]);
+      float* w = &weight[static_cast<size_t>(g) * n_cand];
+      w_max[g] = MaxF32(w, n_cand);
+      w_total[g] = n_cand > 0 ? ExpShiftSum(w, n_cand, w_max[g]) : 0.0;
     }
   }
 
@@ -274,7 +282,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         h.l *= r;
         if (!std::isinf(h.as_min)) h.as_min *= r;
         h.group_sum *= r;
-        h.group_bound *= r;
+        h.seen_sum *= r;
         ScaleF32(r, h.acc.data(), d);
         h.m = bm;
       }
@@ -283,10 +291,13 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       if (n == B) h.as_min = std::min(h.as_min, sum);
       if (c >= 0) {
         h.group_sum += sum;
-        if (calibrated) {
-          h.group_bound += B * std::exp(static_cast<double>(ub[static_cast<size_t>(g) * n_cand + c]) - h.m);
-        }
+        h.seen_sum += sum;
         ++h.group_n;
+        if (weighted) {
+          const double w = weight[static_cast<size_t>(g) * n_cand + c];
+          h.group_w += w;
+          h.seen_w += w;
+        }
       }
       ++h.blocks;
     }
@@ -348,33 +359,33 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   int next = 0;  // position in `order`
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
   for (int it = 1;; ++it) {
-    int active = 0;
+    int deciding = 0;
     for (int g = 0; g < group; ++g) {
       HeadState& h = heads[g];
-      if (!h.active) continue;
+      if (!h.deciding) continue;
       h.iterations = it;
       const int left = take - next;
       if (left == 0) {
         h.captured = topk ? -1.0f : 1.0f;
-        h.active = false;
+        h.deciding = h.active = false;
         continue;
       }
       if (can_stop && h.blocks >= policy_.min_blocks) {
         double unseen;
-        // The unseen candidates' bound sum_j B * exp(ub_j - m) (the
-        // exact stop's ub is a block's exact log-mass: no factor B).
-        const auto unseen_bound = [&] {
-          return (exact_stop ? 1 : B) * suffix[static_cast<size_t>(g) * (take + 1) + next] *
-                 std::exp(static_cast<double>(ub_max[g]) - h.m);
-        };
+        // The unseen candidates' weight (see above); never negative.
+        const double w_unseen = std::max(0.0, w_total[g] - h.seen_w);
         if (certified) {
-          unseen = unseen_bound();
+          // Each unseen block's mass is at most B * exp(bound) (the exact
+          // stop's x is a block's exact log-mass: no factor B).
+          unseen = (exact_stop ? 1 : B) * w_unseen * std::exp(static_cast<double>(w_max[g]) - h.m);
         } else if (calibrated) {
           // The unseen blocks' bounds, scaled by how tight the bounds were
           // on the latest iteration's blocks (actual / bound).
-          const double bound = unseen_bound();
-          unseen = h.group_n == 0 || h.group_bound <= 0 ? INFINITY
-                                                         : bound * (h.group_sum / h.group_bound);
+          unseen = h.group_w <= 0 ? INFINITY : w_unseen * (h.group_sum / h.group_w);
+        } else if (centre_est) {
+          // The unseen blocks hold their share of the centre estimates,
+          // scaled by the mass the attended blocks turned out to hold.
+          unseen = h.seen_w <= 0 ? INFINITY : w_unseen * (h.seen_sum / h.seen_w);
         } else if (policy_.tail == AttentionPolicy::TailEstimate::kMinSeen) {
           unseen = std::isinf(h.as_min) ? INFINITY : h.as_min * left;
         } else {
@@ -385,16 +396,19 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         const double p = h.l / (h.l + unseen);
         if (p >= policy_.epsilon) {
           h.captured = static_cast<float>(p);
-          h.active = false;
+          h.deciding = false;
+          // The group reads on for its other heads: with share_reads this
+          // head attends those blocks too, at no extra bytes.
+          h.active = policy_.share_reads;
           continue;
         }
       }
-      ++active;
+      ++deciding;
     }
-    if (active == 0) break;
+    if (deciding == 0) break;
     for (HeadState& h : heads) {
       h.group_sum = 0;
-      h.group_bound = 0;
+      h.group_w = 0;
       h.group_n = 0;
     }
     const int end = std::min(take, next + G);

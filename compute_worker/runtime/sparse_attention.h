@@ -33,21 +33,30 @@ struct AttentionPolicy {
   enum class Kind { kDense, kTopK, kPsa };
   Kind kind = Kind::kPsa;
   // Defaults lean to quality (README, "Attention policies"): on the default
-  // model at 8K they use ~17% of the KV with KL ~0.01 against dense.
+  // model at 8K they read ~20% of the KV with KL ~0.007 against dense.
   float epsilon = 0.9f;    // psa: target captured attention mass
   int group_blocks = 4;    // psa: blocks per progressive iteration (G)
   bool certified = false;  // psa: stop on the guaranteed bound
   // psa, uncertified: how the mass of the unseen blocks is estimated.
+  //  kCentre: each unseen block's share of the centre estimates
+  //    B*exp(c_j) (c_j: q . the centre of block j's key box), scaled by the
+  //    mass the attended blocks turned out to hold against their estimates
+  //    (ours): uses which blocks are left and calibrates on all seen so far.
   //  kMinSeen: AS_min * N_left, AS_min the smallest block exp-sum seen (the
   //    paper). One near-empty block drives it to ~0 and stops the head early.
   //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
-  //    blocks (ours; see bench/psa_accuracy for the comparison).
-  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j - m),
-  //    scaled by actual/bound measured on the latest iteration's blocks
-  //    (ours): uses which blocks are left, not just how many.
-  enum class TailEstimate { kMinSeen, kLastGroupMean, kCalibratedBound };
-  TailEstimate tail = TailEstimate::kLastGroupMean;
+  //    blocks (ours, the default before kCentre).
+  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j),
+  //    scaled by actual/bound measured on the latest iteration's blocks.
+  // bench/psa_accuracy compares them.
+  enum class TailEstimate { kCentre, kMinSeen, kLastGroupMean, kCalibratedBound };
+  TailEstimate tail = TailEstimate::kCentre;
   int min_blocks = 24;     // psa: no head stops before attending this many blocks
+  // psa, GQA: a head that has stopped still attends the blocks its group
+  // reads on for its other heads (the bytes are read anyway: the group's
+  // reads are the union of its heads' budgets). Off (",solo"): it stops
+  // attending, as in the paper.
+  bool share_reads = true;
   // Research only (bench/psa_accuracy --oracle), never served: the ceiling
   // a ranking and a stop rule could reach, each on its own. Both cost more
   // than dense (every key's score); private caches only (ignored for

@@ -81,14 +81,13 @@ std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f) {
   return q;
 }
 
-// Plain PSA: no budget floor, latest-iteration mean tail estimate.
+// Plain PSA: no budget floor, the default tail estimate.
 AttentionPolicy Psa(float eps, bool certified = false) {
   AttentionPolicy p;
   p.kind = AttentionPolicy::Kind::kPsa;
   p.epsilon = eps;
   p.certified = certified;
   p.min_blocks = 0;
-  p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
   return p;
 }
 
@@ -167,6 +166,7 @@ TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
 
   // The other tail estimates stop early here too.
   for (auto tail : {AttentionPolicy::TailEstimate::kMinSeen,
+                    AttentionPolicy::TailEstimate::kLastGroupMean,
                     AttentionPolicy::TailEstimate::kCalibratedBound}) {
     AttentionPolicy p = Psa(0.95f);
     p.tail = tail;
@@ -175,6 +175,80 @@ TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
     EXPECT_GE(o.stats[0].captured, 0.95f) << p.ToString();
     EXPECT_LT(RelErr(o.out, ref.out), 2.5 * 0.05 + 1e-3) << p.ToString();
   }
+}
+
+TEST(SparseAttentionTest, AStoppedHeadAttendsWhatItsGroupReadsOnFor) {
+  // A GQA group of two: head 0 aligned with a few hot blocks (stops soon),
+  // head 1 a spread query (reads on for long).
+  const int length = 2048, block = 16;
+  std::vector<float> dir(kHeadDim);
+  for (int i = 0; i < kHeadDim; ++i) dir[i] = (i % 2 ? 1.0f : -1.0f) / std::sqrt(8.0f);
+  const KvCache kv = RandomCache(1, length, block, 8, {9, 23, 40, 77}, dir);
+  const AttentionShape shape{2, 1, kHeadDim, 0.125f};
+  std::vector<float> q = RandomQuery(2, 3, 1.5f);
+  for (int i = 0; i < kHeadDim; ++i) q[i] = 3.0f * dir[i];
+  const Output ref = Attend(DenseAttention(), shape, kv, q, 0);
+  AttentionPolicy p = Psa(0.9f);
+  const Output shared = Attend(SparseAttention(p), shape, kv, q, 0);
+  p.share_reads = false;
+  const Output solo = Attend(SparseAttention(p), shape, kv, q, 0);
+  // Same reads either way: the group reads the longer budget.
+  EXPECT_EQ(shared.stats[1].blocks_touched, solo.stats[1].blocks_touched);
+  EXPECT_LT(solo.stats[0].blocks_touched, solo.stats[1].blocks_touched);
+  // Shared: head 0 attends all of them, and is closer to dense for it.
+  EXPECT_EQ(shared.stats[0].blocks_touched, shared.stats[1].blocks_touched);
+  auto head = [](const std::vector<float>& o, int g) {
+    return std::vector<float>(o.begin() + g * kHeadDim, o.begin() + (g + 1) * kHeadDim);
+  };
+  EXPECT_LT(RelErr(head(shared.out, 0), head(ref.out, 0)), RelErr(head(solo.out, 0), head(ref.out, 0)));
+  // Head 1 is the same computation either way.
+  EXPECT_EQ(head(shared.out, 1), head(solo.out, 1));
+}
+
+TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
+  // One query head, one block per iteration, no floor: the blocks touched
+  // are the forced ones (first and last) plus a prefix of the bound order,
+  // so the test can tell the true captured fraction at the stop.
+  const int length = 2048, block = 16, blocks = length / block;
+  const KvCache kv = RandomCache(1, length, block, 17);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  const std::vector<float> q = RandomQuery(1, 6, 2.0f);
+  std::vector<double> mass(blocks, 0.0);
+  double total = 0;
+  for (int t = 0; t < length; ++t) {
+    double dot = 0;
+    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
+    mass[t / block] += std::exp(0.125 * dot);
+    total += std::exp(0.125 * dot);
+  }
+  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
+  const float* qs[] = {q.data()};
+  kv.KeyBounds(0, 0).Score(qs, 1, 0.125f, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
+  std::vector<int> by_bound(blocks - 2);
+  for (int c = 0; c < blocks - 2; ++c) by_bound[c] = c + 1;
+  std::stable_sort(by_bound.begin(), by_bound.end(),
+                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
+  auto true_captured = [&](int touched) {
+    double m = mass[0] + mass[blocks - 1];
+    for (int k = 0; k < touched - 2; ++k) m += mass[by_bound[k]];
+    return m / total;
+  };
+  double worst_centre = 0, worst_mean = 0;
+  for (float eps : {0.5f, 0.7f, 0.9f}) {
+    AttentionPolicy p = Psa(eps);
+    p.group_blocks = 1;
+    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+    ASSERT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;  // it did stop
+    const double c = true_captured(o.stats[0].blocks_touched);
+    EXPECT_NEAR(c, eps, 0.1) << "eps " << eps;  // it stopped about where it should
+    worst_centre = std::max(worst_centre, std::fabs(c - eps));
+    p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
+    const Output m = Attend(SparseAttention(p), shape, kv, q, 0);
+    worst_mean = std::max(worst_mean, std::fabs(true_captured(m.stats[0].blocks_touched) - eps));
+  }
+  // Closer than the last-iteration mean, which stops far short here (it
+  // takes the latest blocks' mass for every unseen block's: 0.28 at 0.5).
+  EXPECT_LT(worst_centre, worst_mean);
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
@@ -264,6 +338,9 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   AttentionPolicy m = Psa(0.9f);
   m.tail = AttentionPolicy::TailEstimate::kMinSeen;
   EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,min)");
+  m.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
+  m.share_reads = false;
+  EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,mean,solo)");
   EXPECT_EQ(TopK(8).ToString(), "topk(k=8)");
 }
 
