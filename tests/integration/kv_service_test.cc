@@ -449,9 +449,16 @@ TEST(KvServiceTest, HealthServiceAndMetrics) {
   ASSERT_TRUE(client->Open("s", layout).ok());
   ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 4, 1)).ok());
   ASSERT_TRUE(client->Fetch("s", 0, {0, 1, 2}, absl::Seconds(5)).ok());
-  auto body = psa::HttpGet(shard->port("metrics_port"), "/metrics");
-  ASSERT_TRUE(body.ok()) << body.status();
   using psa::MetricValue;
+  // A finished RPC is counted in the server's OnDone, which may run just
+  // after the client has seen its status: scrape until the write shows.
+  absl::StatusOr<std::string> body;
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  do {
+    body = psa::HttpGet(shard->port("metrics_port"), "/metrics");
+    ASSERT_TRUE(body.ok()) << body.status();
+  } while (MetricValue(*body, "psa_kv_rpc_duration_seconds_count{method=\"WriteBlocks\"}") < 1 &&
+           absl::Now() < until);
   EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_bytes_total"), 3 * 12288);
   EXPECT_EQ(MetricValue(*body, "psa_kv_fetch_blocks_total"), 3);
   EXPECT_EQ(MetricValue(*body, "psa_kv_store_blocks"), 4);
