@@ -3,8 +3,8 @@
 //     measured in the same run;
 //   - topk and psa: time per step against dense at the same context, and
 //     PSA's selection overhead (block scoring, ranking, bookkeeping) as a
-//     share of its step, measured as the step time of a selection that
-//     ranks every block and attends one.
+//     share of its step, measured as the step time of a PSA selection
+//     that scores and ranks every block, attends one and stops.
 // The cache has SmolLM2's attention shape (3 KV heads, 3 query heads each,
 // head dim 64) and a "peaked" key distribution: a few hot blocks that a
 // query aligns with, so the sparse policies have something to find.
@@ -156,10 +156,13 @@ int main(int argc, char** argv) {
                    ? absl::GetFlag(FLAGS_top_k)
                    : std::max(3, static_cast<int>(std::lround(psa_frac * ctx / kBlock)));
     SparseAttention topk(tp);
-    // Scoring and ranking every block, attending one: no sink or newest
-    // blocks (those are attention, not selection).
-    AttentionPolicy select_only = tp;
-    select_only.top_k = 1;
+    // PSA's selection alone: scoring, stop weights and ranking for every
+    // block, then one block attended before a stop at a tiny epsilon; no
+    // sink or newest blocks (those are attention, not selection).
+    AttentionPolicy select_only = pp;
+    select_only.epsilon = 1e-6f;
+    select_only.group_blocks = 1;
+    select_only.min_blocks = 0;
     select_only.sink_blocks = select_only.local_blocks = 0;
     SparseAttention selection(select_only);
 
