@@ -38,7 +38,7 @@ ABSL_FLAG(std::string, concurrency, "1,8,32", "Concurrent sequences, comma-separ
 ABSL_FLAG(std::string, policies, "dense,topk,psa", "Attention policies, comma-separated");
 ABSL_FLAG(int, tokens, 16, "Tokens generated per sequence");
 ABSL_FLAG(double, pool_fraction, 0.25, "Block pool size as a fraction of all sequences' KV");
-ABSL_FLAG(int, top_k, 64, "topk budget in blocks (64: top-k's equal-accuracy point, README)");
+ABSL_FLAG(int, top_k, 64, "topk budget in blocks (the README's serving table uses 64)");
 ABSL_FLAG(double, epsilon, 0.9, "psa epsilon");
 ABSL_FLAG(int, threads, 2, "Worker compute threads");
 ABSL_FLAG(std::string, csv, "", "Also write the table here");
