@@ -98,6 +98,33 @@ AttentionPolicy TopK(int k) {
   return p;
 }
 
+// Each block's exact attention mass sum_t exp(scale * q.k_t) for a
+// one-head query, the test's own computation.
+std::vector<double> BlockMasses(const KvCache& kv, const std::vector<float>& q, float scale) {
+  const int block = kv.block_size();
+  std::vector<double> mass((kv.length() + block - 1) / block, 0.0);
+  for (int t = 0; t < kv.length(); ++t) {
+    double dot = 0;
+    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
+    mass[t / block] += std::exp(scale * dot);
+  }
+  return mass;
+}
+
+// The candidate blocks (all but the first and the last of a cache of full
+// blocks) in the order of their bounds for a one-head query.
+std::vector<int> CandidatesByBound(const KvCache& kv, const std::vector<float>& q, float scale) {
+  const int blocks = kv.full_blocks();
+  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
+  const float* qs[] = {q.data()};
+  kv.KeyBounds(0, 0).Score(qs, 1, scale, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
+  std::vector<int> order(blocks - 2);
+  for (int c = 0; c < blocks - 2; ++c) order[c] = c + 1;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
+  return order;
+}
+
 // Dense rounds probabilities to fp16 (llama.cpp parity); the sparse engine
 // keeps them in fp32, so "equal" means within that rounding.
 constexpr double kSameAsDense = 2e-3;
@@ -213,21 +240,10 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   const KvCache kv = RandomCache(1, length, block, 17);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 6, 2.0f);
-  std::vector<double> mass(blocks, 0.0);
+  const std::vector<double> mass = BlockMasses(kv, q, 0.125f);
   double total = 0;
-  for (int t = 0; t < length; ++t) {
-    double dot = 0;
-    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
-    mass[t / block] += std::exp(0.125 * dot);
-    total += std::exp(0.125 * dot);
-  }
-  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
-  const float* qs[] = {q.data()};
-  kv.KeyBounds(0, 0).Score(qs, 1, 0.125f, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
-  std::vector<int> by_bound(blocks - 2);
-  for (int c = 0; c < blocks - 2; ++c) by_bound[c] = c + 1;
-  std::stable_sort(by_bound.begin(), by_bound.end(),
-                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
+  for (double m : mass) total += m;
+  const std::vector<int> by_bound = CandidatesByBound(kv, q, 0.125f);
   auto true_captured = [&](int touched) {
     double m = mass[0] + mass[blocks - 1];
     for (int k = 0; k < touched - 2; ++k) m += mass[by_bound[k]];
@@ -274,28 +290,14 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   const KvCache kv = RandomCache(1, length, block, 21);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 4, 2.0f);  // attention spread over many blocks
-  // Each block's exact mass, the test's own computation.
-  std::vector<double> mass(blocks, 0.0);
+  const std::vector<double> mass = BlockMasses(kv, q, 0.125f);
   double total = 0;
-  for (int t = 0; t < length; ++t) {
-    double dot = 0;
-    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
-    const double e = std::exp(0.125 * dot);
-    mass[t / block] += e;
-    total += e;
-  }
+  for (double m : mass) total += m;
   // Forced: the sink (block 0) and the newest full block (the last).
   double forced = mass[0] + mass[blocks - 1];
   std::vector<double> rest(mass.begin() + 1, mass.end() - 1);
   std::sort(rest.rbegin(), rest.rend());
-  // The candidates (blocks 1 .. blocks - 2) in the order of their bounds.
-  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
-  const float* qs[] = {q.data()};
-  kv.KeyBounds(0, 0).Score(qs, 1, 0.125f, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
-  std::vector<int> by_bound(blocks - 2);
-  for (int c = 0; c < blocks - 2; ++c) by_bound[c] = c + 1;
-  std::stable_sort(by_bound.begin(), by_bound.end(),
-                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
+  const std::vector<int> by_bound = CandidatesByBound(kv, q, 0.125f);
   for (float eps : {0.5f, 0.8f, 0.95f}) {
     AttentionPolicy p = Psa(eps);
     p.oracle_rank = p.oracle_stop = true;
