@@ -7,7 +7,7 @@
 #include "compute_worker/model/ggml_types.h"
 #include "compute_worker/model/llama_model.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
