@@ -225,14 +225,14 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // x_c its bound (certified, calibrated; the exact log-mass for the exact
   // stop) or its centre score (centre), X the head's largest: the unseen
   // candidates' weight is then the total minus that of those attended.
+  // The weights replace the scores they come from (neither is read again).
   const bool weighted = certified || calibrated || centre_est;
-  thread_local std::vector<float> weight;  // [group][candidate]
+  float* const weight = centre_est ? centre.data() : ub.data();  // [group][candidate]
   double w_total[kMaxGqaGroup];
   float w_max[kMaxGqaGroup];
   if (weighted) {
-    weight = centre_est ? centre : ub;
     for (int g = 0; g < group; ++g) {
-      float* w = &weight[static_cast<size_t>(g) * n_cand];
+      float* w = weight + static_cast<size_t>(g) * n_cand;
       w_max[g] = MaxF32(w, n_cand);
       w_total[g] = n_cand > 0 ? ExpShiftSum(w, n_cand, w_max[g]) : 0.0;
     }
