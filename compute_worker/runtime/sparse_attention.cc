@@ -330,6 +330,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // next ones are the likeliest to be read). Overshooting costs transfers
   // and pool room, so the window stays tight.
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
+  constexpr int kMaxPredictedBlocks = 256;  // how far a budget prediction looks
   const bool paged = kv.paged();
   int requested = 0;  // candidates order[0, requested) asked for
   thread_local std::vector<int> ahead;
@@ -360,6 +361,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
   for (int it = 1;; ++it) {
     int deciding = 0;
+    int predicted = 0;  // with a pool: where the centre estimate expects the group to stop
     for (int g = 0; g < group; ++g) {
       HeadState& h = heads[g];
       if (!h.deciding) continue;
@@ -402,6 +404,22 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
           h.active = policy_.share_reads;
           continue;
         }
+        if (paged && centre_est && std::isfinite(unseen)) {
+          // The same estimate says how far this head will read: the next
+          // blocks in order, each worth its weight times actual/estimate,
+          // until eps of (AS_acc + unseen) is held. Fetch that far in one
+          // go rather than an iteration at a time.
+          const double need = policy_.epsilon * (h.l + unseen) - h.l;
+          const double per_w = h.seen_sum / h.seen_w;
+          const float* w = weight + static_cast<size_t>(g) * n_cand;
+          double got = 0;
+          int k = next;
+          for (; k < take && k < next + kMaxPredictedBlocks && got < need; ++k) {
+            ensure_sorted(k + 1);
+            got += per_w * w[order[k]];
+          }
+          predicted = std::max(predicted, k);
+        }
       }
       ++deciding;
     }
@@ -413,7 +431,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
     const int end = std::min(take, next + G);
     ensure_sorted(end);
-    prefetch_upto(end + G);  // the next iteration's blocks, while these compute
+    // The next iteration's blocks (and any predicted beyond), while these compute.
+    prefetch_upto(std::max(end + G, predicted));
     for (; next < end; ++next) {
       if (next + 1 < sorted) prefetch_page(sink + order[next + 1]);
       process_block(sink + order[next], order[next]);

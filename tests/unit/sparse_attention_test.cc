@@ -2,6 +2,9 @@
 #include "compute_worker/runtime/sparse_attention.h"
 
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -265,6 +268,58 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   // Closer than the last-iteration mean, which stops far short here (it
   // takes the latest blocks' mass for every unseen block's: 0.28 at 0.5).
   EXPECT_LT(worst_centre, worst_mean);
+}
+
+// Pages "stored" in a private cache, copied on request (the KV service's
+// role in the worker); counts the requests.
+class CopyingFetcher : public PageFetcher {
+ public:
+  explicit CopyingFetcher(const KvCache& store) : store_(store) {}
+  void FetchPages(const std::string&, int layer, int kv_head, std::vector<int> blocks,
+                  std::vector<uint16_t*> dsts, std::function<void(absl::Status)> done) override {
+    ++requests;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      std::memcpy(dsts[i], store_.Page(layer, kv_head, blocks[i]), store_.page_bytes());
+    }
+    done(absl::OkStatus());
+  }
+  int requests = 0;
+
+ private:
+  const KvCache& store_;
+};
+
+TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) {
+  // A pool-backed copy of a cache whose pages all have to be fetched, and
+  // a spread query that takes PSA many iterations.
+  const int length = 4096, block = 16;
+  const KvCache store = RandomCache(1, length, block, 31);
+  CopyingFetcher fetcher(store);
+  BlockPool pool(4 * store.page_bytes(), store.page_bytes());
+  KvPagingCounters counters;
+  KvCache kv(1, 1, kHeadDim, block, KvPaging{&pool, &fetcher, &counters});
+  kv.Reserve(length);
+  for (int t = 0; t < length; ++t) {
+    std::memcpy(kv.KeySlot(0, 0, t), store.Keys(0, 0).row(t), kHeadDim * sizeof(uint16_t));
+    std::memcpy(kv.ValueSlot(0, 0, t), store.Values(0, 0).row(t), kHeadDim * sizeof(uint16_t));
+  }
+  kv.Commit(length);
+  kv.durability()->Update("stored", length / block);
+  kv.ApplyDurability();
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  const std::vector<float> q = RandomQuery(1, 9, 2.0f);
+  AttentionPolicy p = Psa(0.9f);
+  const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+  const Output same = Attend(SparseAttention(p), shape, store, q, 0);
+  EXPECT_EQ(o.out, same.out);  // the pool changes where pages come from, nothing else
+  EXPECT_EQ(o.stats[0].blocks_touched, same.stats[0].blocks_touched);
+  ASSERT_GT(o.stats[0].iterations, 8);
+  // One request for the forced blocks, one for the first iteration, then
+  // the prediction: far fewer than one per iteration.
+  EXPECT_LE(fetcher.requests, o.stats[0].iterations / 2)
+      << fetcher.requests << " requests for " << o.stats[0].iterations << " iterations";
+  // Fetching ahead overshoots little: at most one iteration past the stop.
+  EXPECT_LE(static_cast<int>(counters.page_fetches), o.stats[0].blocks_touched + 4);
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
