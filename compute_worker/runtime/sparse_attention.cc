@@ -327,8 +327,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // (min_blocks) makes certain, and as many as the last step read (budgets
   // change little between steps); then, before each iteration, candidates
   // for the next iteration (blocks come in descending criticality, so the
-  // next ones are the likeliest to be read). Overshooting costs transfers
-  // and pool room, so the window stays tight.
+  // next ones are the likeliest to be read) and, with the centre estimate,
+  // every block up to where it predicts the heads will stop. Overshooting
+  // costs transfers and pool room, so the window stays tight.
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
   constexpr int kMaxPredictedBlocks = 256;  // how far a budget prediction looks
   const bool paged = kv.paged();
