@@ -3,19 +3,19 @@
 //
 // Both score every full KV block with its key metadata: for query q an
 // upper bound ub_j of scale * q.k over the block, from the box its keys lie
-// in (BlockBounds: within a few % of the exact box bound
-// scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji)). One selection serves a GQA group: the group's score
-// is the max over its query heads. Sink blocks and the newest blocks (the
-// partial tail included) are always attended.
+// in (BlockBounds: never below the exact box bound
+// scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji), above it by at most the
+// rounding of 8-bit steps). One selection serves a
+// GQA group: the group's score is the max over its query heads. Sink blocks
+// and the newest blocks (the partial tail included) are always attended.
 //
 //  - topk: the k best-scored blocks (sinks and newest count towards k).
 //  - psa:  blocks in descending score, G per iteration, merged by online
-//    softmax; each query head stops on its own once the accumulated mass
-//    P_acc = AS_acc / (AS_acc + est * N_left) reaches epsilon (est: the
-//    paper's smallest per-block exp-sum seen, or the latest iteration's mean
-//    block exp-sum, see TailEstimate). With `certified`, the unseen mass is
-//    instead bounded by sum_j B * exp(ub_j - m), so P_acc is a guaranteed
-//    lower bound on the captured fraction.
+//    softmax; each query head stops on its own once the captured fraction
+//    P_acc = AS_acc / (AS_acc + unseen) reaches epsilon, the unseen mass
+//    estimated as TailEstimate says. With `certified`, it is instead bounded
+//    by sum_j B * exp(ub_j - m), so P_acc is a guaranteed lower bound on the
+//    captured fraction. The group reads the union of its heads' budgets.
 //
 // Prefill rows (tasks with several queries) use dense attention: PSA is a
 // decode-time policy.
