@@ -23,7 +23,7 @@ using Uniform = std::uniform_real_distribution<double>;
 
 Sampler::Sampler(const SamplingParams& params, int tokens_done)
     : params_(params), rng_(params.seed) {
-  if (params_.temperature <= 0.0f || params_.top_k == 1) return;  // greedy: no draws
+  if (greedy()) return;
   for (int i = 0; i < tokens_done; ++i) Uniform(0.0, 1.0)(rng_);
 }
 
@@ -32,7 +32,7 @@ TokenId ArgMax(const float* logits, int n) {
 }
 
 TokenId Sampler::Sample(const float* logits, int n_vocab) {
-  if (params_.temperature <= 0.0f || params_.top_k == 1) return ArgMax(logits, n_vocab);
+  if (greedy()) return ArgMax(logits, n_vocab);
   candidates_.resize(n_vocab);
   for (int i = 0; i < n_vocab; ++i) candidates_[i] = {logits[i], i};
   auto by_logit = [](const auto& a, const auto& b) {

@@ -33,6 +33,8 @@ class Sampler {
   TokenId Sample(const float* logits, int n_vocab);
 
  private:
+  // Temperature 0 or top-k 1: the argmax, no random draws.
+  bool greedy() const { return params_.temperature <= 0.0f || params_.top_k == 1; }
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, TokenId>> candidates_;

@@ -189,8 +189,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const bool exact_rank = policy_.oracle_rank && !kv.paged();
   const bool exact_stop = !topk && policy_.oracle_stop && !kv.paged();
   thread_local std::vector<float> scratch_ub, scratch_g, centre;  // centre: [group][candidate]
-  const bool centre_est = !topk && !policy_.certified && !exact_stop &&
-                          policy_.tail == AttentionPolicy::TailEstimate::kCentre;
+  // How the stop sizes the unseen mass (see TailEstimate).
+  const bool certified = !topk && (policy_.certified || exact_stop);  // ub exact: exact stop
+  const bool calibrated =
+      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
+  const bool centre_est =
+      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCentre;
   if (centre_est) centre.resize(ub.size());
   if (exact_rank || exact_stop) {
     scratch_ub.resize(ub.size());
@@ -212,9 +216,6 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const int forced = sink + (n_blocks - local_begin);
   int take = n_cand;  // candidates to consider, in order
   if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
-  const bool certified = !topk && (policy_.certified || exact_stop);  // ub exact: exact stop
-  const bool calibrated =
-      !topk && !certified && policy_.tail == AttentionPolicy::TailEstimate::kCalibratedBound;
   int sorted = 0;  // order[0, sorted) is final
   auto ensure_sorted = [&](int upto) {
     if (upto > sorted) sorted = ranking.Extend(std::min(upto, take));
