@@ -22,6 +22,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "compute_worker/model/ggml_types.h"
+#include "compute_worker/runtime/page_slab.h"
 #include "compute_worker/runtime/sparse_attention.h"
 
 ABSL_FLAG(std::string, contexts, "8192,16384,32768,65536,131072", "Context lengths.");
@@ -48,12 +49,12 @@ double Time(int reps, Fn fn) {
   return best;
 }
 
-// Seconds to read `buf` once on one core (sums it).
-double TimeRead(const std::vector<float>& buf) {
+// Seconds to read floats [buf, buf + n) once on one core (sums them).
+double TimeRead(const float* buf, size_t n) {
   volatile float sink = 0;
   const double s = Time(1, [&] {
     float acc[16] = {};
-    for (size_t i = 0; i + 16 <= buf.size(); i += 16) {
+    for (size_t i = 0; i + 16 <= n; i += 16) {
 #pragma omp simd
       for (int k = 0; k < 16; ++k) acc[k] += buf[i + k];
     }
@@ -105,7 +106,11 @@ int main(int argc, char** argv) {
   }
   // Read bandwidth of one core, measured next to each dense timing (best of
   // the same repetitions) since the machine's speed drifts during a run.
-  const std::vector<float> bw_buf((512u << 20) / sizeof(float), 1.0f);
+  // In huge pages, as the KV cache's pages are.
+  const size_t bw_floats = (size_t{512} << 20) / sizeof(float);
+  const PageSlab bw_slab = AllocatePageSlab(bw_floats * sizeof(float));
+  float* const bw_buf = reinterpret_cast<float*>(bw_slab.get());
+  std::fill(bw_buf, bw_buf + bw_floats, 1.0f);
   std::printf("%8s %10s %8s %8s %7s | %10s %8s %8s | %10s %8s %8s %9s\n", "context", "dense ms",
               "GB/s", "bw GB/s", "of bw", "topk ms", "vs dense", "KV frac", "psa ms", "vs dense", "KV frac",
               "overhead");
@@ -168,10 +173,10 @@ int main(int argc, char** argv) {
 
     double td = 1e30, tbw = 1e30;
     for (int r = 0; r < reps; ++r) {  // interleaved: both see the same machine
-      tbw = std::min(tbw, TimeRead(bw_buf));
+      tbw = std::min(tbw, TimeRead(bw_buf, bw_floats));
       td = std::min(td, Time(1, [&] { step(dense, nullptr); }));
     }
-    const double bandwidth = bw_buf.size() * sizeof(float) / tbw;
+    const double bandwidth = bw_floats * sizeof(float) / tbw;
     double topk_frac = 0;
     step(topk, &topk_frac);
     const double tt = Time(reps, [&] { step(topk, nullptr); });

@@ -3,13 +3,9 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "compute_worker/runtime/page_slab.h"
 
 namespace psa {
-namespace {
-
-constexpr size_t kSlabBytes = 2 << 20;
-
-}  // namespace
 
 BlockPool::BlockPool(uint64_t capacity_bytes, size_t page_bytes)
     : page_bytes_(page_bytes),
@@ -34,9 +30,10 @@ absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
     free_.pop_back();
   } else if (carved_ < capacity_slots_) {
     // Give memory to the next slots from a new slab.
-    const size_t per_slab = std::max<size_t>(1, kSlabBytes / page_bytes_);
+    const size_t per_slab = std::max<size_t>(1, kPageSlabBytes / page_bytes_);
     const size_t n = std::min<uint64_t>(per_slab, capacity_slots_ - carved_);
-    slabs_.emplace_back(new char[n * page_bytes_]);
+    slabs_.push_back(AllocatePageSlab(n == per_slab ? std::max(kPageSlabBytes, page_bytes_)
+                                                    : n * page_bytes_));
     for (size_t i = 0; i < n; ++i) {
       slots_[carved_ + i].data = slabs_.back().get() + i * page_bytes_;
       if (i > 0) free_.push_back(carved_ + i);

@@ -26,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "compute_worker/runtime/page_slab.h"
 
 namespace psa {
 
@@ -89,7 +90,7 @@ class BlockPool {
   absl::Mutex mu_;
   // Addresses of slots never change; the vector is sized once.
   std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::unique_ptr<char[]>> slabs_ ABSL_GUARDED_BY(mu_);
+  std::vector<PageSlab> slabs_ ABSL_GUARDED_BY(mu_);
   uint64_t carved_ ABSL_GUARDED_BY(mu_) = 0;  // slots given memory so far
   uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<uint32_t> free_ ABSL_GUARDED_BY(mu_);

@@ -156,10 +156,7 @@ void KvCache::Reserve(int n) {
   capacity_ = new_blocks * block_size_;
 }
 
-void KvCache::FreeSlab::operator()(uint16_t* p) const { std::free(p); }
-
 void KvCache::AllocatePrivateBlocks(int layer, int count) {
-  constexpr size_t kSlabBytes = 2 << 20;
   const size_t page_bytes = page_elements() * sizeof(uint16_t);
   const int first = capacity_ / block_size_;
   // One head's pages of consecutive blocks are adjacent: decode attention
@@ -168,16 +165,14 @@ void KvCache::AllocatePrivateBlocks(int layer, int count) {
   for (int h = 0; h < n_head_kv_; ++h) {
     for (int i = 0; i < count; ++i) {
       if (slab_left_ == 0) {
-        // Slabs of up to 2 MiB: few allocations. Not zeroed: attention
+        // Slabs of up to 2 MiB (huge pages): few allocations. Not zeroed: attention
         // reads only committed rows, and pages are then touched as rows are
         // written rather than all at once (a doubling at 8K tokens would
         // otherwise stall one step for 190 MB).
         const size_t want = static_cast<size_t>(count - i) * page_bytes;
-        const size_t bytes = std::min(want, kSlabBytes);
-        void* p = std::malloc(bytes);
-        if (p == nullptr) throw std::bad_alloc();
-        slabs_.emplace_back(static_cast<uint16_t*>(p));
-        slab_next_ = static_cast<uint16_t*>(p);
+        const size_t bytes = std::min(want, std::max(kPageSlabBytes, page_bytes));
+        slabs_.push_back(AllocatePageSlab(bytes));
+        slab_next_ = reinterpret_cast<uint16_t*>(slabs_.back().get());
         slab_left_ = bytes / page_bytes;
       }
       pages_[PageTable(layer, h)][first + i] = slab_next_;

@@ -31,6 +31,7 @@
 #include "absl/synchronization/mutex.h"
 #include "compute_worker/runtime/block_bounds.h"
 #include "compute_worker/runtime/block_pool.h"
+#include "compute_worker/runtime/page_slab.h"
 
 namespace psa {
 
@@ -219,10 +220,7 @@ class KvCache {
   };
   PooledPages pooled_;
 
-  struct FreeSlab {
-    void operator()(uint16_t* p) const;
-  };
-  std::vector<std::unique_ptr<uint16_t, FreeSlab>> slabs_;  // private memory
+  std::vector<PageSlab> slabs_;  // private memory
   uint16_t* slab_next_ = nullptr;  // free space left in the newest slab
   size_t slab_left_ = 0;           // in pages
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]

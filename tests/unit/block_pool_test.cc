@@ -1,6 +1,7 @@
 #include "compute_worker/runtime/block_pool.h"
 
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <thread>
 
@@ -50,6 +51,21 @@ TEST(BlockPoolTest, EvictsLeastRecentlyUsedDurableUnpinnedPages) {
   EXPECT_EQ(st.hits, 2u);
   EXPECT_EQ(st.misses, 4u);
   EXPECT_DOUBLE_EQ(st.usage_ratio(), 1.0);
+}
+
+// Full slabs are aligned for huge pages (whether the kernel grants them is
+// its business); the pool's pages come from such slabs.
+TEST(BlockPoolTest, PagesComeFromHugePageAlignedSlabs) {
+  const PageSlab slab = AllocatePageSlab(kPageSlabBytes + 1);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(slab.get()) % kPageSlabBytes, 0u);
+  std::memset(slab.get(), 1, kPageSlabBytes + 1);  // at least what was asked for
+  BlockPool pool(2 * kPageSlabBytes, kPage);
+  auto first = pool.Allocate();
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.data(*first)) % kPageSlabBytes, 0u);
+  const PageSlab small = AllocatePageSlab(100);  // plain heap memory
+  ASSERT_NE(small.get(), nullptr);
+  std::memset(small.get(), 1, 100);
 }
 
 TEST(BlockPoolTest, FreeReturnsTheSlotAndStalesTheHandle) {
