@@ -229,7 +229,7 @@ void BlockBounds::Score(const float* const* qs, int group, float scale, int firs
                    _mm512_mul_ps(_mm512_mul_ps(cstep, cs), s));
       }
       best = _mm512_max_ps(best, u);
-      StoreLanes(ub + static_cast<size_t>(g) * stride + std::max(c0, 0), j0, j1, u);
+      if (ub != nullptr) StoreLanes(ub + static_cast<size_t>(g) * stride + std::max(c0, 0), j0, j1, u);
     }
     StoreLanes(gscore + std::max(c0, 0), j0, j1, best);
 #else
@@ -246,7 +246,7 @@ void BlockBounds::Score(const float* const* qs, int group, float scale, int firs
         const float cs = steps.centre[j] * static_cast<float>(ic - 128 * qsum[g]);
         const float u = qstep[g] * scale * (cs + steps.radius[j] * static_cast<float>(ir) + steps.slack[j]);
         if (centre != nullptr) centre[static_cast<size_t>(g) * stride + c0 + j] = qstep[g] * scale * cs;
-        ub[static_cast<size_t>(g) * stride + c0 + j] = u;
+        if (ub != nullptr) ub[static_cast<size_t>(g) * stride + c0 + j] = u;
         best = std::max(best, u);
       }
       gscore[c0 + j] = best;

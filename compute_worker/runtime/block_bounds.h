@@ -38,7 +38,8 @@ class BlockBounds {
   void Set(int b, const uint16_t* kmax, const uint16_t* kmin);
   // For blocks [first, last) of those set and heads g < group:
   // ub[g * stride + (b - first)] = scale * (an upper bound of q_g . k over
-  // block b's keys), and gscore[b - first] = the max over the heads. With
+  // block b's keys) unless ub is null, and gscore[b - first] = the max over
+  // the heads. With
   // `centre`, also centre[g * stride + (b - first)] = scale * q_g . (the
   // box's centre), about the block's typical score (8-bit steps).
   void Score(const float* const* qs, int group, float scale, int first, int last, float* ub,

@@ -201,8 +201,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     scratch_g.resize(n_cand);
   }
   if (!(exact_rank && exact_stop)) {
+    // Per-head bounds only for the stops that weigh by them.
+    const bool bounds_used = (certified || calibrated) && !exact_stop;
     kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, sink, local_begin, exact_stop ? scratch_ub.data() : ub.data(),
+        .Score(qs, group, shape.scale, sink, local_begin, bounds_used ? ub.data() : nullptr,
                n_cand, exact_rank ? scratch_g.data() : gscore.data(),
                centre_est ? centre.data() : nullptr);
   }

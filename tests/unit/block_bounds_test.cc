@@ -150,6 +150,10 @@ TEST(BlockBoundsTest, ScoresExactlyTheRangeAsked) {
     }
     for (int c = 0; c <= m; ++c) EXPECT_EQ(gscore[c], c < m ? all_g[first + c] : kSentinel);
     EXPECT_EQ(ub.back(), kSentinel);
+    // Without per-head bounds (a null ub): the same group scores.
+    std::vector<float> g_only(m + 1, kSentinel);
+    blocks.table.Score(qs, group, 1.0f, first, last, nullptr, stride, g_only.data());
+    EXPECT_EQ(g_only, gscore);
   }
 }
 
