@@ -26,6 +26,13 @@ namespace psa {
 // KV blocks.
 void TuneMallocForLargeMessages();
 
+// Turns off absl::Mutex deadlock detection. Debian's Abseil is built
+// without NDEBUG, so every Lock() and every Mutex destructor updates a
+// global lock graph under a global lock; the worker makes and destroys a
+// Mutex per attention task. Servers take the cost off their hot paths;
+// tests keep the checking.
+void DisableMutexDeadlockDetection();
+
 // Blocks SIGINT and SIGTERM in this thread and the threads it starts later,
 // so that WaitForTerminationSignal() receives them. Call first in main().
 void BlockTerminationSignals();

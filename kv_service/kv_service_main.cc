@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
       "Usage: psa-kv-service [--listen=ADDR:PORT] [--capacity=4GiB] ...");
   absl::ParseCommandLine(argc, argv);
   psa::TuneMallocForLargeMessages();
+  psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 
   absl::StatusOr<uint64_t> capacity = psa::ParseByteSize(absl::GetFlag(FLAGS_capacity));

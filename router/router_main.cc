@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
       "Routes psa.v1.Generation requests to compute workers.\n"
       "Usage: psa-router --workers=HOST:PORT,... [--listen=ADDR:PORT] ...");
   absl::ParseCommandLine(argc, argv);
+  psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 
   std::vector<std::string> workers =

@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
       "Usage: psa-worker --model=MODEL.gguf [--listen=ADDR:PORT] ...");
   absl::ParseCommandLine(argc, argv);
   psa::TuneMallocForLargeMessages();
+  psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 
   const std::string model_path = absl::GetFlag(FLAGS_model);
