@@ -1,9 +1,10 @@
 // psa_accuracy: how closely top-k and PSA attention follow dense attention on
 // the real model and real long text, and how much KV each touches.
 //
-// For each context length C, the first C tokens of the haystack essays are
-// prefilled densely; then every policy decodes the next `steps` essay tokens
-// (teacher forcing) on its own copy of the cache. Per step it compares the
+// For each context length C, the first C tokens of the haystack essays (or,
+// with --windows, several C-token windows spread over them) are prefilled
+// densely; then every policy decodes the next `steps` essay tokens (teacher
+// forcing) on its own copy of the cache. Per step it compares the
 // policy's next-token distribution with dense's (top-1 agreement, KL) and
 // its attention outputs with dense attention recomputed on the same cache
 // (relative error). A needle-in-a-haystack probe plants a pass key at several
@@ -35,7 +36,10 @@
 ABSL_FLAG(std::string, model, "", "GGUF model file (required).");
 ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files.");
 ABSL_FLAG(std::string, contexts, "2048,4096,8192", "Context lengths.");
-ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context.");
+ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context (and window).");
+ABSL_FLAG(int, windows, 1,
+          "Windows of text per context length, spread evenly over the haystack: each is "
+          "prefilled and decoded for --steps; a policy's figures sum over them.");
 ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
 ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
 ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
@@ -206,6 +210,8 @@ int main(int argc, char** argv) {
     contexts.push_back(v);
   }
   const int steps = absl::GetFlag(FLAGS_steps);
+  const int windows = absl::GetFlag(FLAGS_windows);
+  if (steps < 1 || windows < 1) Die("--steps and --windows must be >= 1");
   RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   // A context of exactly the training length still gets its decode steps
@@ -288,54 +294,65 @@ int main(int argc, char** argv) {
       std::cerr << "skip context " << C << ": not enough text or over the model's context\n";
       continue;
     }
-    std::vector<float> logits;
-    KvCache base = rt.NewCache();
-    const auto t0 = Clock::now();
-    if (auto s = rt.Prefill(&base, {essay.data(), static_cast<size_t>(C)}, &logits); !s.ok()) {
-      Die(std::string(s.message()));
-    }
-    std::cerr << "context " << C << ": prefill "
-              << std::chrono::duration<double>(Clock::now() - t0).count() << " s\n";
-
-    // Dense trajectory.
-    std::vector<std::vector<float>> dense_logits;
-    {
-      KvCache kv = base;
-      std::vector<float> lg = logits;
-      for (int s = 0; s < steps; ++s) {
-        const TokenId t = essay[C + s];
-        if (auto st = rt.Prefill(&kv, {&t, 1}, &lg); !st.ok()) Die(std::string(st.message()));
-        dense_logits.push_back(lg);
-      }
-    }
+    // This context's rows: one per policy, summed over the windows.
+    const size_t first_row = results.size();
     for (size_t pi = 0; pi < policies.size(); ++pi) {
       PolicyResult r;
       r.policy = policies[pi].ToString();
       r.context = C;
-      backends[pi]->Reset();
-      KvCache kv = base;
-      std::vector<HeadStepStats> stats;
-      std::vector<float> lg;
-      for (int s = 0; s < steps; ++s) {
-        const TokenId t = essay[C + s];
-        BatchEntry e{&kv, {&t, 1}, true, backends[pi].get(), &stats};
-        if (auto st = rt.Forward({&e, 1}, &lg); !st.ok()) Die(std::string(st.message()));
-        Accumulate(stats, n_head, model.hparams().n_head / model.hparams().n_head_kv, &r);
-        const auto& ref = dense_logits[s];
-        r.agree += ArgMax(lg.data(), V) == ArgMax(ref.data(), V);
-        r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
-        ++r.steps;
-      }
-      r.rel_err = backends[pi]->MeanRelativeError();
-      std::cerr << absl::StrFormat("  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f\n",
-                                   r.policy, r.Agreement(), r.kl_sum / r.steps, r.rel_err,
-                                   r.KvFraction(), r.ReadFraction());
       results.push_back(std::move(r));
+      backends[pi]->Reset();
+    }
+    for (int w = 0; w < windows; ++w) {
+      // Window w starts at an even share of the text the windows can use.
+      const size_t begin = windows == 1 ? 0 : (essay.size() - C - steps) * w / (windows - 1);
+      const TokenId* text = essay.data() + begin;
+      std::vector<float> logits;
+      KvCache base = rt.NewCache();
+      const auto t0 = Clock::now();
+      if (auto s = rt.Prefill(&base, {text, static_cast<size_t>(C)}, &logits); !s.ok()) {
+        Die(std::string(s.message()));
+      }
+      std::cerr << "context " << C << ", window " << w + 1 << "/" << windows << " (token " << begin
+                << "): prefill " << std::chrono::duration<double>(Clock::now() - t0).count()
+                << " s\n";
+
+      // Dense trajectory.
+      std::vector<std::vector<float>> dense_logits;
+      {
+        KvCache kv = base;
+        std::vector<float> lg = logits;
+        for (int s = 0; s < steps; ++s) {
+          const TokenId t = text[C + s];
+          if (auto st = rt.Prefill(&kv, {&t, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+          dense_logits.push_back(lg);
+        }
+      }
+      for (size_t pi = 0; pi < policies.size(); ++pi) {
+        PolicyResult& r = results[first_row + pi];
+        KvCache kv = base;
+        std::vector<HeadStepStats> stats;
+        std::vector<float> lg;
+        for (int s = 0; s < steps; ++s) {
+          const TokenId t = text[C + s];
+          BatchEntry e{&kv, {&t, 1}, true, backends[pi].get(), &stats};
+          if (auto st = rt.Forward({&e, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+          Accumulate(stats, n_head, model.hparams().n_head / model.hparams().n_head_kv, &r);
+          const auto& ref = dense_logits[s];
+          r.agree += ArgMax(lg.data(), V) == ArgMax(ref.data(), V);
+          r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
+          ++r.steps;
+        }
+        r.rel_err = backends[pi]->MeanRelativeError();
+        std::cerr << absl::StrFormat(
+            "  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f%s\n", r.policy,
+            r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction(), r.ReadFraction(),
+            windows > 1 ? " (windows so far)" : "");
+      }
     }
 
     // Needle in a haystack: pass key at several depths, asked in ChatML.
     const int depths = absl::GetFlag(FLAGS_needle_depths);
-    const size_t first_row = results.size() - policies.size();  // this context's rows
     if (depths > 0) {
       PolicyResult d;
       d.policy = "dense";
