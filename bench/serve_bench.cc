@@ -108,6 +108,7 @@ struct Row {
   double fetch_mb_per_token = 0;
   double hit_ratio = 0;       // pool hits / stored pages read
   double stall_ms_per_token = 0;
+  double unread = 0;          // fetched pages the step that asked never read / fetches
   std::vector<std::vector<uint32_t>> outputs;  // per sequence, greedy tokens
 };
 
@@ -130,9 +131,11 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
   const int tokens = absl::GetFlag(FLAGS_tokens);
   const char* kMetrics[] = {"psa_worker_kv_page_fetch_bytes_total", "psa_worker_kv_page_reads_total",
                             "psa_worker_kv_page_fetches_total",
-                            "psa_worker_kv_fetch_stall_seconds_total"};
-  double before[4];
-  for (int i = 0; i < 4; ++i) before[i] = Metric(worker, kMetrics[i]);
+                            "psa_worker_kv_fetch_stall_seconds_total",
+                            "psa_worker_kv_page_fetches_unread_total"};
+  constexpr int kN = sizeof(kMetrics) / sizeof(kMetrics[0]);
+  double before[kN];
+  for (int i = 0; i < kN; ++i) before[i] = Metric(worker, kMetrics[i]);
 
   struct Seq {
     absl::Time start, first, last;
@@ -200,12 +203,13 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
   row.ms_per_token = gaps / n;
   row.ttft_s = ttft / n;
   row.kv_read = total > 0 ? touched / total : 0;
-  double delta[4];
-  for (int i = 0; i < 4; ++i) delta[i] = Metric(worker, kMetrics[i]) - before[i];
+  double delta[kN];
+  for (int i = 0; i < kN; ++i) delta[i] = Metric(worker, kMetrics[i]) - before[i];
   const double generated = static_cast<double>(n) * tokens;
   row.fetch_mb_per_token = delta[0] / generated / 1e6;
   row.hit_ratio = delta[1] > 0 ? 1.0 - delta[2] / delta[1] : 0;
   row.stall_ms_per_token = delta[3] * 1e3 / generated;
+  row.unread = delta[2] > 0 ? delta[4] / delta[2] : 0;
   return row;
 }
 
@@ -300,12 +304,12 @@ int main(int argc, char** argv) {
 
   std::string table = absl::StrCat(
       "context,sequences,policy,tok_per_s,ms_per_token,ttft_s,kv_read,fetch_mb_per_token,"
-      "pool_hit_ratio,stall_ms_per_token,same_as_dense,vs_dense,vs_topk\n");
+      "pool_hit_ratio,stall_ms_per_token,unread_fetch_fraction,same_as_dense,vs_dense,vs_topk\n");
   std::printf("\n%d-token context, pool %.0f%% of the KV, %d tokens per sequence\n", context,
               100 * absl::GetFlag(FLAGS_pool_fraction), tokens);
-  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %8s %8s %8s\n", "seqs", "policy", "tok/s",
-              "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "=dense",
-              "vs dense", "vs topk");
+  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %7s %8s %8s %8s\n", "seqs", "policy",
+              "tok/s", "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "unread",
+              "=dense", "vs dense", "vs topk");
   for (const Row& r : rows) {
     const Row* dense = nullptr;
     const Row* topk = nullptr;
@@ -317,16 +321,18 @@ int main(int argc, char** argv) {
     const double vs_dense = dense != nullptr ? r.tok_per_s / dense->tok_per_s : 0;
     const double vs_topk = topk != nullptr ? r.tok_per_s / topk->tok_per_s : 0;
     const double same = dense != nullptr ? SameAsDense(r, *dense) : -1;
-    std::printf("%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %7.0f%% %7.2fx %7.2fx\n",
-                r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s,
-                100 * r.kv_read, r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token,
-                100 * same, vs_dense, vs_topk);
+    std::printf(
+        "%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %6.0f%% %7.0f%% %7.2fx %7.2fx\n",
+        r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s, 100 * r.kv_read,
+        r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token, 100 * r.unread, 100 * same,
+        vs_dense, vs_topk);
     absl::StrAppend(&table, context, ",", r.sequences, ",", r.policy, ",", r.tok_per_s, ",",
                     r.ms_per_token, ",", r.ttft_s, ",", r.kv_read, ",", r.fetch_mb_per_token, ",",
-                    r.hit_ratio, ",", r.stall_ms_per_token, ",", same, ",", vs_dense, ",",
-                    vs_topk, "\n");
+                    r.hit_ratio, ",", r.stall_ms_per_token, ",", r.unread, ",", same, ",",
+                    vs_dense, ",", vs_topk, "\n");
   }
-  std::printf("(=dense: share of each sequence's tokens before it first differs from dense's)\n");
+  std::printf("(unread: fetched pages the step that asked for them never read; =dense: share of "
+              "each sequence's tokens before it first differs from dense's)\n");
   if (const std::string path = absl::GetFlag(FLAGS_csv); !path.empty()) {
     std::ofstream(path) << table;
     std::printf("\nwrote %s\n", path.c_str());

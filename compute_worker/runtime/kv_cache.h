@@ -77,6 +77,7 @@ class PageFetcher {
 struct KvPagingCounters {
   std::atomic<uint64_t> page_reads{0};     // durable pages attention asked for
   std::atomic<uint64_t> page_fetches{0};   // of which came from the KV service
+  std::atomic<uint64_t> unread_fetches{0}; // fetched ahead, never read by that step
   std::atomic<uint64_t> fetch_bytes{0};
   std::atomic<uint64_t> stall_ns{0};       // attention waiting for fetched pages
   std::atomic<uint64_t> scratch_pages{0};  // fetched pages the full pool could not keep

@@ -33,8 +33,19 @@ KvPageReader::~KvPageReader() {
       mu_.AssertHeld();
       return in_flight_ == 0;
     };
-    mu_.Await(absl::Condition(&idle));  // fetches write into memory we own
+    if (in_flight_ > 0) {
+      // Fetches write into memory we own: wait for them, as stall time
+      // (pages fetched ahead and never read keep the task waiting too).
+      const absl::Time start = absl::Now();
+      mu_.Await(absl::Condition(&idle));
+      if (KvPagingCounters* c = kv_.pooled_.paging.counters) {
+        c->stall_ns += absl::ToInt64Nanoseconds(absl::Now() - start);
+      }
+    }
     failure = failure_;
+  }
+  if (KvPagingCounters* c = kv_.pooled_.paging.counters) {
+    c->unread_fetches += std::count(waiting_.begin(), waiting_.end(), 1);
   }
   BlockPool* pool = kv_.pooled_.paging.pool;
   for (BlockPool::Handle h : pinned_) pool->Unpin(h);

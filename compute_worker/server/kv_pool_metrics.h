@@ -22,10 +22,11 @@ class KvPoolMetrics {
   BlockPool* const pool_;
   const KvPagingCounters* const counters_;
   metrics::Gauge &capacity_bytes_, &used_bytes_, &usage_, &vllm_usage_, &pinned_, &overflow_;
-  metrics::Counter &evictions_, &reads_, &fetches_, &fetch_bytes_, &stall_seconds_, &scratch_;
+  metrics::Counter &evictions_, &reads_, &fetches_, &unread_, &fetch_bytes_, &stall_seconds_,
+      &scratch_;
   absl::Mutex mu_;
-  // Totals already added to the six counters above (they only go up).
-  static constexpr int kTotals = 6;
+  // Totals already added to the seven counters above (they only go up).
+  static constexpr int kTotals = 7;
   uint64_t seen_[kTotals] ABSL_GUARDED_BY(mu_) = {};
 };
 

@@ -318,8 +318,14 @@ TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) 
   // the prediction: far fewer than one per iteration.
   EXPECT_LE(fetcher.requests, o.stats[0].iterations / 2)
       << fetcher.requests << " requests for " << o.stats[0].iterations << " iterations";
-  // Fetching ahead overshoots little: at most one iteration past the stop.
+  // Fetching ahead overshoots little: at most one iteration past the stop,
+  // and the pages fetched but not read are counted as such.
   EXPECT_LE(static_cast<int>(counters.page_fetches), o.stats[0].blocks_touched + 4);
+  // Every block touched was fetched and read, or a pool hit (4 slots).
+  const int read_fetched = static_cast<int>(counters.page_fetches - counters.unread_fetches);
+  EXPECT_LE(read_fetched, o.stats[0].blocks_touched);
+  EXPECT_GE(read_fetched, o.stats[0].blocks_touched - 4);
+  EXPECT_LE(static_cast<int>(counters.unread_fetches), 4);
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
