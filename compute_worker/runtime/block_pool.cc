@@ -72,6 +72,11 @@ void* BlockPool::TryPin(Handle h) {
   return s->data;
 }
 
+void BlockPool::Holding(absl::Span<const Handle> handles, uint8_t* held) {
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < handles.size(); ++i) held[i] = Find(handles[i]) != nullptr;
+}
+
 void BlockPool::Unpin(Handle h) {
   absl::MutexLock lock(&mu_);
   Slot* s = Find(h);

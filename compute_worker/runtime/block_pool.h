@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
 #include "compute_worker/runtime/page_slab.h"
 
@@ -66,6 +67,9 @@ class BlockPool {
   // used, or null if it was evicted.
   void* TryPin(Handle h);
   void Unpin(Handle h);
+  // held[i] = whether handles[i]'s page is still in the pool (a snapshot:
+  // it may be evicted right after). Changes no recency, counts no hit.
+  void Holding(absl::Span<const Handle> handles, uint8_t* held);
   // Durable elsewhere now. `cold`: first in line for eviction (a page
   // fetched ahead but not read) instead of most recently used.
   void MarkEvictable(Handle h, bool cold = false);

@@ -136,6 +136,19 @@ void KvPageReader::Prefetch(absl::Span<const int> blocks) {
   flush();
 }
 
+void KvPageReader::Resident(int first, int n, uint8_t* resident) const {
+  if (!paged_) {
+    std::fill(resident, resident + n, 1);
+    return;
+  }
+  const std::vector<BlockPool::Handle>& handles = kv_.pooled_.handles[table_];
+  kv_.pooled_.paging.pool->Holding(absl::MakeConstSpan(handles).subspan(first, n), resident);
+  const std::vector<uint16_t*>& own = kv_.pages_[table_];
+  for (int i = 0; i < n; ++i) {
+    if (own[first + i] != nullptr || ptr_[first + i] != nullptr) resident[i] = 1;
+  }
+}
+
 const uint16_t* KvPageReader::WaitPage(int b) {
   if (ptr_[b] == nullptr) Prefetch({b});
   if (waiting_[b]) {

@@ -40,6 +40,9 @@ class KvPageReader {
 
   // Starts making blocks' pages readable (no-op without a pool).
   void Prefetch(absl::Span<const int> blocks);
+  // resident[i] = whether block first + i can be read without a fetch
+  // (always, without a pool; else a snapshot of the pool).
+  void Resident(int first, int n, uint8_t* resident) const;
   // Block b's page (K then V), waiting for it if it is being fetched.
   const uint16_t* Page(int b) { return paged_ ? WaitPage(b) : direct_[b]; }
   // Rows over every block Page() was called for.

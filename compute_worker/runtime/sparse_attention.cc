@@ -112,6 +112,10 @@ absl::Status AttentionPolicy::Validate() const {
           absl::StrCat("group_blocks must be >= 1, got ", group_blocks));
     }
   }
+  if (kind == Kind::kPsa && !(resident_bias >= 0.0f && resident_bias <= 100.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resident_bias must be in [0, 100], got ", resident_bias));
+  }
   if (kind == Kind::kTopK && top_k < 1) {
     return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 1, got ", top_k));
   }
@@ -139,7 +143,11 @@ std::string AttentionPolicy::ToString() const {
                           : tail == TailEstimate::kCalibratedBound ? ",cal"
                           : tail == TailEstimate::kLastGroupMean  ? ",mean"
                                                                   : "",
-                          share_reads ? "" : ",solo", ")");
+                          share_reads ? "" : ",solo",
+                          resident_bias != AttentionPolicy{}.resident_bias
+                              ? absl::StrCat(",rb=", resident_bias)
+                              : "",
+                          ")");
   }
   return "?";
 }
@@ -213,6 +221,19 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
                      exact_stop ? ub.data() : scratch_ub.data(),
                      exact_rank ? gscore.data() : scratch_g.data());
   }
+  // With a pool, PSA ranks a block it would have to fetch as if its bound
+  // were resident_bias lower: among blocks of about equal promise the
+  // resident ones go first. The stop rule does not change, so a fetched
+  // block that holds real mass is still read before the heads can stop.
+  KvPageReader reader(kv, task.layer, task.kv_head);
+  if (kv.paged() && !topk && policy_.resident_bias > 0 && n_cand > 0) {
+    thread_local std::vector<uint8_t> resident;
+    resident.resize(n_cand);
+    reader.Resident(sink, n_cand, resident.data());
+    for (int c = 0; c < n_cand; ++c) {
+      if (!resident[c]) gscore[c] -= policy_.resident_bias;
+    }
+  }
   ranking.Reset(gscore.data(), n_cand);
   const std::vector<int>& order = ranking.order();
   const int forced = sink + (n_blocks - local_begin);
@@ -257,7 +278,6 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // c: the block's candidate index, or -1 for an always-attended block.
   // Pages come through the reader: with a pool, the next iteration's blocks
   // are fetched while the current ones are computed.
-  KvPageReader reader(kv, task.layer, task.kv_head);
   const KvRows keys = reader.Keys();
   const KvRows values = reader.Values();
   auto process_block = [&](int b, int c) {

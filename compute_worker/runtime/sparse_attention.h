@@ -57,6 +57,12 @@ struct AttentionPolicy {
   // reads are the union of its heads' budgets). Off (",solo"): it stops
   // attending, as in the paper.
   bool share_reads = true;
+  // psa through a block pool: a block that is not resident (would have to
+  // be fetched) ranks as if its bound were this much lower (natural-log
+  // units of attention mass: 2 = e^2 ~ 7x less), so resident blocks of
+  // about equal promise are read first and the fetch may never be needed.
+  // The stop rule is unchanged. 0: rank by the bound alone.
+  float resident_bias = 2.0f;
   // Research only (bench/psa_accuracy --oracle), never served: the ceiling
   // a ranking and a stop rule could reach, each on its own. Both cost more
   // than dense (every key's score); private caches only (ignored for

@@ -32,6 +32,10 @@ ABSL_FLAG(std::string, attention, "psa",
           "Default decode attention for requests that name none: dense, topk or psa");
 ABSL_FLAG(double, epsilon, 0.9, "Default psa epsilon (attention mass to capture)");
 ABSL_FLAG(int, top_k_blocks, 64, "Default topk budget in blocks");
+ABSL_FLAG(double, psa_resident_bias, psa::AttentionPolicy{}.resident_bias,
+          "With --kv_pool: psa ranks a block it would have to fetch as if its bound were this "
+          "much lower (log units of attention mass), so resident blocks of about equal promise "
+          "are read first; 0 ranks by the bound alone");
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");
@@ -79,6 +83,7 @@ int main(int argc, char** argv) {
   }
   policy.epsilon = absl::GetFlag(FLAGS_epsilon);
   policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
+  policy.resident_bias = static_cast<float>(absl::GetFlag(FLAGS_psa_resident_bias));
   if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
 
   std::fprintf(stderr, "psa-worker: loading %s\n", model_path.c_str());

@@ -289,15 +289,12 @@ class CopyingFetcher : public PageFetcher {
   const KvCache& store_;
 };
 
-TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) {
-  // A pool-backed copy of a cache whose pages all have to be fetched, and
-  // a spread query that takes PSA many iterations.
-  const int length = 4096, block = 16;
-  const KvCache store = RandomCache(1, length, block, 31);
-  CopyingFetcher fetcher(store);
-  BlockPool pool(4 * store.page_bytes(), store.page_bytes());
-  KvPagingCounters counters;
-  KvCache kv(1, 1, kHeadDim, block, KvPaging{&pool, &fetcher, &counters});
+// A pool-backed copy of one-head `store`, every block stored (evictable),
+// pages fetched from `store` through `fetcher`.
+KvCache PooledCopy(const KvCache& store, BlockPool* pool, PageFetcher* fetcher,
+                   KvPagingCounters* counters) {
+  const int length = store.length(), block = store.block_size();
+  KvCache kv(1, 1, kHeadDim, block, KvPaging{pool, fetcher, counters});
   kv.Reserve(length);
   for (int t = 0; t < length; ++t) {
     std::memcpy(kv.KeySlot(0, 0, t), store.Keys(0, 0).row(t), kHeadDim * sizeof(uint16_t));
@@ -306,9 +303,22 @@ TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) 
   kv.Commit(length);
   kv.durability()->Update("stored", length / block);
   kv.ApplyDurability();
+  return kv;
+}
+
+TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) {
+  // A pool-backed copy of a cache whose pages all have to be fetched, and
+  // a spread query that takes PSA many iterations.
+  const int length = 4096, block = 16;
+  const KvCache store = RandomCache(1, length, block, 31);
+  CopyingFetcher fetcher(store);
+  BlockPool pool(4 * store.page_bytes(), store.page_bytes());
+  KvPagingCounters counters;
+  const KvCache kv = PooledCopy(store, &pool, &fetcher, &counters);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 9, 2.0f);
   AttentionPolicy p = Psa(0.9f);
+  p.resident_bias = 0;  // the order of the private cache, whatever the pool holds
   const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
   const Output same = Attend(SparseAttention(p), shape, store, q, 0);
   EXPECT_EQ(o.out, same.out);  // the pool changes where pages come from, nothing else
@@ -326,6 +336,45 @@ TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) 
   EXPECT_LE(read_fetched, o.stats[0].blocks_touched);
   EXPECT_GE(read_fetched, o.stats[0].blocks_touched - 4);
   EXPECT_LE(static_cast<int>(counters.unread_fetches), 4);
+}
+
+TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
+  // Every 8th block "hot" (three quarters of the attention mass), the
+  // rest near-equal noise; half the blocks evicted from the pool.
+  const int length = 4096, block = 16, blocks = length / block;
+  std::vector<int> hot;
+  for (int b = 3; b < blocks; b += 8) hot.push_back(b);
+  std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
+  const KvCache store = RandomCache(1, length, block, 31, hot, dir);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  std::vector<float> q(kHeadDim);
+  for (int i = 0; i < kHeadDim; ++i) q[i] = 4.0f * dir[i];
+  const Output ref = Attend(DenseAttention(), shape, store, q, 0);
+  auto run = [&](float bias, int* fetches) {
+    CopyingFetcher fetcher(store);
+    BlockPool pool(blocks * 3 / 2 * store.page_bytes(), store.page_bytes());
+    KvPagingCounters counters;
+    const KvCache kv = PooledCopy(store, &pool, &fetcher, &counters);
+    // Fill the pool (evicting the least recently stored half of the
+    // blocks), then free the slots that were free: room to fetch into.
+    std::vector<BlockPool::Handle> taken;
+    for (int i = 0; i < blocks; ++i) taken.push_back(*pool.Allocate());
+    for (int i = 0; i < blocks / 2; ++i) pool.Free(taken[i]);
+    AttentionPolicy p = Psa(0.9f);
+    p.resident_bias = bias;
+    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+    *fetches = static_cast<int>(counters.page_fetches);
+    return o;
+  };
+  int plain_fetches = 0, biased_fetches = 0;
+  const Output plain = run(0.0f, &plain_fetches);
+  const Output biased = run(2.0f, &biased_fetches);
+  // Measured: 46 fetches against 79 (162 and 170 blocks read).
+  EXPECT_LT(biased_fetches, plain_fetches * 3 / 4) << biased_fetches << " vs " << plain_fetches;
+  // The stop rule still holds the head to eps of the (estimated) mass: the
+  // output is as close to dense as without the bias.
+  EXPECT_GE(biased.stats[0].captured, 0.9f);
+  EXPECT_LT(RelErr(biased.out, ref.out), 1.2 * RelErr(plain.out, ref.out));
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
