@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -30,6 +32,8 @@
 #include "bench/haystack.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
+#include "compute_worker/runtime/block_pool.h"
+#include "compute_worker/runtime/kv_cache.h"
 #include "compute_worker/runtime/sampler.h"
 #include "compute_worker/runtime/sparse_attention.h"
 
@@ -60,6 +64,13 @@ ABSL_FLAG(bool, oracle, false,
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
+ABSL_FLAG(double, pool_fraction, 0,
+          "> 0: decode each policy through a block pool of this fraction of the context's KV, "
+          "pages fetched from the dense prefill's cache as from the KV service (as the worker "
+          "with --kv_pool does); no output-error probe then.");
+ABSL_FLAG(std::string, resident_bias, "",
+          "With --pool_fraction: also sweep PSA with these resident_bias values (the "
+          "default policy has 2; 0 ranks by the bound alone).");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -91,7 +102,8 @@ class ProbedAttention : public AttentionBackend {
   std::string_view name() const override { return inner_->name(); }
   void Run(const AttentionShape& shape, const AttentionTask& task) const override {
     inner_->Run(shape, task);
-    if (task.n_q != 1) return;
+    // Through a pool, dense would fetch every page and change what is resident.
+    if (task.n_q != 1 || task.kv->paged()) return;
     const int n = shape.group() * shape.head_dim;
     std::vector<float> ref(n);
     AttentionTask t = task;
@@ -118,6 +130,41 @@ class ProbedAttention : public AttentionBackend {
   mutable int64_t err_count_ = 0;
 };
 
+// The KV service's part for --pool_fraction: pages copied from a private
+// cache holding the same tokens.
+class CopyingFetcher : public PageFetcher {
+ public:
+  explicit CopyingFetcher(const KvCache& store) : store_(store) {}
+  void FetchPages(const std::string&, int layer, int kv_head, std::vector<int> blocks,
+                  std::vector<uint16_t*> dsts, std::function<void(absl::Status)> done) override {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      std::memcpy(dsts[i], store_.Page(layer, kv_head, blocks[i]), store_.page_bytes());
+    }
+    done(absl::OkStatus());
+  }
+
+ private:
+  const KvCache& store_;
+};
+
+// A pool-backed copy of `base` whose full blocks are stored (evictable).
+KvCache PooledCopy(const KvCache& base, KvPaging paging) {
+  KvCache kv(base.n_layer(), base.n_head_kv(), base.head_dim(), base.block_size(), paging);
+  kv.Reserve(base.length());
+  const int blocks = (base.length() + base.block_size() - 1) / base.block_size();
+  for (int l = 0; l < base.n_layer(); ++l) {
+    for (int h = 0; h < base.n_head_kv(); ++h) {
+      for (int b = 0; b < blocks; ++b) {
+        std::memcpy(kv.MutablePage(l, h, b), base.Page(l, h, b), base.page_bytes());
+      }
+    }
+  }
+  kv.Commit(base.length());
+  kv.durability()->Update("context", base.full_blocks());
+  kv.ApplyDurability();
+  return kv;
+}
+
 struct PolicyResult {
   std::string policy;
   int context = 0;
@@ -137,6 +184,9 @@ struct PolicyResult {
   double Agreement() const { return steps ? static_cast<double>(agree) / steps : 0; }
   double KvFraction() const { return total ? static_cast<double>(touched) / total : 0; }
   double ReadFraction() const { return read_total ? static_cast<double>(read) / read_total : 0; }
+  // --pool_fraction: pages fetched, over the pages dense reads (read_total).
+  int64_t fetched = 0;
+  double FetchFraction() const { return read_total ? static_cast<double>(fetched) / read_total : 0; }
 };
 
 std::vector<double> Softmax(const float* logits, int n) {
@@ -212,6 +262,8 @@ int main(int argc, char** argv) {
   const int steps = absl::GetFlag(FLAGS_steps);
   const int windows = absl::GetFlag(FLAGS_windows);
   if (steps < 1 || windows < 1) Die("--steps and --windows must be >= 1");
+  const double pool_fraction = absl::GetFlag(FLAGS_pool_fraction);
+  if (!(pool_fraction >= 0 && pool_fraction <= 1)) Die("--pool_fraction must be in [0, 1]");
   RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   // A context of exactly the training length still gets its decode steps
@@ -229,6 +281,11 @@ int main(int argc, char** argv) {
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
     p.min_blocks = absl::GetFlag(FLAGS_min_blocks);
     policies.push_back(p);
+    for (const std::string& b : SplitList(absl::GetFlag(FLAGS_resident_bias))) {
+      AttentionPolicy m = p;
+      if (!absl::SimpleAtof(b, &m.resident_bias)) Die("bad --resident_bias entry " + b);
+      if (m.resident_bias != p.resident_bias) policies.push_back(m);
+    }
     if (absl::GetFlag(FLAGS_calibrated_estimate)) {
       AttentionPolicy m = p;
       m.tail = AttentionPolicy::TailEstimate::kCalibratedBound;
@@ -330,7 +387,17 @@ int main(int argc, char** argv) {
       }
       for (size_t pi = 0; pi < policies.size(); ++pi) {
         PolicyResult& r = results[first_row + pi];
-        KvCache kv = base;
+        // Through a pool (--pool_fraction) or on a private copy.
+        std::unique_ptr<BlockPool> pool;
+        KvPagingCounters counters;
+        CopyingFetcher fetcher(base);
+        if (pool_fraction > 0) {
+          pool = std::make_unique<BlockPool>(
+              static_cast<uint64_t>(pool_fraction * base.n_layer() * base.n_head_kv() *
+                                    base.full_blocks() * base.page_bytes()),
+              base.page_bytes());
+        }
+        KvCache kv = pool ? PooledCopy(base, KvPaging{pool.get(), &fetcher, &counters}) : base;
         std::vector<HeadStepStats> stats;
         std::vector<float> lg;
         for (int s = 0; s < steps; ++s) {
@@ -343,11 +410,12 @@ int main(int argc, char** argv) {
           r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
           ++r.steps;
         }
+        r.fetched += counters.page_fetches;
         r.rel_err = backends[pi]->MeanRelativeError();
         std::cerr << absl::StrFormat(
-            "  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f%s\n", r.policy,
-            r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction(), r.ReadFraction(),
-            windows > 1 ? " (windows so far)" : "");
+            "  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f  fetched %.3f%s\n",
+            r.policy, r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction(),
+            r.ReadFraction(), r.FetchFraction(), windows > 1 ? " (windows so far)" : "");
       }
     }
 
@@ -408,12 +476,12 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %9s %6s %8s\n", "context", "policy", "top1", "KL",
-              "relerr", "KV frac", "KV read", "captured", "iters", "needle");
+  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %8s %9s %6s %8s\n", "context", "policy", "top1",
+              "KL", "relerr", "KV frac", "KV read", "fetched", "captured", "iters", "needle");
   for (const PolicyResult& r : results) {
-    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
+    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
                 r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err,
-                r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(),
+                r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(), r.FetchFraction(),
                 r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
                 r.layer_total.empty()
                     ? 1.0
@@ -423,14 +491,14 @@ int main(int argc, char** argv) {
   if (const std::string csv = absl::GetFlag(FLAGS_csv); !csv.empty()) {
     std::ofstream out(csv);
     out << "context,policy,kind,top1,kl,rel_err,kv_fraction,kv_read_fraction,captured,"
-           "needles_found,needles\n";
+           "needles_found,needles,fetch_fraction\n";
     for (const PolicyResult& r : results) {
       const std::string kind = r.policy.substr(0, r.policy.find('('));
       out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
           << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
           << (r.policy == "dense" ? 1.0 : r.ReadFraction()) << ","
           << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
-          << r.needles << "\n";
+          << r.needles << "," << r.FetchFraction() << "\n";
     }
     std::cerr << "wrote " << csv << "\n";
   }
