@@ -41,6 +41,8 @@ ABSL_FLAG(double, pool_fraction, 0.25, "Block pool size as a fraction of all seq
 ABSL_FLAG(int, top_k, 64, "topk budget in blocks (the README's serving table uses 64)");
 ABSL_FLAG(double, epsilon, 0.9, "psa epsilon");
 ABSL_FLAG(int, threads, 2, "Worker compute threads");
+ABSL_FLAG(double, resident_bias, -1,
+          "The workers' --psa_resident_bias (negative: their default)");
 ABSL_FLAG(std::string, csv, "", "Also write the table here");
 
 namespace {
@@ -243,9 +245,12 @@ int main(int argc, char** argv) {
 
   auto kv = Start(PSA_KV_SERVICE_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
                                        "--capacity=8GiB"});
-  const std::vector<std::string> common = {
+  std::vector<std::string> common = {
       "--model=" + model, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", threads,
       "--kv_shards=" + kv->address(), absl::StrCat("--max_context=", max_context)};
+  if (const double bias = absl::GetFlag(FLAGS_resident_bias); bias >= 0) {
+    common.push_back(absl::StrCat("--psa_resident_bias=", bias));
+  }
 
   // The document, prefilled and published once.
   std::vector<uint32_t> document;

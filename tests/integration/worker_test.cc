@@ -3,6 +3,9 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -66,6 +69,7 @@ class Worker {
   }
 
   psa::v1::Generation::Stub* stub() { return stub_.get(); }
+  pid_t pid() const { return process_->pid(); }
 
  private:
   std::unique_ptr<ServerProcess> process_;
@@ -131,6 +135,35 @@ std::string* TinyWorkerTest::slow_path_ = nullptr;
 LlamaModel* TinyWorkerTest::model_ = nullptr;
 
 AttentionPolicy Dense() { return psa::testing::DensePolicy(); }
+
+// The worker re-executes itself so that libgomp (which reads the setting
+// once, at load) waits passively; a policy the caller set is kept.
+TEST_F(TinyWorkerTest, OpenMpThreadsWaitPassivelyUnlessTheCallerChose) {
+  auto environment = [](pid_t pid) {
+    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"));
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const char* caller = std::getenv("OMP_WAIT_POLICY");
+  const std::string saved = caller != nullptr ? caller : "";
+  unsetenv("OMP_WAIT_POLICY");
+  {
+    Worker worker(*path_);
+    EXPECT_THAT(environment(worker.pid()), ::testing::HasSubstr("OMP_WAIT_POLICY=passive"));
+    const auto prompt = Prompt(8, vocab(), 3);
+    EXPECT_TRUE(worker.Generate(IdsRequest(prompt, 2, psa::v1::AttentionPolicy::KIND_DENSE))
+                    .status.ok());
+  }
+  setenv("OMP_WAIT_POLICY", "active", 1);
+  {
+    Worker worker(*path_);
+    EXPECT_THAT(environment(worker.pid()), ::testing::HasSubstr("OMP_WAIT_POLICY=active"));
+  }
+  if (caller != nullptr) {
+    setenv("OMP_WAIT_POLICY", saved.c_str(), 1);
+  } else {
+    unsetenv("OMP_WAIT_POLICY");
+  }
+}
 
 TEST_F(TinyWorkerTest, DenseGenerationEqualsTheInProcessRuntime) {
   Worker worker(*path_);
