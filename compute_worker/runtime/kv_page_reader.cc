@@ -1,5 +1,6 @@
 #include "compute_worker/runtime/kv_page_reader.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"

@@ -16,6 +16,8 @@
 //    estimated as TailEstimate says. With `certified`, it is instead bounded
 //    by sum_j B * exp(ub_j - m), so P_acc is a guaranteed lower bound on the
 //    captured fraction. The group reads the union of its heads' budgets.
+//    Through a block pool, blocks that would have to be fetched rank
+//    `resident_bias` lower (resident ones of about equal promise first).
 //
 // Prefill rows (tasks with several queries) use dense attention: PSA is a
 // decode-time policy.

@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <optional>
+#include <string>
+#include <vector>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -136,19 +139,23 @@ LlamaModel* TinyWorkerTest::model_ = nullptr;
 
 AttentionPolicy Dense() { return psa::testing::DensePolicy(); }
 
-// The worker re-executes itself so that libgomp (which reads the setting
-// once, at load) waits passively; a policy the caller set is kept.
-TEST_F(TinyWorkerTest, OpenMpThreadsWaitPassivelyUnlessTheCallerChose) {
+// The worker re-executes itself so that libgomp (which reads its settings
+// once, at load) spins briefly; a policy the caller set is kept.
+TEST_F(TinyWorkerTest, OpenMpThreadsSpinBrieflyUnlessTheCallerChose) {
   auto environment = [](pid_t pid) {
     std::ifstream in(absl::StrCat("/proc/", pid, "/environ"));
     return std::string(std::istreambuf_iterator<char>(in), {});
   };
-  const char* caller = std::getenv("OMP_WAIT_POLICY");
-  const std::string saved = caller != nullptr ? caller : "";
-  unsetenv("OMP_WAIT_POLICY");
+  const char* names[] = {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"};
+  std::vector<std::optional<std::string>> saved;
+  for (const char* name : names) {
+    const char* v = std::getenv(name);
+    saved.push_back(v != nullptr ? std::optional<std::string>(v) : std::nullopt);
+    unsetenv(name);
+  }
   {
     Worker worker(*path_);
-    EXPECT_THAT(environment(worker.pid()), ::testing::HasSubstr("OMP_WAIT_POLICY=passive"));
+    EXPECT_THAT(environment(worker.pid()), ::testing::HasSubstr("GOMP_SPINCOUNT=10000"));
     const auto prompt = Prompt(8, vocab(), 3);
     EXPECT_TRUE(worker.Generate(IdsRequest(prompt, 2, psa::v1::AttentionPolicy::KIND_DENSE))
                     .status.ok());
@@ -156,12 +163,16 @@ TEST_F(TinyWorkerTest, OpenMpThreadsWaitPassivelyUnlessTheCallerChose) {
   setenv("OMP_WAIT_POLICY", "active", 1);
   {
     Worker worker(*path_);
-    EXPECT_THAT(environment(worker.pid()), ::testing::HasSubstr("OMP_WAIT_POLICY=active"));
+    const std::string env = environment(worker.pid());
+    EXPECT_THAT(env, ::testing::HasSubstr("OMP_WAIT_POLICY=active"));
+    EXPECT_THAT(env, ::testing::Not(::testing::HasSubstr("GOMP_SPINCOUNT")));
   }
-  if (caller != nullptr) {
-    setenv("OMP_WAIT_POLICY", saved.c_str(), 1);
-  } else {
-    unsetenv("OMP_WAIT_POLICY");
+  for (size_t i = 0; i < saved.size(); ++i) {
+    if (saved[i]) {
+      setenv(names[i], saved[i]->c_str(), 1);
+    } else {
+      unsetenv(names[i]);
+    }
   }
 }
 
