@@ -70,7 +70,7 @@ int Fail(const std::string& message) {
 // gRPC threads (and a KV service on the same host) need; sleeping at once
 // (OMP_WAIT_POLICY=passive) costs a wake-up per region instead, which
 // halves single-sequence decode when nothing is fetched. Measured on 2
-// cores (README, "Benchmarks"): the main job 24 / 45-50 / 47-53 tok/s
+// cores (README, "Benchmarks"): the main job 24 / 42-50 / 47-53 tok/s
 // passive / 10000 spins / default; through a pool at 1 and 8 sequences
 // 18.8 / 15.2 / 10.6 and 27.5 / 25.8 / 18.4 tok/s.
 const char* const kOpenMpSpins = "10000";
