@@ -12,8 +12,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
-#include <functional>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -33,6 +31,7 @@
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/block_pool.h"
+#include "compute_worker/runtime/cache_page_fetcher.h"
 #include "compute_worker/runtime/kv_cache.h"
 #include "compute_worker/runtime/sampler.h"
 #include "compute_worker/runtime/sparse_attention.h"
@@ -129,41 +128,6 @@ class ProbedAttention : public AttentionBackend {
   mutable double err_sum_ = 0;
   mutable int64_t err_count_ = 0;
 };
-
-// The KV service's part for --pool_fraction: pages copied from a private
-// cache holding the same tokens.
-class CopyingFetcher : public PageFetcher {
- public:
-  explicit CopyingFetcher(const KvCache& store) : store_(store) {}
-  void FetchPages(const std::string&, int layer, int kv_head, std::vector<int> blocks,
-                  std::vector<uint16_t*> dsts, std::function<void(absl::Status)> done) override {
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      std::memcpy(dsts[i], store_.Page(layer, kv_head, blocks[i]), store_.page_bytes());
-    }
-    done(absl::OkStatus());
-  }
-
- private:
-  const KvCache& store_;
-};
-
-// A pool-backed copy of `base` whose full blocks are stored (evictable).
-KvCache PooledCopy(const KvCache& base, KvPaging paging) {
-  KvCache kv(base.n_layer(), base.n_head_kv(), base.head_dim(), base.block_size(), paging);
-  kv.Reserve(base.length());
-  const int blocks = (base.length() + base.block_size() - 1) / base.block_size();
-  for (int l = 0; l < base.n_layer(); ++l) {
-    for (int h = 0; h < base.n_head_kv(); ++h) {
-      for (int b = 0; b < blocks; ++b) {
-        std::memcpy(kv.MutablePage(l, h, b), base.Page(l, h, b), base.page_bytes());
-      }
-    }
-  }
-  kv.Commit(base.length());
-  kv.durability()->Update("context", base.full_blocks());
-  kv.ApplyDurability();
-  return kv;
-}
 
 struct PolicyResult {
   std::string policy;
@@ -390,7 +354,7 @@ int main(int argc, char** argv) {
         // Through a pool (--pool_fraction) or on a private copy.
         std::unique_ptr<BlockPool> pool;
         KvPagingCounters counters;
-        CopyingFetcher fetcher(base);
+        CachePageFetcher fetcher(base);
         if (pool_fraction > 0) {
           pool = std::make_unique<BlockPool>(
               static_cast<uint64_t>(pool_fraction * base.n_layer() * base.n_head_kv() *

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/ggml_types.h"
+#include "compute_worker/runtime/cache_page_fetcher.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/generator.h"
 #include "gtest/gtest.h"
@@ -270,51 +271,15 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   EXPECT_LT(worst_centre, worst_mean);
 }
 
-// Pages "stored" in a private cache, copied on request (the KV service's
-// role in the worker); counts the requests.
-class CopyingFetcher : public PageFetcher {
- public:
-  explicit CopyingFetcher(const KvCache& store) : store_(store) {}
-  void FetchPages(const std::string&, int layer, int kv_head, std::vector<int> blocks,
-                  std::vector<uint16_t*> dsts, std::function<void(absl::Status)> done) override {
-    ++requests;
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      std::memcpy(dsts[i], store_.Page(layer, kv_head, blocks[i]), store_.page_bytes());
-    }
-    done(absl::OkStatus());
-  }
-  int requests = 0;
-
- private:
-  const KvCache& store_;
-};
-
-// A pool-backed copy of one-head `store`, every block stored (evictable),
-// pages fetched from `store` through `fetcher`.
-KvCache PooledCopy(const KvCache& store, BlockPool* pool, PageFetcher* fetcher,
-                   KvPagingCounters* counters) {
-  const int length = store.length(), block = store.block_size();
-  KvCache kv(1, 1, kHeadDim, block, KvPaging{pool, fetcher, counters});
-  kv.Reserve(length);
-  for (int t = 0; t < length; ++t) {
-    std::memcpy(kv.KeySlot(0, 0, t), store.Keys(0, 0).row(t), kHeadDim * sizeof(uint16_t));
-    std::memcpy(kv.ValueSlot(0, 0, t), store.Values(0, 0).row(t), kHeadDim * sizeof(uint16_t));
-  }
-  kv.Commit(length);
-  kv.durability()->Update("stored", length / block);
-  kv.ApplyDurability();
-  return kv;
-}
-
 TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) {
   // A pool-backed copy of a cache whose pages all have to be fetched, and
   // a spread query that takes PSA many iterations.
   const int length = 4096, block = 16;
   const KvCache store = RandomCache(1, length, block, 31);
-  CopyingFetcher fetcher(store);
+  CachePageFetcher fetcher(store);
   BlockPool pool(4 * store.page_bytes(), store.page_bytes());
   KvPagingCounters counters;
-  const KvCache kv = PooledCopy(store, &pool, &fetcher, &counters);
+  const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 9, 2.0f);
   AttentionPolicy p = Psa(0.9f);
@@ -326,8 +291,8 @@ TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) 
   ASSERT_GT(o.stats[0].iterations, 8);
   // One request for the forced blocks, one for the first iteration, then
   // the prediction: far fewer than one per iteration.
-  EXPECT_LE(fetcher.requests, o.stats[0].iterations / 2)
-      << fetcher.requests << " requests for " << o.stats[0].iterations << " iterations";
+  EXPECT_LE(fetcher.requests(), o.stats[0].iterations / 2)
+      << fetcher.requests() << " requests for " << o.stats[0].iterations << " iterations";
   // Fetching ahead overshoots little: at most one iteration past the stop,
   // and the pages fetched but not read are counted as such.
   EXPECT_LE(static_cast<int>(counters.page_fetches), o.stats[0].blocks_touched + 4);
@@ -351,10 +316,10 @@ TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
   for (int i = 0; i < kHeadDim; ++i) q[i] = 4.0f * dir[i];
   const Output ref = Attend(DenseAttention(), shape, store, q, 0);
   auto run = [&](float bias, int* fetches) {
-    CopyingFetcher fetcher(store);
+    CachePageFetcher fetcher(store);
     BlockPool pool(blocks * 3 / 2 * store.page_bytes(), store.page_bytes());
     KvPagingCounters counters;
-    const KvCache kv = PooledCopy(store, &pool, &fetcher, &counters);
+    const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
     // Fill the pool (evicting the least recently stored half of the
     // blocks), then free the slots that were free: room to fetch into.
     std::vector<BlockPool::Handle> taken;
