@@ -43,6 +43,8 @@ ABSL_FLAG(double, epsilon, 0.9, "psa epsilon");
 ABSL_FLAG(int, threads, 2, "Worker compute threads");
 ABSL_FLAG(double, resident_bias, -1,
           "The workers' --psa_resident_bias (negative: their default)");
+ABSL_FLAG(int, sparse_prefill_rows, -1,
+          "The workers' --sparse_prefill_rows (negative: their default)");
 ABSL_FLAG(std::string, csv, "", "Also write the table here");
 
 namespace {
@@ -250,6 +252,9 @@ int main(int argc, char** argv) {
       "--kv_shards=" + kv->address(), absl::StrCat("--max_context=", max_context)};
   if (const double bias = absl::GetFlag(FLAGS_resident_bias); bias >= 0) {
     common.push_back(absl::StrCat("--psa_resident_bias=", bias));
+  }
+  if (const int rows = absl::GetFlag(FLAGS_sparse_prefill_rows); rows >= 0) {
+    common.push_back(absl::StrCat("--sparse_prefill_rows=", rows));
   }
 
   // The document, prefilled and published once.

@@ -36,6 +36,9 @@ struct AttentionTask {
   int kv_head = 0;
   int q_pos0 = 0;
   int n_q = 0;
+  // Rows the sequence has in this forward pass (1 when decoding); its tasks
+  // may each hold a part of them.
+  int entry_rows = 1;
   // Query head g of the group, row i: q + i * q_stride + g * head_dim
   // (RoPE applied); outputs likewise.
   const float* q = nullptr;

@@ -266,6 +266,7 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       t.kv_head = it.kv_head;
       t.q_pos0 = row_pos[it.row0];
       t.n_q = it.n_q;
+      t.entry_rows = static_cast<int>(b.tokens.size());
       const size_t head0 = static_cast<size_t>(it.kv_head) * group * D;
       t.q = &q_[static_cast<size_t>(it.row0) * E + head0];
       t.q_stride = E;

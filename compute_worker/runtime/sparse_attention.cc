@@ -119,6 +119,10 @@ absl::Status AttentionPolicy::Validate() const {
   if (kind == Kind::kTopK && top_k < 1) {
     return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 1, got ", top_k));
   }
+  if (sparse_prefill_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse_prefill_rows must be >= 0, got ", sparse_prefill_rows));
+  }
   if (min_blocks < 0) {
     return absl::InvalidArgumentError(absl::StrCat("min_blocks must be >= 0, got ", min_blocks));
   }
@@ -162,11 +166,22 @@ std::string_view SparseAttention::name() const {
 }
 
 void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
-  if (task.n_q > 1) {  // prefill chunk: dense
-    dense_.Run(shape, task);
-    return;
+  if (task.entry_rows > 1) {  // prefill
+    // Rows whose selection would read every block anyway go dense too
+    // (its many-row kernel is faster): a short context.
+    const int B = task.kv->block_size();
+    const int blocks = (task.q_pos0 + task.n_q + B - 1) / B;
+    const int floor = policy_.sink_blocks + policy_.local_blocks + 1 +
+                      (policy_.kind == AttentionPolicy::Kind::kTopK ? policy_.top_k
+                                                                    : policy_.min_blocks);
+    if (task.entry_rows > policy_.sparse_prefill_rows || blocks <= floor) {
+      dense_.Run(shape, task);
+      return;
+    }
   }
-  RunQuery(shape, task, 0, task.stats != nullptr);
+  for (int row = 0; row < task.n_q; ++row) {
+    RunQuery(shape, task, row, task.stats != nullptr && row == task.n_q - 1);
+  }
 }
 
 void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask& task, int row,

@@ -19,8 +19,11 @@
 //    Through a block pool, blocks that would have to be fetched rank
 //    `resident_bias` lower (resident ones of about equal promise first).
 //
-// Prefill rows (tasks with several queries) use dense attention: PSA is a
-// decode-time policy.
+// Prefill: a sequence's rows in a pass go through the policy one by one,
+// each as a decode step would, when there are at most
+// `sparse_prefill_rows` of them (a question after a long stored document),
+// and through dense attention otherwise (a long prompt: its keys are
+// computed exactly, and dense's many-row kernel is faster there).
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
 
@@ -76,6 +79,12 @@ struct AttentionPolicy {
   bool oracle_rank = false;
   bool oracle_stop = false;
   int top_k = 64;          // topk: blocks attended per step
+  // Prefill rows of a sequence, at most this many in a pass, select as
+  // decode steps do instead of reading every block: the question after a
+  // stored document then reads (and, through a pool, fetches) what decode
+  // would, not the whole document. Rows past that are attended densely.
+  // 0: prefill always dense.
+  int sparse_prefill_rows = 64;
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)
 

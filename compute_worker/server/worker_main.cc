@@ -41,6 +41,11 @@ ABSL_FLAG(double, psa_resident_bias, psa::AttentionPolicy{}.resident_bias,
           "With --kv_pool: psa ranks a block it would have to fetch as if its bound were this "
           "much lower (log units of attention mass), so resident blocks of about equal promise "
           "are read first; 0 ranks by the bound alone");
+ABSL_FLAG(int, sparse_prefill_rows, psa::AttentionPolicy{}.sparse_prefill_rows,
+          "A prompt's rows, at most this many in a step, select blocks as topk or psa decode "
+          "does (a question after a long stored document reads and fetches what decode would, "
+          "not the whole document); longer prompts are attended densely. 0: prefill always "
+          "dense");
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");
@@ -114,6 +119,7 @@ int main(int argc, char** argv) {
   policy.epsilon = absl::GetFlag(FLAGS_epsilon);
   policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
   policy.resident_bias = static_cast<float>(absl::GetFlag(FLAGS_psa_resident_bias));
+  policy.sparse_prefill_rows = absl::GetFlag(FLAGS_sparse_prefill_rows);
   if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
 
   std::fprintf(stderr, "psa-worker: loading %s\n", model_path.c_str());

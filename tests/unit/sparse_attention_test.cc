@@ -342,6 +342,80 @@ TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
   EXPECT_LT(RelErr(biased.out, ref.out), 1.2 * RelErr(plain.out, ref.out));
 }
 
+// Attention for `rows` prompt rows ending at position `end` - 1 (default:
+// the cache's last), as one task of a prefill pass in which the sequence
+// has `entry_rows` rows.
+std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionShape& shape,
+                              const KvCache& kv, const float* q, int rows, int entry_rows,
+                              HeadStepStats* last_stats = nullptr, int end = -1) {
+  const int width = shape.group() * shape.head_dim;
+  std::vector<float> out(static_cast<size_t>(rows) * width, 0.0f);
+  AttentionTask t;
+  t.kv = &kv;
+  t.q_pos0 = (end < 0 ? kv.length() : end) - rows;
+  t.n_q = rows;
+  t.entry_rows = entry_rows;
+  t.q = q;
+  t.q_stride = width;
+  t.out = out.data();
+  t.out_stride = width;
+  t.stats = last_stats;
+  backend.Run(shape, t);
+  return out;
+}
+
+TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWould) {
+  const int length = 4096, block = 16, rows = 8;
+  // Every 16th block "hot"; the prompt's rows look for them.
+  std::vector<int> hot;
+  for (int b = 5; b < length / block; b += 16) hot.push_back(b);
+  std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
+  const KvCache store = RandomCache(1, length, block, 41, hot, dir);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  std::vector<float> qv = RandomQuery(rows, 5, 0.25f);  // one head, 8 rows
+  for (size_t i = 0; i < qv.size(); ++i) qv[i] += 8.0f * dir[i % kHeadDim];
+  const float* q = qv.data();
+  AttentionPolicy p = Psa(0.9f);
+  p.resident_bias = 0;
+  const SparseAttention psa(p);
+  HeadStepStats last;
+  const std::vector<float> out = AttendRows(psa, shape, store, q, rows, rows, &last);
+  EXPECT_LT(last.blocks_touched, last.blocks_total / 2);
+  // Each row is the decode step at its position, bit for bit.
+  for (int r = 0; r < rows; ++r) {
+    const std::vector<float> one =
+        AttendRows(psa, shape, store, q + r * kHeadDim, 1, 1, nullptr, length - rows + r + 1);
+    EXPECT_EQ(std::vector<float>(out.begin() + r * kHeadDim, out.begin() + (r + 1) * kHeadDim),
+              one)
+        << "row " << r;
+  }
+  // Past sparse_prefill_rows the prompt is attended densely: dense's output.
+  const std::vector<float> dense = AttendRows(DenseAttention(), shape, store, q, rows, rows);
+  EXPECT_NE(out, dense);
+  EXPECT_EQ(AttendRows(psa, shape, store, q, rows, p.sparse_prefill_rows + 1), dense);
+  AttentionPolicy off = p;
+  off.sparse_prefill_rows = 0;
+  EXPECT_EQ(AttendRows(SparseAttention(off), shape, store, q, rows, rows), dense);
+  // A context the policy would read whole anyway is attended densely too.
+  const KvCache short_context = RandomCache(1, 20 * block, block, 42);
+  EXPECT_EQ(AttendRows(SparseAttention(TopK(64)), shape, short_context, q, rows, rows),
+            AttendRows(DenseAttention(), shape, short_context, q, rows, rows));
+
+  // Through a pool of a quarter of the pages: the prompt fetches what its
+  // rows read, not the whole context.
+  auto fetched = [&](const AttentionPolicy& policy) {
+    CachePageFetcher fetcher(store);
+    BlockPool pool(length / block / 4 * store.page_bytes(), store.page_bytes());
+    KvPagingCounters counters;
+    const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
+    EXPECT_EQ(AttendRows(SparseAttention(policy), shape, kv, q, rows, rows),
+              AttendRows(SparseAttention(policy), shape, store, q, rows, rows));
+    return static_cast<int>(counters.page_fetches);
+  };
+  EXPECT_GE(fetched(off), length / block * 3 / 4);
+  EXPECT_LT(fetched(p), length / block / 2);
+}
+
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
   const int length = 640, block = 16;
   std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
