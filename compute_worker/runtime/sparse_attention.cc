@@ -135,7 +135,10 @@ absl::Status AttentionPolicy::Validate() const {
 std::string AttentionPolicy::ToString() const {
   switch (kind) {
     case Kind::kDense: return "dense";
-    case Kind::kTopK: return absl::StrCat("topk(k=", top_k, oracle_rank ? ",oracle" : "", ")");
+    case Kind::kTopK:
+      return absl::StrCat("topk(k=", top_k, oracle_rank ? ",oracle" : "",
+                          sparse_prefill_rows > 0 ? absl::StrCat(",prefill=", sparse_prefill_rows) : "",
+                          ")");
     case Kind::kPsa:
       return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
                           min_blocks > 0 ? absl::StrCat(",min_blocks=", min_blocks) : "",
@@ -151,6 +154,7 @@ std::string AttentionPolicy::ToString() const {
                           resident_bias != AttentionPolicy{}.resident_bias
                               ? absl::StrCat(",rb=", resident_bias)
                               : "",
+                          sparse_prefill_rows > 0 ? absl::StrCat(",prefill=", sparse_prefill_rows) : "",
                           ")");
   }
   return "?";

@@ -44,8 +44,8 @@ ABSL_FLAG(double, psa_resident_bias, psa::AttentionPolicy{}.resident_bias,
 ABSL_FLAG(int, sparse_prefill_rows, psa::AttentionPolicy{}.sparse_prefill_rows,
           "A prompt's rows, at most this many in a step, select blocks as topk or psa decode "
           "does (a question after a long stored document reads and fetches what decode would, "
-          "not the whole document); longer prompts are attended densely. 0: prefill always "
-          "dense");
+          "not the whole document; fewer bytes and a faster first token, but answers that "
+          "leave dense's sooner); longer prompts are attended densely. 0: prefill always dense");
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");

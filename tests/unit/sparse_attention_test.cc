@@ -377,6 +377,7 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
   const float* q = qv.data();
   AttentionPolicy p = Psa(0.9f);
   p.resident_bias = 0;
+  p.sparse_prefill_rows = 64;
   const SparseAttention psa(p);
   HeadStepStats last;
   const std::vector<float> out = AttendRows(psa, shape, store, q, rows, rows, &last);
@@ -398,7 +399,9 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
   EXPECT_EQ(AttendRows(SparseAttention(off), shape, store, q, rows, rows), dense);
   // A context the policy would read whole anyway is attended densely too.
   const KvCache short_context = RandomCache(1, 20 * block, block, 42);
-  EXPECT_EQ(AttendRows(SparseAttention(TopK(64)), shape, short_context, q, rows, rows),
+  AttentionPolicy top64 = TopK(64);
+  top64.sparse_prefill_rows = 64;
+  EXPECT_EQ(AttendRows(SparseAttention(top64), shape, short_context, q, rows, rows),
             AttendRows(DenseAttention(), shape, short_context, q, rows, rows));
 
   // Through a pool of a quarter of the pages: the prompt fetches what its
