@@ -22,6 +22,34 @@ BlockPool::Slot* BlockPool::Find(Handle h) {
   return s.generation == h.generation ? &s : nullptr;
 }
 
+void BlockPool::LruPushNewest(uint32_t slot) {
+  Slot& s = slots_[slot];
+  s.newer = kNone;
+  s.older = lru_newest_;
+  if (lru_newest_ != kNone) slots_[lru_newest_].newer = slot;
+  lru_newest_ = slot;
+  if (lru_oldest_ == kNone) lru_oldest_ = slot;
+  ++lru_size_;
+}
+
+void BlockPool::LruPushOldest(uint32_t slot) {
+  Slot& s = slots_[slot];
+  s.older = kNone;
+  s.newer = lru_oldest_;
+  if (lru_oldest_ != kNone) slots_[lru_oldest_].older = slot;
+  lru_oldest_ = slot;
+  if (lru_newest_ == kNone) lru_newest_ = slot;
+  ++lru_size_;
+}
+
+void BlockPool::LruRemove(uint32_t slot) {
+  Slot& s = slots_[slot];
+  (s.newer != kNone ? slots_[s.newer].older : lru_newest_) = s.older;
+  (s.older != kNone ? slots_[s.older].newer : lru_oldest_) = s.newer;
+  s.newer = s.older = kNone;
+  --lru_size_;
+}
+
 absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
   absl::MutexLock lock(&mu_);
   uint32_t slot;
@@ -40,9 +68,9 @@ absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
     }
     slot = carved_;
     carved_ += n;
-  } else if (!lru_.empty()) {
-    slot = lru_.back();  // least recently used; its handle goes stale below
-    lru_.pop_back();
+  } else if (lru_oldest_ != kNone) {
+    slot = lru_oldest_;  // least recently used; its handle goes stale below
+    LruRemove(slot);
     --stats_.used;
     ++stats_.evictions;
   } else {
@@ -67,7 +95,7 @@ void* BlockPool::TryPin(Handle h) {
     return nullptr;
   }
   ++stats_.hits;
-  if (InLru(*s)) lru_.erase(s->lru);
+  if (InLru(*s)) LruRemove(h.slot);
   ++s->pins;
   return s->data;
 }
@@ -79,11 +107,19 @@ void BlockPool::Holding(absl::Span<const Handle> handles, uint8_t* held) {
 
 void BlockPool::Unpin(Handle h) {
   absl::MutexLock lock(&mu_);
+  UnpinLocked(h);
+}
+
+void BlockPool::Unpin(absl::Span<const Handle> handles) {
+  absl::MutexLock lock(&mu_);
+  for (Handle h : handles) UnpinLocked(h);
+}
+
+void BlockPool::UnpinLocked(Handle h) {
   Slot* s = Find(h);
   if (s == nullptr || s->pins == 0) return;
   if (--s->pins == 0 && s->evictable) {
-    lru_.push_front(h.slot);
-    s->lru = lru_.begin();
+    LruPushNewest(h.slot);
   }
 }
 
@@ -93,7 +129,11 @@ void BlockPool::MarkEvictable(Handle h, bool cold) {
   if (s == nullptr || s->evictable) return;
   s->evictable = true;
   if (s->pins == 0) {
-    s->lru = cold ? lru_.insert(lru_.end(), h.slot) : lru_.insert(lru_.begin(), h.slot);
+    if (cold) {
+      LruPushOldest(h.slot);
+    } else {
+      LruPushNewest(h.slot);
+    }
   }
 }
 
@@ -101,7 +141,7 @@ void BlockPool::Free(Handle h) {
   absl::MutexLock lock(&mu_);
   Slot* s = Find(h);
   if (s == nullptr) return;
-  if (InLru(*s)) lru_.erase(s->lru);
+  if (InLru(*s)) LruRemove(h.slot);
   s->generation = 0;
   s->evictable = false;
   s->pins = 0;
@@ -112,7 +152,7 @@ void BlockPool::Free(Handle h) {
 BlockPool::Stats BlockPool::stats() {
   absl::MutexLock lock(&mu_);
   Stats s = stats_;
-  s.evictable = lru_.size();
+  s.evictable = lru_size_;
   s.pinned = 0;
   for (const Slot& slot : slots_) s.pinned += slot.generation != 0 && slot.pins > 0;
   return s;

@@ -20,7 +20,6 @@
 #define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
 
 #include <cstdint>
-#include <list>
 #include <memory>
 #include <vector>
 
@@ -67,6 +66,7 @@ class BlockPool {
   // used, or null if it was evicted.
   void* TryPin(Handle h);
   void Unpin(Handle h);
+  void Unpin(absl::Span<const Handle> handles);  // each, under one lock
   // held[i] = whether handles[i]'s page is still in the pool (a snapshot:
   // it may be evicted right after). Changes no recency, counts no hit.
   void Holding(absl::Span<const Handle> handles, uint8_t* held);
@@ -83,11 +83,20 @@ class BlockPool {
     uint32_t generation = 0;  // of the current allocation; 0 while free
     bool evictable = false;
     int pins = 0;
-    std::list<uint32_t>::iterator lru;  // valid while evictable and unpinned
+    // Neighbours in the LRU list (slot indices; kNone at the ends), valid
+    // while evictable and unpinned. Intrusive: pinning and unpinning, once
+    // per page read, allocate nothing.
+    uint32_t newer = kNone, older = kNone;
   };
+  static constexpr uint32_t kNone = ~0u;
   // The slot if `h` is its current allocation, else null.
   Slot* Find(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool InLru(const Slot& s) const { return s.evictable && s.pins == 0; }
+  void UnpinLocked(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The LRU list of evictable, unpinned slots.
+  void LruPushNewest(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LruPushOldest(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LruRemove(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const size_t page_bytes_;
   const uint64_t capacity_slots_;
@@ -98,7 +107,9 @@ class BlockPool {
   uint64_t carved_ ABSL_GUARDED_BY(mu_) = 0;  // slots given memory so far
   uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<uint32_t> free_ ABSL_GUARDED_BY(mu_);
-  std::list<uint32_t> lru_ ABSL_GUARDED_BY(mu_);  // evictable, unpinned; front = most recent
+  uint32_t lru_newest_ ABSL_GUARDED_BY(mu_) = kNone;
+  uint32_t lru_oldest_ ABSL_GUARDED_BY(mu_) = kNone;
+  uint64_t lru_size_ ABSL_GUARDED_BY(mu_) = 0;
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -49,7 +49,7 @@ KvPageReader::~KvPageReader() {
     c->unread_fetches += std::count(waiting_.begin(), waiting_.end(), 1);
   }
   BlockPool* pool = kv_.pooled_.paging.pool;
-  for (BlockPool::Handle h : pinned_) pool->Unpin(h);
+  pool->Unpin(pinned_);
   for (size_t i = 0; i < fetched_.size(); ++i) {
     const BlockPool::Handle h = fetched_[i];
     if (failure.ok()) {

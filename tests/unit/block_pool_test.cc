@@ -87,6 +87,34 @@ TEST(BlockPoolTest, FreeReturnsTheSlotAndStalesTheHandle) {
   EXPECT_EQ(pool.stats().used, 2u);
 }
 
+TEST(BlockPoolTest, ColdPagesGoFirstAndManyUnpinTogether) {
+  BlockPool pool(3 * kPage, kPage);
+  std::vector<BlockPool::Handle> pages;
+  for (int i = 0; i < 3; ++i) pages.push_back(*pool.Allocate());
+  pool.MarkEvictable(pages[0]);
+  pool.MarkEvictable(pages[1], /*cold=*/true);  // fetched ahead, never read
+  pool.MarkEvictable(pages[2]);
+  for (auto h : pages) ASSERT_NE(pool.TryPin(h), nullptr);
+  EXPECT_EQ(pool.stats().pinned, 3u);
+  EXPECT_FALSE(pool.Allocate().ok());  // all pinned
+  pool.Unpin(absl::MakeConstSpan(pages).subspan(1));  // 1 then 2: 2 is the newest
+  pool.Unpin(pages[0]);                               // 0 newer still
+  EXPECT_EQ(pool.stats().pinned, 0u);
+  EXPECT_EQ(pool.stats().evictable, 3u);
+  EXPECT_EQ(pool.Allocate()->slot, pages[1].slot);  // least recently unpinned
+  EXPECT_EQ(pool.Allocate()->slot, pages[2].slot);
+  EXPECT_EQ(pool.Allocate()->slot, pages[0].slot);
+  EXPECT_EQ(pool.stats().evictable, 0u);
+  // Cold means oldest: evicted before pages that were there first.
+  BlockPool fresh(2 * kPage, kPage);
+  auto warm = *fresh.Allocate();
+  auto cold = *fresh.Allocate();
+  fresh.MarkEvictable(warm);
+  fresh.MarkEvictable(cold, /*cold=*/true);
+  EXPECT_EQ(fresh.Allocate()->slot, cold.slot);
+  EXPECT_EQ(fresh.Allocate()->slot, warm.slot);
+}
+
 TEST(BlockPoolTest, ManyThreadsNeverExceedTheBudgetOrShareASlot) {
   constexpr int kSlots = 64;
   BlockPool pool(kSlots * kPage, kPage);
