@@ -496,6 +496,11 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   m.share_reads = false;
   EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,mean,solo)");
   EXPECT_EQ(TopK(8).ToString(), "topk(k=8)");
+  AttentionPolicy prefill = TopK(8);
+  prefill.sparse_prefill_rows = 64;
+  EXPECT_EQ(prefill.ToString(), "topk(k=8,prefill=64)");
+  prefill.sparse_prefill_rows = -1;
+  EXPECT_EQ(prefill.Validate().message(), "sparse_prefill_rows must be >= 0, got -1");
 }
 
 TEST(SparseAttentionTest, GenerationWithFullBudgetMatchesDenseAndPoliciesMixInABatch) {
