@@ -203,6 +203,11 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
 
 }  // namespace
 
+std::unique_ptr<KvPageReader> AttentionBackend::StartFetches(const AttentionShape&,
+                                                             const AttentionTask&) const {
+  return nullptr;
+}
+
 void DenseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
   // Dense reads every page of the (layer, head): ask for all of them up
   // front so the fetches of absent ones overlap each other.

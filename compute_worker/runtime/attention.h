@@ -11,6 +11,8 @@
 
 namespace psa {
 
+class KvPageReader;
+
 struct AttentionShape {
   int n_head = 0;
   int n_head_kv = 0;
@@ -47,6 +49,8 @@ struct AttentionTask {
   int out_stride = 0;
   // Optional, one entry per head of the group: stats of the last query row.
   HeadStepStats* stats = nullptr;
+  // Optional: the reader StartFetches() returned for this task.
+  KvPageReader* reader = nullptr;
 };
 
 class AttentionBackend {
@@ -55,6 +59,14 @@ class AttentionBackend {
   virtual std::string_view name() const = 0;
   // Must be safe to call concurrently for different tasks.
   virtual void Run(const AttentionShape& shape, const AttentionTask& task) const = 0;
+  // For a decode task on a pool-backed cache: starts fetching the pages
+  // Run() would ask for before it computes anything and returns the reader
+  // holding them, for Run() to use (task.reader). A layer's tasks all call
+  // this first, so every task's transfers overlap the computation of the
+  // tasks before it. Null (the default): Run() fetches on its own. Safe to
+  // call concurrently for different tasks.
+  virtual std::unique_ptr<KvPageReader> StartFetches(const AttentionShape& shape,
+                                                     const AttentionTask& task) const;
 };
 
 // Exact softmax attention over every past position. Numerics follow

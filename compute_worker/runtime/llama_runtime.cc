@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "compute_worker/runtime/kv_page_reader.h"
 
 namespace psa {
 namespace {
@@ -222,6 +223,7 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     }
   }
   const int group = hp.n_head / hp.n_head_kv;
+  std::vector<std::unique_ptr<KvPageReader>> readers(items.size());  // per item, see below
 
   for (int l = 0; l < hp.n_layer; ++l) {
     const LayerWeights& w = model_.layer(l);
@@ -256,6 +258,25 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     const int attention_threads =
         any_paged && fetching ? std::clamp(static_cast<int>(items.size()), cores, 4 * cores)
                               : cores;
+    // Every task's up-front fetches first (decode through a pool), so that
+    // the transfers of later tasks overlap the computation of earlier ones.
+    if (any_paged) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (size_t i = 0; i < items.size(); ++i) {
+        const Item& it = items[i];
+        const BatchEntry& b = batch[it.entry];
+        if (it.n_q != 1 || b.tokens.size() != 1 || !b.kv->paged()) continue;
+        AttentionTask t;
+        t.kv = b.kv;
+        t.layer = l;
+        t.kv_head = it.kv_head;
+        t.q_pos0 = row_pos[it.row0];
+        t.n_q = 1;
+        t.q = &q_[static_cast<size_t>(it.row0) * E + static_cast<size_t>(it.kv_head) * group * D];
+        t.q_stride = E;
+        readers[i] = (b.attention != nullptr ? b.attention : attention_.get())->StartFetches(shape, t);
+      }
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(attention_threads)
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
@@ -275,7 +296,9 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       if (it.last && b.stats != nullptr) {
         t.stats = &(*b.stats)[static_cast<size_t>(l) * hp.n_head + it.kv_head * group];
       }
+      t.reader = readers[i].get();
       (b.attention != nullptr ? b.attention : attention_.get())->Run(shape, t);
+      readers[i].reset();  // unpins its pages (here, not serially after the loop)
     }
 
     PackActivations(w.wo.type, attn_.data(), n, E, E, &packed_);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -188,6 +189,56 @@ void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task
   }
 }
 
+std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape& shape,
+                                                            const AttentionTask& task) const {
+  const KvCache& kv = *task.kv;
+  if (!kv.paged() || task.entry_rows != 1 || task.n_q != 1) return nullptr;
+  const int group = shape.group(), B = kv.block_size();
+  const int n_keys = task.q_pos0 + 1;
+  const int n_blocks = (n_keys + B - 1) / B;
+  const int n_meta = std::min(kv.full_blocks(), n_keys / B);
+  const int sink = std::min(policy_.sink_blocks, n_meta);
+  const int local_begin = std::max(sink, n_meta - policy_.local_blocks);
+  const int n_cand = std::max(0, local_begin - sink);
+  const int forced = sink + (n_blocks - local_begin);
+  const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
+  // As many candidates as RunQuery asks for before its first iteration.
+  const int want = std::clamp(
+      topk ? policy_.top_k - forced
+           : std::max({policy_.group_blocks, policy_.min_blocks - forced,
+                       kv.ReadHint(task.layer, task.kv_head) - forced}),
+      0, n_cand);
+  auto reader = std::make_unique<KvPageReader>(kv, task.layer, task.kv_head);
+  thread_local std::vector<int> blocks;
+  blocks.clear();
+  for (int b = 0; b < sink; ++b) blocks.push_back(b);
+  for (int b = local_begin; b < n_blocks; ++b) blocks.push_back(b);
+  if (want > 0) {
+    const float* qs[kMaxGqaGroup];
+    for (int g = 0; g < group; ++g) qs[g] = task.q + g * shape.head_dim;
+    thread_local std::vector<float> gscore;
+    thread_local std::vector<int> order;
+    thread_local std::vector<uint8_t> resident;
+    gscore.resize(n_cand);
+    kv.KeyBounds(task.layer, task.kv_head)
+        .Score(qs, group, shape.scale, sink, local_begin, nullptr, n_cand, gscore.data());
+    if (!topk && policy_.resident_bias > 0) {
+      resident.resize(n_cand);
+      reader->Resident(sink, n_cand, resident.data());
+      for (int c = 0; c < n_cand; ++c) {
+        if (!resident[c]) gscore[c] -= policy_.resident_bias;
+      }
+    }
+    order.resize(n_cand);
+    for (int c = 0; c < n_cand; ++c) order[c] = c;
+    std::nth_element(order.begin(), order.begin() + (want - 1), order.end(),
+                     [&](int a, int b) { return gscore[a] > gscore[b]; });
+    for (int k = 0; k < want; ++k) blocks.push_back(sink + order[k]);
+  }
+  reader->Prefetch(blocks);
+  return reader;
+}
+
 void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask& task, int row,
                                bool record) const {
   const KvCache& kv = *task.kv;
@@ -244,7 +295,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // were resident_bias lower: among blocks of about equal promise the
   // resident ones go first. The stop rule does not change, so a fetched
   // block that holds real mass is still read before the heads can stop.
-  KvPageReader reader(kv, task.layer, task.kv_head);
+  std::optional<KvPageReader> own_reader;
+  KvPageReader& reader = task.reader != nullptr && task.n_q == 1
+                             ? *task.reader
+                             : own_reader.emplace(kv, task.layer, task.kv_head);
   if (kv.paged() && !topk && policy_.resident_bias > 0 && n_cand > 0) {
     thread_local std::vector<uint8_t> resident;
     resident.resize(n_cand);

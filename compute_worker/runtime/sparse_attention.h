@@ -98,6 +98,11 @@ class SparseAttention : public AttentionBackend {
   explicit SparseAttention(const AttentionPolicy& policy) : policy_(policy) {}
   std::string_view name() const override;
   void Run(const AttentionShape& shape, const AttentionTask& task) const override;
+  // The blocks Run() asks for up front: the forced ones and the best-scored
+  // candidates (top-k's k; PSA's budget floor or its previous step's
+  // budget, resident ones favoured as Run() does).
+  std::unique_ptr<KvPageReader> StartFetches(const AttentionShape& shape,
+                                             const AttentionTask& task) const override;
   const AttentionPolicy& policy() const { return policy_; }
 
  private:

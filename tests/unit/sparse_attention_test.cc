@@ -12,6 +12,7 @@
 #include "compute_worker/runtime/cache_page_fetcher.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/generator.h"
+#include "compute_worker/runtime/kv_page_reader.h"
 #include "gtest/gtest.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -417,6 +418,56 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
   };
   EXPECT_GE(fetched(off), length / block * 3 / 4);
   EXPECT_LT(fetched(p), length / block / 2);
+}
+
+TEST(SparseAttentionTest, ThroughAPoolStartFetchesAsksUpFrontForWhatRunWouldAndRunUsesIt) {
+  const int length = 4096, block = 16;
+  const KvCache store = RandomCache(1, length, block, 51);
+  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
+  const std::vector<float> q = RandomQuery(1, 3, 2.0f);
+  for (const AttentionPolicy& p : {TopK(40), Psa(0.9f)}) {
+    const SparseAttention backend(p);
+    // fetches[0]: Run alone; fetches[1]: StartFetches, then Run with its reader.
+    int requests_before_run = 0, requests[2] = {0, 0};
+    uint64_t fetches[2] = {0, 0};
+    std::vector<float> out[2];
+    for (int with_start = 0; with_start < 2; ++with_start) {
+      CachePageFetcher fetcher(store);
+      BlockPool pool(length / block * store.page_bytes(), store.page_bytes());
+      KvPagingCounters counters;
+      KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
+      // Evict every page: the first read of each is a fetch.
+      for (int i = 0; i < length / block; ++i) ASSERT_TRUE(pool.Allocate().ok());
+      AttentionTask t;
+      t.kv = &kv;
+      t.q_pos0 = length - 1;
+      t.n_q = 1;
+      t.q = q.data();
+      t.q_stride = kHeadDim;
+      out[with_start].assign(kHeadDim, 0.0f);
+      t.out = out[with_start].data();
+      t.out_stride = kHeadDim;
+      std::unique_ptr<KvPageReader> reader;
+      if (with_start) {
+        reader = backend.StartFetches(shape, t);
+        ASSERT_NE(reader, nullptr);
+        requests_before_run = fetcher.requests();
+        EXPECT_GT(requests_before_run, 0);
+        t.reader = reader.get();
+      }
+      backend.Run(shape, t);
+      reader.reset();
+      requests[with_start] = fetcher.requests();
+      fetches[with_start] = counters.page_fetches;
+    }
+    EXPECT_EQ(out[1], out[0]) << p.ToString();       // pages from the same place
+    EXPECT_EQ(fetches[1], fetches[0]) << p.ToString();  // none asked for twice
+    if (p.kind == AttentionPolicy::Kind::kTopK) {
+      // Top-k's whole budget was asked for before Run computed anything.
+      EXPECT_EQ(requests[1], requests_before_run);
+      EXPECT_EQ(fetches[1], 40u);
+    }
+  }
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
