@@ -59,12 +59,13 @@ class AttentionBackend {
   virtual std::string_view name() const = 0;
   // Must be safe to call concurrently for different tasks.
   virtual void Run(const AttentionShape& shape, const AttentionTask& task) const = 0;
-  // For a decode task on a pool-backed cache: starts fetching the pages
-  // Run() would ask for before it computes anything and returns the reader
-  // holding them, for Run() to use (task.reader). A layer's tasks all call
-  // this first, so every task's transfers overlap the computation of the
-  // tasks before it. Null (the default): Run() fetches on its own. Safe to
-  // call concurrently for different tasks.
+  // For a task on a pool-backed cache: starts fetching the pages Run()
+  // would ask for before it computes anything and returns the reader
+  // holding them, for Run() to use (task.reader). The runtime calls it for
+  // all of a layer's tasks first, so every task's transfers overlap the
+  // computation of the tasks before it. Null (the default; the sparse
+  // policies' prefill rows): Run() fetches on its own. Safe to call
+  // concurrently for different tasks.
   virtual std::unique_ptr<KvPageReader> StartFetches(const AttentionShape& shape,
                                                      const AttentionTask& task) const;
 };

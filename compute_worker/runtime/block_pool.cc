@@ -22,31 +22,24 @@ BlockPool::Slot* BlockPool::Find(Handle h) {
   return s.generation == h.generation ? &s : nullptr;
 }
 
-void BlockPool::LruPushNewest(uint32_t slot) {
+void BlockPool::LruPush(uint32_t slot, int end) {
+  const int away = 1 - end;  // the direction from `end` into the list
   Slot& s = slots_[slot];
-  s.newer = kNone;
-  s.older = lru_newest_;
-  if (lru_newest_ != kNone) slots_[lru_newest_].newer = slot;
-  lru_newest_ = slot;
-  if (lru_oldest_ == kNone) lru_oldest_ = slot;
-  ++lru_size_;
-}
-
-void BlockPool::LruPushOldest(uint32_t slot) {
-  Slot& s = slots_[slot];
-  s.older = kNone;
-  s.newer = lru_oldest_;
-  if (lru_oldest_ != kNone) slots_[lru_oldest_].older = slot;
-  lru_oldest_ = slot;
-  if (lru_newest_ == kNone) lru_newest_ = slot;
+  s.link[end] = kNone;
+  s.link[away] = lru_end_[end];
+  if (lru_end_[end] != kNone) slots_[lru_end_[end]].link[end] = slot;
+  lru_end_[end] = slot;
+  if (lru_end_[away] == kNone) lru_end_[away] = slot;
   ++lru_size_;
 }
 
 void BlockPool::LruRemove(uint32_t slot) {
   Slot& s = slots_[slot];
-  (s.newer != kNone ? slots_[s.newer].older : lru_newest_) = s.older;
-  (s.older != kNone ? slots_[s.older].newer : lru_oldest_) = s.newer;
-  s.newer = s.older = kNone;
+  for (int d : {kNewer, kOlder}) {
+    // The neighbour on side d (or that end of the list) now links past s.
+    (s.link[d] != kNone ? slots_[s.link[d]].link[1 - d] : lru_end_[d]) = s.link[1 - d];
+  }
+  s.link[kNewer] = s.link[kOlder] = kNone;
   --lru_size_;
 }
 
@@ -68,8 +61,8 @@ absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
     }
     slot = carved_;
     carved_ += n;
-  } else if (lru_oldest_ != kNone) {
-    slot = lru_oldest_;  // least recently used; its handle goes stale below
+  } else if (lru_end_[kOlder] != kNone) {
+    slot = lru_end_[kOlder];  // least recently used; its handle goes stale below
     LruRemove(slot);
     --stats_.used;
     ++stats_.evictions;
@@ -119,7 +112,7 @@ void BlockPool::UnpinLocked(Handle h) {
   Slot* s = Find(h);
   if (s == nullptr || s->pins == 0) return;
   if (--s->pins == 0 && s->evictable) {
-    LruPushNewest(h.slot);
+    LruPush(h.slot, kNewer);
   }
 }
 
@@ -129,11 +122,7 @@ void BlockPool::MarkEvictable(Handle h, bool cold) {
   if (s == nullptr || s->evictable) return;
   s->evictable = true;
   if (s->pins == 0) {
-    if (cold) {
-      LruPushOldest(h.slot);
-    } else {
-      LruPushNewest(h.slot);
-    }
+    LruPush(h.slot, cold ? kOlder : kNewer);
   }
 }
 

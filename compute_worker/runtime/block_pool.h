@@ -83,19 +83,20 @@ class BlockPool {
     uint32_t generation = 0;  // of the current allocation; 0 while free
     bool evictable = false;
     int pins = 0;
-    // Neighbours in the LRU list (slot indices; kNone at the ends), valid
-    // while evictable and unpinned. Intrusive: pinning and unpinning, once
-    // per page read, allocate nothing.
-    uint32_t newer = kNone, older = kNone;
+    // Neighbours in the LRU list, link[kNewer] and link[kOlder] (slot
+    // indices; kNone at the ends), valid while evictable and unpinned.
+    // Intrusive: pinning and unpinning, once per page read, allocate nothing.
+    uint32_t link[2] = {kNone, kNone};
   };
   static constexpr uint32_t kNone = ~0u;
+  static constexpr int kNewer = 0, kOlder = 1;
   // The slot if `h` is its current allocation, else null.
   Slot* Find(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool InLru(const Slot& s) const { return s.evictable && s.pins == 0; }
   void UnpinLocked(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The LRU list of evictable, unpinned slots.
-  void LruPushNewest(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void LruPushOldest(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The LRU list of evictable, unpinned slots: adds a slot at its newest
+  // end (kNewer) or its oldest (kOlder), or takes one out.
+  void LruPush(uint32_t slot, int end) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LruRemove(uint32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const size_t page_bytes_;
@@ -107,8 +108,7 @@ class BlockPool {
   uint64_t carved_ ABSL_GUARDED_BY(mu_) = 0;  // slots given memory so far
   uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<uint32_t> free_ ABSL_GUARDED_BY(mu_);
-  uint32_t lru_newest_ ABSL_GUARDED_BY(mu_) = kNone;
-  uint32_t lru_oldest_ ABSL_GUARDED_BY(mu_) = kNone;
+  uint32_t lru_end_[2] ABSL_GUARDED_BY(mu_) = {kNone, kNone};  // [kNewer]: newest
   uint64_t lru_size_ ABSL_GUARDED_BY(mu_) = 0;
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };

@@ -258,27 +258,8 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     const int attention_threads =
         any_paged && fetching ? std::clamp(static_cast<int>(items.size()), cores, 4 * cores)
                               : cores;
-    // Every task's up-front fetches first (decode through a pool), so that
-    // the transfers of later tasks overlap the computation of earlier ones.
-    if (any_paged) {
-#pragma omp parallel for schedule(dynamic, 1)
-      for (size_t i = 0; i < items.size(); ++i) {
-        const Item& it = items[i];
-        const BatchEntry& b = batch[it.entry];
-        if (it.n_q != 1 || b.tokens.size() != 1 || !b.kv->paged()) continue;
-        AttentionTask t;
-        t.kv = b.kv;
-        t.layer = l;
-        t.kv_head = it.kv_head;
-        t.q_pos0 = row_pos[it.row0];
-        t.n_q = 1;
-        t.q = &q_[static_cast<size_t>(it.row0) * E + static_cast<size_t>(it.kv_head) * group * D];
-        t.q_stride = E;
-        readers[i] = (b.attention != nullptr ? b.attention : attention_.get())->StartFetches(shape, t);
-      }
-    }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(attention_threads)
-    for (size_t i = 0; i < items.size(); ++i) {
+    // Item i's attention task at this layer, and the backend that runs it.
+    auto task_of = [&](size_t i) {
       const Item& it = items[i];
       const BatchEntry& b = batch[it.entry];
       AttentionTask t;
@@ -296,8 +277,25 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       if (it.last && b.stats != nullptr) {
         t.stats = &(*b.stats)[static_cast<size_t>(l) * hp.n_head + it.kv_head * group];
       }
+      return t;
+    };
+    auto backend_of = [&](size_t i) {
+      const BatchEntry& b = batch[items[i].entry];
+      return b.attention != nullptr ? b.attention : attention_.get();
+    };
+    // Every decode task's up-front fetches first (through a pool), so that
+    // the transfers of later tasks overlap the computation of earlier ones.
+    if (any_paged) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (batch[items[i].entry].kv->paged()) readers[i] = backend_of(i)->StartFetches(shape, task_of(i));
+      }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(attention_threads)
+    for (size_t i = 0; i < items.size(); ++i) {
+      AttentionTask t = task_of(i);
       t.reader = readers[i].get();
-      (b.attention != nullptr ? b.attention : attention_.get())->Run(shape, t);
+      backend_of(i)->Run(shape, t);
       readers[i].reset();  // unpins its pages (here, not serially after the loop)
     }
 
