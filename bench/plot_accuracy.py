@@ -10,6 +10,7 @@ Needs matplotlib (python3 -m pip install matplotlib).
 """
 import argparse
 import csv
+import re
 import sys
 from collections import defaultdict
 
@@ -39,9 +40,12 @@ def main() -> int:
     def series(r):  # one curve per policy family: the swept parameter varies along it
         if r["kind"] != "psa":
             return r["kind"]
-        return "psa, certified" if ",certified" in r["policy"] else \
-               "psa, paper AS_min" if ",min" in r["policy"] else \
-               "psa, calibrated bound" if ",cal" in r["policy"] else "psa"
+        # Options as AttentionPolicy::ToString() names them (",min" is not ",min_blocks=").
+        has = lambda option: re.search(option + r"[,)]", r["policy"]) is not None
+        return "psa, certified" if has(",certified") else \
+               "psa, paper AS_min" if has(",min") else \
+               "psa, last-group mean" if has(",mean") else \
+               "psa, calibrated bound" if has(",cal") else "psa"
 
     by_ctx = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -52,7 +56,7 @@ def main() -> int:
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), squeeze=False)
     for ax, ctx in zip(axes[0], sorted(by_ctx)):
         for kind, style in (("psa", "o-"), ("psa, paper AS_min", "^:"), ("psa, certified", "v-."),
-                            ("psa, calibrated bound", "d-"),
+                            ("psa, calibrated bound", "d-"), ("psa, last-group mean", "x:"),
                             ("topk", "s--")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:
