@@ -4,7 +4,7 @@
 // `topk` and `psa` side by side at the same context and concurrency.
 //
 // Real processes on loopback: one psa-kv-service and, per concurrency level,
-// one psa-worker with --kv_pool. The long document (essays from
+// a fresh psa-worker with --kv_pool for each policy. The long document (essays from
 // ../shared/eval/haystack) is prefilled and published once; every sequence
 // then starts from its stored prefix (metadata only) plus a short question
 // of its own, so each step's attention reads the document's pages through
@@ -301,15 +301,17 @@ int main(int argc, char** argv) {
     std::vector<std::string> args = common;
     args.push_back(absl::StrCat("--kv_pool=", pool));
     args.push_back(absl::StrCat("--max_running=", n));
-    auto worker = Start(PSA_WORKER_BIN, args);
     for (const std::string& policy : policies) {
+      // A fresh worker per policy: each starts with an empty pool, not with
+      // the pages the policy before it left there.
+      auto worker = Start(PSA_WORKER_BIN, args);
       std::fprintf(stderr, "%d sequences, %s (pool %.0f MB)...\n", n, policy.c_str(), pool / 1e6);
       rows.push_back(RunPolicy(policy, n, *worker, document, questions));
       const Row& r = rows.back();
       std::fprintf(stderr, "  %.2f tok/s, %.1f ms/token, hit ratio %.2f\n", r.tok_per_s,
                    r.ms_per_token, r.hit_ratio);
+      Stop(worker);
     }
-    Stop(worker);
   }
 
   std::string table = absl::StrCat(
