@@ -101,6 +101,54 @@ void BlockScores16x64(const uint16_t*, const float* const*, const HeadState*, in
 void BlockValues16x64(const uint16_t*, const float*, int, HeadState*, int) {}
 #endif
 
+// Where one query row's blocks fall: the sinks [0, sink), the candidates
+// the policy chooses among [sink, local_begin), and the newest blocks
+// [local_begin, n_blocks), the partial tail included; sinks and newest are
+// always attended.
+struct BlockLayout {
+  int n_blocks, sink, local_begin;
+  int n_cand() const { return local_begin - sink; }
+  int forced() const { return sink + (n_blocks - local_begin); }
+  void AppendForced(std::vector<int>* blocks) const {
+    for (int b = 0; b < sink; ++b) blocks->push_back(b);
+    for (int b = local_begin; b < n_blocks; ++b) blocks->push_back(b);
+  }
+};
+
+// The layout for a row that sees positions [0, n_keys) of kv.
+BlockLayout LayoutOf(const KvCache& kv, int n_keys, const AttentionPolicy& p) {
+  const int B = kv.block_size();
+  // Blocks with metadata: committed and entirely inside the visible range.
+  const int n_meta = std::min(kv.full_blocks(), n_keys / B);
+  const int sink = std::min(p.sink_blocks, n_meta);
+  return BlockLayout{(n_keys + B - 1) / B, sink, std::max(sink, n_meta - p.local_blocks)};
+}
+
+// Candidates a paged step asks for before its first iteration: top-k's
+// whole budget; PSA's budget floor, one iteration, or the budget of its
+// previous step (`hint`: budgets change little between steps), the most.
+int UpfrontCandidates(const AttentionPolicy& p, const BlockLayout& lay, int hint) {
+  const int forced = lay.forced();
+  const int n = p.kind == AttentionPolicy::Kind::kTopK
+                    ? p.top_k - forced
+                    : std::max({p.group_blocks, p.min_blocks - forced, hint - forced});
+  return std::clamp(n, 0, lay.n_cand());
+}
+
+// PSA through a pool: a candidate the reader would have to fetch ranks as
+// if its bound were resident_bias lower (gscore[c] -= resident_bias).
+void BiasNonResident(const AttentionPolicy& p, const KvPageReader& reader, const BlockLayout& lay,
+                     float* gscore) {
+  const int n_cand = lay.n_cand();
+  if (p.kind != AttentionPolicy::Kind::kPsa || p.resident_bias <= 0 || n_cand == 0) return;
+  thread_local std::vector<uint8_t> resident;
+  resident.resize(n_cand);
+  reader.Resident(lay.sink, n_cand, resident.data());
+  for (int c = 0; c < n_cand; ++c) {
+    if (!resident[c]) gscore[c] -= p.resident_bias;
+  }
+}
+
 }  // namespace
 
 absl::Status AttentionPolicy::Validate() const {
@@ -193,47 +241,28 @@ std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape
                                                             const AttentionTask& task) const {
   const KvCache& kv = *task.kv;
   if (!kv.paged() || task.entry_rows != 1 || task.n_q != 1) return nullptr;
-  const int group = shape.group(), B = kv.block_size();
-  const int n_keys = task.q_pos0 + 1;
-  const int n_blocks = (n_keys + B - 1) / B;
-  const int n_meta = std::min(kv.full_blocks(), n_keys / B);
-  const int sink = std::min(policy_.sink_blocks, n_meta);
-  const int local_begin = std::max(sink, n_meta - policy_.local_blocks);
-  const int n_cand = std::max(0, local_begin - sink);
-  const int forced = sink + (n_blocks - local_begin);
-  const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
-  // As many candidates as RunQuery asks for before its first iteration.
-  const int want = std::clamp(
-      topk ? policy_.top_k - forced
-           : std::max({policy_.group_blocks, policy_.min_blocks - forced,
-                       kv.ReadHint(task.layer, task.kv_head) - forced}),
-      0, n_cand);
+  const int group = shape.group();
+  const BlockLayout lay = LayoutOf(kv, task.q_pos0 + 1, policy_);
+  const int n_cand = lay.n_cand();
+  const int want = UpfrontCandidates(policy_, lay, kv.ReadHint(task.layer, task.kv_head));
   auto reader = std::make_unique<KvPageReader>(kv, task.layer, task.kv_head);
   thread_local std::vector<int> blocks;
   blocks.clear();
-  for (int b = 0; b < sink; ++b) blocks.push_back(b);
-  for (int b = local_begin; b < n_blocks; ++b) blocks.push_back(b);
+  lay.AppendForced(&blocks);
   if (want > 0) {
     const float* qs[kMaxGqaGroup];
     for (int g = 0; g < group; ++g) qs[g] = task.q + g * shape.head_dim;
     thread_local std::vector<float> gscore;
     thread_local std::vector<int> order;
-    thread_local std::vector<uint8_t> resident;
     gscore.resize(n_cand);
     kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, sink, local_begin, nullptr, n_cand, gscore.data());
-    if (!topk && policy_.resident_bias > 0) {
-      resident.resize(n_cand);
-      reader->Resident(sink, n_cand, resident.data());
-      for (int c = 0; c < n_cand; ++c) {
-        if (!resident[c]) gscore[c] -= policy_.resident_bias;
-      }
-    }
+        .Score(qs, group, shape.scale, lay.sink, lay.local_begin, nullptr, n_cand, gscore.data());
+    BiasNonResident(policy_, *reader, lay, gscore.data());
     order.resize(n_cand);
     for (int c = 0; c < n_cand; ++c) order[c] = c;
     std::nth_element(order.begin(), order.begin() + (want - 1), order.end(),
                      [&](int a, int b) { return gscore[a] > gscore[b]; });
-    for (int k = 0; k < want; ++k) blocks.push_back(sink + order[k]);
+    for (int k = 0; k < want; ++k) blocks.push_back(lay.sink + order[k]);
   }
   reader->Prefetch(blocks);
   return reader;
@@ -244,11 +273,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const KvCache& kv = *task.kv;
   const int d = shape.head_dim, group = shape.group(), B = kv.block_size();
   const int n_keys = task.q_pos0 + row + 1;
-  const int n_blocks = (n_keys + B - 1) / B;
-  // Blocks with metadata: committed and entirely inside the visible range.
-  const int n_meta = std::min(kv.full_blocks(), n_keys / B);
-  const int sink = std::min(policy_.sink_blocks, n_meta);
-  const int local_begin = std::max(sink, n_meta - policy_.local_blocks);
+  const BlockLayout lay = LayoutOf(kv, n_keys, policy_);
+  const int n_blocks = lay.n_blocks, sink = lay.sink, local_begin = lay.local_begin;
+  const int n_cand = lay.n_cand(), forced = lay.forced();
 
   const float* qs[kMaxGqaGroup];
   for (int g = 0; g < group; ++g) qs[g] = task.q + static_cast<size_t>(row) * task.q_stride + g * d;
@@ -257,7 +284,6 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   thread_local std::vector<float> ub;      // [group][candidate]
   thread_local std::vector<float> gscore;  // [candidate]
   thread_local BlockRanking ranking;
-  const int n_cand = std::max(0, local_begin - sink);
   ub.resize(static_cast<size_t>(group) * n_cand);
   gscore.assign(n_cand, -INFINITY);
   // The oracles use exact block masses (private caches only): for the
@@ -291,25 +317,17 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
                      exact_stop ? ub.data() : scratch_ub.data(),
                      exact_rank ? gscore.data() : scratch_g.data());
   }
-  // With a pool, PSA ranks a block it would have to fetch as if its bound
-  // were resident_bias lower: among blocks of about equal promise the
-  // resident ones go first. The stop rule does not change, so a fetched
-  // block that holds real mass is still read before the heads can stop.
+  // The reader StartFetches() began, if any.
   std::optional<KvPageReader> own_reader;
   KvPageReader& reader = task.reader != nullptr && task.n_q == 1
                              ? *task.reader
                              : own_reader.emplace(kv, task.layer, task.kv_head);
-  if (kv.paged() && !topk && policy_.resident_bias > 0 && n_cand > 0) {
-    thread_local std::vector<uint8_t> resident;
-    resident.resize(n_cand);
-    reader.Resident(sink, n_cand, resident.data());
-    for (int c = 0; c < n_cand; ++c) {
-      if (!resident[c]) gscore[c] -= policy_.resident_bias;
-    }
-  }
+  // With a pool, among blocks of about equal promise the resident ones go
+  // first. The stop rule does not change, so a block to fetch that holds
+  // real mass is still read before the heads can stop.
+  if (kv.paged()) BiasNonResident(policy_, reader, lay, gscore.data());
   ranking.Reset(gscore.data(), n_cand);
   const std::vector<int>& order = ranking.order();
-  const int forced = sink + (n_blocks - local_begin);
   int take = n_cand;  // candidates to consider, in order
   if (topk) take = std::clamp(policy_.top_k - forced, 0, n_cand);
   int sorted = 0;  // order[0, sorted) is final
@@ -442,13 +460,9 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   };
   if (paged) {
     ahead.clear();
-    for (int b = 0; b < sink; ++b) ahead.push_back(b);
-    for (int b = local_begin; b < n_blocks; ++b) ahead.push_back(b);
+    lay.AppendForced(&ahead);
     reader.Prefetch(ahead);
-    int& hint = kv.ReadHint(task.layer, task.kv_head);
-    int upfront = std::max(G, policy_.min_blocks - forced);
-    upfront = std::max(upfront, hint - forced);
-    prefetch_upto(upfront);
+    prefetch_upto(UpfrontCandidates(policy_, lay, kv.ReadHint(task.layer, task.kv_head)));
   }
 
   // Iteration 1: the sinks and the newest blocks.
