@@ -174,44 +174,79 @@ inline void ScaleRoundToFp16(float a, float* s, int n) {
 }
 
 #if defined(__AVX512F__)
-// Lane t of the result is the sum of the 16 lanes of v[t]: an unpack/shuffle
-// tree with 15 adds instead of 16 separate horizontal reductions.
-inline __m512 SumEach16(const __m512 v[16]) {
-  __m512 u[8], w[4];
-  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  }
-  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: partial sums of v[4k..4k+3]
-    const __m512d c = _mm512_castps_pd(u[2 * k]), d = _mm512_castps_pd(u[2 * k + 1]);
-    w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
-  // Sum the four 128-bit lanes of each w[k] into lane k of the result.
-  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44),
-                                   _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
-  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44),
-                                   _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+// The sums of the 16 lanes of v[t], in two stages of one unpack/shuffle
+// tree (15 adds instead of 16 separate horizontal reductions):
+// SumEach4 folds 4 vectors into one whose 128-bit lane k holds the partial
+// sums of v[0..3] (element t of each lane for v[t]); SumQuads adds the four
+// lanes of w[k] (for v[4k..4k+3]) into lanes 4k..4k+3 of the result.
+inline __m512 SumEach4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+  const __m512 u0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 u1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512d c = _mm512_castps_pd(u0), d = _mm512_castps_pd(u1);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+}
+
+inline __m512 SumQuads(__m512 w0, __m512 w1, __m512 w2, __m512 w3) {
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x44),
+                                   _mm512_shuffle_f32x4(w0, w1, 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w2, w3, 0x44),
+                                   _mm512_shuffle_f32x4(w2, w3, 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88),
                        _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
 
-// Lane j: q . k_j for 16 rows k_j of 64 fp32 values (row j at k + 64 j), in
-// ggml's vec_dot_f16 pairing (dims 0-15 with 32-47, 16-31 with 48-63),
+// Lane t of the result is the sum of the 16 lanes of v[t].
+inline __m512 SumEach16(const __m512 v[16]) {
+  return SumQuads(SumEach4(v[0], v[1], v[2], v[3]), SumEach4(v[4], v[5], v[6], v[7]),
+                  SumEach4(v[8], v[9], v[10], v[11]), SumEach4(v[12], v[13], v[14], v[15]));
+}
+
+// One row's 16 partial sums for q . k (64 dims as 4 vectors) in ggml's
+// vec_dot_f16 pairing: dims 0-15 with 32-47, 16-31 with 48-63.
+__attribute__((always_inline)) inline __m512 RowPartials64(const float* q, __m512 k0, __m512 k1,
+                                                          __m512 k2, __m512 k3) {
+  const __m512 a02 =
+      _mm512_fmadd_ps(_mm512_loadu_ps(q + 32), k2, _mm512_mul_ps(_mm512_loadu_ps(q), k0));
+  const __m512 a13 =
+      _mm512_fmadd_ps(_mm512_loadu_ps(q + 48), k3, _mm512_mul_ps(_mm512_loadu_ps(q + 16), k1));
+  return _mm512_add_ps(a02, a13);
+}
+
+// Lane j: q . k_j for 16 rows k_j of 64 fp32 values (row j at k + 64 j),
 // fused: two chains, one add per row, then one reduction tree for all 16.
 inline __m512 Dot16Rows64(const float* q, const float* k) {
-  const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16),
-               q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) {
     const float* kj = k + j * 64;
-    const __m512 a02 =
-        _mm512_fmadd_ps(q2, _mm512_loadu_ps(kj + 32), _mm512_mul_ps(q0, _mm512_loadu_ps(kj)));
-    const __m512 a13 =
-        _mm512_fmadd_ps(q3, _mm512_loadu_ps(kj + 48), _mm512_mul_ps(q1, _mm512_loadu_ps(kj + 16)));
-    acc[j] = _mm512_add_ps(a02, a13);
+    acc[j] = RowPartials64(q, _mm512_loadu_ps(kj), _mm512_loadu_ps(kj + 16),
+                           _mm512_loadu_ps(kj + 32), _mm512_loadu_ps(kj + 48));
   }
   return SumEach16(acc);
+}
+
+// out[g] lane j: q[g] . k_j for g < kGroup and 16 fp16 rows k_j of 64
+// values (row j at k + 64 j), bit-equal to Dot16Rows64 on the rows as
+// fp32. Each row is converted once, in registers, for every head, and the
+// reduction tree runs 4 rows at a time so few partials stay live.
+template <int kGroup>
+__attribute__((always_inline)) inline void Dot16RowsFp16x64(const float* const* q,
+                                                            const uint16_t* k, __m512* out) {
+  __m512 w[kGroup][4];
+  for (int quad = 0; quad < 4; ++quad) {
+    __m512 v[kGroup][4];
+    for (int r = 0; r < 4; ++r) {
+      const uint16_t* kj = k + (quad * 4 + r) * 64;
+      __m512 kv[4];
+      for (int i = 0; i < 4; ++i) {
+        kv[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj + 16 * i)));
+      }
+      for (int g = 0; g < kGroup; ++g) v[g][r] = RowPartials64(q[g], kv[0], kv[1], kv[2], kv[3]);
+    }
+    for (int g = 0; g < kGroup; ++g) w[g][quad] = SumEach4(v[g][0], v[g][1], v[g][2], v[g][3]);
+  }
+  for (int g = 0; g < kGroup; ++g) out[g] = SumQuads(w[g][0], w[g][1], w[g][2], w[g][3]);
 }
 
 #endif

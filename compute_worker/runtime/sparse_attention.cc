@@ -64,8 +64,30 @@ void ExactBlockScores(const KvCache& kv, int layer, int kv_head, int first_block
 #if defined(__AVX512F__)
 // The 16 rows of a full block, head dim 64, for the group's active heads:
 // s[g * stride + t] = scale * q_g . k_t.
+template <int kGroup>
+void BlockScores16x64(const uint16_t* k, const float* const* qs, float scale, float* s, int stride) {
+  __m512 dots[kGroup];
+  Dot16RowsFp16x64<kGroup>(qs, k, dots);
+  for (int g = 0; g < kGroup; ++g) {
+    _mm512_storeu_ps(s + static_cast<size_t>(g) * stride, _mm512_mul_ps(dots[g], _mm512_set1_ps(scale)));
+  }
+}
+
 void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState* heads,
                       int group, float scale, float* s, int stride) {
+  // Usually every head is active (a stopped head attends on with
+  // share_reads): convert each row once for all of them.
+  bool all_active = true;
+  for (int g = 0; g < group; ++g) all_active = all_active && heads[g].active;
+  if (all_active) {
+    switch (group) {
+      case 1: return BlockScores16x64<1>(k, qs, scale, s, stride);
+      case 2: return BlockScores16x64<2>(k, qs, scale, s, stride);
+      case 3: return BlockScores16x64<3>(k, qs, scale, s, stride);
+      case 4: return BlockScores16x64<4>(k, qs, scale, s, stride);
+      default: break;
+    }
+  }
   alignas(64) float kf[16 * 64];
   Fp16RowToFp32(k, kf, 16 * 64);
   for (int g = 0; g < group; ++g) {

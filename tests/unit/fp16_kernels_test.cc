@@ -76,6 +76,34 @@ TEST(Fp16KernelsTest, Dot16Rows64IsSixteenDotProducts) {
     EXPECT_NEAR(got[j], want, 1e-5) << "row " << j;
   }
 }
+
+// The decode kernels read fp16 rows straight from the cache; the prompt
+// kernels convert them first. Both must give the same bits.
+TEST(Fp16KernelsTest, Dot16RowsFp16x64EqualsDot16Rows64OnTheConvertedRows) {
+  std::vector<uint16_t> kh(16 * 64);
+  const std::vector<float> kr = Random(16 * 64, 3, -4.0f, 4.0f);
+  for (size_t i = 0; i < kh.size(); ++i) kh[i] = Fp32ToFp16(kr[i]);
+  std::vector<float> kf(16 * 64);
+  Fp16RowToFp32(kh.data(), kf.data(), 16 * 64);
+  std::vector<std::vector<float>> q;
+  const float* qs[4];
+  for (int g = 0; g < 4; ++g) {
+    q.push_back(Random(64, 10 + g, -1.0f, 1.0f));
+    qs[g] = q[g].data();
+  }
+  __m512 dots[4];
+  Dot16RowsFp16x64<3>(qs, kh.data(), dots);  // the default model's group
+  alignas(64) float got[16], want[16];
+  for (int g = 0; g < 3; ++g) {
+    _mm512_store_ps(got, dots[g]);
+    _mm512_store_ps(want, Dot16Rows64(qs[g], kf.data()));
+    for (int j = 0; j < 16; ++j) EXPECT_EQ(got[j], want[j]) << "head " << g << " row " << j;
+  }
+  Dot16RowsFp16x64<4>(qs, kh.data(), dots);
+  _mm512_store_ps(got, dots[3]);
+  _mm512_store_ps(want, Dot16Rows64(qs[3], kf.data()));
+  for (int j = 0; j < 16; ++j) EXPECT_EQ(got[j], want[j]) << "head 3 row " << j;
+}
 #endif
 
 }  // namespace
