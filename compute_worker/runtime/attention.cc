@@ -49,16 +49,12 @@ constexpr int kPrefetchBlocks = 32;
 // Asks for the whole page of block b (a page holds the block's keys, then
 // its values: KvCache's layout) into the caches.
 inline void PrefetchPage(const KvRows& rows, int b) {
-  const char* p = reinterpret_cast<const char*>(rows.pages[b]);
-  const size_t bytes = static_cast<size_t>(2) * rows.block_size * rows.dim * sizeof(uint16_t);
-  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  PrefetchBytes<2>(rows.pages[b], static_cast<size_t>(2) * rows.block_size * rows.dim * sizeof(uint16_t));
 }
 
 // Asks for rows [t, t + n) of `rows` (within one block) into the caches.
 inline void PrefetchRows(const KvRows& rows, int t, int n) {
-  const char* p = reinterpret_cast<const char*>(rows.row(t));
-  const size_t bytes = static_cast<size_t>(n) * rows.dim * sizeof(uint16_t);
-  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  PrefetchBytes<2>(rows.row(t), static_cast<size_t>(n) * rows.dim * sizeof(uint16_t));
 }
 
 // scores[g][t] = scale * q_g . k_t for keys [0, n) in chunks of 16, head dim

@@ -17,6 +17,16 @@
 
 namespace psa {
 
+// Asks for [p, p + bytes) into the caches: kLocality 3 (T0) into L1, for
+// what is read next; 2 (T1) into L2, for what is read further ahead.
+// Always inlined, and so must be any lambda around it: GCC counts a call to
+// a function that only prefetches as free of effects and deletes it.
+template <int kLocality>
+__attribute__((always_inline)) inline void PrefetchBytes(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, kLocality);
+}
+
 // dst[0..n) = fp16 src[0..n) as fp32.
 __attribute__((always_inline)) inline void Fp16RowToFp32(const uint16_t* src, float* dst, int n) {
   int i = 0;

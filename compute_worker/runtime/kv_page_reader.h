@@ -43,6 +43,11 @@ class KvPageReader {
   // resident[i] = whether block first + i can be read without a fetch
   // (always, without a pool; else a snapshot of the pool).
   void Resident(int first, int n, uint8_t* resident) const;
+  // Block b's page if it can be read now without waiting (private, or a
+  // pool hit that Prefetch() pinned), else null: for CPU prefetches.
+  const uint16_t* PageIfReady(int b) const {
+    return paged_ ? (waiting_[b] ? nullptr : ptr_[b]) : direct_[b];
+  }
   // Block b's page (K then V), waiting for it if it is being fetched.
   const uint16_t* Page(int b) { return paged_ ? WaitPage(b) : direct_[b]; }
   // Rows over every block Page() was called for.

@@ -448,12 +448,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       }
     }
   };
-  // Blocks come in score order, scattered over memory: without a pool, ask
-  // for the next one's page while this one computes.
-  auto prefetch_page = [&](int b) {
-    if (kv.paged()) return;
-    const char* p = reinterpret_cast<const char*>(kv.Page(task.layer, task.kv_head, b));
-    for (size_t off = 0; off < kv.page_bytes(); off += 64) __builtin_prefetch(p + off);
+  // Blocks come in score order, scattered over memory: ask for the next
+  // one's page into the CPU caches while this one computes (pool pages
+  // being fetched are skipped: the fetch writes them). Always inlined, or
+  // GCC deletes the call (see PrefetchBytes).
+  auto prefetch_page = [&](int b) __attribute__((always_inline)) {
+    if (const uint16_t* p = reader.PageIfReady(b)) PrefetchBytes<3>(p, kv.page_bytes());
   };
 
   // With a pool, pages not resident are fetched: ask early so transfers
