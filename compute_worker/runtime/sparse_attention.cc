@@ -99,8 +99,39 @@ void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState
 
 // acc_g += sum_t p[g * stride + t] * v_t over the 16 rows of a full block,
 // head dim 64, for the group's active heads.
+template <int kGroup>
+void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* heads) {
+  __m512 a[kGroup][4];
+  for (int g = 0; g < kGroup; ++g)
+    for (int j = 0; j < 4; ++j) a[g][j] = _mm512_loadu_ps(heads[g].acc.data() + 16 * j);
+  for (int t = 0; t < 16; ++t, v += 64) {
+    __m512 vv[4];
+    for (int j = 0; j < 4; ++j) {
+      vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
+    }
+    for (int g = 0; g < kGroup; ++g) {
+      const __m512 pt = _mm512_set1_ps(p[static_cast<size_t>(g) * stride + t]);
+      for (int j = 0; j < 4; ++j) a[g][j] = _mm512_fmadd_ps(pt, vv[j], a[g][j]);
+    }
+  }
+  for (int g = 0; g < kGroup; ++g)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(heads[g].acc.data() + 16 * j, a[g][j]);
+}
+
 void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* heads,
                       int group) {
+  // As BlockScores16x64: each row converted once, in registers.
+  bool all_active = true;
+  for (int g = 0; g < group; ++g) all_active = all_active && heads[g].active;
+  if (all_active) {
+    switch (group) {
+      case 1: return BlockValues16x64<1>(v, p, stride, heads);
+      case 2: return BlockValues16x64<2>(v, p, stride, heads);
+      case 3: return BlockValues16x64<3>(v, p, stride, heads);
+      case 4: return BlockValues16x64<4>(v, p, stride, heads);
+      default: break;
+    }
+  }
   alignas(64) float vf[16 * 64];
   Fp16RowToFp32(v, vf, 16 * 64);
   for (int g = 0; g < group; ++g) {
