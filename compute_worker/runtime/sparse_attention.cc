@@ -73,13 +73,19 @@ void BlockScores16x64(const uint16_t* k, const float* const* qs, float scale, fl
   }
 }
 
+// Usually every head of the group is active (a stopped head attends on
+// with share_reads): the block kernels then convert each row once, in
+// registers, for all of them.
+bool AllActive(const HeadState* heads, int group) {
+  for (int g = 0; g < group; ++g) {
+    if (!heads[g].active) return false;
+  }
+  return true;
+}
+
 void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState* heads,
                       int group, float scale, float* s, int stride) {
-  // Usually every head is active (a stopped head attends on with
-  // share_reads): convert each row once for all of them.
-  bool all_active = true;
-  for (int g = 0; g < group; ++g) all_active = all_active && heads[g].active;
-  if (all_active) {
+  if (AllActive(heads, group)) {
     switch (group) {
       case 1: return BlockScores16x64<1>(k, qs, scale, s, stride);
       case 2: return BlockScores16x64<2>(k, qs, scale, s, stride);
@@ -120,10 +126,7 @@ void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* 
 
 void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* heads,
                       int group) {
-  // As BlockScores16x64: each row converted once, in registers.
-  bool all_active = true;
-  for (int g = 0; g < group; ++g) all_active = all_active && heads[g].active;
-  if (all_active) {
+  if (AllActive(heads, group)) {
     switch (group) {
       case 1: return BlockValues16x64<1>(v, p, stride, heads);
       case 2: return BlockValues16x64<2>(v, p, stride, heads);
