@@ -446,7 +446,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       HeadState& h = heads[g];
       if (!h.active) continue;
       float* s = &scores[g * B];
-      const float bm = *std::max_element(s, s + n);
+      const float bm = MaxF32(s, n);
       if (bm > h.m) {
         const float r = std::exp(h.m - bm);  // 0 on the first block
         h.l *= r;
