@@ -100,13 +100,9 @@ int Scores64(const KvSource& keys, const float* q16, int n, float scale, float* 
 // Scores64 for a run-time group size of 1-4; 0 keys done for others.
 int Scores64(const KvSource& keys, const float* q16, int group, int n, float scale, float* scores,
              int stride) {
-  switch (group) {
-    case 1: return Scores64<1>(keys, q16, n, scale, scores, stride);
-    case 2: return Scores64<2>(keys, q16, n, scale, scores, stride);
-    case 3: return Scores64<3>(keys, q16, n, scale, scores, stride);
-    case 4: return Scores64<4>(keys, q16, n, scale, scores, stride);
-    default: return 0;
-  }
+  int done = 0;
+  WithGroup(group, [&](auto g) { done = Scores64<decltype(g)::value>(keys, q16, n, scale, scores, stride); });
+  return done;
 }
 
 // out[g] = sum_t p[g][t] * v[t] for head_dim 64 and kGroup heads, with the
@@ -118,18 +114,12 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
   __m512 acc[kGroup][4];
   for (auto& a : acc)
     for (auto& x : a) x = _mm512_setzero_ps();
-  const auto accumulate = [&](int t, const __m512(&vv)[4]) __attribute__((always_inline)) {
-    for (int g = 0; g < kGroup; ++g) {
-      const __m512 pg = _mm512_set1_ps(p[static_cast<size_t>(g) * p_stride + t]);
-      for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
-    }
-  };
   if (values.f32 != nullptr) {
     for (int t = 0; t < n_keys; ++t) {
       const float* v = values.f32 + static_cast<size_t>(t) * 64;
       const __m512 vv[4] = {_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16),
                             _mm512_loadu_ps(v + 32), _mm512_loadu_ps(v + 48)};
-      accumulate(t, vv);
+      AccumulateRow64<kGroup>(p + t, p_stride, vv, acc);
     }
   } else {
     for (int t0 = 0; t0 < n_keys; t0 += block_size) {  // rows contiguous within a block
@@ -138,10 +128,8 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
       const uint16_t* v = values.rows->row(t0);
       for (int t = t0; t < std::min(n_keys, t0 + block_size); ++t, v += 64) {
         __m512 vv[4];
-        for (int j = 0; j < 4; ++j) {
-          vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
-        }
-        accumulate(t, vv);
+        Fp16Row64(v, vv);
+        AccumulateRow64<kGroup>(p + t, p_stride, vv, acc);
       }
     }
   }
@@ -149,17 +137,6 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * 64 + 16 * j, acc[g][j]);
 }
 
-// AccumulateValues64 for a run-time group size of 1-4; false for others.
-bool AccumulateValues64(const KvSource& values, int block_size, const float* p, int p_stride,
-                        int n_keys, int group, float* out) {
-  switch (group) {
-    case 1: AccumulateValues64<1>(values, block_size, p, p_stride, n_keys, out); return true;
-    case 2: AccumulateValues64<2>(values, block_size, p, p_stride, n_keys, out); return true;
-    case 3: AccumulateValues64<3>(values, block_size, p, p_stride, n_keys, out); return true;
-    case 4: AccumulateValues64<4>(values, block_size, p, p_stride, n_keys, out); return true;
-    default: return false;
-  }
-}
 #endif
 
 // Query rows [0, n_q) of the task; row i attends to keys [0, q_pos0 + i].
@@ -215,8 +192,10 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
     }
     float* out0 = task.out + static_cast<size_t>(i) * task.out_stride;
 #if defined(__AVX512F__)
-    if (d == 64 &&
-        AccumulateValues64(vsrc, values.block_size, scores.data(), n_keys_max, n_keys, group, out0)) {
+    if (d == 64 && WithGroup(group, [&](auto g) {
+          AccumulateValues64<decltype(g)::value>(vsrc, values.block_size, scores.data(), n_keys_max,
+                                                 n_keys, out0);
+        })) {
       continue;
     }
 #endif

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "compute_worker/model/ggml_types.h"
 
@@ -25,6 +26,20 @@ template <int kLocality>
 __attribute__((always_inline)) inline void PrefetchBytes(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, kLocality);
+}
+
+// Runs fn(std::integral_constant<int, G>{}) for a run-time GQA group size
+// G of 1-4, so that kernels can keep every head's accumulators in
+// registers (G a template argument); false, doing nothing, for others.
+template <typename Fn>
+bool WithGroup(int group, Fn&& fn) {
+  switch (group) {
+    case 1: fn(std::integral_constant<int, 1>{}); return true;
+    case 2: fn(std::integral_constant<int, 2>{}); return true;
+    case 3: fn(std::integral_constant<int, 3>{}); return true;
+    case 4: fn(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
 }
 
 // dst[0..n) = fp16 src[0..n) as fp32.
@@ -236,6 +251,25 @@ inline __m512 Dot16Rows64(const float* q, const float* k) {
   return SumEach16(acc);
 }
 
+// The 64 fp16 values at r as 4 vectors of fp32.
+__attribute__((always_inline)) inline void Fp16Row64(const uint16_t* r, __m512 (&out)[4]) {
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16 * i)));
+  }
+}
+
+// acc[g] += p[g * p_stride] * v for g < kGroup: one value row (64 dims)
+// into every head's accumulators.
+template <int kGroup>
+__attribute__((always_inline)) inline void AccumulateRow64(const float* p, size_t p_stride,
+                                                           const __m512 (&v)[4],
+                                                           __m512 (&acc)[kGroup][4]) {
+  for (int g = 0; g < kGroup; ++g) {
+    const __m512 pg = _mm512_set1_ps(p[g * p_stride]);
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(pg, v[j], acc[g][j]);
+  }
+}
+
 // out[g] lane j: q[g] . k_j for g < kGroup and 16 fp16 rows k_j of 64
 // values (row j at k + 64 j), bit-equal to Dot16Rows64 on the rows as
 // fp32. Each row is converted once, in registers, for every head, and the
@@ -247,11 +281,8 @@ __attribute__((always_inline)) inline void Dot16RowsFp16x64(const float* const* 
   for (int quad = 0; quad < 4; ++quad) {
     __m512 v[kGroup][4];
     for (int r = 0; r < 4; ++r) {
-      const uint16_t* kj = k + (quad * 4 + r) * 64;
       __m512 kv[4];
-      for (int i = 0; i < 4; ++i) {
-        kv[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj + 16 * i)));
-      }
+      Fp16Row64(k + (quad * 4 + r) * 64, kv);
       for (int g = 0; g < kGroup; ++g) v[g][r] = RowPartials64(q[g], kv[0], kv[1], kv[2], kv[3]);
     }
     for (int g = 0; g < kGroup; ++g) w[g][quad] = SumEach4(v[g][0], v[g][1], v[g][2], v[g][3]);

@@ -85,14 +85,10 @@ bool AllActive(const HeadState* heads, int group) {
 
 void BlockScores16x64(const uint16_t* k, const float* const* qs, const HeadState* heads,
                       int group, float scale, float* s, int stride) {
-  if (AllActive(heads, group)) {
-    switch (group) {
-      case 1: return BlockScores16x64<1>(k, qs, scale, s, stride);
-      case 2: return BlockScores16x64<2>(k, qs, scale, s, stride);
-      case 3: return BlockScores16x64<3>(k, qs, scale, s, stride);
-      case 4: return BlockScores16x64<4>(k, qs, scale, s, stride);
-      default: break;
-    }
+  if (AllActive(heads, group) && WithGroup(group, [&](auto g) {
+        BlockScores16x64<decltype(g)::value>(k, qs, scale, s, stride);
+      })) {
+    return;
   }
   alignas(64) float kf[16 * 64];
   Fp16RowToFp32(k, kf, 16 * 64);
@@ -112,13 +108,8 @@ void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* 
     for (int j = 0; j < 4; ++j) a[g][j] = _mm512_loadu_ps(heads[g].acc.data() + 16 * j);
   for (int t = 0; t < 16; ++t, v += 64) {
     __m512 vv[4];
-    for (int j = 0; j < 4; ++j) {
-      vv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
-    }
-    for (int g = 0; g < kGroup; ++g) {
-      const __m512 pt = _mm512_set1_ps(p[static_cast<size_t>(g) * stride + t]);
-      for (int j = 0; j < 4; ++j) a[g][j] = _mm512_fmadd_ps(pt, vv[j], a[g][j]);
-    }
+    Fp16Row64(v, vv);
+    AccumulateRow64<kGroup>(p + t, stride, vv, a);
   }
   for (int g = 0; g < kGroup; ++g)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(heads[g].acc.data() + 16 * j, a[g][j]);
@@ -126,14 +117,10 @@ void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* 
 
 void BlockValues16x64(const uint16_t* v, const float* p, int stride, HeadState* heads,
                       int group) {
-  if (AllActive(heads, group)) {
-    switch (group) {
-      case 1: return BlockValues16x64<1>(v, p, stride, heads);
-      case 2: return BlockValues16x64<2>(v, p, stride, heads);
-      case 3: return BlockValues16x64<3>(v, p, stride, heads);
-      case 4: return BlockValues16x64<4>(v, p, stride, heads);
-      default: break;
-    }
+  if (AllActive(heads, group) && WithGroup(group, [&](auto g) {
+        BlockValues16x64<decltype(g)::value>(v, p, stride, heads);
+      })) {
+    return;
   }
   alignas(64) float vf[16 * 64];
   Fp16RowToFp32(v, vf, 16 * 64);
