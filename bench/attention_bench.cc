@@ -1,8 +1,10 @@
-// attention_bench: decode-attention kernels on one thread.
-//   - dense: GB/s of fp16 KV read, against this machine's read bandwidth
-//     measured in the same run, with the two limits it sits between: the
-//     same pages read with no arithmetic (memory alone), and the kernel on
-//     a KV that stays in the caches (arithmetic alone);
+// attention_bench: decode-attention kernels, on one thread or (--threads T)
+// as a decode step of T sequences on T threads, every KV head a task as the
+// worker schedules them.
+//   - dense: GB/s of fp16 KV read, against the read bandwidth of as many
+//     cores measured in the same run, with the two limits it sits between:
+//     the same pages read with no arithmetic (memory alone), and the kernel
+//     on one core on a KV that stays in the caches (arithmetic alone);
 //   - topk and psa: time per step against dense at the same context, and
 //     PSA's selection overhead (block scoring, ranking, bookkeeping) as a
 //     share of its step, measured as the step time of a PSA selection
@@ -17,6 +19,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <omp.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -33,6 +37,9 @@ ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");
 ABSL_FLAG(double, hot_fraction, 0.03, "Fraction of blocks the query aligns with.");
 ABSL_FLAG(double, epsilon, 0.95, "PSA epsilon.");
 ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
+ABSL_FLAG(int, threads, 1,
+          "Threads: a decode step of this many sequences (copies of one cache), measured "
+          "against the read bandwidth of as many cores (0: every core).");
 
 namespace psa {
 namespace {
@@ -52,18 +59,24 @@ double Time(int reps, Fn fn) {
   return best;
 }
 
-// Seconds to read floats [buf, buf + n) once on one core (sums them).
-double TimeRead(const float* buf, size_t n) {
+// Seconds to read floats [buf, buf + n) once on `threads` cores, each
+// summing its share.
+double TimeRead(const float* buf, size_t n, int threads) {
   volatile float sink = 0;
   const double s = Time(1, [&] {
-    float acc[16] = {};
-    for (size_t i = 0; i + 16 <= n; i += 16) {
+#pragma omp parallel num_threads(threads)
+    {
+      const size_t per = n / omp_get_num_threads() / 16 * 16;
+      const float* mine = buf + omp_get_thread_num() * per;
+      float acc[16] = {};
+      for (size_t i = 0; i < per; i += 16) {
 #pragma omp simd
-      for (int k = 0; k < 16; ++k) acc[k] += buf[i + k];
+        for (int k = 0; k < 16; ++k) acc[k] += mine[i + k];
+      }
+      float t = 0;
+      for (float a : acc) t += a;
+      sink = t;
     }
-    float t = 0;
-    for (float a : acc) t += a;
-    sink = t;
   });
   (void)sink;
   return s;
@@ -128,9 +141,12 @@ KvCache PeakedCache(int length, double hot_fraction, const std::vector<float>& d
 
 int main(int argc, char** argv) {
   using namespace psa;
-  absl::SetProgramUsageMessage("Decode-attention kernel benchmark (one thread).");
+  absl::SetProgramUsageMessage(
+      "Decode-attention kernel benchmark: one thread, or a step of --threads sequences.");
   absl::ParseCommandLine(argc, argv);
   const int reps = absl::GetFlag(FLAGS_reps);
+  const int threads =
+      absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : omp_get_num_procs();
   std::vector<int> contexts;
   for (absl::string_view c : absl::StrSplit(absl::GetFlag(FLAGS_contexts), ',', absl::SkipEmpty())) {
     int v;
@@ -140,8 +156,8 @@ int main(int argc, char** argv) {
     }
     contexts.push_back(v / kBlock * kBlock);
   }
-  // Read bandwidth of one core, measured next to each dense timing (best of
-  // the same repetitions) since the machine's speed drifts during a run.
+  // Read bandwidth of `threads` cores, measured next to each dense timing
+  // (best of the same repetitions) since the machine's speed drifts.
   // In huge pages, as the KV cache's pages are.
   const size_t bw_floats = (size_t{512} << 20) / sizeof(float);
   const PageSlab bw_slab = AllocatePageSlab(bw_floats * sizeof(float));
@@ -151,33 +167,42 @@ int main(int argc, char** argv) {
   std::vector<float> dir(kDim);
   for (int i = 0; i < kDim; ++i) dir[i] = (i % 3 ? 1.0f : -1.0f) / 8.0f;
   const AttentionShape shape{kKvHeads * kGroup, kKvHeads, kDim, 0.125f};
-  std::vector<float> q(kGroup * kDim), out(kGroup * kDim);
+  std::vector<float> q(kGroup * kDim);
   std::mt19937 rng(7);
   std::normal_distribution<float> n(0.0f, 0.3f);
   for (int g = 0; g < kGroup; ++g)
     for (int i = 0; i < kDim; ++i) q[g * kDim + i] = 8.0f * dir[i] + n(rng);
-  std::vector<HeadStepStats> stats(kGroup);
-  // One decode step of every KV head of kv; *frac: the share of blocks read.
-  auto run_step = [&](const KvCache& kv, const AttentionBackend& b, double* frac) {
-    int touched = 0, total = 0;
-    for (int h = 0; h < kKvHeads; ++h) {
+  // One decode step of every KV head of every cache in `batch`, each (cache,
+  // head) a task on `nt` threads; *frac: the share of blocks read.
+  auto run_batch = [&](const std::vector<const KvCache*>& batch, const AttentionBackend& b,
+                       int nt, double* frac) {
+    const int tasks = static_cast<int>(batch.size()) * kKvHeads;
+    std::vector<float> out(static_cast<size_t>(tasks) * kGroup * kDim);
+    std::vector<HeadStepStats> stats(static_cast<size_t>(tasks) * kGroup);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int i = 0; i < tasks; ++i) {
+      const KvCache& kv = *batch[i / kKvHeads];
       AttentionTask t;
       t.kv = &kv;
-      t.kv_head = h;
+      t.kv_head = i % kKvHeads;
       t.q_pos0 = kv.length() - 1;
       t.n_q = 1;
       t.q = q.data();
       t.q_stride = kGroup * kDim;
-      t.out = out.data();
+      t.out = &out[static_cast<size_t>(i) * kGroup * kDim];
       t.out_stride = kGroup * kDim;
-      t.stats = stats.data();
+      t.stats = &stats[static_cast<size_t>(i) * kGroup];
       b.Run(shape, t);
-      for (const HeadStepStats& s : stats) {
-        touched += s.blocks_touched;
-        total += s.blocks_total;
-      }
+    }
+    int touched = 0, total = 0;
+    for (const HeadStepStats& s : stats) {
+      touched += s.blocks_touched;
+      total += s.blocks_total;
     }
     if (frac) *frac = static_cast<double>(touched) / total;
+  };
+  auto run_step = [&](const KvCache& kv, const AttentionBackend& b, double* frac) {
+    run_batch({&kv}, b, 1, frac);
   };
   {
     // The arithmetic alone: a 1K-token cache (768 KiB) stays in L2 when
@@ -191,13 +216,24 @@ int main(int argc, char** argv) {
     std::printf("dense on a cache-resident KV (1024 tokens, stepped %d times): %.2f GB/s\n", inner,
                 2.0 * kKvHeads * 1024 * kDim * sizeof(uint16_t) / t / 1e9);
   }
+  if (threads > 1) {
+    std::printf("a step of %d sequences on %d threads (bw: %d cores reading)\n", threads, threads,
+                threads);
+  }
   std::printf("%8s %10s %8s %8s %7s %9s | %10s %8s %8s | %10s %8s %8s %9s\n", "context", "dense ms",
               "GB/s", "bw GB/s", "of bw", "pages GB/s", "topk ms", "vs dense", "KV frac", "psa ms",
               "vs dense", "KV frac", "overhead");
 
   for (int ctx : contexts) {
+    // The batch: the cache and threads - 1 copies of it (same content,
+    // other memory: every thread reads its own sequence from memory).
     const KvCache kv = PeakedCache(ctx, absl::GetFlag(FLAGS_hot_fraction), dir);
-    auto step = [&](const AttentionBackend& b, double* frac) { run_step(kv, b, frac); };
+    const std::vector<KvCache> copies(threads - 1, kv);
+    std::vector<const KvCache*> batch = {&kv};
+    for (const KvCache& c : copies) batch.push_back(&c);
+    auto step = [&](const AttentionBackend& b, double* frac) {
+      run_batch(batch, b, threads, frac);
+    };
     DenseAttention dense;
     AttentionPolicy pp;
     pp.kind = AttentionPolicy::Kind::kPsa;
@@ -223,10 +259,13 @@ int main(int argc, char** argv) {
 
     double td = 1e30, tbw = 1e30, tpages = 1e30;
     for (int r = 0; r < reps; ++r) {  // interleaved: all see the same machine, each after a sweep
-      tbw = std::min(tbw, TimeRead(bw_buf, bw_floats));
+      tbw = std::min(tbw, TimeRead(bw_buf, bw_floats, threads));
       td = std::min(td, Time(1, [&] { step(dense, nullptr); }));
-      tbw = std::min(tbw, TimeRead(bw_buf, bw_floats));
-      tpages = std::min(tpages, TimePagePattern(kv));
+      tbw = std::min(tbw, TimeRead(bw_buf, bw_floats, threads));
+      tpages = std::min(tpages, Time(1, [&] {
+#pragma omp parallel for num_threads(threads)
+        for (int i = 0; i < threads; ++i) TimePagePattern(*batch[i]);
+      }));
     }
     const double bandwidth = bw_floats * sizeof(float) / tbw;
     double topk_frac = 0;
@@ -234,7 +273,7 @@ int main(int argc, char** argv) {
     const double tt = Time(reps, [&] { step(topk, nullptr); });
     const double tp_ = Time(reps, [&] { step(psa, nullptr); });
     const double ts = Time(reps, [&] { step(selection, nullptr); });
-    const double bytes = 2.0 * kKvHeads * ctx * kDim * sizeof(uint16_t);
+    const double bytes = 2.0 * threads * kKvHeads * ctx * kDim * sizeof(uint16_t);
     std::printf("%8d %10.3f %8.2f %8.2f %6.0f%% %10.2f | %10.3f %8.3f %8.3f | %10.3f %8.3f %8.3f %8.0f%%\n",
                 ctx, td * 1e3, bytes / td / 1e9, bandwidth / 1e9, 100 * bytes / td / bandwidth,
                 bytes / tpages / 1e9, tt * 1e3, tt / td, topk_frac, tp_ * 1e3, tp_ / td, psa_frac,

@@ -45,6 +45,9 @@ struct KvSource {
 // the hardware prefetcher, which stops at page boundaries, leaves a single
 // core far below its read bandwidth on long contexts.
 constexpr int kPrefetchBlocks = 32;
+// Keys whose probabilities the value pass makes at a time (rounded to whole
+// blocks): 4 KiB per head, read back from L1.
+constexpr int kValueChunk = 1024;
 
 // Asks for the whole page of block b (a page holds the block's keys, then
 // its values: KvCache's layout) into the caches.
@@ -108,14 +111,28 @@ int Scores64(const KvSource& keys, const float* q16, int group, int n, float sca
 // out[g] = sum_t p[g][t] * v[t] for head_dim 64 and kGroup heads, with the
 // 4 x 16-float accumulators of every head kept in registers across keys
 // (the group size is a template argument so that they are not spilled).
+// p[g][t] is first made inv[g] * p[g][t] rounded to fp16 (ScaleRoundToFp16),
+// a chunk of keys at a time, so that the value pass reads them from L1: the
+// scores of a long context outgrow L2.
 template <int kGroup>
-void AccumulateValues64(const KvSource& values, int block_size, const float* p, int p_stride,
-                        int n_keys, float* out) {
+void AccumulateValues64(const KvSource& values, int block_size, const float* inv, float* p,
+                        int p_stride, int n_keys, float* out) {
+  const int chunk = std::max(1, kValueChunk / block_size) * block_size;
+  int rounded = 0;  // p[.][0, rounded) are probabilities
+  auto round_upto = [&](int t) __attribute__((always_inline)) {
+    if (t <= rounded) return;
+    const int end = std::min(n_keys, rounded + chunk);
+    for (int g = 0; g < kGroup; ++g) {
+      ScaleRoundToFp16(inv[g], p + static_cast<size_t>(g) * p_stride + rounded, end - rounded);
+    }
+    rounded = end;
+  };
   __m512 acc[kGroup][4];
   for (auto& a : acc)
     for (auto& x : a) x = _mm512_setzero_ps();
   if (values.f32 != nullptr) {
     for (int t = 0; t < n_keys; ++t) {
+      round_upto(t + 1);
       const float* v = values.f32 + static_cast<size_t>(t) * 64;
       const __m512 vv[4] = {_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16),
                             _mm512_loadu_ps(v + 32), _mm512_loadu_ps(v + 48)};
@@ -125,6 +142,7 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* p, 
     for (int t0 = 0; t0 < n_keys; t0 += block_size) {  // rows contiguous within a block
       const int pf = t0 + kPrefetchBlocks * block_size;
       if (pf < n_keys) PrefetchRows(*values.rows, pf, std::min(block_size, n_keys - pf));
+      round_upto(t0 + 1);
       const uint16_t* v = values.rows->row(t0);
       for (int t = t0; t < std::min(n_keys, t0 + block_size); ++t, v += 64) {
         __m512 vv[4];
@@ -186,19 +204,20 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
       const double sum = ExpShiftSum(s, n_keys, MaxF32(s, n_keys));
       inv[g] = static_cast<float>(1.0 / sum);
     }
-    // Probabilities, normalised and rounded to fp16 as llama.cpp does.
-    for (int g = 0; g < group; ++g) {
-      ScaleRoundToFp16(inv[g], &scores[static_cast<size_t>(g) * n_keys_max], n_keys);
-    }
+    // Probabilities, normalised and rounded to fp16 as llama.cpp does (the
+    // AVX-512 value pass does it as it goes).
     float* out0 = task.out + static_cast<size_t>(i) * task.out_stride;
 #if defined(__AVX512F__)
     if (d == 64 && WithGroup(group, [&](auto g) {
-          AccumulateValues64<decltype(g)::value>(vsrc, values.block_size, scores.data(), n_keys_max,
-                                                 n_keys, out0);
+          AccumulateValues64<decltype(g)::value>(vsrc, values.block_size, inv, scores.data(),
+                                                 n_keys_max, n_keys, out0);
         })) {
       continue;
     }
 #endif
+    for (int g = 0; g < group; ++g) {
+      ScaleRoundToFp16(inv[g], &scores[static_cast<size_t>(g) * n_keys_max], n_keys);
+    }
     std::fill(out0, out0 + group * d, 0.0f);
     for (int t = 0; t < n_keys; ++t) {
       const float* v = vsrc.Row(t, row.data());

@@ -365,6 +365,43 @@ std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionSh
   return out;
 }
 
+// Dense's value pass makes probabilities a chunk of keys at a time: across
+// chunk boundaries (and a partial last block) the rows of a prompt still
+// equal their decode steps bit for bit, and both stay close to attention
+// computed in doubles.
+TEST(SparseAttentionTest, DenseRowsOfAPromptEqualTheirDecodeStepsOverManyValueChunks) {
+  const int length = 3000, rows = 5, group = 3;
+  KvCache kv = RandomCache(1, length, 16, 43);
+  const AttentionShape shape{group, 1, kHeadDim, 0.125f};
+  const std::vector<float> qv = RandomQuery(rows * group, 6);
+  const DenseAttention dense;
+  const std::vector<float> out = AttendRows(dense, shape, kv, qv.data(), rows, rows);
+  const int width = group * kHeadDim;
+  for (int r = 0; r < rows; ++r) {
+    const int end = length - rows + r + 1;
+    const std::vector<float> one = AttendRows(dense, shape, kv, qv.data() + r * width, 1, 1, nullptr, end);
+    EXPECT_EQ(std::vector<float>(out.begin() + r * width, out.begin() + (r + 1) * width), one)
+        << "row " << r;
+    for (int g = 0; g < group; ++g) {
+      const float* q = qv.data() + r * width + g * kHeadDim;
+      std::vector<double> s(end);
+      double m = -INFINITY, sum = 0;
+      for (int t = 0; t < end; ++t) {
+        double dot = 0;
+        for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.KeySlot(0, 0, t)[i]);
+        s[t] = dot * shape.scale;
+        m = std::max(m, s[t]);
+      }
+      for (double& x : s) sum += (x = std::exp(x - m));
+      std::vector<float> ref(kHeadDim), got(one.begin() + g * kHeadDim, one.begin() + (g + 1) * kHeadDim);
+      for (int t = 0; t < end; ++t) {
+        for (int i = 0; i < kHeadDim; ++i) ref[i] += s[t] / sum * Fp16ToFp32(kv.ValueSlot(0, 0, t)[i]);
+      }
+      EXPECT_LT(RelErr(got, ref), 5e-3) << "row " << r << " head " << g;
+    }
+  }
+}
+
 TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWould) {
   const int length = 4096, block = 16, rows = 8;
   // Every 16th block "hot"; the prompt's rows look for them.
