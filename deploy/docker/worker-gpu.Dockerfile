@@ -1,6 +1,8 @@
 # The worker for GPU nodes (deploy/k8s/overlays/gpu), on NVIDIA's CUDA base
 # images (Ubuntu 24.04: the same gRPC 1.51 and Abseil as Debian bookworm);
-# the build compiles the CUDA targets where nvcc is present.
+# the build compiles the CUDA targets where nvcc is present. There are none
+# yet: until a CUDA backend lands, this image runs the CPU kernels and the
+# GPU it is given sits idle.
 #   docker build -f deploy/docker/worker-gpu.Dockerfile -t psa-serve/worker-gpu:0.1.0 .
 
 FROM nvidia/cuda:12.6.3-devel-ubuntu24.04 AS build
