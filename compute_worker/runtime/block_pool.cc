@@ -10,7 +10,8 @@ namespace psa {
 BlockPool::BlockPool(uint64_t capacity_bytes, size_t page_bytes)
     : page_bytes_(page_bytes),
       capacity_slots_(page_bytes ? capacity_bytes / page_bytes : 0),
-      slots_(capacity_slots_) {
+      slots_(capacity_slots_),
+      generations_(new std::atomic<uint32_t>[capacity_slots_]()) {
   stats_.capacity_slots = capacity_slots_;
 }
 
@@ -18,8 +19,8 @@ BlockPool::~BlockPool() = default;
 
 BlockPool::Slot* BlockPool::Find(Handle h) {
   if (!h.valid() || h.slot >= slots_.size()) return nullptr;
-  Slot& s = slots_[h.slot];
-  return s.generation == h.generation ? &s : nullptr;
+  return generations_[h.slot].load(std::memory_order_relaxed) == h.generation ? &slots_[h.slot]
+                                                                              : nullptr;
 }
 
 void BlockPool::LruPush(uint32_t slot, int end) {
@@ -72,12 +73,13 @@ absl::StatusOr<BlockPool::Handle> BlockPool::Allocate() {
         " slots hold pages that are pinned or not yet in the KV service"));
   }
   Slot& s = slots_[slot];
-  s.generation = next_generation_++;
+  const uint32_t generation = next_generation_++;
   if (next_generation_ == 0) next_generation_ = 1;  // 0 means "no allocation"
+  generations_[slot].store(generation, std::memory_order_relaxed);
   s.evictable = false;
   s.pins = 0;
   ++stats_.used;
-  return Handle{slot, s.generation};
+  return Handle{slot, generation};
 }
 
 void* BlockPool::TryPin(Handle h) {
@@ -93,9 +95,12 @@ void* BlockPool::TryPin(Handle h) {
   return s->data;
 }
 
-void BlockPool::Holding(absl::Span<const Handle> handles, uint8_t* held) {
-  absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < handles.size(); ++i) held[i] = Find(handles[i]) != nullptr;
+void BlockPool::Holding(absl::Span<const Handle> handles, uint8_t* held) const {
+  for (size_t i = 0; i < handles.size(); ++i) {
+    const Handle h = handles[i];
+    held[i] = h.valid() && h.slot < capacity_slots_ &&
+              generations_[h.slot].load(std::memory_order_relaxed) == h.generation;
+  }
 }
 
 void BlockPool::Unpin(Handle h) {
@@ -131,7 +136,7 @@ void BlockPool::Free(Handle h) {
   Slot* s = Find(h);
   if (s == nullptr) return;
   if (InLru(*s)) LruRemove(h.slot);
-  s->generation = 0;
+  generations_[h.slot].store(0, std::memory_order_relaxed);
   s->evictable = false;
   s->pins = 0;
   free_.push_back(h.slot);
@@ -143,7 +148,9 @@ BlockPool::Stats BlockPool::stats() {
   Stats s = stats_;
   s.evictable = lru_size_;
   s.pinned = 0;
-  for (const Slot& slot : slots_) s.pinned += slot.generation != 0 && slot.pins > 0;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    s.pinned += generations_[i].load(std::memory_order_relaxed) != 0 && slots_[i].pins > 0;
+  }
   return s;
 }
 

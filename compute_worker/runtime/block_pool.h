@@ -19,6 +19,7 @@
 #ifndef PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
 #define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -68,8 +69,9 @@ class BlockPool {
   void Unpin(Handle h);
   void Unpin(absl::Span<const Handle> handles);  // each, under one lock
   // held[i] = whether handles[i]'s page is still in the pool (a snapshot:
-  // it may be evicted right after). Changes no recency, counts no hit.
-  void Holding(absl::Span<const Handle> handles, uint8_t* held);
+  // it may be evicted right after). Changes no recency, counts no hit, and
+  // takes no lock: selection asks this of every candidate block.
+  void Holding(absl::Span<const Handle> handles, uint8_t* held) const;
   // Durable elsewhere now. `cold`: first in line for eviction (a page
   // fetched ahead but not read) instead of most recently used.
   void MarkEvictable(Handle h, bool cold = false);
@@ -80,7 +82,6 @@ class BlockPool {
  private:
   struct Slot {
     void* data = nullptr;
-    uint32_t generation = 0;  // of the current allocation; 0 while free
     bool evictable = false;
     int pins = 0;
     // Neighbours in the LRU list, link[kNewer] and link[kOlder] (slot
@@ -104,6 +105,10 @@ class BlockPool {
   absl::Mutex mu_;
   // Addresses of slots never change; the vector is sized once.
   std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
+  // Each slot's current allocation (0 while free): written under mu_, read
+  // without it by Holding(). Apart from slots_ so that those reads, one per
+  // candidate block, stay within a few cache lines (4 bytes a slot).
+  const std::unique_ptr<std::atomic<uint32_t>[]> generations_;
   std::vector<PageSlab> slabs_ ABSL_GUARDED_BY(mu_);
   uint64_t carved_ ABSL_GUARDED_BY(mu_) = 0;  // slots given memory so far
   uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;

@@ -36,6 +36,12 @@ TEST(BlockPoolTest, EvictsLeastRecentlyUsedDurableUnpinnedPages) {
   EXPECT_EQ(pool.stats().used, 4u);
   ASSERT_TRUE(pool.Allocate().ok());  // evicts 3
   ASSERT_TRUE(pool.Allocate().ok());  // evicts 0
+  // Holding() agrees with TryPin, and knows no handle that was never given.
+  const std::vector<BlockPool::Handle> asked = {pages[0], pages[1], pages[2], pages[3], *a,
+                                                BlockPool::Handle{}, BlockPool::Handle{99, 1}};
+  uint8_t held[7];
+  pool.Holding(asked, held);
+  EXPECT_EQ(std::vector<uint8_t>(held, held + 7), (std::vector<uint8_t>{0, 1, 0, 0, 1, 0, 0}));
   EXPECT_EQ(pool.TryPin(pages[3]), nullptr);
   EXPECT_EQ(pool.TryPin(pages[0]), nullptr);
   // Only the pinned page is left among the old ones: refused, not evicted.
