@@ -112,17 +112,6 @@ std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
   return t;
 }
 
-// max |a - b| relative to max |a|.
-double MaxRelativeDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double diff = 0, scale = 1e-30;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
-    scale = std::max(scale, static_cast<double>(std::fabs(a[i])));
-  }
-  return diff / scale;
-}
-
 TEST(RuntimeTest, MatchesReferenceWithFloatWeights) {
   testing::TinyModelSpec spec;
   spec.weight_type = GgmlType::kF32;
