@@ -17,11 +17,12 @@ BlockPool::BlockPool(uint64_t capacity_bytes, size_t page_bytes)
 
 BlockPool::~BlockPool() = default;
 
-BlockPool::Slot* BlockPool::Find(Handle h) {
-  if (!h.valid() || h.slot >= slots_.size()) return nullptr;
-  return generations_[h.slot].load(std::memory_order_relaxed) == h.generation ? &slots_[h.slot]
-                                                                              : nullptr;
+bool BlockPool::Current(Handle h) const {
+  return h.valid() && h.slot < capacity_slots_ &&
+         generations_[h.slot].load(std::memory_order_relaxed) == h.generation;
 }
+
+BlockPool::Slot* BlockPool::Find(Handle h) { return Current(h) ? &slots_[h.slot] : nullptr; }
 
 void BlockPool::LruPush(uint32_t slot, int end) {
   const int away = 1 - end;  // the direction from `end` into the list
@@ -96,11 +97,7 @@ void* BlockPool::TryPin(Handle h) {
 }
 
 void BlockPool::Holding(absl::Span<const Handle> handles, uint8_t* held) const {
-  for (size_t i = 0; i < handles.size(); ++i) {
-    const Handle h = handles[i];
-    held[i] = h.valid() && h.slot < capacity_slots_ &&
-              generations_[h.slot].load(std::memory_order_relaxed) == h.generation;
-  }
+  for (size_t i = 0; i < handles.size(); ++i) held[i] = Current(handles[i]);
 }
 
 void BlockPool::Unpin(Handle h) {

@@ -91,7 +91,9 @@ class BlockPool {
   };
   static constexpr uint32_t kNone = ~0u;
   static constexpr int kNewer = 0, kOlder = 1;
-  // The slot if `h` is its current allocation, else null.
+  // Whether `h` is its slot's current allocation (no lock needed: a
+  // snapshot); Find: that slot, or null.
+  bool Current(Handle h) const;
   Slot* Find(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool InLru(const Slot& s) const { return s.evictable && s.pins == 0; }
   void UnpinLocked(Handle h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
