@@ -28,9 +28,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "compute_worker/model/ggml_types.h"
-#include "compute_worker/runtime/fp16_kernels.h"
-#include "compute_worker/runtime/page_slab.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/kernels/fp16_kernels.h"
+#include "compute_worker/kv/page_slab.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 ABSL_FLAG(std::string, contexts, "8192,16384,32768,65536,131072", "Context lengths.");
 ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");

@@ -30,11 +30,11 @@
 #include "bench/haystack.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
-#include "compute_worker/runtime/block_pool.h"
-#include "compute_worker/runtime/cache_page_fetcher.h"
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/block_pool.h"
+#include "compute_worker/kv/cache_page_fetcher.h"
+#include "compute_worker/kv/kv_cache.h"
 #include "compute_worker/runtime/sampler.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (required).");
 ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files.");

@@ -20,7 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
-#include "compute_worker/runtime/matmul.h"
+#include "compute_worker/kernels/matmul.h"
 #include "compute_worker/runtime/sampler.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (required).");

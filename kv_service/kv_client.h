@@ -30,7 +30,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kv_service/fetch_wire.h"
-#include "kv_service/hash_ring.h"
+#include "common/hash_ring.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "proto/psa/v1/kv_service.grpc.pb.h"
 

@@ -3,7 +3,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "common/generate_stream_writer.h"
+#include "api/generate_stream_writer.h"
 #include "common/grpc_status.h"
 
 namespace psa {

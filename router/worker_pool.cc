@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/support/channel_arguments.h"
-#include "kv_service/hash_ring.h"
+#include "common/hash_ring.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
 
 namespace psa {

@@ -7,7 +7,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "compute_worker/runtime/kv_page_reader.h"
+#include "compute_worker/kv/kv_page_reader.h"
 
 namespace psa {
 namespace {

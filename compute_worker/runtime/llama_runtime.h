@@ -14,9 +14,9 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/attention.h"
-#include "compute_worker/runtime/kv_cache.h"
-#include "compute_worker/runtime/matmul.h"
+#include "compute_worker/attention/attention.h"
+#include "compute_worker/kv/kv_cache.h"
+#include "compute_worker/kernels/matmul.h"
 
 namespace psa {
 

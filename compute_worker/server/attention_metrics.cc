@@ -3,7 +3,7 @@
 #include <string>
 
 #include "absl/strings/str_format.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 namespace psa {
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/metrics.h"
-#include "compute_worker/runtime/attention.h"
+#include "compute_worker/attention/attention.h"
 
 namespace psa {
 

@@ -9,7 +9,7 @@
 
 #include "common/metrics.h"
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 #include "compute_worker/server/batch_scheduler.h"
 #include "compute_worker/server/prefix_store.h"
 #include "proto/psa/v1/generation.grpc.pb.h"

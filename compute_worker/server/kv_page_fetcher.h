@@ -5,7 +5,7 @@
 #define PSA_COMPUTE_WORKER_SERVER_KV_PAGE_FETCHER_H_
 
 #include "absl/time/time.h"
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 #include "kv_service/kv_client.h"
 
 namespace psa {

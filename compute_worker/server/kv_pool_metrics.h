@@ -6,8 +6,8 @@
 
 #include "absl/synchronization/mutex.h"
 #include "common/metrics.h"
-#include "compute_worker/runtime/block_pool.h"
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/block_pool.h"
+#include "compute_worker/kv/kv_cache.h"
 
 namespace psa {
 

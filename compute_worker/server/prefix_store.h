@@ -27,7 +27,7 @@
 #include "absl/types/span.h"
 #include "common/metrics.h"
 #include "compute_worker/model/tokenizer.h"
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 #include "kv_service/kv_client.h"
 
 namespace psa {

@@ -13,8 +13,8 @@
 #include "absl/strings/str_split.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
-#include "compute_worker/runtime/matmul.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/kernels/matmul.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 ABSL_FLAG(std::string, model, "", "Path to a GGUF model file (required).");
 ABSL_FLAG(std::string, prompt, "", "Prompt text. Use --prompt_file for long prompts.");

@@ -14,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"

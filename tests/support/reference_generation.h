@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 namespace psa::testing {
 

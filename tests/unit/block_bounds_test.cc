@@ -1,7 +1,7 @@
 // BlockBounds: the 8-bit box bound is still an upper bound of every key's
 // score (the certified stop relies on it), stays close to the exact fp16
 // box bound, and writes exactly the requested range.
-#include "compute_worker/runtime/block_bounds.h"
+#include "compute_worker/kv/block_bounds.h"
 
 #include <algorithm>
 #include <cmath>

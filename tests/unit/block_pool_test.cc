@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/block_pool.h"
+#include "compute_worker/kv/block_pool.h"
 
 #include <atomic>
 #include <cstdint>

@@ -1,6 +1,6 @@
 // BlockRanking: its lazily produced order equals a full sort by descending
 // score (ties to the lower index, NaN last), whatever the score pattern.
-#include "compute_worker/runtime/block_ranking.h"
+#include "compute_worker/attention/block_ranking.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,6 @@
 // The attention kernels' building blocks against plain scalar arithmetic,
 // including the masked tails (no write past n).
-#include "compute_worker/runtime/fp16_kernels.h"
+#include "compute_worker/kernels/fp16_kernels.h"
 
 #include <algorithm>
 #include <cmath>

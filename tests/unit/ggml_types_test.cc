@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "compute_worker/runtime/matmul.h"
+#include "compute_worker/kernels/matmul.h"
 #include "gtest/gtest.h"
 
 #if defined(__F16C__)

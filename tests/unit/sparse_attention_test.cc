@@ -1,5 +1,5 @@
 // Sparse attention policies against dense attention on synthetic KV caches.
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 #include <cmath>
 #include <cstring>
@@ -9,10 +9,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/ggml_types.h"
-#include "compute_worker/runtime/cache_page_fetcher.h"
+#include "compute_worker/kv/cache_page_fetcher.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/generator.h"
-#include "compute_worker/runtime/kv_page_reader.h"
+#include "compute_worker/kv/kv_page_reader.h"
 #include "gtest/gtest.h"
 #include "tests/unit/tiny_gguf.h"
 

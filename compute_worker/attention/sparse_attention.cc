@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/sparse_attention.h"
+#include "compute_worker/attention/sparse_attention.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,9 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/block_ranking.h"
-#include "compute_worker/runtime/fp16_kernels.h"
-#include "compute_worker/runtime/kv_page_reader.h"
+#include "compute_worker/attention/block_ranking.h"
+#include "compute_worker/kernels/fp16_kernels.h"
+#include "compute_worker/kv/kv_page_reader.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

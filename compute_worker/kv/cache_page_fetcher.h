@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 
 namespace psa {
 

@@ -24,7 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 
 namespace psa {
 

@@ -1,4 +1,4 @@
-#include "kv_service/hash_ring.h"
+#include "common/hash_ring.h"
 
 #include <algorithm>
 

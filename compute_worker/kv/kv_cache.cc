@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "common/generate_stream_writer.h"
+#include "api/generate_stream_writer.h"
 
 namespace psa {
 

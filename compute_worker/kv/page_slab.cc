@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/page_slab.h"
+#include "compute_worker/kv/page_slab.h"
 
 #include <sys/mman.h>
 

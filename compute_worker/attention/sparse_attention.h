@@ -28,7 +28,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "compute_worker/runtime/attention.h"
+#include "compute_worker/attention/attention.h"
 
 namespace psa {
 

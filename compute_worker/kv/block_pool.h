@@ -27,7 +27,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
-#include "compute_worker/runtime/page_slab.h"
+#include "compute_worker/kv/page_slab.h"
 
 namespace psa {
 

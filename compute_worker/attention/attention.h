@@ -7,7 +7,7 @@
 #include <memory>
 #include <string_view>
 
-#include "compute_worker/runtime/kv_cache.h"
+#include "compute_worker/kv/kv_cache.h"
 
 namespace psa {
 

@@ -1,11 +1,11 @@
-#include "compute_worker/runtime/matmul.h"
+#include "compute_worker/kernels/matmul.h"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
-#include "compute_worker/runtime/fp16_kernels.h"
+#include "compute_worker/kernels/fp16_kernels.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>

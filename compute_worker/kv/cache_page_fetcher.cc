@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/cache_page_fetcher.h"
+#include "compute_worker/kv/cache_page_fetcher.h"
 
 #include <cstring>
 

@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/block_ranking.h"
+#include "compute_worker/attention/block_ranking.h"
 
 #include <algorithm>
 #include <cmath>

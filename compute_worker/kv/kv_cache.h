@@ -29,9 +29,9 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "compute_worker/runtime/block_bounds.h"
-#include "compute_worker/runtime/block_pool.h"
-#include "compute_worker/runtime/page_slab.h"
+#include "compute_worker/kv/block_bounds.h"
+#include "compute_worker/kv/block_pool.h"
+#include "compute_worker/kv/page_slab.h"
 
 namespace psa {
 

@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/block_bounds.h"
+#include "compute_worker/kv/block_bounds.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/kv_page_reader.h"
+#include "compute_worker/kv/kv_page_reader.h"
 
 #include <algorithm>
 #include <cstring>

@@ -1,4 +1,4 @@
-#include "compute_worker/runtime/attention.h"
+#include "compute_worker/attention/attention.h"
 
 #include <algorithm>
 #include <cmath>
@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "compute_worker/model/llama_model.h"
-#include "compute_worker/runtime/fp16_kernels.h"
-#include "compute_worker/runtime/kv_page_reader.h"
+#include "compute_worker/kernels/fp16_kernels.h"
+#include "compute_worker/kv/kv_page_reader.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

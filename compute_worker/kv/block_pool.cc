@@ -1,9 +1,9 @@
-#include "compute_worker/runtime/block_pool.h"
+#include "compute_worker/kv/block_pool.h"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "compute_worker/runtime/page_slab.h"
+#include "compute_worker/kv/page_slab.h"
 
 namespace psa {
 
