@@ -6,8 +6,8 @@
 //
 // Lifetime: one reference for gRPC (dropped at OnDone) plus `producers`
 // references, each dropped with Unref(); the last one deletes the writer.
-#ifndef PSA_COMMON_GENERATE_STREAM_WRITER_H_
-#define PSA_COMMON_GENERATE_STREAM_WRITER_H_
+#ifndef PSA_API_GENERATE_STREAM_WRITER_H_
+#define PSA_API_GENERATE_STREAM_WRITER_H_
 
 #include "absl/synchronization/mutex.h"
 #include "proto/psa/v1/generation.pb.h"
@@ -47,4 +47,4 @@ class GenerateStreamWriter : public grpc::ServerWriteReactor<psa::v1::GenerateRe
 
 }  // namespace psa
 
-#endif  // PSA_COMMON_GENERATE_STREAM_WRITER_H_
+#endif  // PSA_API_GENERATE_STREAM_WRITER_H_

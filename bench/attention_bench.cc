@@ -23,10 +23,9 @@
 #include <omp.h>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/flags_main.h"
 #include "compute_worker/model/ggml_types.h"
 #include "compute_worker/kernels/fp16_kernels.h"
 #include "compute_worker/kv/page_slab.h"
@@ -141,9 +140,9 @@ KvCache PeakedCache(int length, double hot_fraction, const std::vector<float>& d
 
 int main(int argc, char** argv) {
   using namespace psa;
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Decode-attention kernel benchmark: one thread, or a step of --threads sequences.");
-  absl::ParseCommandLine(argc, argv);
   const int reps = absl::GetFlag(FLAGS_reps);
   const int threads =
       absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : omp_get_num_procs();
@@ -174,14 +173,14 @@ int main(int argc, char** argv) {
     for (int i = 0; i < kDim; ++i) q[g * kDim + i] = 8.0f * dir[i] + n(rng);
   // One decode step of every KV head of every cache in `batch`, each (cache,
   // head) a task on `nt` threads; *frac: the share of blocks read.
-  auto run_batch = [&](const std::vector<const KvCache*>& batch, const AttentionBackend& b,
+  auto run_batch = [&](const std::vector<KvCache*>& batch, const AttentionBackend& b,
                        int nt, double* frac) {
     const int tasks = static_cast<int>(batch.size()) * kKvHeads;
     std::vector<float> out(static_cast<size_t>(tasks) * kGroup * kDim);
     std::vector<HeadStepStats> stats(static_cast<size_t>(tasks) * kGroup);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int i = 0; i < tasks; ++i) {
-      const KvCache& kv = *batch[i / kKvHeads];
+      KvCache& kv = *batch[i / kKvHeads];
       AttentionTask t;
       t.kv = &kv;
       t.kv_head = i % kKvHeads;
@@ -201,13 +200,13 @@ int main(int argc, char** argv) {
     }
     if (frac) *frac = static_cast<double>(touched) / total;
   };
-  auto run_step = [&](const KvCache& kv, const AttentionBackend& b, double* frac) {
+  auto run_step = [&](KvCache& kv, const AttentionBackend& b, double* frac) {
     run_batch({&kv}, b, 1, frac);
   };
   {
     // The arithmetic alone: a 1K-token cache (768 KiB) stays in L2 when
     // stepped over and over.
-    const KvCache kv = PeakedCache(1024, absl::GetFlag(FLAGS_hot_fraction), dir);
+    KvCache kv = PeakedCache(1024, absl::GetFlag(FLAGS_hot_fraction), dir);
     const DenseAttention dense;
     const int inner = 200;
     const double t = Time(reps, [&] {
@@ -227,10 +226,10 @@ int main(int argc, char** argv) {
   for (int ctx : contexts) {
     // The batch: the cache and threads - 1 copies of it (same content,
     // other memory: every thread reads its own sequence from memory).
-    const KvCache kv = PeakedCache(ctx, absl::GetFlag(FLAGS_hot_fraction), dir);
-    const std::vector<KvCache> copies(threads - 1, kv);
-    std::vector<const KvCache*> batch = {&kv};
-    for (const KvCache& c : copies) batch.push_back(&c);
+    KvCache kv = PeakedCache(ctx, absl::GetFlag(FLAGS_hot_fraction), dir);
+    std::vector<KvCache> copies(threads - 1, kv);
+    std::vector<KvCache*> batch = {&kv};
+    for (KvCache& c : copies) batch.push_back(&c);
     auto step = [&](const AttentionBackend& b, double* frac) {
       run_batch(batch, b, threads, frac);
     };

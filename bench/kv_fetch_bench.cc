@@ -29,14 +29,13 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "kv_service/block_store.h"
 #include "kv_service/kv_client.h"
@@ -257,10 +256,10 @@ class RawTcp {
 
 int main(int argc, char** argv) {
   psa::TuneMallocForLargeMessages();  // as psa-kv-service does; the server runs here
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "KV fetch over the KV service's gRPC stream vs raw loopback TCP, same bytes.\n"
       "Usage: psa_kv_fetch_bench [--groups=4,16,64] [--outstanding=1,4,16,64]");
-  absl::ParseCommandLine(argc, argv);
   const std::vector<int> group_sizes = ParseList(absl::GetFlag(FLAGS_groups));
   const std::vector<int> outstandings = ParseList(absl::GetFlag(FLAGS_outstanding));
   const int num_blocks = absl::GetFlag(FLAGS_blocks);

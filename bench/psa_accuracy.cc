@@ -21,12 +21,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/flags_main.h"
 #include "bench/haystack.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
@@ -206,10 +205,10 @@ void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
 
 int main(int argc, char** argv) {
   using namespace psa;
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Compares PSA and top-k attention with dense on the real model and long text.\n"
       "  psa_accuracy --model M.gguf [--contexts 2048,4096,8192] [--csv out.csv]");
-  absl::ParseCommandLine(argc, argv);
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) Die("--model is required");
   auto model_or = LlamaModel::Load(path);

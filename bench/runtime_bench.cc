@@ -2,6 +2,8 @@
 // GGUF model, at several context lengths and batch sizes. Prints a table, or
 // with --json one object that bench/compare_llamacpp.py sets side by side
 // with llama.cpp's figures on the same model and threads.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -12,12 +14,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/flags_main.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/kernels/matmul.h"
@@ -33,6 +34,9 @@ ABSL_FLAG(int, reps, 3,
           "Timed repetitions per configuration up to context 2048 (longer ones run once); "
           "the fastest is reported.");
 ABSL_FLAG(bool, json, false, "Print one JSON object instead of a table.");
+ABSL_FLAG(bool, step_times, false,
+          "Print every timed decode step's milliseconds to stderr (one line per "
+          "configuration and repetition), e.g. to see one-off costs of the first steps.");
 
 namespace {
 
@@ -55,6 +59,13 @@ std::vector<int> ParseList(const std::string& s) {
   return out;
 }
 
+// Minor page faults of this process so far (first touches of fresh memory).
+long MinorFaults() {
+  rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
 void Die(const absl::Status& s) {
   std::cerr << "error: " << s.message() << "\n";
   std::exit(1);
@@ -63,10 +74,10 @@ void Die(const absl::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Measures prefill and batched decode tokens/s of the CPU runtime.\n"
       "  psa_runtime_bench --model M.gguf --threads 2 [--json]");
-  absl::ParseCommandLine(argc, argv);
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) {
     std::cerr << "error: --model is required\n";
@@ -76,6 +87,7 @@ int main(int argc, char** argv) {
   const std::vector<int> batches = ParseList(absl::GetFlag(FLAGS_batches));
   const int n_decode = absl::GetFlag(FLAGS_decode_tokens);
   const bool json = absl::GetFlag(FLAGS_json);
+  const bool step_times = absl::GetFlag(FLAGS_step_times);
 
   auto model = psa::LlamaModel::Load(path);
   if (!model.ok()) Die(model.status());
@@ -133,8 +145,12 @@ int main(int argc, char** argv) {
         std::vector<psa::TokenId> next(b);
         for (auto& t : next) t = tok(rng);
         std::vector<psa::BatchEntry> batch(b);
+        std::vector<double> step_ms;
+        std::vector<long> step_faults;
         const auto d0 = Clock::now();
         for (int step = 0; step < n_decode; ++step) {
+          const auto s0 = step_times ? Clock::now() : d0;
+          const long f0 = step_times ? MinorFaults() : 0;
           for (int i = 0; i < b; ++i) {
             batch[i].kv = &caches[i];
             batch[i].tokens = {&next[i], 1};
@@ -143,8 +159,19 @@ int main(int argc, char** argv) {
           for (int i = 0; i < b; ++i) {
             next[i] = psa::ArgMax(&logits[static_cast<size_t>(i) * hp.n_vocab], hp.n_vocab);
           }
+          if (step_times) {
+            step_ms.push_back(1e3 * Seconds(s0, Clock::now()));
+            step_faults.push_back(MinorFaults() - f0);
+          }
         }
         sd = std::min(sd, Seconds(d0, Clock::now()));
+        if (step_times) {
+          std::string line = absl::StrCat("step ms batch ", b, " ctx ", ctx, " rep ", r, ":");
+          for (double ms : step_ms) absl::StrAppend(&line, " ", absl::SixDigits(ms));
+          absl::StrAppend(&line, "\nstep page faults batch ", b, " ctx ", ctx, " rep ", r, ":");
+          for (long f : step_faults) absl::StrAppend(&line, " ", f);
+          std::cerr << line << "\n";
+        }
       }
       decode_tps[b][ctx] = static_cast<double>(b) * n_decode / sd;
       std::cerr << "decode batch " << b << " ctx " << ctx << ": " << decode_tps[b][ctx]

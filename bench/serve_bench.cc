@@ -19,15 +19,16 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "api/attention_policy_proto.h"
 #include "bench/haystack.h"
 #include "client/psa_client.h"
+#include "common/flags_main.h"
 #include "common/http_get.h"
 #include "tests/support/server_process.h"
 
@@ -35,10 +36,12 @@ ABSL_FLAG(std::string, model, "", "GGUF model (default: the default model in ~/.
 ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files");
 ABSL_FLAG(int, context, 8192, "Tokens of document before each question");
 ABSL_FLAG(std::string, concurrency, "1,8,32", "Concurrent sequences, comma-separated");
-ABSL_FLAG(std::string, policies, "dense,topk,psa", "Attention policies, comma-separated");
+ABSL_FLAG(std::string, policies, "dense,topk,psa",
+          "Attention policies, comma-separated, each as psactl --attention takes it (e.g. "
+          "dense,topk:k=128,psa:eps=0.95); --top_k and --epsilon fill what they leave unset");
 ABSL_FLAG(int, tokens, 16, "Tokens generated per sequence");
 ABSL_FLAG(double, pool_fraction, 0.25, "Block pool size as a fraction of all sequences' KV");
-ABSL_FLAG(int, top_k, 64, "topk budget in blocks (the README's serving table uses 64)");
+ABSL_FLAG(int, top_k, 64, "topk budget in blocks (bench/README.md's 16-token serving table uses 64)");
 ABSL_FLAG(double, epsilon, 0.9, "psa epsilon");
 ABSL_FLAG(int, threads, 2, "Worker compute threads");
 ABSL_FLAG(double, resident_bias, -1,
@@ -103,7 +106,8 @@ void WaitPublished(const ServerProcess& worker) {
 }
 
 struct Row {
-  std::string policy;
+  std::string policy;  // as --policies named it
+  psa::v1::AttentionPolicy::Kind kind = psa::v1::AttentionPolicy::KIND_DEFAULT;
   int sequences = 0;
   double tok_per_s = 0;       // decode throughput, all sequences
   double ms_per_token = 0;    // mean gap between a sequence's tokens
@@ -130,9 +134,9 @@ double SameAsDense(const Row& r, const Row& dense) {
   return r.outputs.empty() ? 0 : sum / r.outputs.size();
 }
 
-Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
-              const std::vector<uint32_t>& document, const std::vector<std::vector<uint32_t>>& questions,
-              int tokens) {
+Row RunPolicy(const std::string& name, const psa::v1::AttentionPolicy& policy, int n,
+              const ServerProcess& worker, const std::vector<uint32_t>& document,
+              const std::vector<std::vector<uint32_t>>& questions, int tokens) {
   const char* kMetrics[] = {"psa_worker_kv_page_fetch_bytes_total", "psa_worker_kv_page_reads_total",
                             "psa_worker_kv_page_fetches_total",
                             "psa_worker_kv_fetch_stall_seconds_total",
@@ -157,16 +161,7 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
       for (uint32_t t : questions[i % questions.size()]) r.mutable_token_ids()->add_ids(t);
       r.set_max_tokens(tokens);
       r.set_ignore_eos(true);
-      auto* a = r.mutable_attention();
-      if (policy == "dense") a->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
-      if (policy == "topk") {
-        a->set_kind(psa::v1::AttentionPolicy::KIND_TOPK);
-        a->set_top_k_blocks(absl::GetFlag(FLAGS_top_k));
-      }
-      if (policy == "psa") {
-        a->set_kind(psa::v1::AttentionPolicy::KIND_PSA);
-        a->set_epsilon(static_cast<float>(absl::GetFlag(FLAGS_epsilon)));
-      }
+      *r.mutable_attention() = policy;
       Seq& s = seqs[i];
       s.start = absl::Now();
       auto done = client->Generate(r, [&s](const psa::v1::GenerateResponse& chunk) {
@@ -178,7 +173,7 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
         }
         return true;
       });
-      if (!done.ok()) Die(absl::StrCat(policy, " sequence ", i, ": ", done.status().message()));
+      if (!done.ok()) Die(absl::StrCat(name, " sequence ", i, ": ", done.status().message()));
       s.usage = done->usage;
       outputs[i] = done->token_ids;
     });
@@ -186,7 +181,8 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
   for (auto& t : threads) t.join();
 
   Row row;
-  row.policy = policy;
+  row.policy = name;
+  row.kind = policy.kind();
   row.sequences = n;
   row.outputs = std::move(outputs);
   absl::Time first_any = absl::InfiniteFuture(), last_all = absl::InfinitePast();
@@ -220,10 +216,10 @@ Row RunPolicy(const std::string& policy, int n, const ServerProcess& worker,
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Serving throughput through the KV service with a block pool: dense vs topk vs psa.\n"
       "Usage: psa_serve_bench [--context 8192] [--concurrency 1,8,32] [--tokens 16]");
-  absl::ParseCommandLine(argc, argv);
   std::string model = absl::GetFlag(FLAGS_model);
   if (model.empty()) {
     const char* home = std::getenv("HOME");
@@ -238,9 +234,19 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtoi(s, &n) || n < 1) Die(absl::StrCat("bad --concurrency entry '", s, "'"));
     levels.push_back(n);
   }
-  std::vector<std::string> policies = absl::StrSplit(absl::GetFlag(FLAGS_policies), ',');
-  for (const auto& p : policies) {
-    if (p != "dense" && p != "topk" && p != "psa") Die("--policies: dense, topk or psa");
+  std::vector<std::string> policies;  // each policy's text, its name in the table
+  std::vector<psa::v1::AttentionPolicy> wires;
+  {
+    psa::AttentionPolicy base = psa::ClientUnsetPolicy();
+    base.top_k = absl::GetFlag(FLAGS_top_k);
+    base.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
+    auto parsed = psa::AttentionPolicy::ParseList(absl::GetFlag(FLAGS_policies), base, &policies);
+    if (!parsed.ok()) Die(absl::StrCat("--policies ", parsed.status().message()));
+    for (const psa::AttentionPolicy& p : *parsed) {
+      auto wire = psa::PolicyToProto(p, base);
+      if (!wire.ok()) Die(absl::StrCat("--policies: ", wire.status().message()));
+      wires.push_back(*wire);
+    }
   }
   const std::string threads = absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads));
   const int max_context = context + 64 + tokens;
@@ -310,16 +316,17 @@ int main(int argc, char** argv) {
     {
       auto worker = Start(PSA_WORKER_BIN, args);
       std::fprintf(stderr, "%d sequences, warm-up...\n", n);
-      RunPolicy(policies.front(), n, *worker, document, questions, /*tokens=*/1);
+      RunPolicy(policies.front(), wires.front(), n, *worker, document, questions, /*tokens=*/1);
       WaitPublished(*worker);
       Stop(worker);
     }
-    for (const std::string& policy : policies) {
+    for (size_t pi = 0; pi < policies.size(); ++pi) {
+      const std::string& policy = policies[pi];
       // A fresh worker per policy: each starts with an empty pool, not with
       // the pages the policy before it left there.
       auto worker = Start(PSA_WORKER_BIN, args);
       std::fprintf(stderr, "%d sequences, %s (pool %.0f MB)...\n", n, policy.c_str(), pool / 1e6);
-      rows.push_back(RunPolicy(policy, n, *worker, document, questions, tokens));
+      rows.push_back(RunPolicy(policy, wires[pi], n, *worker, document, questions, tokens));
       const Row& r = rows.back();
       std::fprintf(stderr, "  %.2f tok/s, %.1f ms/token, hit ratio %.2f\n", r.tok_per_s,
                    r.ms_per_token, r.hit_ratio);
@@ -332,29 +339,35 @@ int main(int argc, char** argv) {
       "pool_hit_ratio,stall_ms_per_token,unread_fetch_fraction,same_as_dense,vs_dense,vs_topk\n");
   std::printf("\n%d-token context, pool %.0f%% of the KV, %d tokens per sequence\n", context,
               100 * absl::GetFlag(FLAGS_pool_fraction), tokens);
-  std::printf("%5s %-6s %9s %9s %8s %8s %10s %6s %9s %7s %8s %8s %8s\n", "seqs", "policy",
+  std::printf("%5s %-10s %9s %9s %8s %8s %10s %6s %9s %7s %8s %8s %8s\n", "seqs", "policy",
               "tok/s", "ms/tok", "TTFT s", "KV read", "fetch MB/t", "hit", "stall ms", "unread",
               "=dense", "vs dense", "vs topk");
+  // Ratios against the level's first dense and first top-k row; "-" (and
+  // empty in the CSV) where the run had none.
+  auto ratio = [](const Row* base, double x, const char* fmt) -> std::string {
+    return base != nullptr ? absl::StrFormat(fmt, x) : "-";
+  };
   for (const Row& r : rows) {
     const Row* dense = nullptr;
     const Row* topk = nullptr;
     for (const Row& o : rows) {
       if (o.sequences != r.sequences) continue;
-      if (o.policy == "dense") dense = &o;
-      if (o.policy == "topk") topk = &o;
+      if (dense == nullptr && o.kind == psa::v1::AttentionPolicy::KIND_DENSE) dense = &o;
+      if (topk == nullptr && o.kind == psa::v1::AttentionPolicy::KIND_TOPK) topk = &o;
     }
     const double vs_dense = dense != nullptr ? r.tok_per_s / dense->tok_per_s : 0;
     const double vs_topk = topk != nullptr ? r.tok_per_s / topk->tok_per_s : 0;
-    const double same = dense != nullptr ? SameAsDense(r, *dense) : -1;
-    std::printf(
-        "%5d %-6s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %6.0f%% %7.0f%% %7.2fx %7.2fx\n",
-        r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s, 100 * r.kv_read,
-        r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token, 100 * r.unread, 100 * same,
-        vs_dense, vs_topk);
-    absl::StrAppend(&table, context, ",", r.sequences, ",", r.policy, ",", r.tok_per_s, ",",
+    const double same = dense != nullptr ? SameAsDense(r, *dense) : 0;
+    std::printf("%5d %-10s %9.2f %9.1f %8.2f %7.1f%% %10.2f %6.2f %9.1f %6.0f%% %8s %8s %8s\n",
+                r.sequences, r.policy.c_str(), r.tok_per_s, r.ms_per_token, r.ttft_s,
+                100 * r.kv_read, r.fetch_mb_per_token, r.hit_ratio, r.stall_ms_per_token,
+                100 * r.unread, ratio(dense, 100 * same, "%.0f%%").c_str(),
+                ratio(dense, vs_dense, "%.2fx").c_str(), ratio(topk, vs_topk, "%.2fx").c_str());
+    absl::StrAppend(&table, context, ",", r.sequences, ",\"", r.policy, "\",", r.tok_per_s, ",",
                     r.ms_per_token, ",", r.ttft_s, ",", r.kv_read, ",", r.fetch_mb_per_token, ",",
-                    r.hit_ratio, ",", r.stall_ms_per_token, ",", r.unread, ",", same, ",",
-                    vs_dense, ",", vs_topk, "\n");
+                    r.hit_ratio, ",", r.stall_ms_per_token, ",", r.unread, ",",
+                    ratio(dense, same, "%g"), ",", ratio(dense, vs_dense, "%g"), ",",
+                    ratio(topk, vs_topk, "%g"), "\n");
   }
   std::printf("(unread: fetched pages the step that asked for them never read; =dense: share of "
               "each sequence's tokens before it first differs from dense's)\n");

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -18,7 +17,9 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "api/attention_policy_proto.h"
 #include "client/psa_client.h"
+#include "common/flags_main.h"
 #include "common/http_get.h"
 
 ABSL_FLAG(std::string, target, "localhost:7000", "Router (or worker) address, host:port");
@@ -27,9 +28,19 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature (0: greedy)");
 ABSL_FLAG(int, top_k, 0, "Sample among the k most likely tokens (0: all)");
 ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass");
 ABSL_FLAG(int64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(double, repetition_penalty, 0,
+          "vLLM's repetition penalty, > 0: logits of prompt and generated tokens are divided by "
+          "it if positive, multiplied if negative (1: off; 1.1-1.2 curbs loops). 0: the "
+          "command's default: 1.15 for chat (greedy SmolLM2 otherwise repeats a line), off "
+          "for generate");
+ABSL_FLAG(double, frequency_penalty, 0,
+          "OpenAI's frequency penalty in [-2, 2], per time a token was generated (0: off)");
+ABSL_FLAG(double, presence_penalty, 0,
+          "OpenAI's presence penalty in [-2, 2], once per token generated (0: off)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings (comma-separated)");
 ABSL_FLAG(std::string, attention, "",
-          "Attention policy: dense, topk or psa (empty: the server's default)");
+          "Attention policy: dense, topk or psa, optionally with eps or k, e.g. psa:eps=0.95 or "
+          "topk:k=128 (empty: the server's default)");
 ABSL_FLAG(double, epsilon, 0, "psa: attention mass to capture (0: the server's default)");
 ABSL_FLAG(bool, raw, false, "generate: send the prompt as is, not as a chat user message");
 ABSL_FLAG(std::string, system, "", "chat/generate: a system message");
@@ -39,6 +50,9 @@ ABSL_FLAG(std::string, metrics, "",
           "stats: the router's (or a worker's) metrics address, host:port");
 
 namespace {
+
+// chat's --repetition_penalty when not given.
+constexpr float kChatRepetitionPenalty = 1.15f;
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "psactl: %s: %s\n", absl::StatusCodeToString(s.code()).c_str(),
@@ -52,19 +66,27 @@ absl::Status ApplyFlags(psa::v1::GenerateRequest* r) {
   r->mutable_sampling()->set_top_k(absl::GetFlag(FLAGS_top_k));
   r->mutable_sampling()->set_top_p(absl::GetFlag(FLAGS_top_p));
   r->mutable_sampling()->set_seed(absl::GetFlag(FLAGS_seed));
+  r->mutable_sampling()->set_repetition_penalty(absl::GetFlag(FLAGS_repetition_penalty));
+  r->mutable_sampling()->set_frequency_penalty(absl::GetFlag(FLAGS_frequency_penalty));
+  r->mutable_sampling()->set_presence_penalty(absl::GetFlag(FLAGS_presence_penalty));
   for (const std::string& s : absl::GetFlag(FLAGS_stop)) r->add_stop(s);
+  // The request's policy: --attention's kind and knobs, eps and k left 0
+  // (the server's) unless named; --epsilon over it when given.
   const std::string a = absl::GetFlag(FLAGS_attention);
-  if (a == "dense") {
-    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
-  } else if (a == "topk") {
-    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_TOPK);
-  } else if (a == "psa") {
-    r->mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_PSA);
-  } else if (!a.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--attention must be dense, topk or psa, not \"", a, "\""));
+  if (!a.empty()) {
+    absl::StatusOr<psa::AttentionPolicy> policy =
+        psa::AttentionPolicy::Parse(a, psa::ClientUnsetPolicy());
+    if (!policy.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--attention ", policy.status().message()));
+    }
+    absl::StatusOr<psa::v1::AttentionPolicy> wire =
+        psa::PolicyToProto(*policy, psa::ClientUnsetPolicy());
+    if (!wire.ok()) return wire.status();
+    *r->mutable_attention() = *wire;
   }
-  r->mutable_attention()->set_epsilon(absl::GetFlag(FLAGS_epsilon));
+  if (absl::GetFlag(FLAGS_epsilon) != 0) {
+    r->mutable_attention()->set_epsilon(absl::GetFlag(FLAGS_epsilon));
+  }
   return absl::OkStatus();
 }
 
@@ -166,16 +188,16 @@ int Stats() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  std::vector<char*> args = psa::ParseFlags(
+      argc, argv,
       "The PSA-Serve command line.\n"
       "  psactl [flags] generate PROMPT   stream a completion (PROMPT '-' reads stdin)\n"
       "  psactl [flags] chat              talk turn by turn; one line per turn, EOF ends\n"
       "  psactl [flags] tokenize TEXT     print the token ids of TEXT\n"
       "  psactl [flags] info              describe the served model\n"
       "  psactl --metrics=HOST:PORT stats a summary of a router's or worker's metrics");
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
-    std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
+    absl::FPrintF(stderr, "%s\n(psactl --help lists the flags)\n", absl::ProgramUsageMessage());
     return 2;
   }
   const std::string command = args[1];
@@ -214,6 +236,11 @@ int main(int argc, char** argv) {
       m->set_content(absl::GetFlag(FLAGS_system));
     }
     if (absl::Status s = ApplyFlags(&request); !s.ok()) return Fail(s);
+    if (request.sampling().repetition_penalty() == 0) {
+      // A mild penalty by default: greedy SmolLM2-135M repeats one line of
+      // a poem until max_tokens without it, and 1.1 is not enough.
+      request.mutable_sampling()->set_repetition_penalty(kChatRepetitionPenalty);
+    }
     std::string line;
     while (std::fprintf(stderr, "> "), std::getline(std::cin, line)) {
       if (line.empty()) continue;

@@ -4,8 +4,8 @@
 // belongs to the first point at or after its hash. Adding a shard moves only
 // the keys that now fall on its points (about 1/N of them); removing one
 // moves only its own keys.
-#ifndef PSA_KV_SERVICE_HASH_RING_H_
-#define PSA_KV_SERVICE_HASH_RING_H_
+#ifndef PSA_COMMON_HASH_RING_H_
+#define PSA_COMMON_HASH_RING_H_
 
 #include <cstdint>
 #include <string>
@@ -43,4 +43,4 @@ class HashRing {
 
 }  // namespace psa
 
-#endif  // PSA_KV_SERVICE_HASH_RING_H_
+#endif  // PSA_COMMON_HASH_RING_H_

@@ -4,10 +4,9 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "common/byte_size.h"
+#include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "kv_service/kv_service_impl.h"
 
@@ -22,7 +21,8 @@ ABSL_FLAG(std::string, max_message, "64MiB",
 ABSL_FLAG(std::string, port_file, "",
           "If set, write grpc_port=N and metrics_port=M here once serving");
 ABSL_FLAG(int, shutdown_grace_ms, 5000,
-          "On SIGTERM: how long running calls may finish before they are cancelled");
+          "On SIGTERM or SIGINT: milliseconds running calls may take to finish before they are "
+          "cancelled");
 
 namespace {
 
@@ -34,10 +34,10 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Serves the psa.v1.KvService: a host-memory store of KV cache blocks.\n"
       "Usage: psa-kv-service [--listen=ADDR:PORT] [--capacity=4GiB] ...");
-  absl::ParseCommandLine(argc, argv);
   psa::TuneMallocForLargeMessages();
   psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--max_message: ", max_message.status().message()));
   }
   if (*max_message < (64 << 10) || *max_message > (1ull << 31) - 1) {
-    return Fail("--max_message must be between 64KiB and 2GiB");
+    return Fail("--max_message must be at least 64KiB and less than 2GiB");
   }
 
   psa::metrics::Registry registry;

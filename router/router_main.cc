@@ -5,11 +5,10 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "router/router_service.h"
 
@@ -23,17 +22,18 @@ ABSL_FLAG(std::string, workers_dns, "",
           "NAME:PORT whose DNS A records are the workers (e.g. a Kubernetes headless "
           "Service), re-resolved at every health check");
 ABSL_FLAG(std::string, workers_file, "",
-          "File with one worker address per line (# comments), instead of --workers");
+          "File with one worker address per line (# comments), added to --workers");
 ABSL_FLAG(int, max_inflight, 256, "Generations relayed at once");
 ABSL_FLAG(int, max_queued, 256,
           "Generations waiting for a relay slot; more are refused with RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_attempts, 3, "Workers tried per request, the first included");
 ABSL_FLAG(int, affinity_slack, 4,
-          "Prefer the prompt's affinity worker unless it has this many more requests "
-          "outstanding than the least loaded one");
-ABSL_FLAG(int, health_interval_ms, 500, "How often workers' health is checked");
+          "Prefer the prompt's affinity worker unless it has more than this many requests "
+          "outstanding beyond the least loaded one");
+ABSL_FLAG(int, health_interval_ms, 500, "Milliseconds between checks of the workers' health");
 ABSL_FLAG(int, shutdown_grace_ms, 10000,
-          "On SIGTERM: how long running generations may finish before they are cancelled");
+          "On SIGTERM or SIGINT: milliseconds running generations may take to finish before "
+          "they are cancelled");
 
 namespace {
 
@@ -45,10 +45,10 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Routes psa.v1.Generation requests to compute workers.\n"
       "Usage: psa-router --workers=HOST:PORT,... [--listen=ADDR:PORT] ...");
-  absl::ParseCommandLine(argc, argv);
   psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 

@@ -30,7 +30,7 @@ ALLOWED = {
     "compute_worker/tools": ["compute_worker/runtime", "compute_worker/attention",
                              "compute_worker/kv", "compute_worker/kernels",
                              "compute_worker/model", "common"],
-    "client": ["compute_worker/attention", "common", "proto"],
+    "client": ["api", "common", "proto"],
     "router": ["api", "common", "proto"],
 }
 ROOMS = sorted(ALLOWED, key=len, reverse=True)  # longest prefix first

@@ -1,8 +1,8 @@
 // The attention step of a decoder layer, behind one interface so that dense
 // attention and the sparse policies (top-k, PSA) are interchangeable and are
 // compared side by side in the same engine.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_ATTENTION_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_ATTENTION_H_
+#ifndef PSA_COMPUTE_WORKER_ATTENTION_ATTENTION_H_
+#define PSA_COMPUTE_WORKER_ATTENTION_ATTENTION_H_
 
 #include <memory>
 #include <string_view>
@@ -33,7 +33,9 @@ struct HeadStepStats {
 // for n_q consecutive query rows of one sequence. Query row i is at position
 // q_pos0 + i and attends to positions [0, q_pos0 + i] of `kv` (causal).
 struct AttentionTask {
-  const KvCache* kv = nullptr;
+  // Non-const: through a pool, the step's reader updates the page table of
+  // (layer, kv_head) and the read hint; no other task touches those.
+  KvCache* kv = nullptr;
   int layer = 0;
   int kv_head = 0;
   int q_pos0 = 0;
@@ -81,4 +83,4 @@ class DenseAttention : public AttentionBackend {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_ATTENTION_H_
+#endif  // PSA_COMPUTE_WORKER_ATTENTION_ATTENTION_H_

@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "compute_worker/kernels/simd_warnings.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+PSA_BEGIN_AVX512_CODE  // GCC 12 false positives: see simd_warnings.h
 
 namespace psa {
 
@@ -83,3 +87,5 @@ int BlockRanking::Extend(int upto) {
 }
 
 }  // namespace psa
+
+PSA_END_AVX512_CODE

@@ -5,8 +5,8 @@
 // bucket order consistent with score order), and a bucket is sorted only
 // when the order reaches it. At 128K tokens this is ~10x cheaper than
 // repeated partial sorts (nth_element) of the remaining candidates.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_BLOCK_RANKING_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_RANKING_H_
+#ifndef PSA_COMPUTE_WORKER_ATTENTION_BLOCK_RANKING_H_
+#define PSA_COMPUTE_WORKER_ATTENTION_BLOCK_RANKING_H_
 
 #include <vector>
 
@@ -34,4 +34,4 @@ class BlockRanking {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_BLOCK_RANKING_H_
+#endif  // PSA_COMPUTE_WORKER_ATTENTION_BLOCK_RANKING_H_

@@ -22,76 +22,17 @@
 // Prefill rows use dense attention unless `sparse_prefill_rows` allows a
 // short prompt's rows (a question after a long stored document) to go
 // through the policy one by one, each as a decode step would.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
+#ifndef PSA_COMPUTE_WORKER_ATTENTION_SPARSE_ATTENTION_H_
+#define PSA_COMPUTE_WORKER_ATTENTION_SPARSE_ATTENTION_H_
 
 #include <string>
 
 #include "absl/status/status.h"
+#include "common/attention_policy.h"
 #include "compute_worker/attention/attention.h"
 
 namespace psa {
 
-struct AttentionPolicy {
-  enum class Kind { kDense, kTopK, kPsa };
-  Kind kind = Kind::kPsa;
-  // Defaults lean to quality (README, "Attention policies"): on the default
-  // model at 8K they read ~20% of the KV with KL ~0.007 against dense.
-  float epsilon = 0.9f;    // psa: target captured attention mass
-  int group_blocks = 4;    // psa: blocks per progressive iteration (G)
-  bool certified = false;  // psa: stop on the guaranteed bound
-  // psa, uncertified: how the mass of the unseen blocks is estimated.
-  //  kCentre: each unseen block's share of the centre estimates
-  //    B*exp(c_j) (c_j: q . the centre of block j's key box), scaled by the
-  //    mass the attended blocks turned out to hold against their estimates
-  //    (ours): uses which blocks are left and calibrates on all seen so far.
-  //  kMinSeen: AS_min * N_left, AS_min the smallest block exp-sum seen (the
-  //    paper). One near-empty block drives it to ~0 and stops the head early.
-  //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
-  //    blocks (ours, the default before kCentre).
-  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j),
-  //    scaled by actual/bound measured on the latest iteration's blocks.
-  // bench/psa_accuracy compares them.
-  enum class TailEstimate { kCentre, kMinSeen, kLastGroupMean, kCalibratedBound };
-  TailEstimate tail = TailEstimate::kCentre;
-  int min_blocks = 24;     // psa: no head stops before attending this many blocks
-  // psa, GQA: a head that has stopped still attends the blocks its group
-  // reads on for its other heads (the bytes are read anyway: the group's
-  // reads are the union of its heads' budgets). Off (",solo"): it stops
-  // attending, as in the paper.
-  bool share_reads = true;
-  // psa through a block pool: a block that is not resident (would have to
-  // be fetched) ranks as if its bound were this much lower (natural-log
-  // units of attention mass: 2 = e^2 ~ 7x less), so resident blocks of
-  // about equal promise are read first and the fetch may never be needed.
-  // The stop rule is unchanged. 0: rank by the bound alone.
-  float resident_bias = 2.0f;
-  // Research only (bench/psa_accuracy --oracle), never served: the ceiling
-  // a ranking and a stop rule could reach, each on its own. Both cost more
-  // than dense (every key's score); private caches only (ignored for
-  // pool-backed ones).
-  //  oracle_rank: blocks ranked by their exact attention mass instead of
-  //    the metadata bound.
-  //  oracle_stop: psa stops on the exact captured mass (the certified stop
-  //    with each block's exact mass in place of its bound).
-  bool oracle_rank = false;
-  bool oracle_stop = false;
-  int top_k = 64;          // topk: blocks attended per step
-  // Prefill rows of a sequence, at most this many in a pass, select as
-  // decode steps do instead of reading every block: the question after a
-  // stored document then reads (and, through a pool, fetches) what decode
-  // would, not the whole document. Rows past that are attended densely.
-  // 0 (the default): prefill always dense. Measured (README, "Benchmarks"):
-  // 2x fewer bytes fetched per token and 2x shorter time to first token,
-  // but the answers leave dense's greedy tokens much sooner (the question's
-  // keys and values are approximate, and every later step reads them).
-  int sparse_prefill_rows = 0;
-  int sink_blocks = 1;     // always attended: the first blocks ...
-  int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)
-
-  absl::Status Validate() const;  // INVALID_ARGUMENT naming the bad field
-  std::string ToString() const;   // e.g. "psa(eps=0.95,G=4)"
-};
 
 class SparseAttention : public AttentionBackend {
  public:
@@ -117,4 +58,4 @@ std::unique_ptr<AttentionBackend> MakeAttention(const AttentionPolicy& policy);
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_SPARSE_ATTENTION_H_
+#endif  // PSA_COMPUTE_WORKER_ATTENTION_SPARSE_ATTENTION_H_

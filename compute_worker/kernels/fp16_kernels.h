@@ -1,8 +1,8 @@
 // Small inline kernels over fp16 KV rows shared by the attention backends:
 // row conversion, dot products, axpy and the softmax passes (max, exp-sum,
 // normalise-and-round). F16C/AVX2/AVX-512 when the build has them.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
+#ifndef PSA_COMPUTE_WORKER_KERNELS_FP16_KERNELS_H_
+#define PSA_COMPUTE_WORKER_KERNELS_FP16_KERNELS_H_
 
 #include <algorithm>
 #include <cmath>
@@ -10,11 +10,14 @@
 #include <cstring>
 #include <type_traits>
 
+#include "compute_worker/kernels/simd_warnings.h"
 #include "compute_worker/model/ggml_types.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+PSA_BEGIN_AVX512_CODE  // GCC 12 false positives: see simd_warnings.h
 
 namespace psa {
 
@@ -294,4 +297,6 @@ __attribute__((always_inline)) inline void Dot16RowsFp16x64(const float* const* 
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_FP16_KERNELS_H_
+PSA_END_AVX512_CODE
+
+#endif  // PSA_COMPUTE_WORKER_KERNELS_FP16_KERNELS_H_

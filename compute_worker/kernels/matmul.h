@@ -4,8 +4,8 @@
 // (as ggml does): Q4_1 weights pair with Q8_1 activations, Q4_0 and Q8_0 with
 // Q8_0, float weights with F32. The integer kernels then use AVX-512 VNNI /
 // AVX-VNNI / AVX2 (chosen at build time) and rows are split across threads.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_MATMUL_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_MATMUL_H_
+#ifndef PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
+#define PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
 
 #include <cstdint>
 #include <vector>
@@ -44,4 +44,4 @@ const char* MatMulIsa();
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_MATMUL_H_
+#endif  // PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_

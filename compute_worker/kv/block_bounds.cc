@@ -4,12 +4,15 @@
 #include <cmath>
 #include <cstring>
 
+#include "compute_worker/kernels/simd_warnings.h"
 #include "compute_worker/model/ggml_types.h"
 #include "compute_worker/model/llama_model.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+PSA_BEGIN_AVX512_CODE  // GCC 12 false positives: see simd_warnings.h
 
 namespace psa {
 namespace {
@@ -256,3 +259,5 @@ void BlockBounds::Score(const float* const* qs, int group, float scale, int firs
 }
 
 }  // namespace psa
+
+PSA_END_AVX512_CODE

@@ -16,8 +16,8 @@
 // centre bytes of each of its 16 blocks (64 bytes: one VNNI operand), then
 // the same for the radius, then each block's centre step, radius step and
 // slack (fp32).
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_BLOCK_BOUNDS_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_BOUNDS_H_
+#ifndef PSA_COMPUTE_WORKER_KV_BLOCK_BOUNDS_H_
+#define PSA_COMPUTE_WORKER_KV_BLOCK_BOUNDS_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -56,4 +56,4 @@ class BlockBounds {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_BLOCK_BOUNDS_H_
+#endif  // PSA_COMPUTE_WORKER_KV_BLOCK_BOUNDS_H_

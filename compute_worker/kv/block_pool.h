@@ -1,5 +1,5 @@
 // BlockPool: one memory budget for KV pages, shared by every layer, head and
-// sequence of a worker (the "unified block pool" of DESIGN.md section 3).
+// sequence of a worker (the "unified block pool" of docs/design.md).
 //
 // A slot holds one page. A page starts private (only in this worker: the
 // open tail of a sequence, or a block not yet written to the KV service);
@@ -16,8 +16,8 @@
 // their own to notice an eviction.
 //
 // Thread-safe.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
+#ifndef PSA_COMPUTE_WORKER_KV_BLOCK_POOL_H_
+#define PSA_COMPUTE_WORKER_KV_BLOCK_POOL_H_
 
 #include <atomic>
 #include <cstdint>
@@ -122,4 +122,4 @@ class BlockPool {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_BLOCK_POOL_H_
+#endif  // PSA_COMPUTE_WORKER_KV_BLOCK_POOL_H_

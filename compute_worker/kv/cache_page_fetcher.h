@@ -1,8 +1,8 @@
 // An in-process stand-in for the KV service, for benchmarks and tests of
 // pool-backed caches: pages are copied from a private cache that holds the
 // same tokens.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_CACHE_PAGE_FETCHER_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_CACHE_PAGE_FETCHER_H_
+#ifndef PSA_COMPUTE_WORKER_KV_CACHE_PAGE_FETCHER_H_
+#define PSA_COMPUTE_WORKER_KV_CACHE_PAGE_FETCHER_H_
 
 #include <atomic>
 #include <functional>
@@ -34,4 +34,4 @@ KvCache PooledCopy(const KvCache& store, KvPaging paging);
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_CACHE_PAGE_FETCHER_H_
+#endif  // PSA_COMPUTE_WORKER_KV_CACHE_PAGE_FETCHER_H_

@@ -11,19 +11,6 @@
 
 namespace psa {
 
-void KvDurability::Update(const std::string& sequence_id, int blocks) {
-  absl::MutexLock lock(&mu_);
-  if (blocks <= blocks_) return;
-  id_ = sequence_id;
-  blocks_ = blocks;
-}
-
-void KvDurability::Get(std::string* sequence_id, int* blocks) {
-  absl::MutexLock lock(&mu_);
-  *sequence_id = id_;
-  *blocks = blocks_;
-}
-
 KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
     : n_layer_(n_layer),
       n_head_kv_(n_head_kv),

@@ -16,8 +16,8 @@
 //    finds no room in the pool while still private (not yet stored) goes to
 //    "overflow" memory outside the budget until it is stored, so prefill
 //    never waits on the pool.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_KV_CACHE_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_KV_CACHE_H_
+#ifndef PSA_COMPUTE_WORKER_KV_KV_CACHE_H_
+#define PSA_COMPUTE_WORKER_KV_KV_CACHE_H_
 
 #include <atomic>
 #include <cstddef>
@@ -31,64 +31,12 @@
 #include "absl/synchronization/mutex.h"
 #include "compute_worker/kv/block_bounds.h"
 #include "compute_worker/kv/block_pool.h"
+#include "compute_worker/kv/kv_durability.h"
+#include "compute_worker/kv/kv_paging.h"
+#include "compute_worker/kv/kv_rows.h"
 #include "compute_worker/kv/page_slab.h"
 
 namespace psa {
-
-// The keys (or values) of one (layer, KV head) across a cache's blocks:
-// row t is head_dim fp16 values, contiguous within its page.
-struct KvRows {
-  const uint16_t* const* pages = nullptr;  // base of each block's page
-  size_t offset = 0;                       // from a page's base to its K or V
-  int block_size = 0;
-  int dim = 0;
-  const uint16_t* row(int t) const {
-    return pages[t / block_size] + offset + static_cast<size_t>(t % block_size) * dim;
-  }
-};
-
-// Where a cache's leading blocks are stored in the KV service. Updated by
-// whichever thread stored them; the cache's owner applies it between steps.
-class KvDurability {
- public:
-  void Update(const std::string& sequence_id, int blocks);  // keeps the longest
-  void Get(std::string* sequence_id, int* blocks);
-
- private:
-  absl::Mutex mu_;
-  std::string id_ ABSL_GUARDED_BY(mu_);
-  int blocks_ ABSL_GUARDED_BY(mu_) = 0;
-};
-
-// Copies pages back from the KV service (the worker implements it over
-// KvClient). Thread-safe.
-class PageFetcher {
- public:
-  virtual ~PageFetcher() = default;
-  // Copies head `kv_head` of blocks `blocks` of `layer` of the stored
-  // sequence to dsts[i] (one page each), then calls `done` once, on any
-  // thread. May wait while too many fetches are in flight.
-  virtual void FetchPages(const std::string& sequence_id, int layer, int kv_head,
-                          std::vector<int> blocks, std::vector<uint16_t*> dsts,
-                          std::function<void(absl::Status)> done) = 0;
-};
-
-// What pool-backed caches did, summed over all of them (for metrics).
-struct KvPagingCounters {
-  std::atomic<uint64_t> page_reads{0};     // durable pages attention asked for
-  std::atomic<uint64_t> page_fetches{0};   // of which came from the KV service
-  std::atomic<uint64_t> unread_fetches{0}; // fetched ahead, never read by that step
-  std::atomic<uint64_t> fetch_bytes{0};
-  std::atomic<uint64_t> stall_ns{0};       // attention waiting for fetched pages
-  std::atomic<uint64_t> scratch_pages{0};  // fetched pages the full pool could not keep
-  std::atomic<int64_t> overflow_pages{0};  // private pages outside the pool, now
-};
-
-struct KvPaging {
-  BlockPool* pool = nullptr;  // page_bytes must equal KvCache::page_bytes()
-  PageFetcher* fetcher = nullptr;
-  KvPagingCounters* counters = nullptr;  // optional
-};
 
 class KvCache {
  public:
@@ -182,7 +130,7 @@ class KvCache {
   // a pool-backed cache's attention prefetches about that many, since a
   // PSA budget changes little from one step to the next. Read and written
   // only by the attention task of (layer, head).
-  int& ReadHint(int layer, int head) const { return read_hint_[PageTable(layer, head)]; }
+  int& ReadHint(int layer, int head) { return read_hint_[PageTable(layer, head)]; }
   // Not OK once a fetch failed: attention read garbage, the step's output
   // must be discarded. Sticky.
   absl::Status fetch_status() const;
@@ -227,7 +175,7 @@ class KvCache {
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
   std::vector<BlockBounds> bounds_;                 // [layer * n_head_kv + head]
 
-  mutable std::vector<int> read_hint_;  // [layer * n_head_kv + head]
+  std::vector<int> read_hint_;  // [layer * n_head_kv + head]
   std::shared_ptr<KvDurability> durability_ = std::make_shared<KvDurability>();
   std::string durable_id_;
   int durable_blocks_ = 0;
@@ -240,4 +188,4 @@ class KvCache {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_KV_CACHE_H_
+#endif  // PSA_COMPUTE_WORKER_KV_KV_CACHE_H_

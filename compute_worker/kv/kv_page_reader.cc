@@ -8,8 +8,8 @@
 
 namespace psa {
 
-KvPageReader::KvPageReader(const KvCache& kv, int layer, int kv_head)
-    : kv_(const_cast<KvCache&>(kv)),
+KvPageReader::KvPageReader(KvCache& kv, int layer, int kv_head)
+    : kv_(kv),
       layer_(layer),
       kv_head_(kv_head),
       table_(kv.PageTable(layer, kv_head)),
@@ -94,14 +94,14 @@ void KvPageReader::Prefetch(absl::Span<const int> blocks) {
   };
   for (int b : blocks) {
     if (ptr_[b] != nullptr) continue;  // readable or on its way
-    if (const uint16_t* own = kv_.pages_[table_][b]; own != nullptr) {
+    if (uint16_t* own = kv_.pages_[table_][b]; own != nullptr) {
       ptr_[b] = own;  // still private to the cache
       continue;
     }
     if (paging.counters != nullptr) ++paging.counters->page_reads;
     BlockPool::Handle& h = kv_.pooled_.handles[table_][b];
     if (void* p = paging.pool->TryPin(h)) {
-      ptr_[b] = static_cast<const uint16_t*>(p);
+      ptr_[b] = static_cast<uint16_t*>(p);
       pinned_.push_back(h);
       continue;
     }
@@ -165,7 +165,7 @@ const uint16_t* KvPageReader::WaitPage(int b) {
         c->stall_ns += absl::ToInt64Nanoseconds(absl::Now() - start);
       }
     }
-    if (!failure_.ok()) std::memset(const_cast<uint16_t*>(ptr_[b]), 0, kv_.page_bytes());
+    if (!failure_.ok()) std::memset(ptr_[b], 0, kv_.page_bytes());
     waiting_[b] = 0;
   }
   return ptr_[b];

@@ -15,8 +15,8 @@
 //
 // One reader per (cache, layer, head) at a time: it updates that table of
 // the cache. Not thread-safe.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_KV_PAGE_READER_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_KV_PAGE_READER_H_
+#ifndef PSA_COMPUTE_WORKER_KV_KV_PAGE_READER_H_
+#define PSA_COMPUTE_WORKER_KV_KV_PAGE_READER_H_
 
 #include <memory>
 #include <vector>
@@ -33,7 +33,7 @@ class KvPageReader {
   // Blocks per fetch request.
   static constexpr int kMaxBlocksPerFetch = 32;
 
-  KvPageReader(const KvCache& kv, int layer, int kv_head);
+  KvPageReader(KvCache& kv, int layer, int kv_head);
   KvPageReader(const KvPageReader&) = delete;
   KvPageReader& operator=(const KvPageReader&) = delete;
   ~KvPageReader();
@@ -64,7 +64,7 @@ class KvPageReader {
   const uint16_t* const* direct_ = nullptr;  // no pool: the cache's pages
 
   // Pool mode. ptr_[b]: where block b's page is (readable once it arrived).
-  std::vector<const uint16_t*> ptr_;
+  std::vector<uint16_t*> ptr_;
   std::vector<uint8_t> waiting_;  // requested and not yet seen arrived
   std::vector<BlockPool::Handle> pinned_;   // hits: unpin at the end
   // Fetched into the pool (evictable at the end), and the block of each.
@@ -80,4 +80,4 @@ class KvPageReader {
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_KV_PAGE_READER_H_
+#endif  // PSA_COMPUTE_WORKER_KV_KV_PAGE_READER_H_

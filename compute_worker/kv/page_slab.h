@@ -3,8 +3,8 @@
 // sweeps thousands of 4 KiB pages a step, and with 4 KiB mappings every page
 // costs a TLB miss and a page walk (dense decode at 128K tokens ran ~10%
 // slower). Smaller slabs (short sequences) take plain heap memory.
-#ifndef PSA_COMPUTE_WORKER_RUNTIME_PAGE_SLAB_H_
-#define PSA_COMPUTE_WORKER_RUNTIME_PAGE_SLAB_H_
+#ifndef PSA_COMPUTE_WORKER_KV_PAGE_SLAB_H_
+#define PSA_COMPUTE_WORKER_KV_PAGE_SLAB_H_
 
 #include <cstddef>
 #include <memory>
@@ -24,4 +24,4 @@ PageSlab AllocatePageSlab(size_t bytes);
 
 }  // namespace psa
 
-#endif  // PSA_COMPUTE_WORKER_RUNTIME_PAGE_SLAB_H_
+#endif  // PSA_COMPUTE_WORKER_KV_PAGE_SLAB_H_

@@ -136,7 +136,7 @@ absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const Generatio
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   GenerationState state(runtime.model().tokenizer(), req);
-  Sampler sampler(req.sampling, req.resumed);
+  Sampler sampler(req.sampling, req.prompt, req.resumed);
   std::vector<HeadStepStats> stats;
   while (state.finish_reason().empty()) {
     const TokenId next = sampler.Sample(logits.data(), n_vocab);

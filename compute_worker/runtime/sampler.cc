@@ -15,16 +15,52 @@ absl::Status SamplingParams::Validate() const {
   if (!(top_p > 0.0f && top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", top_p));
   }
+  if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "repetition_penalty must be > 0 and finite (1: off), got ", repetition_penalty));
+  }
+  if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("frequency_penalty must be in [-2, 2], got ", frequency_penalty));
+  }
+  if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("presence_penalty must be in [-2, 2], got ", presence_penalty));
+  }
   return absl::OkStatus();
 }
 
 // Sampling a token takes one draw of this distribution (greedy takes none).
 using Uniform = std::uniform_real_distribution<double>;
 
-Sampler::Sampler(const SamplingParams& params, int tokens_done)
+Sampler::Sampler(const SamplingParams& params, absl::Span<const TokenId> context,
+                 int tokens_done)
     : params_(params), rng_(params.seed) {
+  tokens_done = std::clamp<int>(tokens_done, 0, context.size());
+  if (params_.penalized()) {
+    const size_t prompt = context.size() - tokens_done;
+    if (params_.repetition_penalty != 1.0f) {
+      for (size_t i = 0; i < prompt; ++i) seen_[context[i]].in_prompt = true;
+    }
+    for (size_t i = prompt; i < context.size(); ++i) ++seen_[context[i]].generated;
+  }
   if (greedy()) return;
   for (int i = 0; i < tokens_done; ++i) Uniform(0.0, 1.0)(rng_);
+}
+
+void Sampler::ApplyPenalties(float* logits, int n_vocab) const {
+  const float rep = params_.repetition_penalty;
+  const float freq = params_.frequency_penalty;
+  const float presence = params_.presence_penalty;
+  for (const auto& [token, seen] : seen_) {
+    if (token < 0 || token >= n_vocab) continue;
+    float& l = logits[token];
+    if (rep != 1.0f && (seen.in_prompt || seen.generated > 0)) l = l > 0.0f ? l / rep : l * rep;
+    if (seen.generated > 0) {
+      l -= freq * static_cast<float>(seen.generated);
+      l -= presence;
+    }
+  }
 }
 
 TokenId ArgMax(const float* logits, int n) {
@@ -32,6 +68,15 @@ TokenId ArgMax(const float* logits, int n) {
 }
 
 TokenId Sampler::Sample(const float* logits, int n_vocab) {
+  if (!params_.penalized()) return Pick(logits, n_vocab);
+  penalized_.assign(logits, logits + n_vocab);
+  ApplyPenalties(penalized_.data(), n_vocab);
+  const TokenId token = Pick(penalized_.data(), n_vocab);
+  ++seen_[token].generated;
+  return token;
+}
+
+TokenId Sampler::Pick(const float* logits, int n_vocab) {
   if (greedy()) return ArgMax(logits, n_vocab);
   candidates_.resize(n_vocab);
   for (int i = 0; i < n_vocab; ++i) candidates_[i] = {logits[i], i};

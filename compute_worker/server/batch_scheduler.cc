@@ -18,7 +18,7 @@ struct BatchScheduler::Sequence {
         events(std::move(ev)),
         kv(std::move(cache)),
         state(tokenizer, request),
-        sampler(request.sampling, request.resumed),
+        sampler(request.sampling, request.prompt, request.resumed),
         submitted(absl::Now()) {}
 
   const uint64_t id;

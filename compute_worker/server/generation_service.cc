@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/attention_policy_proto.h"
 #include "api/generate_stream_writer.h"
 #include "common/grpc_status.h"
 
@@ -82,6 +83,12 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
     gen.sampling.top_k = request.sampling().top_k();
     gen.sampling.top_p = request.sampling().top_p() == 0 ? 1.0f : request.sampling().top_p();
     gen.sampling.seed = request.sampling().seed();
+    // 0 (unset): no repetition penalty, i.e. 1. Range checks: Validate().
+    gen.sampling.repetition_penalty = request.sampling().repetition_penalty() == 0
+                                          ? 1.0f
+                                          : request.sampling().repetition_penalty();
+    gen.sampling.frequency_penalty = request.sampling().frequency_penalty();
+    gen.sampling.presence_penalty = request.sampling().presence_penalty();
     gen.max_tokens = request.max_tokens() == 0 ? service_->options_.default_max_tokens
                                                : static_cast<int>(request.max_tokens());
     gen.stop_strings.assign(request.stop().begin(), request.stop().end());
@@ -261,27 +268,7 @@ absl::StatusOr<std::vector<TokenId>> GenerationService::PromptTokens(
 
 absl::StatusOr<AttentionPolicy> GenerationService::Policy(
     const psa::v1::AttentionPolicy& requested) const {
-  AttentionPolicy policy = options_.default_attention;
-  switch (requested.kind()) {
-    case psa::v1::AttentionPolicy::KIND_DEFAULT:
-      break;
-    case psa::v1::AttentionPolicy::KIND_DENSE:
-      policy.kind = AttentionPolicy::Kind::kDense;
-      break;
-    case psa::v1::AttentionPolicy::KIND_TOPK:
-      policy.kind = AttentionPolicy::Kind::kTopK;
-      break;
-    case psa::v1::AttentionPolicy::KIND_PSA:
-      policy.kind = AttentionPolicy::Kind::kPsa;
-      break;
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("attention.kind ", requested.kind(), " is not a known policy"));
-  }
-  if (requested.epsilon() != 0) policy.epsilon = requested.epsilon();
-  if (requested.top_k_blocks() != 0) policy.top_k = requested.top_k_blocks();
-  if (absl::Status s = policy.Validate(); !s.ok()) return s;
-  return policy;
+  return PolicyFromProto(requested, options_.default_attention);
 }
 
 grpc::ServerWriteReactor<GenerateResponse>* GenerationService::Generate(

@@ -6,14 +6,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/byte_size.h"
+#include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "common/sha256.h"
 #include "compute_worker/server/attention_metrics.h"
@@ -34,18 +34,23 @@ ABSL_FLAG(int, max_waiting, 256, "Queued sequences beyond the batch; more are re
 ABSL_FLAG(int, step_tokens, 512, "Rows per forward step (decode tokens + prompt chunks)");
 ABSL_FLAG(int, default_max_tokens, 256, "max_tokens for requests that set none");
 ABSL_FLAG(std::string, attention, "psa",
-          "Default decode attention for requests that name none: dense, topk or psa");
-ABSL_FLAG(double, epsilon, 0.9, "Default psa epsilon (attention mass to capture)");
-ABSL_FLAG(int, top_k_blocks, 64, "Default topk budget in blocks");
-ABSL_FLAG(double, psa_resident_bias, psa::AttentionPolicy{}.resident_bias,
-          "With --kv_pool: psa ranks a block it would have to fetch as if its bound were this "
-          "much lower (log units of attention mass), so resident blocks of about equal promise "
-          "are read first; 0 ranks by the bound alone");
-ABSL_FLAG(int, sparse_prefill_rows, psa::AttentionPolicy{}.sparse_prefill_rows,
+          "Attention policy for requests that name none, with the worker's options: dense, "
+          "topk or psa, e.g. psa:eps=0.95,min_blocks=16 or topk:k=128 (docs/attention.md)");
+ABSL_FLAG(std::optional<double>, epsilon, std::nullopt,
+          "Shorthand for --attention's eps (psa: attention mass to capture), when given");
+ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
+          "Shorthand for --attention's k (topk: blocks per step), when given");
+ABSL_FLAG(std::optional<double>, psa_resident_bias, std::nullopt,
+          "Shorthand for --attention's rb, when given. With --kv_pool: psa ranks a block it "
+          "would have to fetch as if its bound were this much lower (log units of attention "
+          "mass), so resident blocks of about equal promise are read first; 0 ranks by the "
+          "bound alone");
+ABSL_FLAG(std::optional<int>, sparse_prefill_rows, std::nullopt,
           "A prompt's rows, at most this many in a step, select blocks as topk or psa decode "
           "does (a question after a long stored document reads and fetches what decode would, "
           "not the whole document; fewer bytes and a faster first token, but answers that "
-          "leave dense's sooner); longer prompts are attended densely. 0: prefill always dense");
+          "leave dense's sooner); longer prompts are attended densely. 0: prefill always dense. "
+          "Shorthand for --attention's prefill, when given");
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");
@@ -55,11 +60,14 @@ ABSL_FLAG(std::string, kv_pool, "0",
           "attention reads them. Needs --kv_shards. 0: every sequence keeps all its KV in "
           "memory");
 ABSL_FLAG(int, kv_fetch_timeout_ms, 10000,
-          "A KV page fetch not answered within this fails its sequence with UNAVAILABLE");
+          "With --kv_pool: milliseconds a KV page fetch may take. A sequence whose fetch fails "
+          "recomputes its KV from its tokens, at most twice; then it fails with UNAVAILABLE");
 ABSL_FLAG(int, prefix_checkpoint_blocks, 32,
-          "Publish prompt prefixes under their own names every this many blocks");
+          "With --kv_shards: publish prompt prefixes (and generations so far) under their own "
+          "names every this many blocks of 16 tokens");
 ABSL_FLAG(int, shutdown_grace_ms, 5000,
-          "On SIGTERM: how long running generations may finish before they are cancelled");
+          "On SIGTERM or SIGINT: milliseconds running generations may take to finish before "
+          "they are cancelled");
 
 namespace {
 
@@ -75,7 +83,7 @@ int Fail(const std::string& message) {
 // gRPC threads (and a KV service on the same host) need; sleeping at once
 // (OMP_WAIT_POLICY=passive) costs a wake-up per region instead, which
 // halves single-sequence decode when nothing is fetched. Measured on 2
-// cores (README, "Benchmarks"): the main job 24 / 42-50 / 47-53 tok/s
+// cores (bench/README.md, "OpenMP waiting"): the main job 24 / 42-50 / 47-53 tok/s
 // passive / 10000 spins / default; through a pool at 1 and 8 sequences
 // 18.8 / 15.2 / 10.6 and 27.5 / 25.8 / 18.4 tok/s.
 const char* const kOpenMpSpins = "10000";
@@ -94,32 +102,32 @@ void ShortenOpenMpSpinning(char** argv) {
 
 }  // namespace
 
+// --attention, with the shorthand flags given on the command line over it.
+static absl::StatusOr<psa::AttentionPolicy> DefaultPolicy() {
+  absl::StatusOr<psa::AttentionPolicy> p = psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention));
+  if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat("--attention ", p.status().message()));
+  if (auto x = absl::GetFlag(FLAGS_epsilon)) p->epsilon = static_cast<float>(*x);
+  if (auto x = absl::GetFlag(FLAGS_top_k_blocks)) p->top_k = *x;
+  if (auto x = absl::GetFlag(FLAGS_psa_resident_bias)) p->resident_bias = static_cast<float>(*x);
+  if (auto x = absl::GetFlag(FLAGS_sparse_prefill_rows)) p->sparse_prefill_rows = *x;
+  return p;
+}
+
 int main(int argc, char** argv) {
   ShortenOpenMpSpinning(argv);
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Serves psa.v1.Generation with Progressive Sparse Attention on the CPU.\n"
       "Usage: psa-worker --model=MODEL.gguf [--listen=ADDR:PORT] ...");
-  absl::ParseCommandLine(argc, argv);
   psa::TuneMallocForLargeMessages();
   psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 
   const std::string model_path = absl::GetFlag(FLAGS_model);
   if (model_path.empty()) return Fail("--model is required");
-  psa::AttentionPolicy policy;
-  if (const std::string a = absl::GetFlag(FLAGS_attention); a == "dense") {
-    policy.kind = psa::AttentionPolicy::Kind::kDense;
-  } else if (a == "topk") {
-    policy.kind = psa::AttentionPolicy::Kind::kTopK;
-  } else if (a == "psa") {
-    policy.kind = psa::AttentionPolicy::Kind::kPsa;
-  } else {
-    return Fail(absl::StrCat("--attention must be dense, topk or psa, not \"", a, "\""));
-  }
-  policy.epsilon = absl::GetFlag(FLAGS_epsilon);
-  policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
-  policy.resident_bias = static_cast<float>(absl::GetFlag(FLAGS_psa_resident_bias));
-  policy.sparse_prefill_rows = absl::GetFlag(FLAGS_sparse_prefill_rows);
+  absl::StatusOr<psa::AttentionPolicy> parsed = DefaultPolicy();
+  if (!parsed.ok()) return Fail(std::string(parsed.status().message()));
+  const psa::AttentionPolicy policy = *parsed;
   if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
 
   std::fprintf(stderr, "psa-worker: loading %s\n", model_path.c_str());

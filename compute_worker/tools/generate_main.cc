@@ -7,10 +7,9 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/flags_main.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
 #include "compute_worker/kernels/matmul.h"
@@ -28,22 +27,37 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 is greedy.");
 ABSL_FLAG(int, top_k, 40, "Keep the k most likely tokens (0: all). Ignored when greedy.");
 ABSL_FLAG(double, top_p, 0.95, "Nucleus sampling threshold in (0, 1]. Ignored when greedy.");
 ABSL_FLAG(uint64_t, seed, 42, "Random seed for sampling.");
+ABSL_FLAG(double, repetition_penalty, 1.0,
+          "vLLM's repetition penalty, > 0: logits of prompt and generated tokens are divided "
+          "by it if positive, multiplied if negative. 1: off; 1.1-1.2 curbs loops.");
+ABSL_FLAG(double, frequency_penalty, 0.0,
+          "OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit per time it "
+          "was generated. 0: off.");
+ABSL_FLAG(double, presence_penalty, 0.0,
+          "OpenAI's presence penalty in [-2, 2]: subtracted from the logit of every token "
+          "generated so far. 0: off.");
 ABSL_FLAG(std::string, stop, "", "Comma-separated stop strings.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all cores).");
 ABSL_FLAG(int, ctx, 0, "Context limit in tokens (0: the model's).");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past end-of-turn tokens.");
 ABSL_FLAG(bool, quiet, false, "Print only the completion, no statistics.");
 ABSL_FLAG(std::string, attention, "psa",
-          "Decode attention: dense, topk or psa (prefill is always dense).");
-ABSL_FLAG(double, epsilon, 0.9, "psa: attention mass to capture, in (0, 1].");
-ABSL_FLAG(int, min_blocks, 24, "psa: blocks each head attends before it may stop.");
-ABSL_FLAG(int, top_k_blocks, 64, "topk: KV blocks (16 tokens each) attended per step.");
+          "Decode attention policy: dense, topk or psa, with options, e.g. psa:eps=0.95 or "
+          "topk:k=128 (docs/attention.md; prefill is always dense).");
+ABSL_FLAG(std::optional<double>, epsilon, std::nullopt,
+          "Shorthand for --attention's eps (psa: attention mass to capture, in (0, 1]), when given.");
+ABSL_FLAG(std::optional<int>, min_blocks, std::nullopt,
+          "Shorthand for --attention's min_blocks (psa: blocks each head attends before it may "
+          "stop), when given.");
+ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
+          "Shorthand for --attention's k (topk: KV blocks of 16 tokens attended per step), when "
+          "given.");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  psa::ParseFlags(
+      argc, argv,
       "Generates a completion with a Llama-family GGUF model on the CPU.\n"
       "  psa-generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'What is PSA?'");
-  absl::ParseCommandLine(argc, argv);
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) {
     std::cerr << "error: --model is required (run scripts/fetch_model.sh for the default model)\n";
@@ -99,6 +113,9 @@ int main(int argc, char** argv) {
   req.sampling.top_k = absl::GetFlag(FLAGS_top_k);
   req.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   req.sampling.seed = absl::GetFlag(FLAGS_seed);
+  req.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
+  req.sampling.frequency_penalty = static_cast<float>(absl::GetFlag(FLAGS_frequency_penalty));
+  req.sampling.presence_penalty = static_cast<float>(absl::GetFlag(FLAGS_presence_penalty));
   req.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
   if (const std::string stop = absl::GetFlag(FLAGS_stop); !stop.empty()) {
     req.stop_strings = absl::StrSplit(stop, ',', absl::SkipEmpty());
@@ -106,18 +123,16 @@ int main(int argc, char** argv) {
   psa::RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   opts.max_context = absl::GetFlag(FLAGS_ctx);
-  psa::AttentionPolicy policy;
-  if (const std::string a = absl::GetFlag(FLAGS_attention); a == "dense") {
-    policy.kind = psa::AttentionPolicy::Kind::kDense;
-  } else if (a == "topk") {
-    policy.kind = psa::AttentionPolicy::Kind::kTopK;
-  } else if (a != "psa") {
-    std::cerr << "error: --attention must be dense, topk or psa, not '" << a << "'\n";
+  absl::StatusOr<psa::AttentionPolicy> parsed =
+      psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention));
+  if (!parsed.ok()) {
+    std::cerr << "error: --attention " << parsed.status().message() << "\n";
     return 2;
   }
-  policy.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
-  policy.min_blocks = absl::GetFlag(FLAGS_min_blocks);
-  policy.top_k = absl::GetFlag(FLAGS_top_k_blocks);
+  psa::AttentionPolicy policy = *parsed;
+  if (auto x = absl::GetFlag(FLAGS_epsilon)) policy.epsilon = static_cast<float>(*x);
+  if (auto x = absl::GetFlag(FLAGS_min_blocks)) policy.min_blocks = *x;
+  if (auto x = absl::GetFlag(FLAGS_top_k_blocks)) policy.top_k = *x;
   if (auto s = policy.Validate(); !s.ok()) {
     std::cerr << "error: " << s.message() << "\n";
     return 2;

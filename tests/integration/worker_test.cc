@@ -3,15 +3,18 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
 #include "compute_worker/attention/sparse_attention.h"
@@ -189,6 +192,59 @@ TEST_F(TinyWorkerTest, DenseGenerationEqualsTheInProcessRuntime) {
   EXPECT_EQ(got.usage.kv_blocks_touched(), got.usage.kv_blocks_total());
 }
 
+// Penalties through the worker's batch scheduler pick what the in-process
+// generation loop picks, change greedy output, and a generation resumed
+// with the tokens so far continues exactly as the uninterrupted one.
+TEST_F(TinyWorkerTest, PenaltiesMatchTheInProcessRuntimeAndSurviveAResume) {
+  Worker worker(*path_);
+  const auto prompt = Prompt(30, vocab(), 5);
+  constexpr int kTokens = 24, kResumeAt = 9;
+  auto request = IdsRequest(prompt, kTokens, psa::v1::AttentionPolicy::KIND_DENSE);
+  Streamed plain = worker.Generate(request);
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  request.mutable_sampling()->set_repetition_penalty(1.3f);
+  request.mutable_sampling()->set_frequency_penalty(0.4f);
+  request.mutable_sampling()->set_presence_penalty(0.2f);
+  Streamed penalized = worker.Generate(request);
+  ASSERT_TRUE(penalized.status.ok()) << penalized.status.error_message();
+  ASSERT_EQ(penalized.tokens.size(), static_cast<size_t>(kTokens));
+  EXPECT_NE(penalized.tokens, plain.tokens);
+
+  LlamaRuntime runtime(*model_, RuntimeOptions{});
+  auto attention = MakeAttention(Dense());
+  GenerationRequest reference;
+  reference.prompt = prompt;
+  reference.max_tokens = kTokens;
+  reference.ignore_eos = true;
+  reference.attention = attention.get();
+  reference.sampling.repetition_penalty = 1.3f;
+  reference.sampling.frequency_penalty = 0.4f;
+  reference.sampling.presence_penalty = 0.2f;
+  auto expected = psa::Generate(runtime, reference);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(penalized.tokens, expected->tokens);
+
+  // Resumed after kResumeAt tokens: those count as generated output.
+  auto resumed = request;
+  for (int i = 0; i < kResumeAt; ++i) resumed.mutable_resume()->add_token_ids(penalized.tokens[i]);
+  Streamed rest = worker.Generate(resumed);
+  ASSERT_TRUE(rest.status.ok()) << rest.status.error_message();
+  EXPECT_EQ(rest.tokens,
+            std::vector<TokenId>(penalized.tokens.begin() + kResumeAt, penalized.tokens.end()));
+  EXPECT_EQ(rest.usage.completion_tokens(), static_cast<uint32_t>(kTokens));
+  // The same tokens sent as prompt are not generated output (frequency and
+  // presence skip them): another continuation, so the check above has teeth.
+  std::vector<TokenId> as_prompt = prompt;
+  as_prompt.insert(as_prompt.end(), penalized.tokens.begin(),
+                   penalized.tokens.begin() + kResumeAt);
+  auto plain_prompt = IdsRequest(as_prompt, kTokens - kResumeAt,
+                                 psa::v1::AttentionPolicy::KIND_DENSE);
+  *plain_prompt.mutable_sampling() = request.sampling();
+  Streamed other = worker.Generate(plain_prompt);
+  ASSERT_TRUE(other.status.ok()) << other.status.error_message();
+  EXPECT_NE(other.tokens, rest.tokens);
+}
+
 TEST_F(TinyWorkerTest, PsaAtEpsilonOneEqualsDenseAndDefaultPsaReadsLess) {
   Worker worker(*path_);
   const auto prompt = Prompt(600, vocab(), 2);  // 38 blocks of 16
@@ -266,6 +322,15 @@ TEST_F(TinyWorkerTest, BadRequestsGetClearErrors) {
   auto bad_top_p = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_DENSE);
   bad_top_p.mutable_sampling()->set_top_p(2.0f);
   expect_invalid(bad_top_p, "top_p");
+  auto bad_repetition = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_DENSE);
+  bad_repetition.mutable_sampling()->set_repetition_penalty(-1.0f);
+  expect_invalid(bad_repetition, "repetition_penalty");
+  auto bad_frequency = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_DENSE);
+  bad_frequency.mutable_sampling()->set_frequency_penalty(2.5f);
+  expect_invalid(bad_frequency, "frequency_penalty");
+  auto bad_presence = IdsRequest({1, 2}, 4, psa::v1::AttentionPolicy::KIND_DENSE);
+  bad_presence.mutable_sampling()->set_presence_penalty(std::nanf(""));
+  expect_invalid(bad_presence, "presence_penalty");
   psa::v1::GenerateRequest chat;
   auto* m = chat.mutable_chat()->add_messages();
   m->set_role("wizard");
@@ -570,6 +635,34 @@ TEST(RealModelWorkerTest, DenseMatchesInProcessAndPsaReadsLessOnALongPrompt) {
   ASSERT_TRUE(sparse.status.ok()) << sparse.status.error_message();
   EXPECT_GT(sparse.tokens.size(), 0u);
   EXPECT_LT(sparse.usage.kv_blocks_touched(), sparse.usage.kv_blocks_total());
+}
+
+// Issue 20: greedy SmolLM2 repeats one line of a short poem until
+// max_tokens; psactl chat's default repetition penalty (1.15) stops it.
+TEST(RealModelWorkerTest, RepetitionPenaltyStopsAGreedyPoemRepeatingALine) {
+  // The most times one non-blank line occurs.
+  auto most_repeated_line = [](const std::string& text) {
+    std::map<std::string, int> lines;
+    int most = 0;
+    for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipWhitespace())) {
+      most = std::max(most, ++lines[std::string(line)]);
+    }
+    return most;
+  };
+  psa::v1::GenerateRequest request;
+  auto* user = request.mutable_chat()->add_messages();
+  user->set_role("user");
+  user->set_content("Write a poem about the sea.");
+  request.set_max_tokens(160);
+  request.mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
+  Worker worker(DefaultModelPath());
+  Streamed plain = worker.Generate(request);
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  EXPECT_GE(most_repeated_line(plain.text), 5) << plain.text;
+  request.mutable_sampling()->set_repetition_penalty(1.15f);
+  Streamed penalized = worker.Generate(request);
+  ASSERT_TRUE(penalized.status.ok()) << penalized.status.error_message();
+  EXPECT_LE(most_repeated_line(penalized.text), 1) << penalized.text;
 }
 
 // The accuracy bar through the serving path: a worker with a pool of a

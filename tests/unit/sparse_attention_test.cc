@@ -50,7 +50,7 @@ struct Output {
   std::vector<HeadStepStats> stats;
 };
 
-Output Attend(const AttentionBackend& backend, const AttentionShape& shape, const KvCache& kv,
+Output Attend(const AttentionBackend& backend, const AttentionShape& shape, KvCache& kv,
               const std::vector<float>& q, int kv_head) {
   Output o;
   o.out.assign(shape.group() * shape.head_dim, 0.0f);
@@ -141,7 +141,7 @@ TEST(SparseAttentionTest, FullBudgetEqualsDenseForManyShapes) {
     const AttentionShape shape{2 * group, 2, kHeadDim, 0.125f};
     for (int length : {1, 5, 16, 17, 64, 100, 257}) {
       for (int block : {16, 32}) {
-        const KvCache kv = RandomCache(2, length, block, length * 31 + block);
+        KvCache kv = RandomCache(2, length, block, length * 31 + block);
         const auto q = RandomQuery(group, length);
         for (int kv_head : {0, 1}) {
           const Output ref = Attend(dense, shape, kv, q, kv_head);
@@ -166,7 +166,7 @@ TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
   const int length = 1024, block = 16;
   std::vector<float> dir(kHeadDim);
   for (int i = 0; i < kHeadDim; ++i) dir[i] = (i % 2 ? 1.0f : -1.0f) / std::sqrt(8.0f);
-  const KvCache kv = RandomCache(1, length, block, 5, {9, 23, 40}, dir);
+  KvCache kv = RandomCache(1, length, block, 5, {9, 23, 40}, dir);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   std::vector<float> q(kHeadDim);
   for (int i = 0; i < kHeadDim; ++i) q[i] = 8.0f * dir[i];
@@ -215,7 +215,7 @@ TEST(SparseAttentionTest, AStoppedHeadAttendsWhatItsGroupReadsOnFor) {
   const int length = 2048, block = 16;
   std::vector<float> dir(kHeadDim);
   for (int i = 0; i < kHeadDim; ++i) dir[i] = (i % 2 ? 1.0f : -1.0f) / std::sqrt(8.0f);
-  const KvCache kv = RandomCache(1, length, block, 8, {9, 23, 40, 77}, dir);
+  KvCache kv = RandomCache(1, length, block, 8, {9, 23, 40, 77}, dir);
   const AttentionShape shape{2, 1, kHeadDim, 0.125f};
   std::vector<float> q = RandomQuery(2, 3, 1.5f);
   for (int i = 0; i < kHeadDim; ++i) q[i] = 3.0f * dir[i];
@@ -242,7 +242,7 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   // are the forced ones (first and last) plus a prefix of the bound order,
   // so the test can tell the true captured fraction at the stop.
   const int length = 2048, block = 16, blocks = length / block;
-  const KvCache kv = RandomCache(1, length, block, 17);
+  KvCache kv = RandomCache(1, length, block, 17);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 6, 2.0f);
   const std::vector<double> mass = BlockMasses(kv, q, 0.125f);
@@ -276,11 +276,11 @@ TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) 
   // A pool-backed copy of a cache whose pages all have to be fetched, and
   // a spread query that takes PSA many iterations.
   const int length = 4096, block = 16;
-  const KvCache store = RandomCache(1, length, block, 31);
+  KvCache store = RandomCache(1, length, block, 31);
   CachePageFetcher fetcher(store);
   BlockPool pool(4 * store.page_bytes(), store.page_bytes());
   KvPagingCounters counters;
-  const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
+  KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 9, 2.0f);
   AttentionPolicy p = Psa(0.9f);
@@ -311,7 +311,7 @@ TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
   std::vector<int> hot;
   for (int b = 3; b < blocks; b += 8) hot.push_back(b);
   std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
-  const KvCache store = RandomCache(1, length, block, 31, hot, dir);
+  KvCache store = RandomCache(1, length, block, 31, hot, dir);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   std::vector<float> q(kHeadDim);
   for (int i = 0; i < kHeadDim; ++i) q[i] = 4.0f * dir[i];
@@ -320,7 +320,7 @@ TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
     CachePageFetcher fetcher(store);
     BlockPool pool(blocks * 3 / 2 * store.page_bytes(), store.page_bytes());
     KvPagingCounters counters;
-    const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
+    KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
     // Fill the pool (evicting the least recently stored half of the
     // blocks), then free the slots that were free: room to fetch into.
     std::vector<BlockPool::Handle> taken;
@@ -347,7 +347,7 @@ TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
 // the cache's last), as one task of a prefill pass in which the sequence
 // has `entry_rows` rows.
 std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionShape& shape,
-                              const KvCache& kv, const float* q, int rows, int entry_rows,
+                              KvCache& kv, const float* q, int rows, int entry_rows,
                               HeadStepStats* last_stats = nullptr, int end = -1) {
   const int width = shape.group() * shape.head_dim;
   std::vector<float> out(static_cast<size_t>(rows) * width, 0.0f);
@@ -408,7 +408,7 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
   std::vector<int> hot;
   for (int b = 5; b < length / block; b += 16) hot.push_back(b);
   std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
-  const KvCache store = RandomCache(1, length, block, 41, hot, dir);
+  KvCache store = RandomCache(1, length, block, 41, hot, dir);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   std::vector<float> qv = RandomQuery(rows, 5, 0.25f);  // one head, 8 rows
   for (size_t i = 0; i < qv.size(); ++i) qv[i] += 8.0f * dir[i % kHeadDim];
@@ -436,7 +436,7 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
   off.sparse_prefill_rows = 0;
   EXPECT_EQ(AttendRows(SparseAttention(off), shape, store, q, rows, rows), dense);
   // A context the policy would read whole anyway is attended densely too.
-  const KvCache short_context = RandomCache(1, 20 * block, block, 42);
+  KvCache short_context = RandomCache(1, 20 * block, block, 42);
   AttentionPolicy top64 = TopK(64);
   top64.sparse_prefill_rows = 64;
   EXPECT_EQ(AttendRows(SparseAttention(top64), shape, short_context, q, rows, rows),
@@ -448,7 +448,7 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
     CachePageFetcher fetcher(store);
     BlockPool pool(length / block / 4 * store.page_bytes(), store.page_bytes());
     KvPagingCounters counters;
-    const KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
+    KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
     EXPECT_EQ(AttendRows(SparseAttention(policy), shape, kv, q, rows, rows),
               AttendRows(SparseAttention(policy), shape, store, q, rows, rows));
     return static_cast<int>(counters.page_fetches);
@@ -459,7 +459,7 @@ TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWo
 
 TEST(SparseAttentionTest, ThroughAPoolStartFetchesAsksUpFrontForWhatRunWouldAndRunUsesIt) {
   const int length = 4096, block = 16;
-  const KvCache store = RandomCache(1, length, block, 51);
+  KvCache store = RandomCache(1, length, block, 51);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 3, 2.0f);
   for (const AttentionPolicy& p : {TopK(40), Psa(0.9f)}) {
@@ -510,7 +510,7 @@ TEST(SparseAttentionTest, ThroughAPoolStartFetchesAsksUpFrontForWhatRunWouldAndR
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
   const int length = 640, block = 16;
   std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
-  const KvCache kv = RandomCache(1, length, block, 8, {11, 25}, dir);
+  KvCache kv = RandomCache(1, length, block, 8, {11, 25}, dir);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   std::vector<float> q(kHeadDim);
   for (int i = 0; i < kHeadDim; ++i) q[i] = 8.0f * dir[i];
@@ -527,7 +527,7 @@ TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {
 
 TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   const int length = 1024, block = 16, blocks = length / block;
-  const KvCache kv = RandomCache(1, length, block, 21);
+  KvCache kv = RandomCache(1, length, block, 21);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
   const std::vector<float> q = RandomQuery(1, 4, 2.0f);  // attention spread over many blocks
   const std::vector<double> mass = BlockMasses(kv, q, 0.125f);

@@ -70,7 +70,9 @@ TEST(TokenizerTest, SentencePieceSpacesScoresAndByteFallback) {
   EXPECT_EQ(ids.back(), a9);
   EXPECT_EQ(tok->Decode(ids), "the é");
   const TokenId the = tok->Lookup("\xE2\x96\x81the");
-  if (the >= 0) EXPECT_EQ(ids[1], the);
+  if (the >= 0) {
+    EXPECT_EQ(ids[1], the);
+  }
 }
 
 TEST(ChatTemplateTest, ChatMlWithDefaultSystemPrompt) {

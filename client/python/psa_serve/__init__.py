@@ -107,12 +107,22 @@ class Client:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop: Sequence[str] = (), ignore_eos: bool = False,
                  attention: Optional[str] = None, epsilon: float = 0.0,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0,
                  timeout: Optional[float] = None) -> Iterator[Chunk]:
         """Streams a generation. Give exactly one of prompt (raw text), chat
         ((role, content) pairs, formatted with the model's template) or
-        token_ids. Closing the iterator early cancels the generation."""
+        token_ids. Closing the iterator early cancels the generation.
+
+        Penalties against repeating (all off by default, as in OpenAI and
+        vLLM): repetition_penalty (vLLM's, > 0; 1: off; 1.1-1.2 curbs loops)
+        divides the positive logits and multiplies the negative ones of every
+        prompt or generated token; frequency_penalty and presence_penalty
+        (OpenAI's, in [-2, 2]; 0: off) lower a generated token's logit per
+        occurrence and once, respectively."""
         request = self._request(prompt, chat, token_ids, max_tokens, temperature, top_k, top_p,
-                                seed, stop, ignore_eos, attention, epsilon)
+                                seed, stop, ignore_eos, attention, epsilon, repetition_penalty,
+                                frequency_penalty, presence_penalty)
         call = self._stub.Generate(request, timeout=timeout or self._timeout)
         try:
             for message in call:
@@ -150,7 +160,8 @@ class Client:
 
     @staticmethod
     def _request(prompt, chat, token_ids, max_tokens, temperature, top_k, top_p, seed, stop,
-                 ignore_eos, attention, epsilon) -> "pb.GenerateRequest":
+                 ignore_eos, attention, epsilon, repetition_penalty=1.0, frequency_penalty=0.0,
+                 presence_penalty=0.0) -> "pb.GenerateRequest":
         given = sum(x is not None for x in (prompt, chat, token_ids))
         if given != 1:
             raise InvalidArgument("give exactly one of prompt, chat or token_ids")
@@ -168,6 +179,9 @@ class Client:
         r.sampling.top_k = top_k
         r.sampling.top_p = top_p
         r.sampling.seed = seed
+        r.sampling.repetition_penalty = repetition_penalty  # checked by the server
+        r.sampling.frequency_penalty = frequency_penalty
+        r.sampling.presence_penalty = presence_penalty
         r.attention.kind = _ATTENTION[attention]
         r.attention.epsilon = epsilon
         return r

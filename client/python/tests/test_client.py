@@ -55,6 +55,24 @@ def test_tokenize_model_info_and_errors():
         assert first.finish_reason is None
 
 
+@live
+def test_penalties_change_greedy_output_and_are_validated():
+    poem = [("user", "Write a poem about the sea.")]
+    with Client(TARGET) as client:
+        plain = client.complete(chat=poem, max_tokens=40, attention="dense")
+        penalized = client.complete(chat=poem, max_tokens=40, attention="dense",
+                                    repetition_penalty=1.3, frequency_penalty=0.5,
+                                    presence_penalty=0.2)
+        assert penalized.token_ids != plain.token_ids
+        neutral = client.complete(chat=poem, max_tokens=40, attention="dense",
+                                  repetition_penalty=1.0, frequency_penalty=0.0)
+        assert neutral.token_ids == plain.token_ids
+        for field, value in (("repetition_penalty", -1.0), ("frequency_penalty", 2.5),
+                             ("presence_penalty", float("nan"))):
+            with pytest.raises(psa_serve.InvalidArgument, match=field):
+                client.complete("hi", max_tokens=4, **{field: value})
+
+
 def test_unreachable_server_is_unavailable():
     with Client("127.0.0.1:1", timeout=5) as client:
         with pytest.raises(psa_serve.Unavailable, match="127.0.0.1:1"):

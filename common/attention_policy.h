@@ -1,0 +1,108 @@
+// AttentionPolicy: which decode attention a sequence gets (dense, top-k
+// blocks, or Progressive Sparse Attention) and its options — the one type
+// every binary, bench and the worker's gRPC service use, with the one parser
+// of its text syntax. The proto form (psa.v1.AttentionPolicy) converts in
+// api/attention_policy_proto.h. A value type: copy freely, no threads.
+#ifndef PSA_COMMON_ATTENTION_POLICY_H_
+#define PSA_COMMON_ATTENTION_POLICY_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace psa {
+
+struct AttentionPolicy {
+  enum class Kind { kDense, kTopK, kPsa };
+  Kind kind = Kind::kPsa;
+  // Defaults lean to quality (docs/attention.md, "Defaults"): on the default
+  // model at 8K they read ~20% of the KV with KL 0.013-0.016 against dense.
+  float epsilon = 0.9f;    // psa: target captured attention mass
+  int group_blocks = 4;    // psa: blocks per progressive iteration (G)
+  bool certified = false;  // psa: stop on the guaranteed bound
+  // psa, uncertified: how the mass of the unseen blocks is estimated.
+  //  kCentre: each unseen block's share of the centre estimates
+  //    B*exp(c_j) (c_j: q . the centre of block j's key box), scaled by the
+  //    mass the attended blocks turned out to hold against their estimates
+  //    (ours): uses which blocks are left and calibrates on all seen so far.
+  //  kMinSeen: AS_min * N_left, AS_min the smallest block exp-sum seen (the
+  //    paper). One near-empty block drives it to ~0 and stops the head early.
+  //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
+  //    blocks (ours, the default before kCentre).
+  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j),
+  //    scaled by actual/bound measured on the latest iteration's blocks.
+  // bench/psa_accuracy compares them.
+  enum class TailEstimate { kCentre, kMinSeen, kLastGroupMean, kCalibratedBound };
+  TailEstimate tail = TailEstimate::kCentre;
+  int min_blocks = 24;     // psa: no head stops before attending this many blocks
+  // psa, GQA: a head that has stopped still attends the blocks its group
+  // reads on for its other heads (the bytes are read anyway: the group's
+  // reads are the union of its heads' budgets). Off (",solo"): it stops
+  // attending, as in the paper.
+  bool share_reads = true;
+  // psa through a block pool: a block that is not resident (would have to
+  // be fetched) ranks as if its bound were this much lower (natural-log
+  // units of attention mass: 2 = e^2 ~ 7x less), so resident blocks of
+  // about equal promise are read first and the fetch may never be needed.
+  // The stop rule is unchanged. 0: rank by the bound alone.
+  float resident_bias = 2.0f;
+  // Research only (bench/psa_accuracy --oracle), never served: the ceiling
+  // a ranking and a stop rule could reach, each on its own. Both cost more
+  // than dense (every key's score); private caches only (ignored for
+  // pool-backed ones).
+  //  oracle_rank: blocks ranked by their exact attention mass instead of
+  //    the metadata bound.
+  //  oracle_stop: psa stops on the exact captured mass (the certified stop
+  //    with each block's exact mass in place of its bound).
+  bool oracle_rank = false;
+  bool oracle_stop = false;
+  int top_k = 64;          // topk: blocks attended per step
+  // Prefill rows of a sequence, at most this many in a pass, select as
+  // decode steps do instead of reading every block: the question after a
+  // stored document then reads (and, through a pool, fetches) what decode
+  // would, not the whole document. Rows past that are attended densely.
+  // 0 (the default): prefill always dense. Measured (bench/README.md, "Sparse prefill"):
+  // 2x fewer bytes fetched per token and 2x shorter time to first token,
+  // but the answers leave dense's greedy tokens much sooner (the question's
+  // keys and values are approximate, and every later step reads them).
+  int sparse_prefill_rows = 0;
+  int sink_blocks = 1;     // always attended: the first blocks ...
+  int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)
+
+  absl::Status Validate() const;  // INVALID_ARGUMENT naming the bad field
+  // The exact form Parse() reads back, e.g. "psa(eps=0.95,G=4)": kind, then
+  // the options that differ from "none" (min_blocks 0, tail centre, ...).
+  std::string ToString() const;
+
+  // The one parser of the policy syntax every binary and bench accepts
+  // (docs/attention.md):
+  //   KIND                   dense | topk | psa: `base` with that kind
+  //   KIND:OPT,OPT...        `base` with that kind and those options
+  //   KIND(OPT,OPT...)       exactly the policy ToString() printed: options
+  //                          not named take their "none" value, not base's
+  // OPT: eps=X  G=N  min_blocks=N  k=N  rb=X (resident_bias)  prefill=N
+  //      sink=N  local=N  certified  solo  centre|min|mean|cal (tail)
+  //      oracle  oracle-rank  oracle-stop (research only)
+  // A bare number after "psa:" is eps, after "topk:" k. Does not Validate()
+  // (callers that send the policy elsewhere may leave fields unset).
+  static absl::StatusOr<AttentionPolicy> Parse(absl::string_view spec,
+                                               const AttentionPolicy& base);
+  static absl::StatusOr<AttentionPolicy> Parse(absl::string_view spec) {
+    return Parse(spec, AttentionPolicy{});
+  }
+  // A comma-separated list of policies, e.g. "dense,topk:k=128,psa:eps=0.95,
+  // min_blocks=16": a word naming a kind starts the next policy. `texts`,
+  // if given, receives each policy's own text ("topk:k=128").
+  static absl::StatusOr<std::vector<AttentionPolicy>> ParseList(
+      absl::string_view specs, const AttentionPolicy& base,
+      std::vector<std::string>* texts = nullptr);
+  bool operator==(const AttentionPolicy& o) const;
+  bool operator!=(const AttentionPolicy& o) const { return !(*this == o); }
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMMON_ATTENTION_POLICY_H_

@@ -1,0 +1,60 @@
+// StopRule: when a PSA head has captured enough attention mass. A head
+// stops once P = AS_acc / (AS_acc + unseen) reaches epsilon; the rule is
+// how the mass of the candidates not yet attended ("unseen") is sized, as
+// AttentionPolicy::TailEstimate and `certified` choose:
+//  - centre (default): each unseen block's share of the centre estimates,
+//    scaled by what the attended blocks held against theirs;
+//  - certified: the unseen blocks' upper bounds (P is then guaranteed);
+//  - calibrated: the unseen bounds scaled by the latest iteration's
+//    actual / bound;
+//  - min-seen (the paper) and last-group-mean: block counts times a seen
+//    block's mass.
+// The weighted rules (centre, certified, calibrated) weigh candidate c by
+// w_c = exp(x_c - X) — x its centre score or bound, X the head's largest —
+// so the unseen weight is the total minus that attended.
+// One per step and task; not thread-safe.
+#ifndef PSA_COMPUTE_WORKER_ATTENTION_STOP_RULE_H_
+#define PSA_COMPUTE_WORKER_ATTENTION_STOP_RULE_H_
+
+#include <cstddef>
+
+#include "common/attention_policy.h"
+#include "compute_worker/attention/head_state.h"
+#include "compute_worker/model/llama_model.h"  // kMaxGqaGroup
+
+namespace psa {
+
+class StopRule {
+ public:
+  // `exact_stop`: the research oracle's stop (bounds replaced by each
+  // block's exact log-mass, hence no factor B).
+  StopRule(const AttentionPolicy& p, bool exact_stop);
+
+  // What BlockBounds::Score must fill for it: per-head bounds, centre scores.
+  bool wants_bounds() const { return (certified_ || calibrated_) && !exact_; }
+  bool wants_centre() const { return centre_; }
+  bool weighted() const { return certified_ || calibrated_ || centre_; }
+  bool centre() const { return centre_; }
+
+  // Weighted rules: x is [group][n_cand] of bounds, exact log-masses or
+  // centre scores; they become the weights, in place (x is not read again).
+  void Weigh(float* x, int group, int n_cand);
+  float weight(int g, int c) const { return w_[static_cast<size_t>(g) * n_cand_ + c]; }
+  const float* weights(int g) const { return w_ + static_cast<size_t>(g) * n_cand_; }
+
+  // The unseen mass of head g (state h, `left` candidates not attended,
+  // block size B), in h's running scale; INFINITY while unknown.
+  double Unseen(const HeadState& h, int g, int left, int B) const;
+
+ private:
+  AttentionPolicy::TailEstimate tail_;
+  bool exact_, certified_, calibrated_, centre_;
+  float* w_ = nullptr;
+  int n_cand_ = 0;
+  double w_total_[kMaxGqaGroup];
+  float w_max_[kMaxGqaGroup];
+};
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_ATTENTION_STOP_RULE_H_
