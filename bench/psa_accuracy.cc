@@ -8,15 +8,13 @@
 // policy's next-token distribution with dense's (top-1 agreement, KL) and
 // its attention outputs with dense attention recomputed on the same cache
 // (relative error). A needle-in-a-haystack probe plants a pass key at several
-// depths and asks for it with greedy decoding.
+// depths and asks for it with greedy decoding. The error probe is
+// psa_accuracy_probe.h; the figures and their table and CSV files are
+// psa_accuracy_results.h.
 #include <algorithm>
 #include <chrono>
-#include <cmath>
-#include <cstdio>
-#include <fstream>
 #include <iostream>
-#include <map>
-#include <mutex>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,6 +25,8 @@
 #include "absl/strings/str_split.h"
 #include "common/flags_main.h"
 #include "bench/haystack.h"
+#include "bench/psa_accuracy_probe.h"
+#include "bench/psa_accuracy_results.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/kv/block_pool.h"
@@ -90,114 +90,6 @@ std::string Haystack() {
   absl::StatusOr<std::string> text = ReadHaystack(absl::GetFlag(FLAGS_haystack));
   if (!text.ok()) Die(std::string(text.status().message()));
   return *text;
-}
-
-// Wraps a policy and, for every decode task, recomputes dense attention on
-// the same cache to measure the output's relative error.
-class ProbedAttention : public AttentionBackend {
- public:
-  explicit ProbedAttention(std::unique_ptr<AttentionBackend> inner) : inner_(std::move(inner)) {}
-  std::string_view name() const override { return inner_->name(); }
-  void Run(const AttentionShape& shape, const AttentionTask& task) const override {
-    inner_->Run(shape, task);
-    // Through a pool, dense would fetch every page and change what is resident.
-    if (task.n_q != 1 || task.kv->paged()) return;
-    const int n = shape.group() * shape.head_dim;
-    std::vector<float> ref(n);
-    AttentionTask t = task;
-    t.out = ref.data();
-    t.stats = nullptr;
-    dense_.Run(shape, t);
-    double num = 0, den = 0;
-    for (int i = 0; i < n; ++i) {
-      num += (task.out[i] - ref[i]) * (task.out[i] - ref[i]);
-      den += ref[i] * ref[i];
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    err_sum_ += std::sqrt(num / std::max(den, 1e-30));
-    ++err_count_;
-  }
-  double MeanRelativeError() const { return err_count_ ? err_sum_ / err_count_ : 0; }
-  void Reset() { err_sum_ = 0, err_count_ = 0; }
-
- private:
-  std::unique_ptr<AttentionBackend> inner_;
-  DenseAttention dense_;
-  mutable std::mutex mu_;
-  mutable double err_sum_ = 0;
-  mutable int64_t err_count_ = 0;
-};
-
-struct PolicyResult {
-  std::string policy;
-  int context = 0;
-  int steps = 0;
-  int agree = 0;
-  double kl_sum = 0;
-  double rel_err = 0;
-  int64_t touched = 0, total = 0;  // blocks over (layer, query head, step)
-  // Blocks read per (layer, KV head, step): the union over the GQA group,
-  // which is what memory traffic (and a fetch from the KV service) costs.
-  int64_t read = 0, read_total = 0;
-  double captured_sum = 0;
-  int64_t captured_n = 0;
-  double iterations_sum = 0;
-  int needles_found = 0, needles = 0;
-  std::vector<double> layer_touched, layer_total;
-  double Agreement() const { return steps ? static_cast<double>(agree) / steps : 0; }
-  double KvFraction() const { return total ? static_cast<double>(touched) / total : 0; }
-  double ReadFraction() const { return read_total ? static_cast<double>(read) / read_total : 0; }
-  // --pool_fraction: pages fetched, over the pages dense reads (read_total).
-  int64_t fetched = 0;
-  double FetchFraction() const { return read_total ? static_cast<double>(fetched) / read_total : 0; }
-};
-
-std::vector<double> Softmax(const float* logits, int n) {
-  std::vector<double> p(n);
-  const float mx = *std::max_element(logits, logits + n);
-  double s = 0;
-  for (int i = 0; i < n; ++i) s += (p[i] = std::exp(static_cast<double>(logits[i]) - mx));
-  for (double& x : p) x /= s;
-  return p;
-}
-
-double Kl(const std::vector<double>& p, const std::vector<double>& q) {
-  double kl = 0;
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (p[i] > 0) kl += p[i] * (std::log(p[i]) - std::log(std::max(q[i], 1e-300)));
-  }
-  return kl;
-}
-
-void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
-                PolicyResult* r) {
-  const int n_layer = static_cast<int>(stats.size()) / n_head;
-  for (int l = 0; l < n_layer; ++l) {
-    for (int h0 = 0; h0 < n_head; h0 += group) {
-      int most = 0;
-      for (int h = h0; h < h0 + group; ++h) {
-        most = std::max(most, stats[static_cast<size_t>(l) * n_head + h].blocks_touched);
-      }
-      r->read += most;
-      r->read_total += stats[static_cast<size_t>(l) * n_head + h0].blocks_total;
-    }
-  }
-  r->layer_touched.resize(n_layer, 0);
-  r->layer_total.resize(n_layer, 0);
-  for (int l = 0; l < n_layer; ++l) {
-    for (int h = 0; h < n_head; ++h) {
-      const HeadStepStats& s = stats[static_cast<size_t>(l) * n_head + h];
-      r->touched += s.blocks_touched;
-      r->total += s.blocks_total;
-      r->layer_touched[l] += s.blocks_touched;
-      r->layer_total[l] += s.blocks_total;
-      r->iterations_sum += s.iterations;
-      if (s.captured >= 0) {
-        r->captured_sum += s.captured;
-        ++r->captured_n;
-      }
-    }
-  }
 }
 
 }  // namespace
@@ -439,42 +331,12 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %8s %9s %6s %8s\n", "context", "policy", "top1",
-              "KL", "relerr", "KV frac", "KV read", "fetched", "captured", "iters", "needle");
-  for (const PolicyResult& r : results) {
-    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
-                r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err,
-                r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(), r.FetchFraction(),
-                r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
-                r.layer_total.empty()
-                    ? 1.0
-                    : r.iterations_sum / (static_cast<double>(r.layer_total.size()) * n_head * r.steps),
-                r.needles ? absl::StrFormat("%d/%d", r.needles_found, r.needles).c_str() : "-");
-  }
+  PrintResults(results, n_head);
   if (const std::string csv = absl::GetFlag(FLAGS_csv); !csv.empty()) {
-    std::ofstream out(csv);
-    out << "context,policy,kind,top1,kl,rel_err,kv_fraction,kv_read_fraction,captured,"
-           "needles_found,needles,fetch_fraction\n";
-    for (const PolicyResult& r : results) {
-      const std::string kind = r.policy.substr(0, r.policy.find('('));
-      out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
-          << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
-          << (r.policy == "dense" ? 1.0 : r.ReadFraction()) << ","
-          << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
-          << r.needles << "," << r.FetchFraction() << "\n";
-    }
-    std::cerr << "wrote " << csv << "\n";
+    WriteResultsCsv(csv, results);
   }
   if (const std::string lcsv = absl::GetFlag(FLAGS_layers_csv); !lcsv.empty()) {
-    std::ofstream out(lcsv);
-    out << "context,policy,layer,kv_fraction\n";
-    for (const PolicyResult& r : results) {
-      for (size_t l = 0; l < r.layer_total.size(); ++l) {
-        out << r.context << ",\"" << r.policy << "\"," << l << ","
-            << (r.layer_total[l] ? r.layer_touched[l] / r.layer_total[l] : 0) << "\n";
-      }
-    }
-    std::cerr << "wrote " << lcsv << "\n";
+    WriteLayersCsv(lcsv, results);
   }
   return 0;
 }

@@ -1,3 +1,6 @@
+// BlockStore: opening, writing and reading sequences (see block_store.h).
+// The LRU order, leases, reference counts and eviction are in
+// block_store_eviction.cc; layout checks in kv_layout.cc.
 #include "kv_service/block_store.h"
 
 #include <algorithm>
@@ -10,11 +13,7 @@
 namespace psa {
 namespace {
 
-// Generous bounds that catch garbage without limiting real models.
-constexpr uint32_t kMaxLayers = 1024;
-constexpr uint32_t kMaxKvHeads = 1024;
-constexpr uint32_t kMaxHeadDim = 4096;
-constexpr uint32_t kMaxBlockSize = 4096;
+// A generous bound that catches garbage without limiting real ids.
 constexpr size_t kMaxSequenceIdBytes = 256;
 
 absl::Status CheckId(const std::string& id) {
@@ -46,70 +45,11 @@ size_t ContentHash(absl::string_view data, absl::string_view metadata) {
 
 }  // namespace
 
-size_t KvDtypeBytes(psa::v1::KvDtype dtype) {
-  switch (dtype) {
-    case psa::v1::KV_DTYPE_F16:
-    case psa::v1::KV_DTYPE_BF16:
-      return 2;
-    case psa::v1::KV_DTYPE_F32:
-      return 4;
-    default:
-      return 0;
-  }
-}
-
-absl::Status ValidateKvLayout(const psa::v1::KvLayout& l) {
-  auto in_range = [](const char* name, uint32_t v, uint32_t max) -> absl::Status {
-    if (v == 0 || v > max) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layout.", name, " is ", v, "; it must be in [1, ", max, "]"));
-    }
-    return absl::OkStatus();
-  };
-  if (absl::Status s = in_range("num_layers", l.num_layers(), kMaxLayers); !s.ok()) return s;
-  if (absl::Status s = in_range("num_kv_heads", l.num_kv_heads(), kMaxKvHeads); !s.ok()) return s;
-  if (absl::Status s = in_range("head_dim", l.head_dim(), kMaxHeadDim); !s.ok()) return s;
-  if (absl::Status s = in_range("block_size", l.block_size(), kMaxBlockSize); !s.ok()) return s;
-  if (KvDtypeBytes(l.dtype()) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layout.dtype is ", l.dtype(), "; use KV_DTYPE_F16, KV_DTYPE_BF16 or KV_DTYPE_F32"));
-  }
-  if (l.model_id().empty()) {
-    return absl::InvalidArgumentError(
-        "layout.model_id is empty; name the weights the KV was computed with");
-  }
-  return absl::OkStatus();
-}
-
-uint64_t KvBlockDataBytes(const psa::v1::KvLayout& l) {
-  return 2ull * l.num_kv_heads() * l.block_size() * l.head_dim() * KvDtypeBytes(l.dtype());
-}
-
-uint64_t KvBlockMetadataBytes(const psa::v1::KvLayout& l) {
-  return 2ull * l.num_kv_heads() * l.head_dim() * KvDtypeBytes(l.dtype());
-}
-
 BlockStore::BlockStore(Options options) : options_(options) {}
 
 BlockStore::Sequence* BlockStore::FindLocked(const std::string& id) {
   auto it = sequences_.find(id);
   return it == sequences_.end() ? nullptr : it->second.get();
-}
-
-void BlockStore::TouchLocked(Sequence* seq) {
-  lru_.splice(lru_.begin(), lru_, seq->lru);
-}
-
-bool BlockStore::LeasedLocked(Sequence* seq) {
-  const absl::Time now = options_.now();
-  for (auto it = seq->leases.begin(); it != seq->leases.end();) {
-    if (it->second <= now) {
-      seq->leases.erase(it++);
-    } else {
-      ++it;
-    }
-  }
-  return !seq->leases.empty();
 }
 
 absl::Status BlockStore::Open(const std::string& id, const psa::v1::KvLayout& layout,
@@ -304,70 +244,6 @@ absl::StatusOr<WriteResult> BlockStore::Write(const std::string& id,
   return result;
 }
 
-absl::Status BlockStore::MakeRoomLocked(uint64_t needed, const Sequence* keep) {
-  if (bytes_stored_ + needed <= options_.capacity_bytes) return absl::OkStatus();
-  // Plan first: simulate reference drops of LRU candidates (oldest first).
-  absl::flat_hash_map<const Block*, uint64_t> drops;
-  std::vector<std::string> victims;
-  uint64_t freeable = 0;
-  for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
-    if (bytes_stored_ - freeable + needed <= options_.capacity_bytes) break;
-    Sequence* seq = FindLocked(*it);
-    if (seq == keep || LeasedLocked(seq)) continue;
-    victims.push_back(*it);
-    for (const auto& layer : seq->layers) {
-      for (const BlockRef& b : layer) {
-        if (++drops[b.get()] == EntryLocked(b)->refs) freeable += b->bytes();
-      }
-    }
-  }
-  if (bytes_stored_ - freeable + needed > options_.capacity_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the KV store is full: ", bytes_stored_, " of ", options_.capacity_bytes,
-        " bytes held, this write needs ", needed,
-        " more and leased or in-use sequences cannot be evicted; release sequences, "
-        "end leases or raise --capacity"));
-  }
-  for (const std::string& id : victims) {
-    RemoveLocked(id);
-    ++evictions_;
-  }
-  return absl::OkStatus();
-}
-
-BlockStore::ContentEntry* BlockStore::EntryLocked(const BlockRef& block) {
-  for (ContentEntry& e : content_.find(block->hash)->second) {
-    if (e.block == block) return &e;
-  }
-  return nullptr;  // unreachable: every stored block has an entry
-}
-
-void BlockStore::UnrefLocked(const BlockRef& block, uint64_t* freed) {
-  ContentEntry* entry = EntryLocked(block);
-  if (--entry->refs > 0) return;
-  *freed += block->bytes();
-  bytes_stored_ -= block->bytes();
-  --unique_blocks_;
-  auto bucket = content_.find(block->hash);
-  auto& entries = bucket->second;
-  entries.erase(entries.begin() + (entry - entries.data()));
-  if (entries.empty()) content_.erase(bucket);
-}
-
-uint64_t BlockStore::RemoveLocked(const std::string& id) {
-  auto it = sequences_.find(id);
-  uint64_t freed = 0;
-  for (const auto& layer : it->second->layers) {
-    for (const BlockRef& b : layer) {
-      UnrefLocked(b, &freed);
-      --blocks_;
-    }
-  }
-  lru_.erase(it->second->lru);
-  sequences_.erase(it);
-  return freed;
-}
-
 absl::Status BlockStore::ReadRefs(const std::string& id, uint32_t layer, int kv_head,
                                   absl::Span<const uint32_t> indices, uint64_t max_bytes,
                                   std::vector<std::shared_ptr<const std::string>>* blocks,
@@ -452,40 +328,6 @@ absl::Status BlockStore::ReadMetadata(const std::string& id,
     for (const BlockRef& b : layers[l]) (*per_layer)[l] += b->metadata;
   }
   return absl::OkStatus();
-}
-
-absl::StatusOr<LeaseResult> BlockStore::Lease(const std::string& id, uint64_t lease_id,
-                                              absl::Duration ttl) {
-  if (ttl < absl::ZeroDuration()) return absl::InvalidArgumentError("ttl is negative");
-  absl::MutexLock lock(&mu_);
-  Sequence* seq = FindLocked(id);
-  if (seq == nullptr) {
-    return absl::NotFoundError(absl::StrCat(
-        "sequence \"", id, "\" is not stored (never opened, released or evicted)"));
-  }
-  LeasedLocked(seq);  // drops expired leases
-  if (lease_id != 0 && !seq->leases.contains(lease_id)) {
-    return absl::NotFoundError(absl::StrCat(
-        "lease ", lease_id, " on \"", id, "\" does not exist or has expired; take a new one"));
-  }
-  if (ttl == absl::ZeroDuration()) {
-    if (lease_id == 0) return absl::InvalidArgumentError("ttl_ms is 0 and no lease_id to end");
-    seq->leases.erase(lease_id);
-    return LeaseResult{0, options_.now()};
-  }
-  if (lease_id == 0) lease_id = next_lease_id_++;
-  const absl::Time expires = options_.now() + ttl;
-  seq->leases[lease_id] = expires;
-  TouchLocked(seq);
-  return LeaseResult{lease_id, expires};
-}
-
-absl::StatusOr<uint64_t> BlockStore::Release(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  if (FindLocked(id) == nullptr) {
-    return absl::NotFoundError(absl::StrCat("sequence \"", id, "\" is not stored"));
-  }
-  return RemoveLocked(id);
 }
 
 BlockStoreStats BlockStore::Stats() {

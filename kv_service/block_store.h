@@ -5,7 +5,8 @@
 // once and reference counted. Memory is capped at `capacity_bytes`; when a
 // write needs room, least-recently-used sequences that no lease pins are
 // evicted. Every method is thread-safe. A method that returns an error has
-// changed nothing.
+// changed nothing. Layout checks and block sizes: kv_layout.h. The LRU
+// order, leases and eviction are defined in block_store_eviction.cc.
 #ifndef PSA_KV_SERVICE_BLOCK_STORE_H_
 #define PSA_KV_SERVICE_BLOCK_STORE_H_
 
@@ -22,16 +23,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "kv_service/kv_layout.h"
 #include "proto/psa/v1/kv_service.pb.h"
 
 namespace psa {
-
-// Checks a layout's fields; the error names the field to fix.
-absl::Status ValidateKvLayout(const psa::v1::KvLayout& layout);
-// Bytes of one block's K+V data / metadata under a valid layout.
-uint64_t KvBlockDataBytes(const psa::v1::KvLayout& layout);
-uint64_t KvBlockMetadataBytes(const psa::v1::KvLayout& layout);
-size_t KvDtypeBytes(psa::v1::KvDtype dtype);
 
 struct BlockWrite {
   uint32_t layer = 0;

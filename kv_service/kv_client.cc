@@ -1,6 +1,8 @@
+// KvClient: shard placement, connections and the unary calls (see
+// kv_client.h). The fetch stream is KvClient::FetchStream, in
+// kv_fetch_stream.h/.cc.
 #include "kv_service/kv_client.h"
 
-#include <deque>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -11,13 +13,10 @@
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
+#include "kv_service/kv_fetch_stream.h"
 
 namespace psa {
 namespace {
-
-// The fetch stream runs on raw byte buffers: answers are decoded in place
-// (fetch_wire.h) instead of being copied into protobuf strings.
-const std::string kFetchMethod = "/psa.v1.KvService/FetchBlocks";
 
 // Every unary call is idempotent, so a shard that is briefly unreachable
 // (restart, connection reset) is retried with backoff inside the deadline.
@@ -43,177 +42,7 @@ constexpr char kServiceConfig[] = R"({
 // Bytes a KvBlock adds to a message beyond its payload (tags, lengths).
 constexpr uint64_t kBlockEnvelopeBytes = 32;
 
-absl::Status WithShard(const std::string& shard, const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      absl::StrCat("KV shard ", shard, ": ", s.error_message()));
-}
-
 }  // namespace
-
-// One long-lived FetchBlocks stream. Owns the pending fetches sent on it;
-// keeps itself alive (self_) until gRPC calls OnDone.
-class KvClient::FetchStream final
-    : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
-      public std::enable_shared_from_this<FetchStream> {
- public:
-  FetchStream(std::string shard, int max_outstanding)
-      : shard_(std::move(shard)), max_outstanding_(max_outstanding) {}
-
-  void Start(grpc::GenericStub* stub) {
-    self_ = shared_from_this();
-    stub->PrepareBidiStreamingCall(&context_, kFetchMethod, grpc::StubOptions(), this);
-    // Writes start from application threads, outside reactions: the hold
-    // keeps gRPC from finishing the call (OnDone) while one may still come.
-    // It is removed once reading ends, after which Submit starts no write.
-    AddHold();
-    StartRead(&response_);
-    StartCall();
-  }
-
-  bool dead() {
-    absl::MutexLock lock(&mu_);
-    return ended_;
-  }
-
-  // Sends a request once fewer than max_outstanding are pending.
-  absl::Status Submit(psa::v1::BlockQuery query, absl::Time deadline, FetchCallback done) {
-    absl::MutexLock lock(&mu_);
-    auto room = [this] {
-      mu_.AssertHeld();
-      return ended_ || static_cast<int>(pending_.size()) < max_outstanding_;
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&room), deadline)) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "KV shard ", shard_, ": ", pending_.size(),
-          " fetches still pending at the deadline (back-pressure)"));
-    }
-    if (ended_) return end_status_;
-    const uint64_t tag = next_tag_++;
-    query.set_tag(tag);
-    pending_.emplace(tag, Pending{deadline, std::move(done)});
-    queued_.push_back(std::move(query));
-    if (!writing_) WriteQueuedLocked();
-    return absl::OkStatus();
-  }
-
-  // Fails pending fetches whose deadline has passed.
-  void ExpireOverdue(absl::Time now) {
-    std::vector<FetchCallback> expired;
-    {
-      absl::MutexLock lock(&mu_);
-      for (auto it = pending_.begin(); it != pending_.end();) {
-        if (it->second.deadline <= now) {
-          expired.push_back(std::move(it->second.done));
-          pending_.erase(it++);
-        } else {
-          ++it;
-        }
-      }
-    }
-    for (auto& done : expired) {
-      done(absl::DeadlineExceededError(
-               absl::StrCat("KV shard ", shard_, ": fetch not answered before its deadline")),
-           FetchedBlocks{});
-    }
-  }
-
-  // Ends the stream; pending fetches fail with CANCELLED. Returns at once.
-  void Cancel() { context_.TryCancel(); }
-  void WaitDone() { done_.WaitForNotification(); }
-
-  void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    // !ok: the stream is ending; OnReadDone and OnDone follow.
-    if (ok && !queued_.empty()) WriteQueuedLocked();
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {  // the stream is ending; OnDone will have its status
-      {
-        absl::MutexLock lock(&mu_);
-        ended_ = true;
-        end_status_ =
-            absl::UnavailableError(absl::StrCat("KV shard ", shard_, ": fetch stream ended"));
-      }
-      RemoveHold();
-      return;
-    }
-    std::vector<DecodedAnswer> answers;
-    if (absl::Status s = FetchResponseDecoder::Decode(response_, &answers); !s.ok()) {
-      // Not ours to repair: end the stream; pending fetches get the error.
-      context_.TryCancel();
-      return;
-    }
-    for (DecodedAnswer& answer : answers) {
-      FetchCallback done;
-      {
-        absl::MutexLock lock(&mu_);
-        auto it = pending_.find(answer.tag);
-        if (it != pending_.end()) {  // absent: expired already
-          done = std::move(it->second.done);
-          pending_.erase(it);
-        }
-      }
-      if (!done) continue;
-      if (!answer.status.ok()) {
-        answer.status = absl::Status(
-            answer.status.code(), absl::StrCat("KV shard ", shard_, ": ", answer.status.message()));
-      }
-      done(std::move(answer.status), std::move(answer.blocks));
-    }
-    response_.Clear();
-    StartRead(&response_);
-  }
-
-  void OnDone(const grpc::Status& status) override {
-    absl::Status failure = WithShard(shard_, status);
-    if (failure.ok()) {
-      failure = absl::UnavailableError(absl::StrCat("KV shard ", shard_, ": stream closed"));
-    }
-    absl::flat_hash_map<uint64_t, Pending> pending;
-    {
-      absl::MutexLock lock(&mu_);
-      ended_ = true;
-      end_status_ = failure;
-      pending.swap(pending_);
-    }
-    for (auto& [tag, p] : pending) p.done(failure, FetchedBlocks{});
-    done_.Notify();
-    auto keep = std::move(self_);  // may destroy this when the scope ends
-  }
-
- private:
-  struct Pending {
-    absl::Time deadline;
-    FetchCallback done;
-  };
-
-  // Sends every queued query in one message.
-  void WriteQueuedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    message_ = PackQueries(queued_);
-    queued_.clear();
-    writing_ = true;
-    StartWrite(&message_);
-  }
-
-  const std::string shard_;
-  const int max_outstanding_;
-  grpc::ClientContext context_;
-  grpc::ByteBuffer response_;
-  std::shared_ptr<FetchStream> self_;
-  absl::Notification done_;
-
-  absl::Mutex mu_;
-  std::vector<psa::v1::BlockQuery> queued_ ABSL_GUARDED_BY(mu_);  // not yet sent
-  grpc::ByteBuffer message_ ABSL_GUARDED_BY(mu_);                  // the write in flight
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  absl::flat_hash_map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_tag_ ABSL_GUARDED_BY(mu_) = 1;
-  bool ended_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
-};
 
 absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(KvClientOptions options) {
   PinGrpcCallbackQueue();  // fetch streams use the callback API; see the header

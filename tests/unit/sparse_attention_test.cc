@@ -1,138 +1,33 @@
-// Sparse attention policies against dense attention on synthetic KV caches.
+// Sparse attention policies against dense attention on synthetic KV caches:
+// which blocks each policy selects and where it stops (the pool and prompt
+// cases are in sparse_attention_pool_test.cc and sparse_attention_prefill_test.cc).
 #include "compute_worker/attention/sparse_attention.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <functional>
-#include <string>
-#include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "compute_worker/model/ggml_types.h"
-#include "compute_worker/kv/cache_page_fetcher.h"
-#include "compute_worker/runtime/llama_runtime.h"
 #include "compute_worker/runtime/generator.h"
-#include "compute_worker/kv/kv_page_reader.h"
+#include "compute_worker/runtime/llama_runtime.h"
 #include "gtest/gtest.h"
+#include "tests/unit/sparse_attention_testing.h"
 #include "tests/unit/tiny_gguf.h"
 
 namespace psa {
 namespace {
 
-constexpr int kHeadDim = 64;
-
-// A one-layer cache with random keys/values; `hot` blocks get keys aligned
-// with `dir` (so a query along dir concentrates its attention there) and
-// all-ones values (so the right answer is easy to tell from noise).
-KvCache RandomCache(int n_head_kv, int length, int block, uint32_t seed,
-                    const std::vector<int>& hot = {}, const std::vector<float>& dir = {}) {
-  KvCache kv(1, n_head_kv, kHeadDim, block);
-  kv.Reserve(length);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  for (int h = 0; h < n_head_kv; ++h) {
-    for (int t = 0; t < length; ++t) {
-      const bool is_hot = std::find(hot.begin(), hot.end(), t / block) != hot.end();
-      for (int i = 0; i < kHeadDim; ++i) {
-        const float k = n(rng) + (is_hot ? 6.0f * dir[i] : 0.0f);
-        const float v = is_hot ? 1.0f + 0.1f * n(rng) : n(rng);
-        kv.KeySlot(0, h, t)[i] = Fp32ToFp16(k);
-        kv.ValueSlot(0, h, t)[i] = Fp32ToFp16(v);
-      }
-    }
-  }
-  kv.Commit(length);
-  return kv;
-}
-
-struct Output {
-  std::vector<float> out;
-  std::vector<HeadStepStats> stats;
-};
-
-Output Attend(const AttentionBackend& backend, const AttentionShape& shape, KvCache& kv,
-              const std::vector<float>& q, int kv_head) {
-  Output o;
-  o.out.assign(shape.group() * shape.head_dim, 0.0f);
-  o.stats.resize(shape.group());
-  AttentionTask t;
-  t.kv = &kv;
-  t.kv_head = kv_head;
-  t.q_pos0 = kv.length() - 1;
-  t.n_q = 1;
-  t.q = q.data();
-  t.q_stride = static_cast<int>(q.size());
-  t.out = o.out.data();
-  t.out_stride = static_cast<int>(o.out.size());
-  t.stats = o.stats.data();
-  backend.Run(shape, t);
-  return o;
-}
-
-double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return std::sqrt(num / den);
-}
-
-std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, scale);
-  std::vector<float> q(heads * kHeadDim);
-  for (float& x : q) x = n(rng);
-  return q;
-}
-
-// Plain PSA: no budget floor, the default tail estimate.
-AttentionPolicy Psa(float eps, bool certified = false) {
-  AttentionPolicy p;
-  p.kind = AttentionPolicy::Kind::kPsa;
-  p.epsilon = eps;
-  p.certified = certified;
-  p.min_blocks = 0;
-  return p;
-}
-
-AttentionPolicy TopK(int k) {
-  AttentionPolicy p;
-  p.kind = AttentionPolicy::Kind::kTopK;
-  p.top_k = k;
-  return p;
-}
-
-// Each block's exact attention mass sum_t exp(scale * q.k_t) for a
-// one-head query, the test's own computation.
-std::vector<double> BlockMasses(const KvCache& kv, const std::vector<float>& q, float scale) {
-  const int block = kv.block_size();
-  std::vector<double> mass((kv.length() + block - 1) / block, 0.0);
-  for (int t = 0; t < kv.length(); ++t) {
-    double dot = 0;
-    for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.Keys(0, 0).row(t)[i]);
-    mass[t / block] += std::exp(scale * dot);
-  }
-  return mass;
-}
-
-// The candidate blocks (all but the first and the last of a cache of full
-// blocks) in the order of their bounds for a one-head query.
-std::vector<int> CandidatesByBound(const KvCache& kv, const std::vector<float>& q, float scale) {
-  const int blocks = kv.full_blocks();
-  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
-  const float* qs[] = {q.data()};
-  kv.KeyBounds(0, 0).Score(qs, 1, scale, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
-  std::vector<int> order(blocks - 2);
-  for (int c = 0; c < blocks - 2; ++c) order[c] = c + 1;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return gscore[a - 1] > gscore[b - 1]; });
-  return order;
-}
-
-// Dense rounds probabilities to fp16 (llama.cpp parity); the sparse engine
-// keeps them in fp32, so "equal" means within that rounding.
-constexpr double kSameAsDense = 2e-3;
+using testing::Attend;
+using testing::BlockMasses;
+using testing::CandidatesByBound;
+using testing::kHeadDim;
+using testing::kSameAsDense;
+using testing::Output;
+using testing::Psa;
+using testing::RandomCache;
+using testing::RandomQuery;
+using testing::RelErr;
+using testing::TopK;
 
 TEST(SparseAttentionTest, FullBudgetEqualsDenseForManyShapes) {
   DenseAttention dense;
@@ -270,241 +165,6 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   // Closer than the last-iteration mean, which stops far short here (it
   // takes the latest blocks' mass for every unseen block's: 0.28 at 0.5).
   EXPECT_LT(worst_centre, worst_mean);
-}
-
-TEST(SparseAttentionTest, ThroughAPoolPsaFetchesWhereItsEstimateSaysItWillStop) {
-  // A pool-backed copy of a cache whose pages all have to be fetched, and
-  // a spread query that takes PSA many iterations.
-  const int length = 4096, block = 16;
-  KvCache store = RandomCache(1, length, block, 31);
-  CachePageFetcher fetcher(store);
-  BlockPool pool(4 * store.page_bytes(), store.page_bytes());
-  KvPagingCounters counters;
-  KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
-  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
-  const std::vector<float> q = RandomQuery(1, 9, 2.0f);
-  AttentionPolicy p = Psa(0.9f);
-  p.resident_bias = 0;  // the order of the private cache, whatever the pool holds
-  const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
-  const Output same = Attend(SparseAttention(p), shape, store, q, 0);
-  EXPECT_EQ(o.out, same.out);  // the pool changes where pages come from, nothing else
-  EXPECT_EQ(o.stats[0].blocks_touched, same.stats[0].blocks_touched);
-  ASSERT_GT(o.stats[0].iterations, 8);
-  // One request for the forced blocks, one for the first iteration, then
-  // the prediction: far fewer than one per iteration.
-  EXPECT_LE(fetcher.requests(), o.stats[0].iterations / 2)
-      << fetcher.requests() << " requests for " << o.stats[0].iterations << " iterations";
-  // Fetching ahead overshoots little: at most one iteration past the stop,
-  // and the pages fetched but not read are counted as such.
-  EXPECT_LE(static_cast<int>(counters.page_fetches), o.stats[0].blocks_touched + 4);
-  // Every block touched was fetched and read, or a pool hit (4 slots).
-  const int read_fetched = static_cast<int>(counters.page_fetches - counters.unread_fetches);
-  EXPECT_LE(read_fetched, o.stats[0].blocks_touched);
-  EXPECT_GE(read_fetched, o.stats[0].blocks_touched - 4);
-  EXPECT_LE(static_cast<int>(counters.unread_fetches), 4);
-}
-
-TEST(SparseAttentionTest, ThroughAPoolTheResidentBiasReadsResidentBlocksFirst) {
-  // Every 8th block "hot" (three quarters of the attention mass), the
-  // rest near-equal noise; half the blocks evicted from the pool.
-  const int length = 4096, block = 16, blocks = length / block;
-  std::vector<int> hot;
-  for (int b = 3; b < blocks; b += 8) hot.push_back(b);
-  std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
-  KvCache store = RandomCache(1, length, block, 31, hot, dir);
-  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
-  std::vector<float> q(kHeadDim);
-  for (int i = 0; i < kHeadDim; ++i) q[i] = 4.0f * dir[i];
-  const Output ref = Attend(DenseAttention(), shape, store, q, 0);
-  auto run = [&](float bias, int* fetches) {
-    CachePageFetcher fetcher(store);
-    BlockPool pool(blocks * 3 / 2 * store.page_bytes(), store.page_bytes());
-    KvPagingCounters counters;
-    KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
-    // Fill the pool (evicting the least recently stored half of the
-    // blocks), then free the slots that were free: room to fetch into.
-    std::vector<BlockPool::Handle> taken;
-    for (int i = 0; i < blocks; ++i) taken.push_back(*pool.Allocate());
-    for (int i = 0; i < blocks / 2; ++i) pool.Free(taken[i]);
-    AttentionPolicy p = Psa(0.9f);
-    p.resident_bias = bias;
-    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
-    *fetches = static_cast<int>(counters.page_fetches);
-    return o;
-  };
-  int plain_fetches = 0, biased_fetches = 0;
-  const Output plain = run(0.0f, &plain_fetches);
-  const Output biased = run(2.0f, &biased_fetches);
-  // Measured: 46 fetches against 79 (162 and 170 blocks read).
-  EXPECT_LT(biased_fetches, plain_fetches * 3 / 4) << biased_fetches << " vs " << plain_fetches;
-  // The stop rule still holds the head to eps of the (estimated) mass: the
-  // output is as close to dense as without the bias.
-  EXPECT_GE(biased.stats[0].captured, 0.9f);
-  EXPECT_LT(RelErr(biased.out, ref.out), 1.2 * RelErr(plain.out, ref.out));
-}
-
-// Attention for `rows` prompt rows ending at position `end` - 1 (default:
-// the cache's last), as one task of a prefill pass in which the sequence
-// has `entry_rows` rows.
-std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionShape& shape,
-                              KvCache& kv, const float* q, int rows, int entry_rows,
-                              HeadStepStats* last_stats = nullptr, int end = -1) {
-  const int width = shape.group() * shape.head_dim;
-  std::vector<float> out(static_cast<size_t>(rows) * width, 0.0f);
-  AttentionTask t;
-  t.kv = &kv;
-  t.q_pos0 = (end < 0 ? kv.length() : end) - rows;
-  t.n_q = rows;
-  t.entry_rows = entry_rows;
-  t.q = q;
-  t.q_stride = width;
-  t.out = out.data();
-  t.out_stride = width;
-  t.stats = last_stats;
-  backend.Run(shape, t);
-  return out;
-}
-
-// Dense's value pass makes probabilities a chunk of keys at a time: across
-// chunk boundaries (and a partial last block) the rows of a prompt still
-// equal their decode steps bit for bit, and both stay close to attention
-// computed in doubles.
-TEST(SparseAttentionTest, DenseRowsOfAPromptEqualTheirDecodeStepsOverManyValueChunks) {
-  const int length = 3000, rows = 5, group = 3;
-  KvCache kv = RandomCache(1, length, 16, 43);
-  const AttentionShape shape{group, 1, kHeadDim, 0.125f};
-  const std::vector<float> qv = RandomQuery(rows * group, 6);
-  const DenseAttention dense;
-  const std::vector<float> out = AttendRows(dense, shape, kv, qv.data(), rows, rows);
-  const int width = group * kHeadDim;
-  for (int r = 0; r < rows; ++r) {
-    const int end = length - rows + r + 1;
-    const std::vector<float> one = AttendRows(dense, shape, kv, qv.data() + r * width, 1, 1, nullptr, end);
-    EXPECT_EQ(std::vector<float>(out.begin() + r * width, out.begin() + (r + 1) * width), one)
-        << "row " << r;
-    for (int g = 0; g < group; ++g) {
-      const float* q = qv.data() + r * width + g * kHeadDim;
-      std::vector<double> s(end);
-      double m = -INFINITY, sum = 0;
-      for (int t = 0; t < end; ++t) {
-        double dot = 0;
-        for (int i = 0; i < kHeadDim; ++i) dot += q[i] * Fp16ToFp32(kv.KeySlot(0, 0, t)[i]);
-        s[t] = dot * shape.scale;
-        m = std::max(m, s[t]);
-      }
-      for (double& x : s) sum += (x = std::exp(x - m));
-      std::vector<float> ref(kHeadDim), got(one.begin() + g * kHeadDim, one.begin() + (g + 1) * kHeadDim);
-      for (int t = 0; t < end; ++t) {
-        for (int i = 0; i < kHeadDim; ++i) ref[i] += s[t] / sum * Fp16ToFp32(kv.ValueSlot(0, 0, t)[i]);
-      }
-      EXPECT_LT(RelErr(got, ref), 5e-3) << "row " << r << " head " << g;
-    }
-  }
-}
-
-TEST(SparseAttentionTest, AShortPromptAfterALongContextSelectsRowByRowAsDecodeWould) {
-  const int length = 4096, block = 16, rows = 8;
-  // Every 16th block "hot"; the prompt's rows look for them.
-  std::vector<int> hot;
-  for (int b = 5; b < length / block; b += 16) hot.push_back(b);
-  std::vector<float> dir(kHeadDim, 1.0f / 8.0f);
-  KvCache store = RandomCache(1, length, block, 41, hot, dir);
-  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
-  std::vector<float> qv = RandomQuery(rows, 5, 0.25f);  // one head, 8 rows
-  for (size_t i = 0; i < qv.size(); ++i) qv[i] += 8.0f * dir[i % kHeadDim];
-  const float* q = qv.data();
-  AttentionPolicy p = Psa(0.9f);
-  p.resident_bias = 0;
-  p.sparse_prefill_rows = 64;
-  const SparseAttention psa(p);
-  HeadStepStats last;
-  const std::vector<float> out = AttendRows(psa, shape, store, q, rows, rows, &last);
-  EXPECT_LT(last.blocks_touched, last.blocks_total / 2);
-  // Each row is the decode step at its position, bit for bit.
-  for (int r = 0; r < rows; ++r) {
-    const std::vector<float> one =
-        AttendRows(psa, shape, store, q + r * kHeadDim, 1, 1, nullptr, length - rows + r + 1);
-    EXPECT_EQ(std::vector<float>(out.begin() + r * kHeadDim, out.begin() + (r + 1) * kHeadDim),
-              one)
-        << "row " << r;
-  }
-  // Past sparse_prefill_rows the prompt is attended densely: dense's output.
-  const std::vector<float> dense = AttendRows(DenseAttention(), shape, store, q, rows, rows);
-  EXPECT_NE(out, dense);
-  EXPECT_EQ(AttendRows(psa, shape, store, q, rows, p.sparse_prefill_rows + 1), dense);
-  AttentionPolicy off = p;
-  off.sparse_prefill_rows = 0;
-  EXPECT_EQ(AttendRows(SparseAttention(off), shape, store, q, rows, rows), dense);
-  // A context the policy would read whole anyway is attended densely too.
-  KvCache short_context = RandomCache(1, 20 * block, block, 42);
-  AttentionPolicy top64 = TopK(64);
-  top64.sparse_prefill_rows = 64;
-  EXPECT_EQ(AttendRows(SparseAttention(top64), shape, short_context, q, rows, rows),
-            AttendRows(DenseAttention(), shape, short_context, q, rows, rows));
-
-  // Through a pool of a quarter of the pages: the prompt fetches what its
-  // rows read, not the whole context.
-  auto fetched = [&](const AttentionPolicy& policy) {
-    CachePageFetcher fetcher(store);
-    BlockPool pool(length / block / 4 * store.page_bytes(), store.page_bytes());
-    KvPagingCounters counters;
-    KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
-    EXPECT_EQ(AttendRows(SparseAttention(policy), shape, kv, q, rows, rows),
-              AttendRows(SparseAttention(policy), shape, store, q, rows, rows));
-    return static_cast<int>(counters.page_fetches);
-  };
-  EXPECT_GE(fetched(off), length / block * 3 / 4);
-  EXPECT_LT(fetched(p), length / block / 2);
-}
-
-TEST(SparseAttentionTest, ThroughAPoolStartFetchesAsksUpFrontForWhatRunWouldAndRunUsesIt) {
-  const int length = 4096, block = 16;
-  KvCache store = RandomCache(1, length, block, 51);
-  const AttentionShape shape{1, 1, kHeadDim, 0.125f};
-  const std::vector<float> q = RandomQuery(1, 3, 2.0f);
-  for (const AttentionPolicy& p : {TopK(40), Psa(0.9f)}) {
-    const SparseAttention backend(p);
-    // fetches[0]: Run alone; fetches[1]: StartFetches, then Run with its reader.
-    int requests_before_run = 0, requests[2] = {0, 0};
-    uint64_t fetches[2] = {0, 0};
-    std::vector<float> out[2];
-    for (int with_start = 0; with_start < 2; ++with_start) {
-      CachePageFetcher fetcher(store);
-      BlockPool pool(length / block * store.page_bytes(), store.page_bytes());
-      KvPagingCounters counters;
-      KvCache kv = PooledCopy(store, KvPaging{&pool, &fetcher, &counters});
-      // Evict every page: the first read of each is a fetch.
-      for (int i = 0; i < length / block; ++i) ASSERT_TRUE(pool.Allocate().ok());
-      AttentionTask t;
-      t.kv = &kv;
-      t.q_pos0 = length - 1;
-      t.n_q = 1;
-      t.q = q.data();
-      t.q_stride = kHeadDim;
-      out[with_start].assign(kHeadDim, 0.0f);
-      t.out = out[with_start].data();
-      t.out_stride = kHeadDim;
-      std::unique_ptr<KvPageReader> reader;
-      if (with_start) {
-        reader = backend.StartFetches(shape, t);
-        ASSERT_NE(reader, nullptr);
-        requests_before_run = fetcher.requests();
-        EXPECT_GT(requests_before_run, 0);
-        t.reader = reader.get();
-      }
-      backend.Run(shape, t);
-      reader.reset();
-      requests[with_start] = fetcher.requests();
-      fetches[with_start] = counters.page_fetches;
-    }
-    EXPECT_EQ(out[1], out[0]) << p.ToString();       // pages from the same place
-    EXPECT_EQ(fetches[1], fetches[0]) << p.ToString();  // none asked for twice
-    if (p.kind == AttentionPolicy::Kind::kTopK) {
-      // Top-k's whole budget was asked for before Run computed anything.
-      EXPECT_EQ(requests[1], requests_before_run);
-      EXPECT_EQ(fetches[1], 40u);
-    }
-  }
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {

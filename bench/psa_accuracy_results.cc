@@ -1,0 +1,103 @@
+#include "bench/psa_accuracy_results.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "absl/strings/str_format.h"
+
+namespace psa {
+
+std::vector<double> Softmax(const float* logits, int n) {
+  std::vector<double> p(n);
+  const float mx = *std::max_element(logits, logits + n);
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += (p[i] = std::exp(static_cast<double>(logits[i]) - mx));
+  for (double& x : p) x /= s;
+  return p;
+}
+
+double Kl(const std::vector<double>& p, const std::vector<double>& q) {
+  double kl = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] > 0) kl += p[i] * (std::log(p[i]) - std::log(std::max(q[i], 1e-300)));
+  }
+  return kl;
+}
+
+void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
+                PolicyResult* r) {
+  const int n_layer = static_cast<int>(stats.size()) / n_head;
+  for (int l = 0; l < n_layer; ++l) {
+    for (int h0 = 0; h0 < n_head; h0 += group) {
+      int most = 0;
+      for (int h = h0; h < h0 + group; ++h) {
+        most = std::max(most, stats[static_cast<size_t>(l) * n_head + h].blocks_touched);
+      }
+      r->read += most;
+      r->read_total += stats[static_cast<size_t>(l) * n_head + h0].blocks_total;
+    }
+  }
+  r->layer_touched.resize(n_layer, 0);
+  r->layer_total.resize(n_layer, 0);
+  for (int l = 0; l < n_layer; ++l) {
+    for (int h = 0; h < n_head; ++h) {
+      const HeadStepStats& s = stats[static_cast<size_t>(l) * n_head + h];
+      r->touched += s.blocks_touched;
+      r->total += s.blocks_total;
+      r->layer_touched[l] += s.blocks_touched;
+      r->layer_total[l] += s.blocks_total;
+      r->iterations_sum += s.iterations;
+      if (s.captured >= 0) {
+        r->captured_sum += s.captured;
+        ++r->captured_n;
+      }
+    }
+  }
+}
+
+void PrintResults(const std::vector<PolicyResult>& results, int n_head) {
+  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %8s %9s %6s %8s\n", "context", "policy", "top1",
+              "KL", "relerr", "KV frac", "KV read", "fetched", "captured", "iters", "needle");
+  for (const PolicyResult& r : results) {
+    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
+                r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err,
+                r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(), r.FetchFraction(),
+                r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
+                r.layer_total.empty()
+                    ? 1.0
+                    : r.iterations_sum / (static_cast<double>(r.layer_total.size()) * n_head * r.steps),
+                r.needles ? absl::StrFormat("%d/%d", r.needles_found, r.needles).c_str() : "-");
+  }
+}
+
+void WriteResultsCsv(const std::string& path, const std::vector<PolicyResult>& results) {
+  std::ofstream out(path);
+  out << "context,policy,kind,top1,kl,rel_err,kv_fraction,kv_read_fraction,captured,"
+         "needles_found,needles,fetch_fraction\n";
+  for (const PolicyResult& r : results) {
+    const std::string kind = r.policy.substr(0, r.policy.find('('));
+    out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
+        << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
+        << (r.policy == "dense" ? 1.0 : r.ReadFraction()) << ","
+        << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
+        << r.needles << "," << r.FetchFraction() << "\n";
+  }
+  std::cerr << "wrote " << path << "\n";
+}
+
+void WriteLayersCsv(const std::string& path, const std::vector<PolicyResult>& results) {
+  std::ofstream out(path);
+  out << "context,policy,layer,kv_fraction\n";
+  for (const PolicyResult& r : results) {
+    for (size_t l = 0; l < r.layer_total.size(); ++l) {
+      out << r.context << ",\"" << r.policy << "\"," << l << ","
+          << (r.layer_total[l] ? r.layer_touched[l] / r.layer_total[l] : 0) << "\n";
+    }
+  }
+  std::cerr << "wrote " << path << "\n";
+}
+
+}  // namespace psa
