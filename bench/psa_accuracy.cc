@@ -127,74 +127,64 @@ int main(int argc, char** argv) {
   for (int c : contexts) opts.max_context = std::max(opts.max_context, c + std::max(steps, 10));
   LlamaRuntime rt(model, opts);
 
-  // The policies under test; dense is the reference.
-  std::vector<AttentionPolicy> policies;
+  // The policies under test, each with its research variant (served: none);
+  // dense is the reference.
+  std::vector<std::pair<AttentionPolicy, ResearchSelection>> policies;
+  using Tail = ResearchSelection::Tail;
+  auto with_tail = [](Tail t) {
+    ResearchSelection r;
+    r.tail = t;
+    return r;
+  };
+  auto with_oracle = [](bool rank, bool stop) {
+    ResearchSelection r;
+    r.oracle_rank = rank;
+    r.oracle_stop = stop;
+    return r;
+  };
   for (const std::string& e : SplitList(absl::GetFlag(FLAGS_epsilons))) {
     AttentionPolicy p;
     p.kind = AttentionPolicy::Kind::kPsa;
     if (!absl::SimpleAtof(e, &p.epsilon)) Die("bad --epsilons entry " + e);
     p.group_blocks = absl::GetFlag(FLAGS_group_blocks);
     p.min_blocks = absl::GetFlag(FLAGS_min_blocks);
-    policies.push_back(p);
+    policies.push_back({p, {}});
     for (const std::string& b : SplitList(absl::GetFlag(FLAGS_resident_bias))) {
       AttentionPolicy m = p;
       if (!absl::SimpleAtof(b, &m.resident_bias)) Die("bad --resident_bias entry " + b);
-      if (m.resident_bias != p.resident_bias) policies.push_back(m);
+      if (m.resident_bias != p.resident_bias) policies.push_back({m, {}});
     }
     if (absl::GetFlag(FLAGS_calibrated_estimate)) {
-      AttentionPolicy m = p;
-      m.tail = AttentionPolicy::TailEstimate::kCalibratedBound;
-      policies.push_back(m);
+      policies.push_back({p, with_tail(Tail::kCalibratedBound)});
     }
     if (absl::GetFlag(FLAGS_solo)) {
       AttentionPolicy m = p;
       m.share_reads = false;
-      policies.push_back(m);
+      policies.push_back({m, {}});
     }
-    if (absl::GetFlag(FLAGS_mean_estimate)) {
-      AttentionPolicy m = p;
-      m.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
-      policies.push_back(m);
-    }
-    if (absl::GetFlag(FLAGS_paper_estimate)) {
-      AttentionPolicy m = p;
-      m.tail = AttentionPolicy::TailEstimate::kMinSeen;
-      policies.push_back(m);
-    }
-    if (absl::GetFlag(FLAGS_oracle)) {
-      AttentionPolicy m = p;
-      m.oracle_rank = m.oracle_stop = true;
-      policies.push_back(m);
-    }
+    if (absl::GetFlag(FLAGS_mean_estimate)) policies.push_back({p, with_tail(Tail::kLastGroupMean)});
+    if (absl::GetFlag(FLAGS_paper_estimate)) policies.push_back({p, with_tail(Tail::kMinSeen)});
+    if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, true)});
     if (absl::GetFlag(FLAGS_oracle_parts)) {
-      for (bool rank : {true, false}) {
-        AttentionPolicy m = p;
-        m.oracle_rank = rank;
-        m.oracle_stop = !rank;
-        policies.push_back(m);
-      }
+      for (bool rank : {true, false}) policies.push_back({p, with_oracle(rank, !rank)});
     }
     if (absl::GetFlag(FLAGS_certified)) {
       p.certified = true;
-      policies.push_back(p);
+      policies.push_back({p, {}});
     }
   }
   for (const std::string& k : SplitList(absl::GetFlag(FLAGS_topk))) {
     AttentionPolicy p;
     p.kind = AttentionPolicy::Kind::kTopK;
     if (!absl::SimpleAtoi(k, &p.top_k)) Die("bad --topk entry " + k);
-    policies.push_back(p);
-    if (absl::GetFlag(FLAGS_oracle)) {
-      p.oracle_rank = true;
-      policies.push_back(p);
-    }
-  }
-  for (const AttentionPolicy& p : policies) {
-    if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));
+    policies.push_back({p, {}});
+    if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, false)});
   }
   std::vector<std::unique_ptr<ProbedAttention>> backends;
-  for (const AttentionPolicy& p : policies) {
-    backends.push_back(std::make_unique<ProbedAttention>(MakeAttention(p)));
+  for (const auto& [p, research] : policies) {
+    if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));
+    backends.push_back(std::make_unique<ProbedAttention>(
+        std::make_unique<SparseAttention>(p, research)));
   }
 
   const std::vector<TokenId> essay = tok.Encode(Haystack(), false, false);
@@ -210,7 +200,7 @@ int main(int argc, char** argv) {
     const size_t first_row = results.size();
     for (size_t pi = 0; pi < policies.size(); ++pi) {
       PolicyResult r;
-      r.policy = policies[pi].ToString();
+      r.policy = VariantName(policies[pi].first, policies[pi].second);
       r.context = C;
       results.push_back(std::move(r));
       backends[pi]->Reset();

@@ -51,24 +51,17 @@ absl::Status AttentionPolicy::Validate() const {
   return absl::OkStatus();
 }
 
-std::string AttentionPolicy::ToString() const {
+std::string AttentionPolicy::ToString(absl::string_view variant) const {
   switch (kind) {
     case Kind::kDense: return "dense";
     case Kind::kTopK:
-      return absl::StrCat("topk(k=", top_k, oracle_rank ? ",oracle" : "",
+      return absl::StrCat("topk(k=", top_k, variant,
                           sparse_prefill_rows > 0 ? absl::StrCat(",prefill=", sparse_prefill_rows) : "",
                           ForcedBlocks(*this), ")");
     case Kind::kPsa:
       return absl::StrCat("psa(eps=", epsilon, ",G=", group_blocks,
                           min_blocks > 0 ? absl::StrCat(",min_blocks=", min_blocks) : "",
-                          oracle_rank && oracle_stop             ? ",oracle"
-                          : oracle_rank                          ? ",oracle-rank"
-                          : oracle_stop                          ? ",oracle-stop"
-                          : certified                            ? ",certified"
-                          : tail == TailEstimate::kMinSeen        ? ",min"
-                          : tail == TailEstimate::kCalibratedBound ? ",cal"
-                          : tail == TailEstimate::kLastGroupMean  ? ",mean"
-                                                                  : "",
+                          !variant.empty() ? variant : certified ? ",certified" : "",
                           share_reads ? "" : ",solo",
                           resident_bias != AttentionPolicy{}.resident_bias
                               ? absl::StrCat(",rb=", resident_bias)
@@ -114,7 +107,6 @@ bool Number(absl::string_view s, T* out) {
 
 // Applies one option (a word or name=value) to p.
 absl::Status ApplyOption(absl::string_view spec, absl::string_view opt, AttentionPolicy* p) {
-  using Tail = AttentionPolicy::TailEstimate;
   const size_t eq = opt.find('=');
   if (eq == absl::string_view::npos) {
     float x;
@@ -128,20 +120,10 @@ absl::Status ApplyOption(absl::string_view spec, absl::string_view opt, Attentio
     }
     if (opt == "certified") p->certified = true;
     else if (opt == "solo") p->share_reads = false;
-    else if (opt == "centre" || opt == "center") p->tail = Tail::kCentre;
-    else if (opt == "min") p->tail = Tail::kMinSeen;
-    else if (opt == "mean") p->tail = Tail::kLastGroupMean;
-    else if (opt == "cal") p->tail = Tail::kCalibratedBound;
-    else if (opt == "oracle") {  // top-k has no stop: the ranking only
-      p->oracle_rank = true;
-      p->oracle_stop = p->kind == AttentionPolicy::Kind::kPsa;
-    }
-    else if (opt == "oracle-rank") p->oracle_rank = true;
-    else if (opt == "oracle-stop") p->oracle_stop = true;
     else {
       return Bad(spec, absl::StrCat("unknown option \"", opt,
                                     "\" (options: eps= G= min_blocks= k= rb= prefill= sink= "
-                                    "local= certified solo centre min mean cal)"));
+                                    "local= certified solo)"));
     }
     return absl::OkStatus();
   }
@@ -228,9 +210,9 @@ absl::StatusOr<std::vector<AttentionPolicy>> AttentionPolicy::ParseList(
 
 bool AttentionPolicy::operator==(const AttentionPolicy& o) const {
   return kind == o.kind && epsilon == o.epsilon && group_blocks == o.group_blocks &&
-         certified == o.certified && tail == o.tail && min_blocks == o.min_blocks &&
+         certified == o.certified && min_blocks == o.min_blocks &&
          share_reads == o.share_reads && resident_bias == o.resident_bias &&
-         oracle_rank == o.oracle_rank && oracle_stop == o.oracle_stop && top_k == o.top_k &&
+         top_k == o.top_k &&
          sparse_prefill_rows == o.sparse_prefill_rows && sink_blocks == o.sink_blocks &&
          local_blocks == o.local_blocks;
 }

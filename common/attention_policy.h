@@ -23,20 +23,10 @@ struct AttentionPolicy {
   float epsilon = 0.9f;    // psa: target captured attention mass
   int group_blocks = 4;    // psa: blocks per progressive iteration (G)
   bool certified = false;  // psa: stop on the guaranteed bound
-  // psa, uncertified: how the mass of the unseen blocks is estimated.
-  //  kCentre: each unseen block's share of the centre estimates
-  //    B*exp(c_j) (c_j: q . the centre of block j's key box), scaled by the
-  //    mass the attended blocks turned out to hold against their estimates
-  //    (ours): uses which blocks are left and calibrates on all seen so far.
-  //  kMinSeen: AS_min * N_left, AS_min the smallest block exp-sum seen (the
-  //    paper). One near-empty block drives it to ~0 and stops the head early.
-  //  kLastGroupMean: N_left times the mean exp-sum of the latest iteration's
-  //    blocks (ours, the default before kCentre).
-  //  kCalibratedBound: the unseen blocks' upper bounds sum_j B*exp(ub_j),
-  //    scaled by actual/bound measured on the latest iteration's blocks.
-  // bench/psa_accuracy compares them.
-  enum class TailEstimate { kCentre, kMinSeen, kLastGroupMean, kCalibratedBound };
-  TailEstimate tail = TailEstimate::kCentre;
+  // psa, uncertified: the unseen blocks' mass is estimated from their
+  // centre scores B*exp(c_j) (c_j: q . the centre of block j's key box),
+  // scaled by the mass the attended blocks held against theirs (StopRule).
+  // Other estimators are research variants (attention/research/).
   int min_blocks = 24;     // psa: no head stops before attending this many blocks
   // psa, GQA: a head that has stopped still attends the blocks its group
   // reads on for its other heads (the bytes are read anyway: the group's
@@ -49,16 +39,6 @@ struct AttentionPolicy {
   // about equal promise are read first and the fetch may never be needed.
   // The stop rule is unchanged. 0: rank by the bound alone.
   float resident_bias = 2.0f;
-  // Research only (bench/psa_accuracy --oracle), never served: the ceiling
-  // a ranking and a stop rule could reach, each on its own. Both cost more
-  // than dense (every key's score); private caches only (ignored for
-  // pool-backed ones).
-  //  oracle_rank: blocks ranked by their exact attention mass instead of
-  //    the metadata bound.
-  //  oracle_stop: psa stops on the exact captured mass (the certified stop
-  //    with each block's exact mass in place of its bound).
-  bool oracle_rank = false;
-  bool oracle_stop = false;
   int top_k = 64;          // topk: blocks attended per step
   // Prefill rows of a sequence, at most this many in a pass, select as
   // decode steps do instead of reading every block: the question after a
@@ -74,8 +54,10 @@ struct AttentionPolicy {
 
   absl::Status Validate() const;  // INVALID_ARGUMENT naming the bad field
   // The exact form Parse() reads back, e.g. "psa(eps=0.95,G=4)": kind, then
-  // the options that differ from "none" (min_blocks 0, tail centre, ...).
-  std::string ToString() const;
+  // the options that differ from "none" (min_blocks 0, shared reads, ...).
+  // `variant`: a research variant's suffix (ResearchSelection::Suffix),
+  // printed where the stop rule is named; Parse() does not read it.
+  std::string ToString(absl::string_view variant = "") const;
 
   // The one parser of the policy syntax every binary and bench accepts
   // (docs/attention.md):
@@ -84,8 +66,7 @@ struct AttentionPolicy {
   //   KIND(OPT,OPT...)       exactly the policy ToString() printed: options
   //                          not named take their "none" value, not base's
   // OPT: eps=X  G=N  min_blocks=N  k=N  rb=X (resident_bias)  prefill=N
-  //      sink=N  local=N  certified  solo  centre|min|mean|cal (tail)
-  //      oracle  oracle-rank  oracle-stop (research only)
+  //      sink=N  local=N  certified  solo
   // A bare number after "psa:" is eps, after "topk:" k. Does not Validate()
   // (callers that send the policy elsewhere may leave fields unset).
   static absl::StatusOr<AttentionPolicy> Parse(absl::string_view spec,

@@ -98,10 +98,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // ranking (gscore) and / or the stop (ub); whatever they leave goes to
   // the bounds, the rest to scratch.
   const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
-  const bool exact_rank = policy_.oracle_rank && !kv.paged();
-  const bool exact_stop = !topk && policy_.oracle_stop && !kv.paged();
+  const bool exact_rank = research_.oracle_rank && !kv.paged();
+  const bool exact_stop = !topk && research_.oracle_stop && !kv.paged();
   thread_local std::vector<float> scratch_ub, scratch_g, centre;  // centre: [group][candidate]
-  StopRule stop(policy_, exact_stop);
+  StopRule stop(policy_, research_.tail, exact_stop);
   if (stop.wants_centre()) centre.resize(ub.size());
   if (exact_rank || exact_stop) {
     scratch_ub.resize(ub.size());

@@ -13,7 +13,7 @@
 //  - psa:  blocks in descending score, G per iteration, merged by online
 //    softmax; each query head stops on its own once the captured fraction
 //    P_acc = AS_acc / (AS_acc + unseen) reaches epsilon, the unseen mass
-//    estimated as TailEstimate says. With `certified`, it is instead bounded
+//    estimated as StopRule says (centre scores). With `certified`, it is bounded
 //    by sum_j B * exp(ub_j - m), so P_acc is a guaranteed lower bound on the
 //    captured fraction. The group reads the union of its heads' budgets.
 //    Through a block pool, blocks that would have to be fetched rank
@@ -22,6 +22,11 @@
 // Prefill rows use dense attention unless `sparse_prefill_rows` allows a
 // short prompt's rows (a question after a long stored document) to go
 // through the policy one by one, each as a decode step would.
+//
+// The parts: block_layout (which blocks are candidates), BlockBounds and
+// BlockRanking (scores, lazy ordering), StopRule (when a head stops), the
+// block kernels, and the attend loop in RunQuery. Research variants
+// (attention/research/) plug in through the second constructor only.
 #ifndef PSA_COMPUTE_WORKER_ATTENTION_SPARSE_ATTENTION_H_
 #define PSA_COMPUTE_WORKER_ATTENTION_SPARSE_ATTENTION_H_
 
@@ -30,13 +35,16 @@
 #include "absl/status/status.h"
 #include "common/attention_policy.h"
 #include "compute_worker/attention/attention.h"
+#include "compute_worker/attention/research/research_selection.h"
 
 namespace psa {
-
 
 class SparseAttention : public AttentionBackend {
  public:
   explicit SparseAttention(const AttentionPolicy& policy) : policy_(policy) {}
+  // Research variants (bench/psa_accuracy, tests): never served.
+  SparseAttention(const AttentionPolicy& policy, const ResearchSelection& research)
+      : policy_(policy), research_(research) {}
   std::string_view name() const override;
   void Run(const AttentionShape& shape, const AttentionTask& task) const override;
   // The blocks Run() asks for up front: the forced ones and the best-scored
@@ -45,11 +53,13 @@ class SparseAttention : public AttentionBackend {
   std::unique_ptr<KvPageReader> StartFetches(const AttentionShape& shape,
                                              const AttentionTask& task) const override;
   const AttentionPolicy& policy() const { return policy_; }
+  const ResearchSelection& research() const { return research_; }
 
  private:
   void RunQuery(const AttentionShape& shape, const AttentionTask& task, int row,
                 bool record) const;
   AttentionPolicy policy_;
+  ResearchSelection research_;
   DenseAttention dense_;
 };
 

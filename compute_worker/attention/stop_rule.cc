@@ -7,16 +7,16 @@
 
 namespace psa {
 
-StopRule::StopRule(const AttentionPolicy& p, bool exact_stop)
-    : tail_(p.tail),
+StopRule::StopRule(const AttentionPolicy& p, ResearchSelection::Tail tail, bool exact_stop)
+    : tail_(tail),
       exact_(exact_stop),
       // An exact stop is the certified one with exact block masses. Top-k
       // has no stop: no weights either.
       certified_(p.kind == AttentionPolicy::Kind::kPsa && (p.certified || exact_stop)),
       calibrated_(p.kind == AttentionPolicy::Kind::kPsa && !certified_ &&
-                  p.tail == AttentionPolicy::TailEstimate::kCalibratedBound),
+                  tail == ResearchSelection::Tail::kCalibratedBound),
       centre_(p.kind == AttentionPolicy::Kind::kPsa && !certified_ &&
-              p.tail == AttentionPolicy::TailEstimate::kCentre) {}
+              tail == ResearchSelection::Tail::kServed) {}
 
 void StopRule::Weigh(float* x, int group, int n_cand) {
   w_ = x;
@@ -46,7 +46,7 @@ double StopRule::Unseen(const HeadState& h, int g, int left, int B) const {
     // scaled by the mass the attended blocks turned out to hold.
     return h.seen_w <= 0 ? INFINITY : w_unseen * (h.seen_sum / h.seen_w);
   }
-  if (tail_ == AttentionPolicy::TailEstimate::kMinSeen) {
+  if (tail_ == ResearchSelection::Tail::kMinSeen) {
     return std::isinf(h.as_min) ? INFINITY : h.as_min * left;
   }
   // Blocks come in descending criticality: the latest iteration's mean

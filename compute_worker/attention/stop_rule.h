@@ -1,14 +1,13 @@
 // StopRule: when a PSA head has captured enough attention mass. A head
 // stops once P = AS_acc / (AS_acc + unseen) reaches epsilon; the rule is
 // how the mass of the candidates not yet attended ("unseen") is sized, as
-// AttentionPolicy::TailEstimate and `certified` choose:
-//  - centre (default): each unseen block's share of the centre estimates,
-//    scaled by what the attended blocks held against theirs;
+// the policy's `certified` and, for research, ResearchSelection::Tail choose:
+//  - centre (served default): each unseen block's share of the centre
+//    estimates, scaled by what the attended blocks held against theirs;
 //  - certified: the unseen blocks' upper bounds (P is then guaranteed);
-//  - calibrated: the unseen bounds scaled by the latest iteration's
-//    actual / bound;
-//  - min-seen (the paper) and last-group-mean: block counts times a seen
-//    block's mass.
+//  - research variants (ResearchSelection::Tail): calibrated (the unseen
+//    bounds scaled by the latest iteration's actual / bound), min-seen (the
+//    paper) and last-group-mean (block counts times a seen block's mass).
 // The weighted rules (centre, certified, calibrated) weigh candidate c by
 // w_c = exp(x_c - X) — x its centre score or bound, X the head's largest —
 // so the unseen weight is the total minus that attended.
@@ -20,15 +19,17 @@
 
 #include "common/attention_policy.h"
 #include "compute_worker/attention/head_state.h"
+#include "compute_worker/attention/research/research_selection.h"
 #include "compute_worker/model/llama_model.h"  // kMaxGqaGroup
 
 namespace psa {
 
 class StopRule {
  public:
-  // `exact_stop`: the research oracle's stop (bounds replaced by each
-  // block's exact log-mass, hence no factor B).
-  StopRule(const AttentionPolicy& p, bool exact_stop);
+  // `tail`: a research variant's estimator, or kServed. `exact_stop`: the
+  // research oracle's stop (bounds replaced by each block's exact
+  // log-mass, hence no factor B).
+  StopRule(const AttentionPolicy& p, ResearchSelection::Tail tail, bool exact_stop);
 
   // What BlockBounds::Score must fill for it: per-head bounds, centre scores.
   bool wants_bounds() const { return (certified_ || calibrated_) && !exact_; }
@@ -47,7 +48,7 @@ class StopRule {
   double Unseen(const HeadState& h, int g, int left, int B) const;
 
  private:
-  AttentionPolicy::TailEstimate tail_;
+  ResearchSelection::Tail tail_;
   bool exact_, certified_, calibrated_, centre_;
   float* w_ = nullptr;
   int n_cand_ = 0;

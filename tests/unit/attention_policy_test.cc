@@ -25,7 +25,7 @@ TEST(AttentionPolicyTest, ParsesKindsAndOptionsOverTheBase) {
   EXPECT_EQ(psa->epsilon, 0.8f);  // the base's
   EXPECT_EQ(psa->min_blocks, 24);
 
-  auto opts = AttentionPolicy::Parse(" psa:eps=0.95, min_blocks=16,G=2,rb=0,solo,mean,prefill=64,"
+  auto opts = AttentionPolicy::Parse(" psa:eps=0.95, min_blocks=16,G=2,rb=0,solo,prefill=64,"
                                      "sink=2,local=3 ");
   ASSERT_TRUE(opts.ok()) << opts.status();
   EXPECT_EQ(opts->epsilon, 0.95f);
@@ -33,7 +33,6 @@ TEST(AttentionPolicyTest, ParsesKindsAndOptionsOverTheBase) {
   EXPECT_EQ(opts->group_blocks, 2);
   EXPECT_EQ(opts->resident_bias, 0.0f);
   EXPECT_FALSE(opts->share_reads);
-  EXPECT_EQ(opts->tail, AttentionPolicy::TailEstimate::kLastGroupMean);
   EXPECT_EQ(opts->sparse_prefill_rows, 64);
   EXPECT_EQ(opts->sink_blocks, 2);
   EXPECT_EQ(opts->local_blocks, 3);
@@ -67,6 +66,11 @@ TEST(AttentionPolicyTest, RejectsWhatItCannotReadNamingIt) {
   EXPECT_THAT(AttentionPolicy::Parse("psa(eps=0.9").status().message(), HasSubstr("missing"));
   EXPECT_THAT(AttentionPolicy::Parse("psa:depth=3").status().message(),
               HasSubstr("unknown option \"depth\""));
+  // Research variants cannot be named: never served.
+  EXPECT_THAT(AttentionPolicy::Parse("psa:oracle").status().message(),
+              HasSubstr("unknown option \"oracle\""));
+  EXPECT_THAT(AttentionPolicy::Parse("psa:min").status().message(),
+              HasSubstr("unknown option \"min\""));
   // Parse reads; Validate judges the values.
   auto out_of_range = AttentionPolicy::Parse("psa:eps=1.5");
   ASSERT_TRUE(out_of_range.ok());
@@ -82,10 +86,10 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   policies[3].min_blocks = 0;
   policies[3].epsilon = 0.95f;
   policies[4].certified = true;
-  policies[5].tail = AttentionPolicy::TailEstimate::kCalibratedBound;
   policies[5].share_reads = false;
   policies[5].resident_bias = 0.5f;
-  policies[6].oracle_rank = policies[6].oracle_stop = true;
+  policies[6].certified = true;
+  policies[6].min_blocks = 0;
   policies[7].sink_blocks = 2;
   policies[7].local_blocks = 0;
   policies[7].group_blocks = 8;

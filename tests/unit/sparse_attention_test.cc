@@ -92,15 +92,15 @@ TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
   EXPECT_LT(f.stats[0].blocks_touched, 20 + 4 + 1);  // stops within one group of it
 
   // The other tail estimates stop early here too.
-  for (auto tail : {AttentionPolicy::TailEstimate::kMinSeen,
-                    AttentionPolicy::TailEstimate::kLastGroupMean,
-                    AttentionPolicy::TailEstimate::kCalibratedBound}) {
-    AttentionPolicy p = Psa(0.95f);
-    p.tail = tail;
-    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
-    EXPECT_LT(o.stats[0].blocks_touched, o.stats[0].blocks_total / 4) << p.ToString();
-    EXPECT_GE(o.stats[0].captured, 0.95f) << p.ToString();
-    EXPECT_LT(RelErr(o.out, ref.out), 2.5 * 0.05 + 1e-3) << p.ToString();
+  for (auto tail : {ResearchSelection::Tail::kMinSeen, ResearchSelection::Tail::kLastGroupMean,
+                    ResearchSelection::Tail::kCalibratedBound}) {
+    const AttentionPolicy p = Psa(0.95f);
+    ResearchSelection r;
+    r.tail = tail;
+    const Output o = Attend(SparseAttention(p, r), shape, kv, q, 0);
+    EXPECT_LT(o.stats[0].blocks_touched, o.stats[0].blocks_total / 4) << VariantName(p, r);
+    EXPECT_GE(o.stats[0].captured, 0.95f) << VariantName(p, r);
+    EXPECT_LT(RelErr(o.out, ref.out), 2.5 * 0.05 + 1e-3) << VariantName(p, r);
   }
 }
 
@@ -158,8 +158,9 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
     const double c = true_captured(o.stats[0].blocks_touched);
     EXPECT_NEAR(c, eps, 0.1) << "eps " << eps;  // it stopped about where it should
     worst_centre = std::max(worst_centre, std::fabs(c - eps));
-    p.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
-    const Output m = Attend(SparseAttention(p), shape, kv, q, 0);
+    ResearchSelection mean;
+    mean.tail = ResearchSelection::Tail::kLastGroupMean;
+    const Output m = Attend(SparseAttention(p, mean), shape, kv, q, 0);
     worst_mean = std::max(worst_mean, std::fabs(true_captured(m.stats[0].blocks_touched) - eps));
   }
   // Closer than the last-iteration mean, which stops far short here (it
@@ -200,9 +201,10 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   const std::vector<int> by_bound = CandidatesByBound(kv, q, 0.125f);
   for (float eps : {0.5f, 0.8f, 0.95f}) {
     AttentionPolicy p = Psa(eps);
-    p.oracle_rank = p.oracle_stop = true;
+    ResearchSelection r;
+    r.oracle_rank = r.oracle_stop = true;
     p.group_blocks = 1;
-    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+    const Output o = Attend(SparseAttention(p, r), shape, kv, q, 0);
     int need = 2;
     for (double acc = forced; acc < eps * total; acc += rest[need++ - 2]) {}
     EXPECT_NEAR(o.stats[0].blocks_touched, need, 1) << "eps " << eps;
@@ -210,21 +212,21 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
     EXPECT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;
     // The exact stop alone: blocks in the bound's order, as many as it
     // takes to hold eps of the exact mass.
-    p.oracle_rank = false;
-    const Output s = Attend(SparseAttention(p), shape, kv, q, 0);
+    r.oracle_rank = false;
+    const Output s = Attend(SparseAttention(p, r), shape, kv, q, 0);
     int need_bound = 2;
     for (double acc = forced; acc < eps * total; acc += mass[by_bound[need_bound++ - 2]]) {}
     EXPECT_NEAR(s.stats[0].blocks_touched, need_bound, 1) << "eps " << eps;
     EXPECT_GE(s.stats[0].blocks_touched, need - 1) << "eps " << eps;  // heaviest-first needs fewest
-    EXPECT_EQ(p.ToString(), absl::StrCat("psa(eps=", eps, ",G=1,oracle-stop)"));
+    EXPECT_EQ(VariantName(p, r), absl::StrCat("psa(eps=", eps, ",G=1,oracle-stop)"));
   }
   // Top-k by exact mass errs less than top-k by the bound, at equal k.
   const Output ref = Attend(DenseAttention(), shape, kv, q, 0);
-  AttentionPolicy ok = TopK(16);
+  ResearchSelection ok;
   ok.oracle_rank = true;
-  EXPECT_LT(RelErr(Attend(SparseAttention(ok), shape, kv, q, 0).out, ref.out),
+  EXPECT_LT(RelErr(Attend(SparseAttention(TopK(16), ok), shape, kv, q, 0).out, ref.out),
             RelErr(Attend(SparseAttention(TopK(16)), shape, kv, q, 0).out, ref.out));
-  EXPECT_EQ(ok.ToString(), "topk(k=16,oracle)");
+  EXPECT_EQ(VariantName(TopK(16), ok), "topk(k=16,oracle)");
 }
 
 TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
@@ -238,11 +240,12 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
   EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.9,G=4,min_blocks=24)");
   AttentionPolicy m = Psa(0.9f);
-  m.tail = AttentionPolicy::TailEstimate::kMinSeen;
-  EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,min)");
-  m.tail = AttentionPolicy::TailEstimate::kLastGroupMean;
+  ResearchSelection r;
+  r.tail = ResearchSelection::Tail::kMinSeen;
+  EXPECT_EQ(VariantName(m, r), "psa(eps=0.9,G=4,min)");
+  r.tail = ResearchSelection::Tail::kLastGroupMean;
   m.share_reads = false;
-  EXPECT_EQ(m.ToString(), "psa(eps=0.9,G=4,mean,solo)");
+  EXPECT_EQ(VariantName(m, r), "psa(eps=0.9,G=4,mean,solo)");
   EXPECT_EQ(TopK(8).ToString(), "topk(k=8)");
   AttentionPolicy prefill = TopK(8);
   prefill.sparse_prefill_rows = 64;

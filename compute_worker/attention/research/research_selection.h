@@ -1,0 +1,43 @@
+// ResearchSelection: selection variants that are never served — the
+// policy syntax and the wire cannot name them; only bench/psa_accuracy and
+// tests construct them (SparseAttention's second constructor argument).
+// They measure what the served choices are worth (docs/attention.md):
+//  - tail estimators the centre estimate superseded: kMinSeen (AS_min *
+//    N_left, the PSA paper's; one near-empty block stops a head early),
+//    kLastGroupMean (N_left times the latest iteration's mean block mass;
+//    the default before 2026-11-30), kCalibratedBound (the unseen bounds
+//    scaled by the latest iteration's actual / bound);
+//  - oracles, the ceiling a ranking or a stop could reach: oracle_rank
+//    orders blocks by their exact attention mass, oracle_stop stops psa on
+//    the exact captured mass. Both score every key (more work than dense);
+//    private caches only (ignored through a pool).
+// A value type.
+#ifndef PSA_COMPUTE_WORKER_ATTENTION_RESEARCH_RESEARCH_SELECTION_H_
+#define PSA_COMPUTE_WORKER_ATTENTION_RESEARCH_RESEARCH_SELECTION_H_
+
+#include <string>
+
+#include "common/attention_policy.h"
+
+namespace psa {
+
+struct ResearchSelection {
+  enum class Tail { kServed, kMinSeen, kLastGroupMean, kCalibratedBound };
+  Tail tail = Tail::kServed;  // kServed: the policy's own stop rule
+  bool oracle_rank = false;
+  bool oracle_stop = false;   // psa only
+
+  // What AttentionPolicy::ToString() prints for it: ",min", ",mean", ",cal",
+  // ",oracle" (rank and, for psa, stop), ",oracle-rank", ",oracle-stop";
+  // "" when it is the served selection.
+  std::string Suffix(AttentionPolicy::Kind kind) const;
+};
+
+// The policy's name with the variant, e.g. "psa(eps=0.9,G=4,min)".
+inline std::string VariantName(const AttentionPolicy& p, const ResearchSelection& r) {
+  return p.ToString(r.Suffix(p.kind));
+}
+
+}  // namespace psa
+
+#endif  // PSA_COMPUTE_WORKER_ATTENTION_RESEARCH_RESEARCH_SELECTION_H_
