@@ -5,17 +5,24 @@ Runs (or loads saved results of) two benchmarks that print the same JSON schema
 
     {"impl": str, "version": str, "threads": n,
      "prefill_tps": {"<ctx>": tok/s or null, ...},
-     "decode_tps": {"<batch>": {"<ctx>": tok/s or null, ...}, ...}}
+     "decode_tps": {"<batch>": {"<ctx>": tok/s or null, ...}, ...},
+     "prefill_tps_best": {...}, "decode_tps_best": {...},   (optional)
+     "meta": {"reps": R, "stat": "median", "stat_text": str, ...}}   (optional)
 
   * ours:      <ours> --model M --threads T --contexts C,.. --batches B,..
-               --decode_tokens N --json      (default build/bench/psa_runtime_bench)
+               --decode_tokens N --reps R --json  (default build/bench/psa_runtime_bench)
   * llama.cpp: <ref-python> bench/llamacpp_bench.py with the same settings
-               (plus --flash-attn/--reps from --ref-flash-attn/--ref-reps)
+               (plus --flash-attn from --ref-flash-attn)
 
-and prints a table with one row per prefill@ctx and decode@batch/ctx and the
-columns: ours tok/s, llama.cpp tok/s, and the time ratio
-llama_tps / ours_tps (= our time per token / llama.cpp's time per token;
-below 1 means PSA-Serve is faster).
+Both sides measure alike: one 512-token warm-up prefill; per context R timed
+prefills; per batch size one untimed warm-up decode step, then R timed runs of
+N steps continuing the same sequences; tok/s is the median of the R runs and
+"best" the fastest.  The table has one row per prefill@ctx and decode@batch/ctx
+and the columns: ours and llama.cpp's median tok/s and their time ratio
+llama_tps / ours_tps (= our time per token / llama.cpp's time per token; below
+1 means PSA-Serve is faster), then the same for the best runs.  It states the
+statistic, and warns when the two results were not measured alike (e.g. saved
+JSON from an older version).
 
 If the reference interpreter (--ref-python) is missing or cannot import
 llama_cpp and numpy, only our numbers are printed, with a note.  --ours-json /
@@ -79,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-flash-attn", choices=["auto", "on", "off", "best"], default="auto",
                    help="--flash-attn for llamacpp_bench.py; auto is llama.cpp's default, best takes "
                         "the faster of on/off per entry (default: %(default)s)")
-    p.add_argument("--ref-reps", type=int, default=1,
-                   help="--reps for llamacpp_bench.py: timed decode repetitions, fastest reported "
+    p.add_argument("--reps", "--ref-reps", dest="reps", type=int, default=3,
+                   help="timed repetitions of every prefill and decode configuration, for both "
+                        "implementations; the median is compared (and the fastest as 'best') "
                         "(default: %(default)s)")
     p.add_argument("--ours-json", type=Path, help="load our results from this JSON file instead of running --ours")
     p.add_argument("--ref-json", type=Path, help="load llama.cpp results from this JSON file instead of running it")
@@ -94,8 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--threads must be >= 1")
     if args.decode_tokens < 1:
         p.error("--decode-tokens must be >= 1")
-    if args.ref_reps < 1:
-        p.error("--ref-reps must be >= 1")
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
     if args.quick:
         args.contexts, args.batches = "512", "1,8"
     return args
@@ -153,7 +161,7 @@ def common_flags(args: argparse.Namespace, sep: str = "-") -> list[str]:
     """Shared settings; our C++ bench spells multi-word flags with '_' (absl)."""
     return ["--model", str(args.model), "--threads", str(args.threads),
             "--contexts", args.contexts, "--batches", args.batches,
-            f"--decode{sep}tokens", str(args.decode_tokens)]
+            f"--decode{sep}tokens", str(args.decode_tokens), "--reps", str(args.reps)]
 
 
 def ref_usable(py: Path) -> str | None:
@@ -192,7 +200,7 @@ def get_ref(args: argparse.Namespace) -> tuple[dict | None, str | None]:
     if why:
         return None, why
     cmd = [str(args.ref_python), str(REF_SCRIPT)] + common_flags(args)
-    cmd += ["--flash-attn", args.ref_flash_attn, "--reps", str(args.ref_reps)]
+    cmd += ["--flash-attn", args.ref_flash_attn]
     if args.haystack is not None:
         cmd += ["--haystack", str(args.haystack)]
     res = run_cmd(cmd, "llama.cpp bench")
@@ -217,8 +225,10 @@ def _keysort(keys) -> list[str]:
     return sorted(set(keys), key=k)
 
 
-def build_rows(ours: dict | None, ref: dict | None) -> list[tuple[str, float | None, float | None]]:
-    """[(label, ours_tps, ref_tps)] for every prefill ctx and decode batch/ctx in either result."""
+def build_rows(ours: dict | None, ref: dict | None,
+               suffix: str = "") -> list[tuple[str, float | None, float | None]]:
+    """[(label, ours_tps, ref_tps)] for every prefill ctx and decode batch/ctx in either result,
+    from prefill_tps/decode_tps, or with suffix "_best" from prefill_tps_best/decode_tps_best."""
     results = [r for r in (ours, ref) if r]
     rows: list[tuple[str, float | None, float | None]] = []
 
@@ -230,22 +240,50 @@ def build_rows(ours: dict | None, ref: dict | None) -> list[tuple[str, float | N
             cur = cur.get(p)
         return _num(cur)
 
+    pre, dec = "prefill_tps" + suffix, "decode_tps" + suffix
     for c in _keysort(k for r in results for k in r["prefill_tps"]):
-        rows.append((f"prefill@{c}", get(ours, "prefill_tps", c), get(ref, "prefill_tps", c)))
+        rows.append((f"prefill@{c}", get(ours, pre, c), get(ref, pre, c)))
     for b in _keysort(k for r in results for k in r["decode_tps"]):
         ctxs = _keysort(k for r in results for k in (r["decode_tps"].get(b) or {}))
         for c in ctxs:
-            rows.append((f"decode@{b}/{c}", get(ours, "decode_tps", b, c), get(ref, "decode_tps", b, c)))
+            rows.append((f"decode@{b}/{c}", get(ours, dec, b, c), get(ref, dec, b, c)))
     return rows
+
+
+def method(res: dict | None) -> tuple | None:
+    """What a result's numbers are: (statistic, repetitions, decode steps), None if unknown."""
+    meta = res.get("meta") if res else None
+    if not isinstance(meta, dict) or "stat" not in meta:
+        return None
+    return (meta.get("stat"), meta.get("reps"), meta.get("decode_tokens"))
+
+
+def method_lines(ours: dict | None, ref: dict | None) -> list[str]:
+    """The statistic the table shows, and a warning when the two sides differ."""
+    lines = []
+    for who, res in (("ours", ours), ("llama.cpp", ref)):
+        if res:
+            meta = res.get("meta") if isinstance(res.get("meta"), dict) else {}
+            lines.append(f"{who} tok/s: {meta.get('stat_text', 'statistic unknown (an older result)')}")
+    if ours and ref and (method(ours) is None or method(ours) != method(ref)):
+        lines.append(f"WARNING: the two sides were not measured alike (statistic, reps, decode steps): "
+                     f"ours {method(ours)}, llama.cpp {method(ref)}")
+    return lines
 
 
 def format_table(ours: dict | None, ref: dict | None) -> str:
     rows = build_rows(ours, ref)
-    headers = ["config", "ours tok/s", "llama.cpp tok/s", RATIO_HEADER]
+    best = {label: (o, r) for label, o, r in build_rows(ours, ref, "_best")}
+    headers = ["config", "ours tok/s", "llama.cpp tok/s", RATIO_HEADER,
+               "ours best", "llama.cpp best", "ratio (best)"]
+
+    def cells(o: float | None, r: float | None) -> list[str]:
+        ratio = f"{r / o:.3f}" if (o and r) else "-"
+        return [f"{o:.1f}" if o else "-", f"{r:.1f}" if r else "-", ratio]
+
     body = []
     for label, o, r in rows:
-        ratio = f"{r / o:.3f}" if (o and r) else "-"
-        body.append([label, f"{o:.1f}" if o else "-", f"{r:.1f}" if r else "-", ratio])
+        body.append([label] + cells(o, r) + cells(*best.get(label, (None, None))))
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
               for i, h in enumerate(headers)]
     lines = []
@@ -258,10 +296,12 @@ def format_table(ours: dict | None, ref: dict | None) -> str:
         return "  ".join(cells[i].ljust(widths[i]) if i == 0 else cells[i].rjust(widths[i])
                          for i in range(len(cells)))
 
+    lines.extend(method_lines(ours, ref))
     lines.append(fmt(headers))
     lines.append("  ".join("-" * w for w in widths))
     for row in body:
         lines.append(fmt(row))
+    lines.append("tok/s: median of the timed repetitions; best: the fastest repetition")
     lines.append("time ratio = llama.cpp tok/s / ours tok/s = our time per token / llama.cpp's")
     return "\n".join(lines)
 

@@ -7,12 +7,16 @@ prints ONE JSON object on stdout (everything else goes to stderr):
     {"impl": "llama.cpp", "version": str, "threads": n,
      "prefill_tps": {"512": x, "2048": x, "8192": x},
      "decode_tps": {"1": {"512": x, ...}, "8": {...}, "32": {...}},
+     "prefill_tps_best": {...}, "decode_tps_best": {...},
      "meta": {...}}
 
-"meta" is extra information (token source, flash-attention setting, decode
-steps, load average, skipped configurations, and with --flash-attn best the
-per-setting numbers); consumers may ignore it.  A
-configuration that was skipped or failed is null.
+prefill_tps / decode_tps are the median of --reps timed repetitions, the
+*_best entries the fastest repetition: the same method and statistic as
+build/bench/psa_runtime_bench (see below).  "meta" is extra information
+(token source, flash-attention setting, repetitions, decode steps, load
+average, skipped configurations, and with --flash-attn best the per-setting
+numbers); consumers may ignore it.  A configuration that was skipped or
+failed is null.
 
 Method (one fresh llama_context per (context C, batch B) configuration, created
 with n_seq_max=B and, by default, kv_unified=false so every sequence owns its
@@ -20,17 +24,18 @@ own KV stream of pad256(C + R*N + 1) cells; n_ctx = B * that, n_batch =
 n_ubatch = 512, type_k = type_v = f16, n_threads = n_threads_batch =
 --threads, flash_attn_type = --flash-attn):
 
+  * warm-up: once, a 512-token prefill in a throw-away context.
   * prefill: C prompt tokens are decoded into sequence 0 from an empty cache in
     chunks of 512 tokens, only the last token requesting logits.  prefill_tps =
-    C / seconds.  This is done once per batch size, so the reported value is the
-    best (minimum-time) of those runs for that C.
+    C / seconds.  The first configuration of each C prefills R (--reps) times
+    (the cache cleared in between) and those R timings give the statistic;
+    the other batch sizes prefill once, untimed for the result.
   * decode: sequence 0's KV is copied to sequences 1..B-1 with
     llama_memory_seq_cp (a full per-stream copy, applied during the next
-    llama_decode), one untimed warm-up step is run, then N (--decode-tokens)
-    timed steps, each one llama_decode of a llama_batch holding one token per
-    sequence (logits requested for every sequence).  decode_tps = B * N /
-    seconds.  With --reps R the N timed steps are repeated R times (the
-    sequences keep growing) and the fastest repetition is reported.
+    llama_decode), one untimed warm-up step is run, then R repetitions of N
+    (--decode-tokens) timed steps continuing the same sequences, each step one
+    llama_decode of a llama_batch holding one token per sequence (logits
+    requested for every sequence).  decode_tps = B * N / seconds.
 
 Prompt tokens are real text: the haystack essays (*.txt in sorted filename
 order, LICENSE* excluded, joined by blank lines) tokenized without BOS; decode
@@ -97,9 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated decode batch sizes B, concurrent sequences (default: 1,8,32)")
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="timed decode steps N per configuration (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=1,
-                   help="repeat the N timed decode steps this many times per configuration "
-                        "(continuing the same sequences) and report the fastest (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed repetitions R of each prefill and of each configuration's N decode "
+                        "steps (continuing the same sequences); the median is reported, the "
+                        "fastest as *_best (default: %(default)s, as psa_runtime_bench)")
     p.add_argument("--quick", action="store_true",
                    help="only context 512 and batches 1,8 (overrides --contexts/--batches)")
     p.add_argument("--haystack", type=Path, default=DEFAULT_HAYSTACK,
@@ -128,6 +134,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.contexts = [512]
         args.batches = [1, 8]
     return args
+
+
+def median(xs: list[float]) -> float:
+    """The median (the mean of the middle two for an even count), as psa_runtime_bench."""
+    v = sorted(xs)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def pad256(n: int) -> int:
@@ -281,8 +294,9 @@ class Bench:
         self.lc.llama_synchronize(ctx)
         return time.perf_counter() - t0
 
-    def run_config(self, C: int, B: int) -> tuple[float | None, float | None]:
-        """Return (prefill seconds for C tokens, decode tok/s) for one configuration."""
+    def run_config(self, C: int, B: int, prefill_reps: int) -> tuple[list[float] | None, list[float] | None]:
+        """Return (prefill seconds for C tokens, decode seconds for N steps), one per
+        repetition, for one configuration; (None, None) if it was skipped."""
         lc = self.lc
         N = self.args.decode_tokens
         R = self.args.reps
@@ -304,10 +318,12 @@ class Bench:
         batch = lc.llama_batch_init(max(N_BATCH, B), 0, 1)
         try:
             mem = lc.llama_get_memory(ctx)
-            lc.llama_memory_clear(mem, True)
-            t_pre = self.prefill(ctx, batch, C)
-            log(f"C={C} B={B}: prefill {C} tokens in {t_pre:.2f}s ({C / t_pre:.1f} tok/s), "
-                f"KV {n_ctx} cells = {n_ctx * self.kv_bytes_per_cell / GIB:.2f} GiB")
+            t_pre = []
+            for r in range(prefill_reps):
+                lc.llama_memory_clear(mem, True)
+                t_pre.append(self.prefill(ctx, batch, C))
+                log(f"C={C} B={B}: prefill {C} tokens in {t_pre[-1]:.2f}s ({C / t_pre[-1]:.1f} tok/s), "
+                    f"KV {n_ctx} cells = {n_ctx * self.kv_bytes_per_cell / GIB:.2f} GiB")
             for s in range(1, B):
                 lc.llama_memory_seq_cp(mem, 0, s, -1, -1)
 
@@ -337,8 +353,7 @@ class Bench:
                 times.append(time.perf_counter() - t0)
                 log(f"C={C} B={B}: decode {N} steps at positions {C + 1 + r * N}.. in {times[-1]:.2f}s "
                     f"-> {B * N / times[-1]:.1f} tok/s")
-            tps = B * N / min(times)
-            return t_pre, tps
+            return t_pre, times
         finally:
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
@@ -353,16 +368,23 @@ class Bench:
             self.lc.llama_free(ctx)
 
     def sweep(self, fa_name: str, prefill: dict, decode: dict) -> None:
-        """Run every (C, B) with flash_attn_type fa_name; fill prefill/decode in place."""
+        """Run every (C, B) with flash_attn_type fa_name; fill prefill/decode in place
+        with {"median": tok/s, "best": tok/s} (or None)."""
         a = self.args
         self.fa = self.fa_types[fa_name]
+
+        def stat(n_tokens: int, seconds: list[float] | None) -> dict | None:
+            if not seconds:
+                return None
+            return {"median": round(n_tokens / median(seconds), 2), "best": round(n_tokens / min(seconds), 2)}
+
         for C in a.contexts:
-            best: float | None = None
+            pre: list[float] | None = None  # from the first configuration of C that runs
             for B in a.batches:
-                t_pre, tps = None, None
+                t_pre, t_dec = None, None
                 if not self.interrupted:
                     try:
-                        t_pre, tps = self.run_config(C, B)
+                        t_pre, t_dec = self.run_config(C, B, a.reps if pre is None else 1)
                     except RuntimeError as e:
                         note = f"flash_attn={fa_name} C={C} B={B} failed: {e}"
                         log(note)
@@ -373,10 +395,10 @@ class Bench:
                                 "remaining configurations are null")
                         log(note)
                         self.notes.append(note)
-                if t_pre is not None and (best is None or t_pre < best):
-                    best = t_pre
-                decode[str(B)][str(C)] = None if tps is None else round(tps, 2)
-            prefill[str(C)] = None if best is None else round(C / best, 2)
+                if pre is None and t_pre:
+                    pre = t_pre
+                decode[str(B)][str(C)] = stat(B * a.decode_tokens, t_dec)
+            prefill[str(C)] = stat(C, pre)
 
     def run(self) -> dict:
         a = self.args
@@ -389,24 +411,33 @@ class Bench:
         per_mode = {}
         for m in modes:
             log(f"sweep with flash_attn={m}")
-            pre: dict[str, float | None] = {}
-            dec: dict[str, dict[str, float | None]] = {str(b): {} for b in a.batches}
+            pre: dict[str, dict | None] = {}
+            dec: dict[str, dict[str, dict | None]] = {str(b): {} for b in a.batches}
             self.sweep(m, pre, dec)
             per_mode[m] = {"prefill_tps": pre, "decode_tps": dec}
 
-        def best(vals):
-            vals = [v for v in vals if v is not None]
+        def best(vals, key):  # the faster flash-attention setting, per statistic
+            vals = [v[key] for v in vals if v is not None]
             return max(vals) if vals else None
 
-        prefill = {str(C): best(per_mode[m]["prefill_tps"][str(C)] for m in modes) for C in a.contexts}
-        decode = {str(B): {str(C): best(per_mode[m]["decode_tps"][str(B)][str(C)] for m in modes)
-                           for C in a.contexts} for B in a.batches}
+        def table(key):
+            return (
+                {str(C): best((per_mode[m]["prefill_tps"][str(C)] for m in modes), key) for C in a.contexts},
+                {str(B): {str(C): best((per_mode[m]["decode_tps"][str(B)][str(C)] for m in modes), key)
+                          for C in a.contexts} for B in a.batches})
+
+        prefill, decode = table("median")
+        prefill_best, decode_best = table("best")
         meta = {
             "token_source": self.token_source,
             "decode_tokens": a.decode_tokens,
-            "decode_reps": a.reps,
-            "decode_stat": "fastest of decode_reps timed runs of decode_tokens steps",
-            "prefill_stat": "min time over one run per batch size",
+            "reps": a.reps,
+            "warmup_prefill_tokens": N_BATCH,
+            "decode_warmup_steps": 1,
+            "stat": "median",
+            "stat_text": (f"median of {a.reps} timed repetitions (best: the fastest) after one "
+                          f"{N_BATCH}-token warm-up prefill; decode: one untimed warm-up step, then "
+                          f"repetitions of {a.decode_tokens} steps continuing the same sequences"),
             "flash_attn": a.flash_attn,
             "kv_type": "f16",
             "n_batch": N_BATCH,
@@ -424,6 +455,8 @@ class Bench:
             "threads": a.threads,
             "prefill_tps": prefill,
             "decode_tps": decode,
+            "prefill_tps_best": prefill_best,
+            "decode_tps_best": decode_best,
             "meta": meta,
         }
 

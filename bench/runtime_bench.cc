@@ -31,8 +31,12 @@ ABSL_FLAG(std::string, batches, "1,8,32", "Decode batch sizes (concurrent sequen
 ABSL_FLAG(int, decode_tokens, 32, "Decode steps timed per configuration.");
 ABSL_FLAG(int, prefill_chunk, 512, "Rows per forward pass during prefill.");
 ABSL_FLAG(int, reps, 3,
-          "Timed repetitions per configuration up to context 2048 (longer ones run once); "
-          "the fastest is reported.");
+          "Timed repetitions of every prefill and of every configuration's decode steps; "
+          "the median is reported (and the fastest as \"best\"). The method is "
+          "bench/llamacpp_bench.py's: one 512-token warm-up prefill, then per context "
+          "--reps prefills from an empty cache; per batch size the prefilled context is "
+          "copied to every sequence, one untimed decode step runs, then --reps runs of "
+          "--decode_tokens steps continuing the same sequences.");
 ABSL_FLAG(bool, json, false, "Print one JSON object instead of a table.");
 ABSL_FLAG(bool, step_times, false,
           "Print every timed decode step's milliseconds to stderr (one line per "
@@ -41,6 +45,18 @@ ABSL_FLAG(bool, step_times, false,
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Of repeated timings: the median (the mean of the middle two for an even
+// count) and the fastest.
+struct Stat {
+  double median = 0, best = 0;
+};
+
+Stat Summarize(std::vector<double> seconds) {
+  std::sort(seconds.begin(), seconds.end());
+  const size_t n = seconds.size();
+  return {n % 2 == 1 ? seconds[n / 2] : 0.5 * (seconds[n / 2 - 1] + seconds[n / 2]), seconds[0]};
+}
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
@@ -95,11 +111,12 @@ int main(int argc, char** argv) {
   psa::RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   opts.max_batch_tokens = absl::GetFlag(FLAGS_prefill_chunk);
-  // Like llama.cpp's bench, allow the decode steps to run past the training
-  // context at the longest context.
-  opts.max_context = (*model)->hparams().n_ctx_train;
-  for (int c : contexts) opts.max_context = std::max(opts.max_context, c + n_decode);
   const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
+  // Like llama.cpp's bench, allow the decode steps (one warm-up, then reps
+  // runs) to run past the training context at the longest context.
+  const int decode_len = 1 + reps * n_decode;
+  opts.max_context = (*model)->hparams().n_ctx_train;
+  for (int c : contexts) opts.max_context = std::max(opts.max_context, c + decode_len);
   psa::LlamaRuntime rt(**model, opts);
   std::cerr << (*model)->Describe() << " [" << psa::MatMulIsa() << ", " << opts.threads
             << " threads]\n";
@@ -109,96 +126,126 @@ int main(int argc, char** argv) {
   std::uniform_int_distribution<int> tok(100, hp.n_vocab - 1);
   std::vector<float> logits;
 
-  // Warm up: page the weights in, start the threads.
+  // Warm up: page the weights in, start the threads (one 512-token prefill,
+  // as llamacpp_bench.py).
   {
     psa::KvCache kv = rt.NewCache();
-    std::vector<psa::TokenId> w(64);
+    std::vector<psa::TokenId> w(512);
     for (auto& t : w) t = tok(rng);
     if (auto s = rt.Prefill(&kv, w, &logits); !s.ok()) Die(s);
   }
 
-  std::map<int, double> prefill_tps;
-  std::map<int, std::map<int, double>> decode_tps;  // batch -> ctx -> tps
+  std::map<int, Stat> prefill_tps;
+  std::map<int, std::map<int, Stat>> decode_tps;  // batch -> ctx -> tokens/s
   for (int ctx : contexts) {
-    if (ctx + n_decode > rt.max_context()) {
+    if (ctx + decode_len > rt.max_context()) {
       std::cerr << "skip context " << ctx << ": over the model's limit\n";
       continue;
     }
     std::vector<psa::TokenId> prompt(ctx);
     for (auto& t : prompt) t = tok(rng);
     psa::KvCache base = rt.NewCache();
-    double sp = 1e30;
-    // Long prefills are slow enough to be stable: repeat only short ones.
-    for (int r = 0; r < (ctx <= 2048 ? reps : 1); ++r) {
+    std::vector<double> sp;
+    for (int r = 0; r < reps; ++r) {
       base = rt.NewCache();
       const auto t0 = Clock::now();
       if (auto s = rt.Prefill(&base, prompt, &logits); !s.ok()) Die(s);
-      sp = std::min(sp, Seconds(t0, Clock::now()));
+      sp.push_back(Seconds(t0, Clock::now()));
+      std::cerr << "prefill " << ctx << " rep " << r << ": " << sp.back() << " s, "
+                << ctx / sp.back() << " tokens/s\n";
     }
-    prefill_tps[ctx] = ctx / sp;
-    std::cerr << "prefill " << ctx << ": " << sp << " s, " << ctx / sp << " tokens/s\n";
+    const Stat ps = Summarize(sp);
+    prefill_tps[ctx] = {ctx / ps.median, ctx / ps.best};
 
     for (int b : batches) {
-      double sd = 1e30;
-      for (int r = 0; r < (ctx <= 2048 ? reps : 1); ++r) {
-        std::vector<psa::KvCache> caches(b, base);  // every sequence holds ctx tokens
-        std::vector<psa::TokenId> next(b);
-        for (auto& t : next) t = tok(rng);
-        std::vector<psa::BatchEntry> batch(b);
-        std::vector<double> step_ms;
-        std::vector<long> step_faults;
-        const auto d0 = Clock::now();
-        for (int step = 0; step < n_decode; ++step) {
-          const auto s0 = step_times ? Clock::now() : d0;
-          const long f0 = step_times ? MinorFaults() : 0;
-          for (int i = 0; i < b; ++i) {
-            batch[i].kv = &caches[i];
-            batch[i].tokens = {&next[i], 1};
-          }
-          if (auto s = rt.Forward(batch, &logits); !s.ok()) Die(s);
-          for (int i = 0; i < b; ++i) {
-            next[i] = psa::ArgMax(&logits[static_cast<size_t>(i) * hp.n_vocab], hp.n_vocab);
-          }
-          if (step_times) {
-            step_ms.push_back(1e3 * Seconds(s0, Clock::now()));
-            step_faults.push_back(MinorFaults() - f0);
-          }
+      std::vector<psa::KvCache> caches(b, base);  // every sequence holds ctx tokens
+      std::vector<psa::TokenId> next(b);
+      for (auto& t : next) t = tok(rng);
+      std::vector<psa::BatchEntry> batch(b);
+      auto step = [&] {
+        for (int i = 0; i < b; ++i) {
+          batch[i].kv = &caches[i];
+          batch[i].tokens = {&next[i], 1};
         }
-        sd = std::min(sd, Seconds(d0, Clock::now()));
-        if (step_times) {
-          std::string line = absl::StrCat("step ms batch ", b, " ctx ", ctx, " rep ", r, ":");
-          for (double ms : step_ms) absl::StrAppend(&line, " ", absl::SixDigits(ms));
-          absl::StrAppend(&line, "\nstep page faults batch ", b, " ctx ", ctx, " rep ", r, ":");
-          for (long f : step_faults) absl::StrAppend(&line, " ", f);
-          std::cerr << line << "\n";
+        if (auto s = rt.Forward(batch, &logits); !s.ok()) Die(s);
+        for (int i = 0; i < b; ++i) {
+          next[i] = psa::ArgMax(&logits[static_cast<size_t>(i) * hp.n_vocab], hp.n_vocab);
         }
+      };
+      std::vector<double> step_ms;
+      std::vector<long> step_faults;
+      auto timed_step = [&] {
+        const auto s0 = Clock::now();
+        const long f0 = MinorFaults();
+        step();
+        step_ms.push_back(1e3 * Seconds(s0, Clock::now()));
+        step_faults.push_back(MinorFaults() - f0);
+      };
+      auto print_steps = [&](const std::string& what) {
+        std::string line = absl::StrCat("step ms batch ", b, " ctx ", ctx, " ", what, ":");
+        for (double ms : step_ms) absl::StrAppend(&line, " ", absl::SixDigits(ms));
+        absl::StrAppend(&line, "\nstep page faults batch ", b, " ctx ", ctx, " ", what, ":");
+        for (long f : step_faults) absl::StrAppend(&line, " ", f);
+        std::cerr << line << "\n";
+        step_ms.clear();
+        step_faults.clear();
+      };
+      // One untimed warm-up step (llamacpp_bench.py's too).
+      if (step_times) {
+        timed_step();
+        print_steps("warm-up");
+      } else {
+        step();
       }
-      decode_tps[b][ctx] = static_cast<double>(b) * n_decode / sd;
-      std::cerr << "decode batch " << b << " ctx " << ctx << ": " << decode_tps[b][ctx]
-                << " tokens/s\n";
+      std::vector<double> sd;
+      for (int r = 0; r < reps; ++r) {
+        const auto d0 = Clock::now();
+        for (int k = 0; k < n_decode; ++k) step_times ? timed_step() : step();
+        sd.push_back(Seconds(d0, Clock::now()));
+        if (step_times) print_steps(absl::StrCat("rep ", r));
+      }
+      const Stat ds = Summarize(sd);
+      decode_tps[b][ctx] = {b * n_decode / ds.median, b * n_decode / ds.best};
+      std::cerr << "decode batch " << b << " ctx " << ctx << ": " << decode_tps[b][ctx].median
+                << " tokens/s (median of " << reps << "), best " << decode_tps[b][ctx].best
+                << "\n";
     }
   }
 
+  const std::string stat = absl::StrCat(
+      "median of ", reps, " timed repetitions (best: the fastest) after one 512-token warm-up "
+      "prefill; decode: one untimed warm-up step, then repetitions of ", n_decode,
+      " steps continuing the same sequences");
   if (json) {
-    std::string out = absl::StrCat("{\"impl\": \"psa-serve\", \"isa\": \"", psa::MatMulIsa(),
-                                   "\", \"threads\": ", opts.threads, ", \"prefill_tps\": {");
-    std::vector<std::string> parts;
-    for (auto& [c, v] : prefill_tps) parts.push_back(absl::StrCat("\"", c, "\": ", v));
-    absl::StrAppend(&out, absl::StrJoin(parts, ", "), "}, \"decode_tps\": {");
-    parts.clear();
-    for (auto& [b, m] : decode_tps) {
-      std::vector<std::string> inner;
-      for (auto& [c, v] : m) inner.push_back(absl::StrCat("\"", c, "\": ", v));
-      parts.push_back(absl::StrCat("\"", b, "\": {", absl::StrJoin(inner, ", "), "}"));
-    }
-    absl::StrAppend(&out, absl::StrJoin(parts, ", "), "}}");
-    std::cout << out << "\n";
+    auto json_map = [](const std::map<int, Stat>& m, double Stat::*field) {
+      std::vector<std::string> parts;
+      for (auto& [c, v] : m) parts.push_back(absl::StrCat("\"", c, "\": ", v.*field));
+      return absl::StrCat("{", absl::StrJoin(parts, ", "), "}");
+    };
+    auto json_nested = [&](double Stat::*field) {
+      std::vector<std::string> parts;
+      for (auto& [b, m] : decode_tps) parts.push_back(absl::StrCat("\"", b, "\": ", json_map(m, field)));
+      return absl::StrCat("{", absl::StrJoin(parts, ", "), "}");
+    };
+    std::cout << absl::StrCat(
+        "{\"impl\": \"psa-serve\", \"isa\": \"", psa::MatMulIsa(), "\", \"threads\": ", opts.threads,
+        ", \"prefill_tps\": ", json_map(prefill_tps, &Stat::median),
+        ", \"decode_tps\": ", json_nested(&Stat::median),
+        ", \"prefill_tps_best\": ", json_map(prefill_tps, &Stat::best),
+        ", \"decode_tps_best\": ", json_nested(&Stat::best), ", \"meta\": {\"reps\": ", reps,
+        ", \"decode_tokens\": ", n_decode, ", \"warmup_prefill_tokens\": 512",
+        ", \"decode_warmup_steps\": 1, \"stat\": \"median\", \"stat_text\": \"", stat, "\"}}")
+              << "\n";
   } else {
-    std::printf("%-10s %8s %14s\n", "phase", "context", "tokens/s");
-    for (auto& [c, v] : prefill_tps) std::printf("%-10s %8d %14.1f\n", "prefill", c, v);
+    std::printf("tokens/s: %s\n", stat.c_str());
+    std::printf("%-10s %8s %14s %14s\n", "phase", "context", "tokens/s", "best");
+    for (auto& [c, v] : prefill_tps) {
+      std::printf("%-10s %8d %14.1f %14.1f\n", "prefill", c, v.median, v.best);
+    }
     for (auto& [b, m] : decode_tps) {
       for (auto& [c, v] : m) {
-        std::printf("%-10s %8d %14.1f\n", absl::StrCat("decode x", b).c_str(), c, v);
+        std::printf("%-10s %8d %14.1f %14.1f\n", absl::StrCat("decode x", b).c_str(), c, v.median,
+                    v.best);
       }
     }
   }

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -93,6 +94,14 @@ absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
   if (options.max_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
     builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  }
+  if (options.max_receive_bytes > 0) {
+    if (options.max_receive_bytes > static_cast<uint64_t>(std::numeric_limits<int>::max())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the request size limit ", options.max_receive_bytes, " is over gRPC's maximum of ",
+          std::numeric_limits<int>::max(), " bytes"));
+    }
+    builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_receive_bytes));
   }
   for (grpc::Service* service : services) builder.RegisterService(service);
   running.grpc = builder.BuildAndStart();

@@ -52,6 +52,9 @@ struct ServeOptions {
   std::string metrics_listen;      // IPv4 host:port for /metrics; empty: none
   std::string port_file;           // WritePortFile() here once serving; empty: none
   uint64_t max_message_bytes = 0;  // both directions; 0: gRPC's default
+  // Received messages only, over max_message_bytes; gRPC refuses a larger
+  // one with RESOURCE_EXHAUSTED naming both sizes. 0: as max_message_bytes.
+  uint64_t max_receive_bytes = 0;
 };
 
 struct RunningServer {

@@ -218,10 +218,17 @@ absl::StatusOr<psa::v1::LeaseSequenceResponse> KvClient::Lease(const std::string
   request.set_sequence_id(sequence_id);
   request.set_lease_id(lease_id);
   request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
+  // A new lease is a lookup: a miss comes back as found = false, so the
+  // shard does not count it as a failed RPC (older shards: NOT_FOUND).
+  request.set_if_stored(lease_id == 0);
   psa::v1::LeaseSequenceResponse response;
   auto ctx = Context();
   const grpc::Status s = ShardOf(sequence_id).stub()->LeaseSequence(ctx.get(), request, &response);
   if (!s.ok()) return WithShard(ShardFor(sequence_id), s);
+  if (lease_id == 0 && response.lease_id() == 0) {  // found = false (lease ids start at 1)
+    return absl::NotFoundError(absl::StrCat("sequence \"", sequence_id, "\" is not stored on ",
+                                            ShardFor(sequence_id)));
+  }
   return response;
 }
 

@@ -1,6 +1,7 @@
 #include "kv_service/kv_service_impl.h"
 
 #include <deque>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -270,9 +271,15 @@ KvServiceImpl::KvServiceImpl(BlockStore* store, metrics::Registry* registry,
       write_blocks_(registry->AddCounter("psa_kv_write_blocks_total",
                                          "New blocks written").Add()),
       write_bytes_(registry->AddCounter("psa_kv_write_bytes_total",
-                                        "Bytes received in block writes").Add()) {
+                                        "Bytes received in block writes").Add()),
+      lookups_(registry->AddCounter(
+          "psa_kv_lookups_total",
+          "Lookups (LeaseSequence with if_stored, e.g. prompt prefixes) by result: hit or "
+          "miss. A miss is an answer (RPC code OK), not an error")) {
   active_streams_.Add({{"method", "FetchBlocks"}});
   active_streams_.Add({{"method", "WriteBlocks"}});
+  lookups_.Add({{"result", "hit"}});
+  lookups_.Add({{"result", "miss"}});
 }
 
 void KvServiceImpl::Record(const char* method, const grpc::Status& status, absl::Time start) {
@@ -307,12 +314,19 @@ void KvServiceImpl::AnswerFetch(grpc::ByteBuffer* request_buffer,
   std::vector<std::shared_ptr<const std::string>> blocks;
   for (const psa::v1::BlockQuery& query : request.queries()) {
     BlockStore::ByteRange range;
-    absl::Status s = store_->ReadRefs(
-        query.sequence_id(), query.layer(),
-        query.has_kv_head() ? static_cast<int>(query.kv_head()) : BlockStore::kAllHeads,
-        query.block_indices(),
-        // room for the envelope fields
-        max_message_bytes_ - 4096, &blocks, &range);
+    absl::Status s;
+    if (query.kv_head() > static_cast<uint32_t>(std::numeric_limits<int>::max())) {
+      // Must not wrap (4294967295 would read as -1: all heads).
+      s = absl::InvalidArgumentError(absl::StrCat(
+          "kv_head ", query.kv_head(), " is out of range; no layout has that many KV heads"));
+    } else {
+      s = store_->ReadRefs(
+          query.sequence_id(), query.layer(),
+          query.has_kv_head() ? static_cast<int>(query.kv_head()) : BlockStore::kAllHeads,
+          query.block_indices(),
+          // room for the envelope fields
+          max_message_bytes_ - 4096, &blocks, &range);
+    }
     if (s.ok()) {
       answers->push_back(EncodeAnswer(query.tag(), blocks, range.offset, range.length));
       fetch_blocks_.Increment(blocks.size());
@@ -376,6 +390,15 @@ grpc::ServerUnaryReactor* KvServiceImpl::LeaseSequence(
   if (lease.ok()) {
     response->set_lease_id(lease->lease_id);
     response->set_expires_unix_ms(absl::ToUnixMillis(lease->expires));
+    response->set_found(true);
+  }
+  if (request->if_stored() && request->lease_id() == 0 && request->ttl_ms() > 0) {
+    // A lookup: a miss is an answer (with lease_id 0 the only NOT_FOUND
+    // is "not stored").
+    lookups_.Add({{"result", lease.ok() ? "hit" : "miss"}}).Increment();
+    if (lease.status().code() == absl::StatusCode::kNotFound) {
+      return FinishUnary(ctx, "LeaseSequence", start, absl::OkStatus());
+    }
   }
   return FinishUnary(ctx, "LeaseSequence", start, lease.status());
 }

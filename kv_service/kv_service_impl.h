@@ -81,6 +81,7 @@ class KvServiceImpl final : public KvServiceBase {
   metrics::Histogram& fetch_message_seconds_;
   metrics::Counter& write_blocks_;
   metrics::Counter& write_bytes_;
+  metrics::Family<metrics::Counter>& lookups_;  // by result: hit, miss
 
   absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

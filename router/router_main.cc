@@ -2,12 +2,14 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "router/router_service.h"
@@ -31,6 +33,13 @@ ABSL_FLAG(int, affinity_slack, 4,
           "Prefer the prompt's affinity worker unless it has more than this many requests "
           "outstanding beyond the least loaded one");
 ABSL_FLAG(int, health_interval_ms, 500, "Milliseconds between checks of the workers' health");
+ABSL_FLAG(std::string, resume_secret_file, "",
+          "File holding the secret (16+ bytes) shared with the workers' --resume_secret_file: "
+          "the router signs the resume it sends when a worker fails mid-stream. Without it such "
+          "a generation fails instead of continuing on another worker");
+ABSL_FLAG(std::string, max_request_bytes, "4MiB",
+          "Largest request accepted (e.g. 4MiB); gRPC refuses a larger message with "
+          "RESOURCE_EXHAUSTED. Keep it at most the workers' --max_request_bytes");
 ABSL_FLAG(int, shutdown_grace_ms, 10000,
           "On SIGTERM or SIGINT: milliseconds running generations may take to finish before "
           "they are cancelled");
@@ -74,6 +83,24 @@ int main(int argc, char** argv) {
     return Fail("--max_inflight and --max_attempts must be >= 1, --max_queued >= 0");
   }
 
+  absl::StatusOr<uint64_t> max_request_bytes =
+      psa::ParseByteSize(absl::GetFlag(FLAGS_max_request_bytes));
+  if (!max_request_bytes.ok() || *max_request_bytes < 1024 || *max_request_bytes > (1u << 31) - 1) {
+    return Fail(absl::StrCat("--max_request_bytes=", absl::GetFlag(FLAGS_max_request_bytes),
+                             " must be a size from 1KiB to 2GiB-1 (e.g. 4MiB)"));
+  }
+
+  std::optional<psa::ResumeAuth> resume_auth;
+  if (const std::string path = absl::GetFlag(FLAGS_resume_secret_file); !path.empty()) {
+    absl::StatusOr<psa::ResumeAuth> auth = psa::ResumeAuth::FromFile(path);
+    if (!auth.ok()) return Fail(absl::StrCat("--resume_secret_file: ", auth.status().message()));
+    resume_auth.emplace(std::move(*auth));
+    options.resume_auth = &*resume_auth;
+  } else {
+    std::fprintf(stderr, "psa-router: no --resume_secret_file: a generation whose worker fails "
+                         "after its first token fails too, instead of resuming elsewhere\n");
+  }
+
   psa::metrics::Registry registry;
   psa::WorkerPoolOptions pool_options;
   pool_options.workers = workers;
@@ -83,9 +110,10 @@ int main(int argc, char** argv) {
   auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
   auto service = std::make_unique<psa::RouterService>(pool.get(), &registry, options);
 
-  auto running = psa::StartServer({absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
-                                   absl::GetFlag(FLAGS_port_file)},
-                                  &registry, {service.get()});
+  psa::ServeOptions serve{absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
+                          absl::GetFlag(FLAGS_port_file)};
+  serve.max_receive_bytes = *max_request_bytes;
+  auto running = psa::StartServer(serve, &registry, {service.get()});
   if (!running.ok()) return Fail(std::string(running.status().message()));
   const int grpc_port = running->grpc_port, metrics_port = running->metrics_port;
   std::fprintf(stderr, "psa-router: serving on port %d (metrics on %d), %d healthy workers\n",

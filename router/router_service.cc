@@ -12,6 +12,10 @@ namespace {
 using psa::v1::GenerateRequest;
 using psa::v1::GenerateResponse;
 
+// gRPC cancels a call when its deadline passes; a cancellation this close
+// to the deadline (or after it) is the deadline's doing.
+constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(20);
+
 bool WorthAnotherWorker(const grpc::Status& s) {
   // The worker is gone or full; anything else is the request's own fault.
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
@@ -52,6 +56,14 @@ class RouterService::Relay final : public GenerateStreamWriter {
         request_(request),
         deadline_(ctx->deadline()),
         start_(absl::Now()) {
+    if (request.has_resume()) {
+      service_->metrics_.requests.Add({{"code", "INVALID_ARGUMENT"}}).Increment();
+      Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                         "resume is set by the router itself when it continues a generation on "
+                         "another worker; clients must not set it"));
+      Unref();  // no relay thread
+      return;
+    }
     {
       absl::MutexLock lock(&service_->mu_);
       const RouterOptions& o = service_->options_;
@@ -106,10 +118,19 @@ class RouterService::Relay final : public GenerateStreamWriter {
     return true;
   }
 
+  // Why the call ended when the client is gone: its deadline passed (gRPC
+  // cancels the call then), or it cancelled.
+  grpc::Status ClientGoneStatus() const {
+    if (absl::Now() + kDeadlineSlack >= absl::FromChrono(deadline_)) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed");
+    }
+    return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+  }
+
   void Run() {
     if (!TakeSlot()) {
       const grpc::Status s = cancelled()
-          ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client")
+          ? ClientGoneStatus()
           : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                          "the deadline passed while the request waited in the router's queue");
       service_->metrics_.requests.Add({{"code", GrpcCodeName(s.error_code())}}).Increment();
@@ -130,20 +151,31 @@ class RouterService::Relay final : public GenerateStreamWriter {
         break;
       }
       GenerateRequest request = request_;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(deadline_);
       if (!generated.empty()) {  // continue where the failed worker stopped
+        const ResumeAuth* auth = service_->options_.resume_auth;
+        if (auth == nullptr) {  // the workers would refuse an unsigned resume
+          service_->pool_->Release(*worker);
+          status = grpc::Status(status.error_code(),
+                                absl::StrCat(status.error_message(), " (after ",
+                                             generated.size(), " tokens; the router cannot "
+                                             "resume on another worker without "
+                                             "--resume_secret_file)"));
+          break;
+        }
         request.mutable_resume()->mutable_token_ids()->Add(generated.begin(), generated.end());
         request.mutable_resume()->set_text_bytes(text_bytes);
+        ctx.AddMetadata(ResumeAuth::kMetadataKey, auth->Sign(request));
         service_->metrics_.resumes.Increment();
       } else if (attempt > 0) {
         service_->metrics_.retries.Increment();
       }
-      grpc::ClientContext ctx;
-      ctx.set_deadline(deadline_);
       {
         absl::MutexLock lock(&mu_);
         if (cancelled_) {
           service_->pool_->Release(*worker);
-          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+          status = ClientGoneStatus();
           break;
         }
         worker_ctx_ = &ctx;
@@ -163,9 +195,7 @@ class RouterService::Relay final : public GenerateStreamWriter {
       {
         absl::MutexLock lock(&mu_);
         worker_ctx_ = nullptr;
-        if (cancelled_) {
-          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
-        }
+        if (cancelled_) status = ClientGoneStatus();
       }
       service_->pool_->Release(*worker);
       if (finished && status.ok()) break;

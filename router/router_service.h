@@ -9,6 +9,7 @@
 
 #include <atomic>
 
+#include "api/resume_auth.h"
 #include "common/metrics.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 #include "router/worker_pool.h"
@@ -19,6 +20,9 @@ struct RouterOptions {
   int max_inflight = 256;  // generations relayed at once
   int max_queued = 256;    // waiting for one of those slots; more get RESOURCE_EXHAUSTED
   int max_attempts = 3;    // workers tried per request (first try included)
+  // Signs the resumes the router sends after a worker failed mid-stream;
+  // null: such a generation fails instead. Must outlive the service.
+  const ResumeAuth* resume_auth = nullptr;
 };
 
 class RouterService final : public psa::v1::Generation::CallbackService {

@@ -21,6 +21,11 @@ ALLOWED = {
     "compute_worker/kv": ["compute_worker/kernels", "compute_worker/model", "common"],
     "compute_worker/attention": ["compute_worker/kv", "compute_worker/kernels",
                                  "compute_worker/model", "common"],
+    # CUDA (nvcc) rooms: the CPU rooms they sit in may not include them.
+    "compute_worker/kernels/cuda": ["compute_worker/kernels", "compute_worker/model", "common"],
+    "compute_worker/attention/cuda": ["compute_worker/attention", "compute_worker/kernels/cuda",
+                                      "compute_worker/kv", "compute_worker/kernels",
+                                      "compute_worker/model", "common"],
     "compute_worker/runtime": ["compute_worker/attention", "compute_worker/kv",
                                "compute_worker/kernels", "compute_worker/model", "common"],
     "kv_service": ["common", "proto"],

@@ -5,6 +5,7 @@
 #define PSA_COMPUTE_WORKER_ATTENTION_ATTENTION_H_
 
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "compute_worker/kv/kv_cache.h"
@@ -59,6 +60,8 @@ class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
   virtual std::string_view name() const = 0;
+  // The full policy, e.g. "psa(eps=0.9,G=4,min_blocks=24)"; name() by default.
+  virtual std::string Describe() const { return std::string(name()); }
   // Must be safe to call concurrently for different tasks.
   virtual void Run(const AttentionShape& shape, const AttentionTask& task) const = 0;
   // For a task on a pool-backed cache: starts fetching the pages Run()

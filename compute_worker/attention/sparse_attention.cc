@@ -8,6 +8,7 @@
 #include "compute_worker/attention/block_layout.h"
 #include "compute_worker/attention/block_ranking.h"
 #include "compute_worker/attention/head_state.h"
+#include "compute_worker/attention/psa_math.h"
 #include "compute_worker/attention/research/exact_block_scores.h"
 #include "compute_worker/attention/sparse_block_kernels.h"
 #include "compute_worker/attention/stop_rule.h"
@@ -180,7 +181,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
       float* s = &scores[g * B];
       const float bm = MaxF32(s, n);
       if (bm > h.m) {
-        const float r = std::exp(h.m - bm);  // 0 on the first block
+        const float r = PsaRescale(h.m, bm);  // 0 on the first block
         h.l *= r;
         if (!std::isinf(h.as_min)) h.as_min *= r;
         h.group_sum *= r;
@@ -271,10 +272,11 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
         h.deciding = h.active = false;
         continue;
       }
-      if (can_stop && h.blocks >= policy_.min_blocks) {
+      // The decision is psa_math.h's, shared with the CUDA kernels.
+      if (can_stop && PsaMayStop(h.blocks, policy_.min_blocks)) {
         const double unseen = stop.Unseen(h, g, left, B);
-        const double p = h.l / (h.l + unseen);
-        if (p >= policy_.epsilon) {
+        const double p = PsaCaptured(h.l, unseen);
+        if (PsaStops(p, policy_.epsilon)) {
           h.captured = static_cast<float>(p);
           h.deciding = false;
           // The group reads on for its other heads: with share_reads this

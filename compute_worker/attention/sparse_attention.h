@@ -46,6 +46,7 @@ class SparseAttention : public AttentionBackend {
   SparseAttention(const AttentionPolicy& policy, const ResearchSelection& research)
       : policy_(policy), research_(research) {}
   std::string_view name() const override;
+  std::string Describe() const override { return VariantName(policy_, research_); }
   void Run(const AttentionShape& shape, const AttentionTask& task) const override;
   // The blocks Run() asks for up front: the forced ones and the best-scored
   // candidates (top-k's k; PSA's budget floor or its previous step's

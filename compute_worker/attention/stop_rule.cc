@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "compute_worker/attention/psa_math.h"
 #include "compute_worker/kernels/fp16_kernels.h"
 
 namespace psa {
@@ -30,21 +31,21 @@ void StopRule::Weigh(float* x, int group, int n_cand) {
 
 double StopRule::Unseen(const HeadState& h, int g, int left, int B) const {
   if (certified_ || calibrated_ || centre_) {
-    // The unseen candidates' weight; never negative.
-    const double w_unseen = std::max(0.0, w_total_[g] - h.seen_w);
+    // The estimates are psa_math.h's, shared with the CUDA kernels.
+    const double w_unseen = PsaUnseenWeight(w_total_[g], h.seen_w);
     if (certified_) {
       // Each unseen block's mass is at most B * exp(bound) (the exact
       // stop's x is a block's exact log-mass: no factor B).
-      return (exact_ ? 1 : B) * w_unseen * std::exp(static_cast<double>(w_max_[g]) - h.m);
+      return PsaUnseenCertified(w_unseen, exact_ ? 1 : B, w_max_[g], h.m);
     }
     if (calibrated_) {
       // The unseen blocks' bounds, scaled by how tight the bounds were on
       // the latest iteration's blocks (actual / bound).
-      return h.group_w <= 0 ? INFINITY : w_unseen * (h.group_sum / h.group_w);
+      return PsaUnseenCalibrated(w_unseen, h.group_w, h.group_sum);
     }
     // Centre: the unseen blocks hold their share of the centre estimates,
     // scaled by the mass the attended blocks turned out to hold.
-    return h.seen_w <= 0 ? INFINITY : w_unseen * (h.seen_sum / h.seen_w);
+    return PsaUnseenCentre(w_unseen, h.seen_w, h.seen_sum);
   }
   if (tail_ == ResearchSelection::Tail::kMinSeen) {
     return std::isinf(h.as_min) ? INFINITY : h.as_min * left;

@@ -17,6 +17,7 @@ KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
       head_dim_(head_dim),
       block_size_(block_size > 0 ? block_size : kDefaultBlockSize),
       pages_(static_cast<size_t>(n_layer) * n_head_kv),
+      slab_cursors_(pages_.size()),
       kmax_(n_layer),
       kmin_(n_layer),
       bounds_(static_cast<size_t>(n_layer) * n_head_kv, BlockBounds(head_dim)),
@@ -74,8 +75,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   kmin_.assign(n_layer_, {});
   bounds_.assign(pages_.size(), BlockBounds(head_dim_));
   slabs_.clear();
-  slab_next_ = nullptr;
-  slab_left_ = 0;
+  slab_cursors_.assign(pages_.size(), SlabCursor{});
   read_hint_.assign(pages_.size(), 0);
   durability_ = std::make_shared<KvDurability>();
   durable_id_.clear();
@@ -145,26 +145,45 @@ void KvCache::Reserve(int n) {
 
 void KvCache::AllocatePrivateBlocks(int layer, int count) {
   const size_t page_bytes = page_elements() * sizeof(uint16_t);
+  const size_t slab_pages = std::max<size_t>(1, kPageSlabBytes / page_bytes);
   const int first = capacity_ / block_size_;
   // One head's pages of consecutive blocks are adjacent: decode attention
   // sweeps one (layer, head) at a time, and with the heads' pages
   // interleaved a sweep of K read 2 KiB of every 12 KiB.
   for (int h = 0; h < n_head_kv_; ++h) {
+    const size_t t = PageTable(layer, h);
+    SlabCursor& cur = slab_cursors_[t];
     for (int i = 0; i < count; ++i) {
-      if (slab_left_ == 0) {
-        // Slabs of up to 2 MiB (huge pages): few allocations. Not zeroed: attention
-        // reads only committed rows, and pages are then touched as rows are
-        // written rather than all at once (a doubling at 8K tokens would
-        // otherwise stall one step for 190 MB).
-        const size_t want = static_cast<size_t>(count - i) * page_bytes;
-        const size_t bytes = std::min(want, std::max(kPageSlabBytes, page_bytes));
-        slabs_.push_back(AllocatePageSlab(bytes));
-        slab_next_ = reinterpret_cast<uint16_t*>(slabs_.back().get());
-        slab_left_ = bytes / page_bytes;
+      if (cur.left == 0) {
+        // Not zeroed: attention reads only committed rows, and pages are
+        // touched as rows are written rather than all at once. A growth
+        // of less than a huge page per table takes exactly what it needs
+        // (plain heap memory, 4 KiB pages). From the first growth of a
+        // huge page or more on, the table takes 2 MiB slabs (huge pages;
+        // their unused end is kept for its next growth), the first of them
+        // preceded by a plain slab of (t + 1) / (tables + 1) of a huge page:
+        // every table then crosses into a new huge page at a different
+        // position, and none in the step that made the growth.
+        // In step, all tables would fault their next huge page in the same
+        // decode step (every 8K tokens with 16-token blocks, 90 x 2 MiB
+        // zeroed by the kernel: a 0.45 s stall on a 2-core VM), instead of
+        // one table every ~90 tokens.
+        const size_t want = static_cast<size_t>(count - i);
+        size_t pages = std::min(want, slab_pages);
+        if (cur.huge) {
+          pages = slab_pages;
+        } else if (want >= slab_pages) {
+          cur.huge = true;
+          pages = slab_pages * (t + 1) / (pages_.size() + 1);
+          if (pages == 0) pages = slab_pages;
+        }
+        slabs_.push_back(AllocatePageSlab(pages * page_bytes));
+        cur.next = reinterpret_cast<uint16_t*>(slabs_.back().get());
+        cur.left = pages;
       }
-      pages_[PageTable(layer, h)][first + i] = slab_next_;
-      slab_next_ += page_elements();
-      --slab_left_;
+      pages_[t][first + i] = cur.next;
+      cur.next += page_elements();
+      --cur.left;
     }
   }
 }

@@ -170,8 +170,14 @@ class KvCache {
   PooledPages pooled_;
 
   std::vector<PageSlab> slabs_;  // private memory
-  uint16_t* slab_next_ = nullptr;  // free space left in the newest slab
-  size_t slab_left_ = 0;           // in pages
+  // Per table [layer * n_head_kv + head]: free space left in its newest
+  // slab, and whether its huge slabs have begun (see AllocatePrivateBlocks).
+  struct SlabCursor {
+    uint16_t* next = nullptr;
+    size_t left = 0;  // in pages
+    bool huge = false;
+  };
+  std::vector<SlabCursor> slab_cursors_;
   std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
   std::vector<BlockBounds> bounds_;                 // [layer * n_head_kv + head]
 

@@ -159,7 +159,41 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& f
     const TokenId id = t->Lookup(s);
     if (id >= 0 && t->types_[id] == kControl) t->end_of_generation_.push_back(id);
   }
+  t->max_input_bytes_per_token_ = t->MaxInputBytesPerToken();
+  if (!spm) {  // each input byte is one symbol first; one the vocabulary lacks is dropped
+    for (int b = 0; b < 256; ++b) {
+      std::string s;
+      AppendUtf8(Bytes().byte_to_cp[b], &s);
+      t->droppable_[b] = t->Lookup(s) < 0;
+    }
+  }
   return t;
+}
+
+size_t Tokenizer::EncodableBytes(std::string_view text) const {
+  size_t dropped = 0;
+  for (unsigned char c : text) dropped += droppable_[c];
+  return text.size() - dropped;
+}
+
+int Tokenizer::MaxInputBytesPerToken() const {
+  // SentencePiece emits a token per symbol or per byte (fallback), never
+  // nothing; byte-level BPE drops only the droppable_ bytes (a symbol it
+  // cannot spell), each alone. A token covers at most its text's length in input bytes
+  // (U+2581 is 3 bytes standing for a space, or for itself); a byte-level
+  // BPE token covers one input byte per code point of its text; a special
+  // matched in the text covers its text.
+  size_t most = 1;
+  for (const std::string& s : tokens_) {
+    size_t covers = s.size();
+    if (kind_ == Kind::kBytePairGpt2) {
+      covers = 0;
+      for (unsigned char c : s) covers += (c & 0xC0) != 0x80;
+    }
+    most = std::max(most, covers);
+  }
+  for (TokenId id : special_) most = std::max(most, tokens_[id].size());
+  return static_cast<int>(std::min<size_t>(most, std::numeric_limits<int>::max()));
 }
 
 TokenId Tokenizer::Lookup(std::string_view text) const {

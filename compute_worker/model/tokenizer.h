@@ -49,11 +49,23 @@ class Tokenizer {
   // Id of an exact token text, or -1.
   TokenId Lookup(std::string_view text) const;
   Kind kind() const { return kind_; }
+  // The most bytes of Encode()'s input that one token it returns can stand
+  // for (specials, SentencePiece's escaped spaces and byte fallback
+  // included); at least 1.
+  int max_input_bytes_per_token() const { return max_input_bytes_per_token_; }
+  // The bytes of `text` that Encode() cannot drop: all but those whose
+  // byte-level symbol the vocabulary lacks (Encode() drops what it cannot
+  // spell; e.g. 0xFF in most BPE vocabularies). A text encodes to at least
+  // ceil(EncodableBytes(text) / max_input_bytes_per_token()) tokens, BOS
+  // aside: what lets a server refuse a prompt that cannot fit its context
+  // before paying to tokenize it. One pass over the bytes.
+  size_t EncodableBytes(std::string_view text) const;
 
  private:
   Tokenizer() = default;
   void EncodeFragmentBpe(std::string_view text, std::vector<TokenId>* out) const;
   void EncodeFragmentSpm(std::string_view text, std::vector<TokenId>* out) const;
+  int MaxInputBytesPerToken() const;  // computes max_input_bytes_per_token()
   // Shared merge loop: symbols are merged pairwise by ascending rank.
   template <typename RankFn>
   std::vector<std::string> MergeSymbols(std::vector<std::string> symbols, RankFn rank) const;
@@ -72,6 +84,8 @@ class Tokenizer {
   std::vector<TokenId> special_;   // matched in text, longest first
   std::vector<TokenId> end_of_generation_;
   TokenId byte_tokens_[256];       // SentencePiece "<0xXX>" ids (or -1)
+  int max_input_bytes_per_token_ = 1;
+  bool droppable_[256] = {};  // bytes Encode() may drop (BPE: no symbol in the vocabulary)
 };
 
 }  // namespace psa

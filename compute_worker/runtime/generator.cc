@@ -120,6 +120,18 @@ GenerationState::Step GenerationState::Accept(TokenId token) {
   return step;
 }
 
+absl::Status PrefillResumable(LlamaRuntime& runtime, KvCache* kv, absl::Span<const TokenId> prompt,
+                              int resumed, const AttentionBackend* attention,
+                              std::vector<float>* logits) {
+  const size_t decode_from = prompt.size() - resumed;
+  if (auto s = runtime.Prefill(kv, prompt.subspan(0, decode_from), logits); !s.ok()) return s;
+  for (size_t i = decode_from; i < prompt.size(); ++i) {
+    BatchEntry entry{kv, prompt.subspan(i, 1), true, attention, nullptr};
+    if (auto s = runtime.Forward({&entry, 1}, logits); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& req,
                                           const TokenCallback& on_token) {
   using Clock = std::chrono::steady_clock;
@@ -131,7 +143,10 @@ absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const Generatio
   KvCache kv = runtime.NewCache();
   std::vector<float> logits;
   const auto t0 = Clock::now();
-  if (auto s = runtime.Prefill(&kv, req.prompt, &logits); !s.ok()) return s;
+  if (auto s = PrefillResumable(runtime, &kv, req.prompt, req.resumed, req.attention, &logits);
+      !s.ok()) {
+    return s;
+  }
   const auto t1 = Clock::now();
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 

@@ -48,6 +48,15 @@ struct GenerationResult {
 // returning false cancels the generation (finish_reason "cancelled").
 using TokenCallback = std::function<bool(TokenId token, std::string_view text)>;
 
+// Fills the empty `kv` with `prompt`, whose last `resumed` tokens were
+// generated (GenerationRequest::resumed): the rest as one prefill, those as
+// the decode steps that made them (one row each, through `attention`), so
+// that a sparse policy attends their rows as it did — a prompt row is
+// always attended densely. *logits: the last row's.
+absl::Status PrefillResumable(LlamaRuntime& runtime, KvCache* kv, absl::Span<const TokenId> prompt,
+                              int resumed, const AttentionBackend* attention,
+                              std::vector<float>* logits);
+
 absl::StatusOr<GenerationResult> Generate(LlamaRuntime& runtime, const GenerationRequest& request,
                                           const TokenCallback& on_token = nullptr);
 

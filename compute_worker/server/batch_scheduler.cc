@@ -41,6 +41,12 @@ struct BatchScheduler::Sequence {
   std::vector<HeadStepStats> stats;
   SequenceSummary summary;
   bool done = false;  // finished (events delivered); retired after the step
+  // Where the request's prompt stops being prompt (resumed tokens follow).
+  size_t decode_from() const { return request.prompt.size() - request.resumed; }
+  // The request's prompt as the KV service names it.
+  CacheContents prompt_contents() const {
+    return CacheContents{request.prompt, static_cast<int>(decode_from()), DecodedBy(*attention)};
+  }
 };
 
 BatchScheduler::BatchScheduler(LlamaRuntime* runtime, Options options)
@@ -137,20 +143,24 @@ void BatchScheduler::Loop() {
 
 bool BatchScheduler::Step() {
   // Drop what was cancelled or ran out of time. (Events are delivered
-  // outside the lock: a callback may call back into the scheduler.)
-  const absl::Time now = absl::Now();
+  // outside the lock: a callback may call back into the scheduler.) gRPC
+  // cancels a call when its deadline passes, so a cancellation at (or a
+  // hair before) the deadline is the deadline's doing: DEADLINE_EXCEEDED,
+  // not finish_reason "cancelled". `now` is read after the flags.
   std::vector<char> cancelled(running_.size());
   {
     absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < running_.size(); ++i) cancelled[i] = cancelled_[running_[i]->id];
   }
+  const absl::Time now = absl::Now();
+  constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(20);
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence* seq = running_[i].get();
-    if (cancelled[i]) {
+    if (now > seq->deadline || (cancelled[i] && now + kDeadlineSlack >= seq->deadline)) {
+      Finish(seq, absl::DeadlineExceededError("the request's deadline passed"));
+    } else if (cancelled[i]) {
       seq->state.Cancel();
       Finish(seq, absl::OkStatus());
-    } else if (now > seq->deadline) {
-      Finish(seq, absl::DeadlineExceededError("the request's deadline passed"));
     }
   }
   Retire();
@@ -173,7 +183,15 @@ bool BatchScheduler::Step() {
     const std::vector<TokenId>& context = seq->context();
     const size_t left = context.size() - seq->prefilled;
     if (left == 0 || budget <= 0) continue;
-    const size_t chunk = std::min<size_t>(left, budget);
+    size_t chunk = std::min<size_t>(left, budget);
+    // Positions a decode step produced (resumed tokens, or a rebuild's
+    // generated ones) are recomputed as decode steps, one per pass: a
+    // sparse policy attends a prompt row densely, a decode row sparsely,
+    // and the output must not depend on which path built the cache.
+    if (seq->attention->name() != "dense") {
+      const size_t decode_from = seq->decode_from();
+      chunk = seq->prefilled >= decode_from ? 1 : std::min(chunk, decode_from - seq->prefilled);
+    }
     // A replay's last token is sampled already (`next`): no logits wanted.
     const bool logits = chunk == left && seq->replay.empty();
     batch.push_back(BatchEntry{&seq->kv, {context.data() + seq->prefilled, chunk}, logits,
@@ -220,16 +238,25 @@ bool BatchScheduler::Step() {
       }
       if (options_.on_decode_stats) options_.on_decode_stats(seq->stats, seq->attention.get());
       if (options_.on_block_filled && seq->kv.length() % seq->kv.block_size() == 0) {
-        options_.on_block_filled(seq->request.prompt, seq->state.tokens(), seq->kv);
+        // The original prompt, then every generated token (the resumed
+        // ones included: they end the request's prompt and begin tokens()).
+        const std::vector<TokenId>& prompt = seq->request.prompt;
+        const size_t decode_from = seq->decode_from();
+        std::vector<TokenId> sequence(prompt.begin(), prompt.begin() + decode_from);
+        const std::vector<TokenId>& generated = seq->state.tokens();
+        sequence.insert(sequence.end(), generated.begin(), generated.end());
+        options_.on_block_filled(CacheContents{sequence, static_cast<int>(decode_from),
+                                               DecodedBy(*seq->attention)},
+                                 seq->kv);
       }
     } else {
       seq->prefilled += batch[i].tokens.size();
       if (seq->prefilled == seq->request.prompt.size()) {
         if (options_.on_prompt_prefilled) {
-          options_.on_prompt_prefilled(seq->request, seq->kv, seq->preloaded);
+          options_.on_prompt_prefilled(seq->prompt_contents(), seq->kv, seq->preloaded);
         }
       } else if (options_.on_prompt_chunk) {
-        options_.on_prompt_chunk(seq->request.prompt, seq->kv);
+        options_.on_prompt_chunk(seq->prompt_contents(), seq->kv);
       }
     }
     if (row_logits == nullptr) continue;

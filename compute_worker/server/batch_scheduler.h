@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "compute_worker/runtime/generator.h"
+#include "compute_worker/server/cache_contents.h"
 #include "compute_worker/runtime/llama_runtime.h"
 
 namespace psa {
@@ -49,19 +50,15 @@ class BatchScheduler {
     int step_tokens = 512;  // rows per step (decode tokens + prompt chunks)
     // Called on the scheduler thread once a sequence's prompt is in its
     // cache, with the tokens that came preloaded (e.g. to publish it).
-    std::function<void(const GenerationRequest& request, const KvCache& kv,
-                       int preloaded_tokens)>
+    std::function<void(const CacheContents& prompt, const KvCache& kv, int preloaded_tokens)>
         on_prompt_prefilled;
     // Called on the scheduler thread after each prompt chunk but the last,
     // with the prompt and the cache so far (e.g. to store full blocks
     // behind the computation).
-    std::function<void(const std::vector<TokenId>& prompt, const KvCache& kv)> on_prompt_chunk;
-    // Called on the scheduler thread when a decode step fills a block; the
-    // cache holds the prompt and then the first kv.length() - prompt.size()
-    // generated tokens.
-    std::function<void(const std::vector<TokenId>& prompt, const std::vector<TokenId>& generated,
-                       const KvCache& kv)>
-        on_block_filled;
+    std::function<void(const CacheContents& prompt, const KvCache& kv)> on_prompt_chunk;
+    // Called on the scheduler thread when a decode step fills a block, with
+    // every token of the sequence so far (the cache holds all but the last).
+    std::function<void(const CacheContents& sequence, const KvCache& kv)> on_block_filled;
     // Called on the scheduler thread when a sequence's cache is rebuilt from
     // its tokens (the KV service lost blocks it needed).
     std::function<void()> on_rebuild;

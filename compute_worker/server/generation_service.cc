@@ -17,6 +17,24 @@ std::string FinishLabel(const absl::Status& status, const std::string& finish_re
   return status.ok() ? finish_reason : absl::StatusCodeToString(status.code());
 }
 
+// gRPC cancels a call when its deadline passes; a cancellation this close
+// to the deadline (or after it) is the deadline's doing.
+constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(20);
+
+AdmissionLimits Limits(const LlamaModel& model, int max_context,
+                       const GenerationServiceOptions& options) {
+  const Tokenizer& tok = model.tokenizer();
+  AdmissionLimits limits;
+  limits.n_vocab = model.hparams().n_vocab;
+  limits.max_context = max_context;
+  limits.default_max_tokens = options.default_max_tokens;
+  limits.max_prompt_bytes = options.max_prompt_bytes;
+  limits.max_input_bytes_per_token = tok.max_input_bytes_per_token();
+  limits.tokenizer = &tok;
+  limits.adds_bos = tok.add_bos_default() && tok.bos_id() >= 0;
+  return limits;
+}
+
 }  // namespace
 
 GenerationService::Metrics::Metrics(metrics::Registry* r)
@@ -56,10 +74,15 @@ GenerationService::Metrics::Metrics(metrics::Registry* r)
 class GenerationService::GenerateReactor final : public GenerateStreamWriter {
  public:
   // One producer reference: the scheduler (or whatever fails before it).
+  // `request` stays valid until the call is finished.
   GenerateReactor(GenerationService* service, grpc::CallbackServerContext* ctx,
                   const GenerateRequest& request)
-      : GenerateStreamWriter(/*producers=*/1), service_(service), start_(absl::Now()) {
-    absl::Status s = Prepare(ctx, request);
+      : GenerateStreamWriter(/*producers=*/1),
+        service_(service),
+        start_(absl::Now()),
+        deadline_(absl::FromChrono(ctx->deadline())) {
+    absl::Status s = Admit(*ctx, request);
+    if (s.ok()) s = Start(request);
     if (!s.ok()) FailBeforeScheduling(s);
   }
 
@@ -70,48 +93,75 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
   }
 
  private:
-  // Builds the generation, then schedules it, after a prefix lookup in the
-  // KV service when the worker has one.
-  absl::Status Prepare(grpc::CallbackServerContext* ctx, const GenerateRequest& request) {
-    absl::StatusOr<std::vector<TokenId>> prompt = service_->PromptTokens(request);
-    if (!prompt.ok()) return prompt.status();
+  // What the request's sizes and numbers decide, on gRPC's thread; a
+  // resume only from the router.
+  absl::Status Admit(const grpc::CallbackServerContext& ctx, const GenerateRequest& request) {
+    if (request.has_resume()) {
+      const ResumeAuth* auth = service_->options_.resume_auth;
+      if (auth == nullptr) {
+        return absl::PermissionDeniedError(
+            "resume is set by the router only, and this worker takes none: start the router "
+            "and the workers with the same --resume_secret_file");
+      }
+      const auto& metadata = ctx.client_metadata();
+      auto it = metadata.find(ResumeAuth::kMetadataKey);
+      const std::string_view signature =
+          it == metadata.end() ? std::string_view()
+                               : std::string_view(it->second.data(), it->second.size());
+      if (absl::Status s = auth->Verify(request, signature); !s.ok()) return s;
+    }
+    if (absl::Status s = AdmitGenerateRequest(request, service_->limits_); !s.ok()) return s;
     absl::StatusOr<AttentionPolicy> policy = service_->Policy(request.attention());
     if (!policy.ok()) return policy.status();
-    GenerationRequest gen;
-    gen.prompt = std::move(*prompt);
-    gen.sampling.temperature = request.sampling().temperature();
-    gen.sampling.top_k = request.sampling().top_k();
-    gen.sampling.top_p = request.sampling().top_p() == 0 ? 1.0f : request.sampling().top_p();
-    gen.sampling.seed = request.sampling().seed();
-    // 0 (unset): no repetition penalty, i.e. 1. Range checks: Validate().
-    gen.sampling.repetition_penalty = request.sampling().repetition_penalty() == 0
-                                          ? 1.0f
-                                          : request.sampling().repetition_penalty();
-    gen.sampling.frequency_penalty = request.sampling().frequency_penalty();
-    gen.sampling.presence_penalty = request.sampling().presence_penalty();
-    gen.max_tokens = request.max_tokens() == 0 ? service_->options_.default_max_tokens
-                                               : static_cast<int>(request.max_tokens());
-    gen.stop_strings.assign(request.stop().begin(), request.stop().end());
-    gen.ignore_eos = request.ignore_eos();
-    if (request.has_resume()) {
-      gen.prompt.insert(gen.prompt.end(), request.resume().token_ids().begin(),
-                        request.resume().token_ids().end());
-      gen.resumed = request.resume().token_ids_size();
-      gen.resumed_text_bytes = request.resume().text_bytes();
+    policy_ = *policy;
+    attention_name_ = policy_.kind == AttentionPolicy::Kind::kDense ? "dense" : policy_.ToString();
+    return absl::OkStatus();
+  }
+
+  // Prepares the generation here if its prompt is token ids, or on the
+  // prompt queue if it must be templated and tokenized.
+  absl::Status Start(const GenerateRequest& request) {
+    if (request.prompt_case() == GenerateRequest::kTokenIds) return Prepare(request);
+    uint64_t bytes = request.text().size();
+    for (const auto& m : request.chat().messages()) bytes += m.content().size();
+    return service_->prompt_queue_.Post(bytes, [this, &request] {
+      absl::Status s = ClientGone();  // while the prompt waited
+      if (s.ok()) s = Prepare(request);
+      if (!s.ok()) FailBeforeScheduling(s);
+    });
+  }
+
+  // OK while the client is there; else why it is not.
+  absl::Status ClientGone() {
+    absl::MutexLock lock(&mu_);
+    return ClientGoneLocked();
+  }
+  absl::Status ClientGoneLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!cancelled_) return absl::OkStatus();
+    if (absl::Now() + kDeadlineSlack >= deadline_) {
+      return absl::DeadlineExceededError("the request's deadline passed before it was scheduled");
     }
+    return absl::CancelledError("the client cancelled the request");
+  }
+
+  // Builds the generation, then schedules it, after a prefix lookup in the
+  // KV service when the worker has one.
+  absl::Status Prepare(const GenerateRequest& request) {
+    absl::StatusOr<std::vector<TokenId>> prompt = service_->PromptTokens(request);
+    if (!prompt.ok()) return prompt.status();
+    GenerationRequest gen = ToGenerationRequest(request, std::move(*prompt), service_->limits_);
     const LlamaHparams& hp = service_->model_->hparams();
     if (absl::Status s = ValidateGenerationRequest(gen, hp.n_vocab, service_->max_context_);
         !s.ok()) {
       return s;
     }
-    policy_ = *policy;
-    attention_name_ = policy_.kind == AttentionPolicy::Kind::kDense ? "dense" : policy_.ToString();
-    deadline_ = absl::FromChrono(ctx->deadline());
     if (service_->prefix_store_ == nullptr) return Schedule(std::move(gen), nullptr);
     auto kv = std::make_unique<KvCache>(service_->scheduler_->NewCache());
     std::vector<TokenId> prompt_copy = gen.prompt;
+    const int decode_from = static_cast<int>(gen.prompt.size()) - gen.resumed;
     service_->prefix_store_->LoadAsync(
-        std::move(prompt_copy), std::move(kv),
+        std::move(prompt_copy), decode_from, attention_name_ == "dense" ? "" : attention_name_,
+        std::move(kv),
         [this, gen = std::move(gen)](std::unique_ptr<KvCache> kv, int tokens) mutable {
           absl::Status s = Schedule(std::move(gen), tokens > 0 ? std::move(kv) : nullptr);
           if (!s.ok()) FailBeforeScheduling(s);
@@ -126,7 +176,7 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
       OnFinish(status, summary);
     };
     absl::MutexLock lock(&mu_);  // OnClientGone must see id_
-    if (cancelled_) return absl::CancelledError("the client cancelled the request");
+    if (absl::Status s = ClientGoneLocked(); !s.ok()) return s;
     absl::StatusOr<uint64_t> id =
         service_->scheduler_->Submit(std::move(gen), MakeAttention(policy_), deadline_,
                                      std::move(events), std::move(preloaded));
@@ -190,7 +240,7 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
   absl::Time last_token_ = absl::InfinitePast();  // scheduler thread only
   std::string attention_name_;
   AttentionPolicy policy_;
-  absl::Time deadline_;
+  const absl::Time deadline_;
 
   absl::Mutex mu_;  // the sequence's id and whether the client left
   uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
@@ -206,7 +256,9 @@ GenerationService::GenerationService(const LlamaModel* model, int max_context,
       scheduler_(scheduler),
       prefix_store_(prefix_store),
       options_(std::move(options)),
-      metrics_(registry) {
+      limits_(Limits(*model, max_context, options_)),
+      metrics_(registry),
+      prompt_queue_(options_.prompt_queue) {
   auto& running = registry->AddGauge("psa_worker_requests_running",
                                      "Sequences in the running batch").Add();
   auto& waiting = registry->AddGauge("psa_worker_requests_waiting",
@@ -227,20 +279,26 @@ GenerationService::GenerationService(const LlamaModel* model, int max_context,
 }
 
 absl::StatusOr<std::vector<TokenId>> GenerationService::EncodeChat(
-    const psa::v1::ChatPrompt& chat) const {
+    const psa::v1::ChatPrompt& chat, int max_tokens) const {
   if (chat.messages_size() == 0) return absl::InvalidArgumentError("chat has no messages");
   std::vector<ChatMessage> messages;
-  size_t bytes = 0;
+  uint64_t bytes = 0;
   for (const auto& m : chat.messages()) {
     messages.push_back(ChatMessage{m.role(), m.content()});
     bytes += m.content().size();
   }
-  if (bytes > static_cast<size_t>(options_.max_prompt_bytes)) {
-    return absl::InvalidArgumentError(absl::StrCat("chat is ", bytes, " bytes; the limit is ",
-                                                   options_.max_prompt_bytes));
+  if (bytes > options_.max_prompt_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chat is ", bytes, " bytes (its messages' contents together); the worker takes at most ",
+        options_.max_prompt_bytes, " (--max_request_bytes)"));
   }
   absl::StatusOr<std::string> text = model_->chat_template().Apply(messages, true);
   if (!text.ok()) return text.status();
+  if (max_tokens >= 0) {
+    absl::Status s = CheckTextFits("chat (formatted with the model's chat template)", *text,
+                                   max_tokens, limits_);
+    if (!s.ok()) return s;
+  }
   const Tokenizer& tok = model_->tokenizer();
   return tok.Encode(*text, tok.add_bos_default(), /*parse_special=*/true);
 }
@@ -250,17 +308,11 @@ absl::StatusOr<std::vector<TokenId>> GenerationService::PromptTokens(
   const Tokenizer& tok = model_->tokenizer();
   switch (request.prompt_case()) {
     case GenerateRequest::kText:
-      if (request.text().size() > static_cast<size_t>(options_.max_prompt_bytes)) {
-        return absl::InvalidArgumentError(absl::StrCat("text is ", request.text().size(),
-                                                       " bytes; the limit is ",
-                                                       options_.max_prompt_bytes));
-      }
       return tok.Encode(request.text(), tok.add_bos_default(), /*parse_special=*/false);
     case GenerateRequest::kChat:
-      return EncodeChat(request.chat());
+      return EncodeChat(request.chat(), EffectiveMaxTokens(request, limits_));
     case GenerateRequest::kTokenIds:
-      return std::vector<TokenId>(request.token_ids().ids().begin(),
-                                  request.token_ids().ids().end());
+      return PromptTokenIds(request);
     default:
       return absl::InvalidArgumentError("the request has no prompt: set text, chat or token_ids");
   }
@@ -279,27 +331,39 @@ grpc::ServerWriteReactor<GenerateResponse>* GenerationService::Generate(
 grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* ctx,
                                                       const psa::v1::TokenizeRequest* request,
                                                       psa::v1::TokenizeResponse* response) {
-  absl::Status status;
-  const Tokenizer& tok = model_->tokenizer();
-  if (request->input_case() == psa::v1::TokenizeRequest::kText) {
-    if (request->text().size() > static_cast<size_t>(options_.max_prompt_bytes)) {
-      status = absl::InvalidArgumentError("text is over the prompt size limit");
-    } else {
-      for (TokenId t : tok.Encode(request->text(), tok.add_bos_default(), false)) {
-        response->add_token_ids(t);
-      }
-    }
-  } else if (request->input_case() == psa::v1::TokenizeRequest::kChat) {
-    absl::StatusOr<std::vector<TokenId>> ids = EncodeChat(request->chat());
-    status = ids.status();
-    if (ids.ok()) {
-      for (TokenId t : *ids) response->add_token_ids(t);
-    }
-  } else {
-    status = absl::InvalidArgumentError("set text or chat");
-  }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  uint64_t bytes = request->text().size();
+  for (const auto& m : request->chat().messages()) bytes += m.content().size();
+  absl::Status status;
+  if (request->input_case() == psa::v1::TokenizeRequest::kText &&
+      request->text().size() > options_.max_prompt_bytes) {
+    status = absl::InvalidArgumentError(absl::StrCat(
+        "text is ", request->text().size(), " bytes; the worker takes at most ",
+        options_.max_prompt_bytes, " (--max_request_bytes)"));
+  } else if (request->input_case() == psa::v1::TokenizeRequest::INPUT_NOT_SET) {
+    status = absl::InvalidArgumentError("set text or chat");
+  } else {
+    // Tokenizing takes seconds for MiB: on the prompt queue, not here.
+    status = prompt_queue_.Post(bytes, [this, ctx, request, response, reactor] {
+      absl::Status s;
+      if (ctx->IsCancelled()) {
+        s = absl::CancelledError("the client left before the text was tokenized");
+      } else if (request->input_case() == psa::v1::TokenizeRequest::kText) {
+        const Tokenizer& tok = model_->tokenizer();
+        for (TokenId t : tok.Encode(request->text(), tok.add_bos_default(), false)) {
+          response->add_token_ids(t);
+        }
+      } else {
+        absl::StatusOr<std::vector<TokenId>> ids = EncodeChat(request->chat(), -1);
+        s = ids.status();
+        if (ids.ok()) {
+          for (TokenId t : *ids) response->add_token_ids(t);
+        }
+      }
+      reactor->Finish(ToGrpcStatus(s));
+    });
+  }
+  if (!status.ok()) reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 

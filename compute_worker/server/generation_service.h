@@ -1,17 +1,26 @@
-// GenerationService: psa.v1.Generation on a compute worker. Turns requests
-// into token ids (text, chat or ids), picks the attention policy (the
-// request's or the server default), runs them on the BatchScheduler and
-// streams tokens back as they are sampled.
+// GenerationService: psa.v1.Generation on a compute worker. Admits requests
+// by what their sizes and numbers alone decide (request_admission.h) on
+// gRPC's callback thread, turns text and chat prompts into token ids on its
+// PromptQueue (never on gRPC's threads, which answer health checks too),
+// picks the attention policy (the request's or the server default), runs
+// them on the BatchScheduler and streams tokens back as they are sampled.
+//
+// Ownership: borrows the model, scheduler, prefix store and registry; owns
+// its prompt queue. Thread-safety: gRPC calls it from any thread.
 #ifndef PSA_COMPUTE_WORKER_SERVER_GENERATION_SERVICE_H_
 #define PSA_COMPUTE_WORKER_SERVER_GENERATION_SERVICE_H_
 
+#include <memory>
 #include <string>
 
+#include "api/resume_auth.h"
 #include "common/metrics.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/attention/sparse_attention.h"
 #include "compute_worker/server/batch_scheduler.h"
 #include "compute_worker/server/prefix_store.h"
+#include "compute_worker/server/prompt_queue.h"
+#include "compute_worker/server/request_admission.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 
 namespace psa {
@@ -20,7 +29,11 @@ struct GenerationServiceOptions {
   std::string model_id;              // reported in ModelInfo (GGUF sha256)
   AttentionPolicy default_attention; // for requests that name none
   int default_max_tokens = 256;
-  int max_prompt_bytes = 4 << 20;    // text/chat prompts longer than this are refused
+  uint64_t max_prompt_bytes = 4 << 20;  // text/chat prompts longer than this are refused
+  PromptQueue::Options prompt_queue;     // templating and tokenizing prompts
+  // Checks the router's signature of GenerateRequest.resume; null: every
+  // resume is refused. Must outlive the service.
+  const ResumeAuth* resume_auth = nullptr;
 };
 
 class GenerationService final : public psa::v1::Generation::CallbackService {
@@ -56,9 +69,14 @@ class GenerationService final : public psa::v1::Generation::CallbackService {
     metrics::Histogram& kv_selected_fraction;
   };
 
-  // The request's prompt as token ids.
+  // The request's prompt as token ids (an admitted request's: its sizes
+  // are checked). Tokenizes: runs on the prompt queue.
   absl::StatusOr<std::vector<TokenId>> PromptTokens(const psa::v1::GenerateRequest& request) const;
-  absl::StatusOr<std::vector<TokenId>> EncodeChat(const psa::v1::ChatPrompt& chat) const;
+  // A chat formatted with the model's template and tokenized; with
+  // `max_tokens` >= 0, refused before tokenizing if its formatted text
+  // cannot fit the context with them.
+  absl::StatusOr<std::vector<TokenId>> EncodeChat(const psa::v1::ChatPrompt& chat,
+                                                  int max_tokens) const;
   absl::StatusOr<AttentionPolicy> Policy(const psa::v1::AttentionPolicy& requested) const;
 
   const LlamaModel* const model_;
@@ -66,7 +84,9 @@ class GenerationService final : public psa::v1::Generation::CallbackService {
   BatchScheduler* const scheduler_;
   PrefixStore* const prefix_store_;
   const GenerationServiceOptions options_;
+  const AdmissionLimits limits_;
   Metrics metrics_;
+  PromptQueue prompt_queue_;  // last: its destructor runs what is queued
 };
 
 }  // namespace psa

@@ -49,7 +49,14 @@ PrefixStore::PrefixStore(KvClient* client, psa::v1::KvLayout layout, Options opt
       write_bytes_(r->AddCounter("psa_worker_kv_write_bytes_total",
                                  "KV block bytes published to the KV service").Add()),
       errors_(r->AddCounter("psa_worker_kv_errors_total",
-                            "KV service operations that failed (the worker computed instead)")) {
+                            "KV service operations that failed (the worker computed instead)")),
+      publishes_dropped_(r->AddCounter(
+          "psa_worker_kv_publishes_dropped_total",
+          "Background publishes left out by design, not errors: reason=queue_full (more "
+          "prompts to publish than the queue holds, under load) or pages_evicted (the cache's "
+          "pages were already evicted to the KV service under another name)")) {
+  publishes_dropped_.Add({{"reason", "queue_full"}});
+  publishes_dropped_.Add({{"reason", "pages_evicted"}});
   writer_ = std::thread([this] { WriteLoop(); });
   for (int i = 0; i < options_.loader_threads; ++i) {
     loaders_.emplace_back([this] { LoadLoop(); });
@@ -65,10 +72,11 @@ PrefixStore::~PrefixStore() {
   writer_.join();
 }
 
-void PrefixStore::LoadAsync(std::vector<TokenId> prompt, std::unique_ptr<KvCache> kv,
-                            LoadDone done) {
+void PrefixStore::LoadAsync(std::vector<TokenId> prompt, int decode_from, std::string decoded_by,
+                            std::unique_ptr<KvCache> kv, LoadDone done) {
   absl::MutexLock lock(&mu_);
-  loads_.push_back(PendingLoad{std::move(prompt), std::move(kv), std::move(done)});
+  loads_.push_back(PendingLoad{std::move(prompt), decode_from, std::move(decoded_by),
+                               std::move(kv), std::move(done)});
 }
 
 void PrefixStore::LoadLoop() {
@@ -85,17 +93,23 @@ void PrefixStore::LoadLoop() {
       load = std::move(loads_.front());
       loads_.pop_front();
     }
-    const int tokens = Load(load.prompt, load.kv.get());
+    const int tokens =
+        Load(CacheContents{load.prompt, load.decode_from, load.decoded_by}, load.kv.get());
     load.done(std::move(load.kv), tokens);
   }
 }
 
 std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, int block_size,
-                                                  absl::Span<const TokenId> tokens,
-                                                  int n_blocks) {
+                                                  const CacheContents& c, int n_blocks) {
   std::vector<std::string> out;
+  const absl::Span<const TokenId> tokens = c.tokens;
   std::string h = Sha256(absl::StrCat("psa-prefix-v1/", model_id, "/", block_size), "");
   for (int b = 0; b < n_blocks; ++b) {
+    if (!c.decoded_by.empty() && (b + 1) * block_size > c.decode_from &&
+        b * block_size <= c.decode_from) {
+      // The first block a decode step wrote into: the policy joins the chain.
+      h = Sha256(h, absl::StrCat("decoded-from/", c.decode_from, "/", c.decoded_by));
+    }
     std::string bytes(static_cast<size_t>(block_size) * 4, '\0');
     for (int t = 0; t < block_size; ++t) {
       const uint32_t id = tokens[static_cast<size_t>(b) * block_size + t];
@@ -112,14 +126,15 @@ std::string PrefixStore::SequenceId(const std::vector<std::string>& hashes, int 
   return absl::StrCat(hashes[placement - 1], "/", hashes[n_blocks - 1]);
 }
 
-int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
+int PrefixStore::Load(const CacheContents& contents, KvCache* kv) {
+  const absl::Span<const TokenId> prompt = contents.tokens;
   const absl::Time start = absl::Now();
   query_tokens_.Increment(prompt.size());
   const int B = layout_.block_size();
   const int usable = prompt.empty() ? 0 : static_cast<int>((prompt.size() - 1) / B);
   if (usable == 0) return 0;
   const std::vector<std::string> hashes =
-      BlockHashes(layout_.model_id(), B, prompt, usable);
+      BlockHashes(layout_.model_id(), B, contents, usable);
   std::vector<int> candidates = {usable};
   for (int k = (usable - 1) / options_.checkpoint_blocks; k >= 1; --k) {
     candidates.push_back(k * options_.checkpoint_blocks);
@@ -222,33 +237,29 @@ int PrefixStore::Load(absl::Span<const TokenId> prompt, KvCache* kv) {
   return 0;
 }
 
-void PrefixStore::Publish(absl::Span<const TokenId> prompt, const KvCache& kv) {
+void PrefixStore::Publish(const CacheContents& prompt, const KvCache& kv) {
   PublishPromptBlocks(prompt, kv, 1);
 }
 
-void PrefixStore::PublishPrefix(absl::Span<const TokenId> prompt, const KvCache& kv) {
+void PrefixStore::PublishPrefix(const CacheContents& prompt, const KvCache& kv) {
   PublishPromptBlocks(prompt, kv, options_.checkpoint_blocks);
 }
 
-void PrefixStore::PublishPromptBlocks(absl::Span<const TokenId> prompt, const KvCache& kv,
+void PrefixStore::PublishPromptBlocks(const CacheContents& prompt, const KvCache& kv,
                                       int min_new_blocks) {
   const int B = layout_.block_size();
-  const int n = std::min<int>(prompt.size() / B, kv.full_blocks());
+  const int n = std::min<int>(prompt.tokens.size() / B, kv.full_blocks());
   if (n - kv.durable_blocks() < min_new_blocks) return;
   Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
 }
 
-void PrefixStore::PublishCheckpoint(absl::Span<const TokenId> prompt,
-                                    absl::Span<const TokenId> generated, const KvCache& kv) {
+void PrefixStore::PublishCheckpoint(const CacheContents& sequence, const KvCache& kv) {
   const int B = layout_.block_size();
   const int C = options_.checkpoint_blocks;
   const int n = kv.full_blocks();
   if (n == 0 || n % C != 0 || n <= kv.durable_blocks()) return;  // most steps: nothing to do
-  std::vector<TokenId> tokens(prompt.begin(), prompt.end());
-  tokens.insert(tokens.end(), generated.begin(),
-                generated.begin() + std::min<size_t>(generated.size(),
-                                                     static_cast<size_t>(n) * B - prompt.size()));
-  Plan(BlockHashes(layout_.model_id(), B, tokens, n), n, kv);
+  if (sequence.tokens.size() < static_cast<size_t>(n) * B) return;  // not the cache's tokens
+  Plan(BlockHashes(layout_.model_id(), B, sequence, n), n, kv);
 }
 
 void PrefixStore::Plan(std::vector<std::string> hashes, int n, const KvCache& kv) {
@@ -270,7 +281,7 @@ void PrefixStore::Plan(std::vector<std::string> hashes, int n, const KvCache& kv
         if (kv.Page(layer, h, b) == nullptr) {
           // Evicted (stored elsewhere, not linkable from here): keep what
           // is stored; the cache stays as durable as it was.
-          errors_.Add({{"op", "publish_skipped"}}).Increment();
+          publishes_dropped_.Add({{"reason", "pages_evicted"}}).Increment();
           return;
         }
       }
@@ -307,7 +318,7 @@ void PrefixStore::Export(const KvCache& kv, int first, int last,
 void PrefixStore::Enqueue(PendingWrite w) {
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(queue_.size()) >= options_.max_queued_writes) {
-    errors_.Add({{"op", "publish_dropped"}}).Increment();
+    publishes_dropped_.Add({{"reason", "queue_full"}}).Increment();
     return;
   }
   queue_.push_back(std::move(w));

@@ -12,7 +12,10 @@
 // blocks, or of all n if fewer, so related prefixes share a shard), and
 // linked, without copying, under "P/h(k)" for every multiple k of
 // checkpoint_blocks below n; a later prompt sharing only a multiple of
-// checkpoint_blocks with it still finds its prefix.
+// checkpoint_blocks with it still finds its prefix. Blocks that hold
+// positions a sparse policy's decode steps made are named with that policy
+// mixed into the chain (CacheContents): only a resume of the same
+// generation under the same policy finds them.
 #ifndef PSA_COMPUTE_WORKER_SERVER_PREFIX_STORE_H_
 #define PSA_COMPUTE_WORKER_SERVER_PREFIX_STORE_H_
 
@@ -28,6 +31,7 @@
 #include "common/metrics.h"
 #include "compute_worker/model/tokenizer.h"
 #include "compute_worker/kv/kv_cache.h"
+#include "compute_worker/server/cache_contents.h"
 #include "kv_service/kv_client.h"
 
 namespace psa {
@@ -51,22 +55,24 @@ class PrefixStore {
   // length in tokens; 0 (and `kv` empty) when none is found or anything
   // fails. A pool-backed cache takes only the metadata (its pages are read
   // on demand); a private one fetches every block.
-  int Load(absl::Span<const TokenId> prompt, KvCache* kv);
+  int Load(const CacheContents& prompt, KvCache* kv);
 
   // Load() on one of the store's loader threads; `done` gets the cache and
   // the tokens loaded.
   using LoadDone = std::function<void(std::unique_ptr<KvCache> kv, int tokens)>;
-  void LoadAsync(std::vector<TokenId> prompt, std::unique_ptr<KvCache> kv, LoadDone done);
+  // `prompt` as in CacheContents.
+  void LoadAsync(std::vector<TokenId> prompt, int decode_from, std::string decoded_by,
+                 std::unique_ptr<KvCache> kv, LoadDone done);
 
   // Queues the full prompt blocks of `kv` that the KV service does not
   // hold yet for publishing (linking those it holds). Copies now, writes
   // later, then tells kv.durability().
-  void Publish(absl::Span<const TokenId> prompt, const KvCache& kv);
+  void Publish(const CacheContents& prompt, const KvCache& kv);
 
   // During a long prefill: once the cache holds checkpoint_blocks full
   // blocks more than the KV service does, stores them (linking what is
   // stored), so a pool-backed cache can evict them before the prompt ends.
-  void PublishPrefix(absl::Span<const TokenId> prompt, const KvCache& kv);
+  void PublishPrefix(const CacheContents& prompt, const KvCache& kv);
 
   // During decode: when the cache's full blocks reach a multiple of
   // checkpoint_blocks, publishes the sequence so far (the prompt, then the
@@ -75,15 +81,17 @@ class PrefixStore {
   // resumed elsewhere from its prompt plus the tokens so far then loads all
   // but the last few hundred tokens instead of recomputing them, and a
   // pool-backed cache may evict the stored pages.
-  void PublishCheckpoint(absl::Span<const TokenId> prompt, absl::Span<const TokenId> generated,
-                         const KvCache& kv);
+  // `sequence`: every token the cache holds or will (prompt, then generated).
+  void PublishCheckpoint(const CacheContents& sequence, const KvCache& kv);
 
   // Waits until every queued prompt is written (tests, shutdown).
   void Flush();
 
-  // Chained block names of the first n_blocks blocks of `tokens` (hex).
+  // Chained block names of the first n_blocks blocks of `c.tokens` (hex);
+  // from the first block holding a position >= c.decode_from on, with
+  // c.decoded_by mixed in (when not empty).
   static std::vector<std::string> BlockHashes(const std::string& model_id, int block_size,
-                                              absl::Span<const TokenId> tokens, int n_blocks);
+                                              const CacheContents& c, int n_blocks);
 
  private:
   struct PendingWrite {
@@ -96,8 +104,7 @@ class PrefixStore {
   };
   // Publishes the prompt's full blocks in `kv` if at least min_new_blocks
   // of them are not stored yet.
-  void PublishPromptBlocks(absl::Span<const TokenId> prompt, const KvCache& kv,
-                           int min_new_blocks);
+  void PublishPromptBlocks(const CacheContents& prompt, const KvCache& kv, int min_new_blocks);
   // Queues the write of blocks [0, n) named by `hashes`.
   void Plan(std::vector<std::string> hashes, int n, const KvCache& kv);
   // Copies blocks [first, last) of every layer.
@@ -117,9 +124,13 @@ class PrefixStore {
   metrics::Histogram& load_seconds_;
   metrics::Counter& write_bytes_;
   metrics::Family<metrics::Counter>& errors_;
+  // Publishes not made by design (queue full, pages evicted): not errors.
+  metrics::Family<metrics::Counter>& publishes_dropped_;
 
   struct PendingLoad {
     std::vector<TokenId> prompt;
+    int decode_from = 0;
+    std::string decoded_by;
     std::unique_ptr<KvCache> kv;
     LoadDone done;
   };

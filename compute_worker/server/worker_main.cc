@@ -1,6 +1,7 @@
 // psa-worker: a compute worker serving psa.v1.Generation for one GGUF model.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +34,19 @@ ABSL_FLAG(int, max_running, 64, "Sequences decoded together in one batch");
 ABSL_FLAG(int, max_waiting, 256, "Queued sequences beyond the batch; more are refused");
 ABSL_FLAG(int, step_tokens, 512, "Rows per forward step (decode tokens + prompt chunks)");
 ABSL_FLAG(int, default_max_tokens, 256, "max_tokens for requests that set none");
+ABSL_FLAG(std::string, max_request_bytes, "4MiB",
+          "Largest request accepted (e.g. 4MiB): gRPC refuses a larger message with "
+          "RESOURCE_EXHAUSTED, and a text or chat prompt may be at most this long. A text "
+          "that cannot fit the context by its size alone (more bytes than the context's "
+          "tokens times the most bytes one token stands for) is refused before tokenizing");
+ABSL_FLAG(std::string, resume_secret_file, "",
+          "File holding the secret (16+ bytes) the router signs GenerateRequest.resume with; "
+          "give the router the same. Without it every resume is refused (PERMISSION_DENIED), "
+          "so the router cannot continue generations here after a worker fails mid-stream");
+ABSL_FLAG(int, prompt_threads, 2,
+          "Threads that template and tokenize text and chat prompts, apart from gRPC's "
+          "threads (which answer health checks); up to --max_running + --max_waiting prompts "
+          "wait for them, more are refused with RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, attention, "psa",
           "Attention policy for requests that name none, with the worker's options: dense, "
           "topk or psa, e.g. psa:eps=0.95,min_blocks=16 or topk:k=128 (docs/attention.md)");
@@ -43,7 +57,8 @@ ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
 ABSL_FLAG(std::optional<double>, psa_resident_bias, std::nullopt,
           "Shorthand for --attention's rb, when given. With --kv_pool: psa ranks a block it "
           "would have to fetch as if its bound were this much lower (log units of attention "
-          "mass), so resident blocks of about equal promise are read first; 0 ranks by the "
+          "mass), so resident blocks of about equal promise are read first. Opt-in and not "
+          "deterministic: outputs then depend on the pool's contents. Default 0: rank by the "
           "bound alone");
 ABSL_FLAG(std::optional<int>, sparse_prefill_rows, std::nullopt,
           "A prompt's rows, at most this many in a step, select blocks as topk or psa decode "
@@ -136,6 +151,13 @@ int main(int argc, char** argv) {
   auto model = psa::LlamaModel::Load(model_path);
   if (!model.ok()) return Fail(absl::StrCat("cannot load the model: ", model.status().message()));
 
+  absl::StatusOr<uint64_t> max_request_bytes =
+      psa::ParseByteSize(absl::GetFlag(FLAGS_max_request_bytes));
+  if (!max_request_bytes.ok() || *max_request_bytes < 1024 || *max_request_bytes > (1u << 31) - 1) {
+    return Fail(absl::StrCat("--max_request_bytes=", absl::GetFlag(FLAGS_max_request_bytes),
+                             " must be a size from 1KiB to 2GiB-1 (e.g. 4MiB)"));
+  }
+  if (absl::GetFlag(FLAGS_prompt_threads) < 1) return Fail("--prompt_threads must be >= 1");
   absl::StatusOr<uint64_t> pool_bytes = psa::ParseByteSize(absl::GetFlag(FLAGS_kv_pool));
   if (!pool_bytes.ok()) return Fail(absl::StrCat("--kv_pool: ", pool_bytes.status().message()));
   const std::string shards = absl::GetFlag(FLAGS_kv_shards);
@@ -199,18 +221,17 @@ int main(int argc, char** argv) {
     prefix_store = std::make_unique<psa::PrefixStore>(kv_client.get(), layout, prefix_options,
                                                       &registry);
     psa::PrefixStore* store = prefix_store.get();
-    scheduler_options.on_prompt_prefilled = [store](const psa::GenerationRequest& request,
+    scheduler_options.on_prompt_prefilled = [store](const psa::CacheContents& prompt,
                                                     const psa::KvCache& kv, int) {
-      store->Publish(request.prompt, kv);
+      store->Publish(prompt, kv);
     };
-    scheduler_options.on_prompt_chunk = [store](const std::vector<psa::TokenId>& prompt,
+    scheduler_options.on_prompt_chunk = [store](const psa::CacheContents& prompt,
                                                 const psa::KvCache& kv) {
       store->PublishPrefix(prompt, kv);
     };
-    scheduler_options.on_block_filled = [store](const std::vector<psa::TokenId>& prompt,
-                                                const std::vector<psa::TokenId>& generated,
+    scheduler_options.on_block_filled = [store](const psa::CacheContents& sequence,
                                                 const psa::KvCache& kv) {
-      store->PublishCheckpoint(prompt, generated, kv);
+      store->PublishCheckpoint(sequence, kv);
     };
   }
   psa::AttentionMetrics attention_metrics(&registry, (*model)->hparams().n_layer);
@@ -231,12 +252,26 @@ int main(int argc, char** argv) {
   service_options.model_id = *sha;
   service_options.default_attention = policy;
   service_options.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
+  service_options.max_prompt_bytes = *max_request_bytes;
+  std::optional<psa::ResumeAuth> resume_auth;
+  if (const std::string path = absl::GetFlag(FLAGS_resume_secret_file); !path.empty()) {
+    absl::StatusOr<psa::ResumeAuth> auth = psa::ResumeAuth::FromFile(path);
+    if (!auth.ok()) return Fail(absl::StrCat("--resume_secret_file: ", auth.status().message()));
+    resume_auth.emplace(std::move(*auth));
+    service_options.resume_auth = &*resume_auth;
+  }
+  service_options.prompt_queue.threads = absl::GetFlag(FLAGS_prompt_threads);
+  service_options.prompt_queue.max_queued =
+      scheduler_options.max_running + scheduler_options.max_waiting;
+  service_options.prompt_queue.max_queued_bytes =
+      std::max<uint64_t>(*max_request_bytes, 64ull << 20);
   psa::GenerationService service(model->get(), runtime.max_context(), scheduler.get(),
                                  prefix_store.get(), &registry, service_options);
 
-  auto running = psa::StartServer({absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
-                                   absl::GetFlag(FLAGS_port_file)},
-                                  &registry, {&service});
+  psa::ServeOptions serve{absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
+                          absl::GetFlag(FLAGS_port_file)};
+  serve.max_receive_bytes = *max_request_bytes;
+  auto running = psa::StartServer(serve, &registry, {&service});
   if (!running.ok()) return Fail(std::string(running.status().message()));
   const int grpc_port = running->grpc_port, metrics_port = running->metrics_port;
   std::fprintf(stderr, "psa-worker: %s, serving on port %d (metrics on %d), attention %s\n",

@@ -44,9 +44,21 @@ OVERVIEW = dashboard("psa-overview", "PSA-Serve: overview",
                      "Traffic, errors, latency, throughput and saturation of the cluster.", [
     ("Requests/s by status", "reqps",
      [("sum by (code) (rate(psa_router_requests_total[1m]))", "{{code}}")]),
+    # Server-side: not the clients' cancellations nor their invalid
+    # requests. DEADLINE_EXCEEDED counts (workers and router record it as
+    # such, not as CANCELLED).
     ("Server error ratio", "percentunit",
      [(ratio('sum(rate(psa_router_requests_total{code!~"OK|CANCELLED|INVALID_ARGUMENT"}[1m]))',
              "sum(rate(psa_router_requests_total[1m]))"), "errors")]),
+    ("Deadlines exceeded and cancellations /s", "reqps",
+     [('sum(rate(psa_router_requests_total{code="DEADLINE_EXCEEDED"}[5m])) or vector(0)',
+       "router: deadline exceeded"),
+      ('sum(rate(psa_router_requests_total{code="CANCELLED"}[5m])) or vector(0)',
+       "router: cancelled by the client"),
+      ('sum(rate(psa_worker_requests_total{outcome="DEADLINE_EXCEEDED"}[5m])) or vector(0)',
+       "workers: deadline exceeded"),
+      ('sum(rate(psa_worker_requests_total{outcome=~"cancelled|CANCELLED"}[5m])) or vector(0)',
+       "workers: cancelled")]),
     ("Time to first token", "s",
      [(q(p, "psa_router_time_to_first_token_seconds"), f"p{int(p * 100)}")
       for p in (0.5, 0.95, 0.99)]),
@@ -99,8 +111,12 @@ ATTENTION = dashboard("psa-attention", "PSA-Serve: sparse attention and KV reuse
        "{{instance}} attention"),
       ("sum by (instance) (rate(psa_worker_prefix_load_seconds_sum[1m]))",
        "{{instance}} prefix loads")]),
+    # Failures only: publishes left out by design (queue full under load,
+    # pages evicted) are counted apart, and prefix misses are not errors.
     ("KV service errors seen by workers /s", "short",
-     [("sum(rate(psa_worker_kv_errors_total[5m])) or vector(0)", "errors")]),
+     [("sum by (op) (rate(psa_worker_kv_errors_total[5m])) or vector(0)", "{{op}}")]),
+    ("KV publishes dropped by design /s (not errors)", "short",
+     [("sum by (reason) (rate(psa_worker_kv_publishes_dropped_total[5m]))", "{{reason}}")]),
 ])
 
 KV = dashboard("psa-kv-service", "PSA-Serve: KV service",
@@ -121,6 +137,12 @@ KV = dashboard("psa-kv-service", "PSA-Serve: KV service",
       ("sum by (instance) (rate(psa_kv_write_bytes_total[1m]))", "{{instance}} written")]),
     ("RPCs/s by method and status", "reqps",
      [("sum by (method, code) (rate(psa_kv_rpcs_total[1m]))", "{{method}} {{code}}")]),
+    # A prefix lookup that misses is an answer (code OK), counted here.
+    ("RPC errors/s by method and code", "reqps",
+     [('sum by (method, code) (rate(psa_kv_rpcs_total{code!="OK"}[5m])) or vector(0)',
+       "{{method}} {{code}}")]),
+    ("Prefix lookups/s by result", "reqps",
+     [("sum by (result) (rate(psa_kv_lookups_total[5m]))", "{{result}}")]),
     ("RPC latency p99 by method", "s",
      [(q(0.99, "psa_kv_rpc_duration_seconds", by="le, method", window="5m"), "{{method}}")]),
     ("Open streams", "short",

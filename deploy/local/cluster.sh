@@ -10,7 +10,9 @@
 # ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_WORKER_THREADS
 # (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB),
 # PSA_KV_POOL (each worker's KV block pool, default 512MiB; 0: no pool, every
-# sequence keeps its whole KV in the worker).
+# sequence keeps its whole KV in the worker). The router and the workers share
+# $PSA_CLUSTER_DIR/resume.secret (made on first start if absent, mode 600): the
+# router signs the resumes it sends when a worker fails mid-stream with it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD="${PSA_BUILD_DIR:-build}"
@@ -74,6 +76,10 @@ case "${1:-}" in
     if ls "$DIR"/*.pid >/dev/null 2>&1; then
       echo "cluster: already running (deploy/local/cluster.sh stop first)" >&2; exit 1
     fi
+    SECRET="$DIR/resume.secret"
+    if [ ! -s "$SECRET" ]; then
+      (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET")
+    fi
     for i in 0 1; do
       launch "kv$i" "$BUILD/kv_service/psa-kv-service" --listen=127.0.0.1:0 \
         --metrics_listen=127.0.0.1:0 --capacity="$CAPACITY"
@@ -83,12 +89,12 @@ case "${1:-}" in
     for i in 0 1; do
       launch "worker$i" "$BUILD/compute_worker/psa-worker" --model="$MODEL" \
         --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --threads="$THREADS" \
-        --kv_shards="$SHARDS" --kv_pool="$POOL"
+        --kv_shards="$SHARDS" --kv_pool="$POOL" --resume_secret_file="$SECRET"
     done
     for i in 0 1; do wait_for "worker$i" 120; done
     WORKERS="127.0.0.1:$(port_of worker0 grpc_port),127.0.0.1:$(port_of worker1 grpc_port)"
     launch router "$BUILD/router/psa-router" --listen="127.0.0.1:$ROUTER_PORT" \
-      --metrics_listen=127.0.0.1:0 --workers="$WORKERS"
+      --metrics_listen=127.0.0.1:0 --workers="$WORKERS" --resume_secret_file="$SECRET"
     wait_for router 20
     ROUTER_PORT="$(port_of router grpc_port)"  # the real one if 0 was asked for
     # Healthy means the router sees both workers serving.
@@ -113,7 +119,7 @@ case "${1:-}" in
     echo "cluster: stopped"
     ;;
   *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "common/http_get.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
@@ -214,6 +215,48 @@ TEST(KvServiceTest, BadInputsGetClearErrorsAndChangeNothing) {
   EXPECT_EQ(after.blocks(), before.blocks());
   EXPECT_EQ(after.bytes_stored(), before.bytes_stored());
   EXPECT_EQ(after.sequences(), before.sequences());
+}
+
+// A prefix lookup that misses is an answer, not a failed RPC; and an
+// unsigned field is never wrapped (kv_head 4294967295 is not -1, "all heads").
+TEST(KvServiceTest, LookupMissesAreNotErrorsAndKvHeadNeverWraps) {
+  auto shard = StartShard();
+  auto client = ClientFor({shard->address()});
+  const psa::v1::KvLayout layout = ModelLayout();
+  ASSERT_TRUE(client->Open("s", layout).ok());
+  ASSERT_TRUE(client->Write("s", SequenceBlocks(layout, 1, 2, 1)).ok());
+  EXPECT_EQ(client->Lease("missing", 0, absl::Seconds(1)).status().code(),
+            absl::StatusCode::kNotFound);  // to the caller, still a miss
+  ASSERT_TRUE(client->Lease("s", 0, absl::Seconds(1)).ok());
+  auto metric = [&](const std::string& series) {
+    auto body = psa::HttpGet(shard->port("metrics_port"), "/metrics");
+    return body.ok() ? std::max(0.0, psa::MetricValue(*body, series)) : -1;
+  };
+  EXPECT_EQ(metric("psa_kv_lookups_total{result=\"miss\"}"), 1);
+  EXPECT_EQ(metric("psa_kv_lookups_total{result=\"hit\"}"), 1);
+  EXPECT_EQ(metric("psa_kv_rpcs_total{code=\"OK\",method=\"LeaseSequence\"}"), 2);
+  EXPECT_EQ(metric("psa_kv_rpcs_total{code=\"NOT_FOUND\",method=\"LeaseSequence\"}"), 0);
+
+  auto stub = psa::v1::KvService::NewStub(
+      grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  auto stream = stub->FetchBlocks(&ctx);
+  psa::v1::FetchBlocksRequest request;
+  psa::v1::BlockQuery* q = request.add_queries();
+  q->set_tag(9);
+  q->set_sequence_id("s");
+  q->add_block_indices(0);
+  q->set_kv_head(4294967295u);
+  ASSERT_TRUE(stream->Write(request));
+  psa::v1::FetchBlocksResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_EQ(response.answers_size(), 1);
+  EXPECT_EQ(response.answers(0).tag(), 9u);
+  EXPECT_EQ(response.answers(0).error_code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_THAT(response.answers(0).error_message(), HasSubstr("kv_head 4294967295"));
+  EXPECT_TRUE(response.answers(0).data().empty());
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 TEST(KvServiceTest, ConcurrentWritersAndReaders) {

@@ -14,6 +14,7 @@
 #include "common/http_get.h"
 #include "tests/support/generate_stream.h"
 #include "tests/support/reference_generation.h"
+#include "tests/support/resume_secret.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -66,13 +67,15 @@ class RouterTest : public ::testing::Test {
     for (int i = 0; i < 2; ++i) {
       auto w = ServerProcess::Start(PSA_WORKER_BIN, {"--model=" + *path_, "--listen=127.0.0.1:0",
                                                      "--metrics_listen=127.0.0.1:0",
-                                                     "--threads=1"});
+                                                     "--threads=1",
+                                                     psa::testing::ResumeSecretFlag()});
       ASSERT_TRUE(w.ok()) << w.status();
       workers_.push_back(std::move(*w));
     }
     std::vector<std::string> args = {
         "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-        absl::StrCat("--workers=", workers_[0]->address(), ",", workers_[1]->address())};
+        absl::StrCat("--workers=", workers_[0]->address(), ",", workers_[1]->address()),
+        psa::testing::ResumeSecretFlag()};
     args.insert(args.end(), router_flags.begin(), router_flags.end());
     auto r = ServerProcess::Start(PSA_ROUTER_BIN, args);
     ASSERT_TRUE(r.ok()) << r.status();
@@ -188,6 +191,35 @@ TEST_F(RouterTest, AdmissionControlAndDeadlines) {
   EXPECT_EQ(Metric(*workers_[0], "psa_worker_requests_running") +
                 Metric(*workers_[1], "psa_worker_requests_running"),
             0);
+  // Counted as what it was, by the router and the worker alike.
+  EXPECT_EQ(Metric(*router_, "psa_router_requests_total{code=\"DEADLINE_EXCEEDED\"}"), 1);
+  EXPECT_EQ(Metric(*router_, "psa_router_requests_total{code=\"CANCELLED\"}"), 0);
+  auto outcome = [&](const std::string& o) {
+    const std::string series = absl::StrCat("psa_worker_requests_total{outcome=\"", o, "\"}");
+    return Metric(*workers_[0], series) + Metric(*workers_[1], series);
+  };
+  EXPECT_EQ(outcome("DEADLINE_EXCEEDED"), 1);
+  EXPECT_EQ(outcome("cancelled") + outcome("CANCELLED"), 0);
+}
+
+// GenerateRequest.resume comes from the router only: a client's is refused
+// at the router and at a worker, and the usage it would forge never counts.
+TEST_F(RouterTest, AClientCannotSendAResume) {
+  StartCluster();
+  auto forged = Request("forge", 4);
+  forged.mutable_resume()->add_token_ids(1);
+  forged.mutable_resume()->add_token_ids(2);
+  Streamed via_router = Generate(router_->address(), forged);
+  EXPECT_EQ(via_router.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(via_router.status.error_message(), HasSubstr("clients must not set it"));
+  for (auto& w : workers_) {
+    Streamed direct = Generate(w->address(), forged);
+    EXPECT_EQ(direct.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(direct.status.error_message(), HasSubstr("router only"));
+    EXPECT_TRUE(direct.tokens.empty());
+    EXPECT_EQ(Metric(*w, "psa_worker_generation_tokens_total"), 0);
+  }
+  EXPECT_TRUE(Generate(router_->address(), Request("forge", 4)).status.ok());  // still serves
 }
 
 TEST_F(RouterTest, WorkersFoundThroughDns) {
@@ -238,7 +270,8 @@ TEST_F(RouterTest, WorkersFileRecoveryAndClientCancellation) {
   auto back = ServerProcess::Start(PSA_WORKER_BIN, {"--model=" + *path_,
                                                     absl::StrCat("--listen=127.0.0.1:", port),
                                                     "--metrics_listen=127.0.0.1:0",
-                                                    "--threads=1"});
+                                                    "--threads=1",
+                                                    psa::testing::ResumeSecretFlag()});
   ASSERT_TRUE(back.ok()) << back.status();
   workers_[1] = std::move(*back);
   EXPECT_EQ(wait_for(healthy1, 1), 1);

@@ -32,6 +32,9 @@ TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) 
   ASSERT_TRUE(a1.status.ok()) << a1.status.error_message();
   EXPECT_EQ(a.Metric("psa_worker_prefix_cache_hits_total"), 0);
   EXPECT_GT(wait_published(a, 0), 0);
+  // A's lookups missed: not errors. Dropped publishes have their own counter.
+  EXPECT_EQ(a.Metric("psa_worker_kv_errors_total{op=\"lookup\"}"), -1);  // never failed
+  EXPECT_EQ(a.Metric("psa_worker_kv_publishes_dropped_total{reason=\"queue_full\"}"), 0);
 
   // Worker B loads those 12 blocks instead of computing them: same tokens.
   Streamed b1 = b.Generate(IdsRequest(p1, 16, psa::v1::AttentionPolicy::KIND_DENSE));

@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "api/resume_auth.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/generator.h"
 #include "compute_worker/attention/sparse_attention.h"
@@ -29,6 +30,7 @@
 #include "common/http_get.h"
 #include "tests/support/generate_stream.h"
 #include "tests/support/reference_generation.h"
+#include "tests/support/resume_secret.h"
 #include "tests/support/server_process.h"
 #include "tests/unit/tiny_gguf.h"
 
@@ -40,11 +42,14 @@ using ::testing::HasSubstr;
 
 using psa::testing::Streamed;
 
+// A worker process; it takes resumes signed with the test secret
+// (GenerateResumed) unless `extra` names another --resume_secret_file.
 class Worker {
  public:
   Worker(const std::string& model, std::vector<std::string> extra = {}) {
     std::vector<std::string> args = {"--model=" + model, "--listen=127.0.0.1:0",
-                                     "--metrics_listen=127.0.0.1:0", "--threads=2"};
+                                     "--metrics_listen=127.0.0.1:0", "--threads=2",
+                                     psa::testing::ResumeSecretFlag()};
     args.insert(args.end(), extra.begin(), extra.end());
     auto p = ServerProcess::Start(PSA_WORKER_BIN, args, absl::Seconds(60));
     EXPECT_TRUE(p.ok()) << p.status();
@@ -59,6 +64,14 @@ class Worker {
         process_->address(), request, timeout, [cancel_after](const Streamed& so_far) {
           return cancel_after < 0 || static_cast<int>(so_far.tokens.size()) < cancel_after;
         });
+  }
+
+  // `request` (with a resume) signed as the router signs it.
+  Streamed GenerateResumed(const psa::v1::GenerateRequest& request,
+                           absl::Duration timeout = absl::Seconds(120)) {
+    const ResumeAuth auth(psa::testing::kResumeSecret);
+    return psa::testing::StreamGenerate(process_->address(), request, timeout, nullptr,
+                                        {{ResumeAuth::kMetadataKey, auth.Sign(request)}});
   }
 
   // Every request on its own client thread at once; results in order.
@@ -79,6 +92,7 @@ class Worker {
   }
 
   psa::v1::Generation::Stub* stub() { return stub_.get(); }
+  std::string address() const { return process_->address(); }
   pid_t pid() const { return process_->pid(); }
 
  private:

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,14 +25,17 @@ struct Streamed {
 };
 
 // Runs `request` on `address`; `on_message` sees the stream so far after
-// each message and returns false to cancel the call.
+// each message and returns false to cancel the call. `metadata` is sent
+// with the call.
 inline Streamed StreamGenerate(const std::string& address, const psa::v1::GenerateRequest& request,
                                absl::Duration timeout = absl::Seconds(120),
-                               const std::function<bool(const Streamed&)>& on_message = nullptr) {
+                               const std::function<bool(const Streamed&)>& on_message = nullptr,
+                               const std::multimap<std::string, std::string>& metadata = {}) {
   auto stub = psa::v1::Generation::NewStub(
       grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  for (const auto& [key, value] : metadata) ctx.AddMetadata(key, value);
   Streamed out;
   auto reader = stub->Generate(&ctx, request);
   psa::v1::GenerateResponse r;

@@ -1,0 +1,259 @@
+// The CUDA decode kernels (compute_worker/attention/cuda/) against the CPU
+// engine on the same KV: dense against DenseAttention and a full-budget
+// top-k, top-k and PSA against SparseAttention given the CPU engine's own
+// block order and stop scores; the block scores against psa_math.h. Every
+// test that needs a GPU skips, saying so, where there is none (ctest label
+// `gpu`); the plan tests run anywhere. psa_cuda_emulated_test runs the same
+// tests on the CPU, the kernels' sources under tests/gpu/emulation/.
+//
+// Tolerances: the GPU and the CPU sparse engine compute the same fp32
+// online softmax over the same blocks, summed in another order and with
+// expf for the CPU's polynomial exp: outputs within 1e-4 relative L2 per
+// head (observed far below). DenseAttention rounds probabilities to fp16
+// (llama.cpp parity): within 2e-3. Blocks attended equal, except where the
+// CPU's captured mass sits within 1e-4 of epsilon (a rounding can flip
+// that stop by an iteration).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "compute_worker/attention/cuda/psa_cuda.h"
+#include "compute_worker/attention/psa_math.h"
+#include "compute_worker/attention/sparse_attention.h"
+#include "compute_worker/model/ggml_types.h"
+#include "tests/gpu/gpu_testing.h"
+
+namespace psa {
+namespace {
+
+using gpu_testing::Batch;
+using gpu_testing::CpuDecode;
+using gpu_testing::CpuSelection;
+using gpu_testing::DeviceBatch;
+using gpu_testing::GpuDecode;
+using gpu_testing::HeadRelErr;
+using gpu_testing::HostCandidates;
+using gpu_testing::Result;
+using gpu_testing::Shape;
+
+constexpr double kSameMath = 1e-4;
+constexpr double kSameAsDense = 2e-3;
+// Mixed lengths in one batch: one-block sequences, full and partial tails,
+// long enough for PSA to stop early (250 blocks; 63 under the CPU
+// emulation, which runs every GPU thread as a fiber, and with
+// PSA_GPU_SMALL=1, for compute-sanitizer).
+std::vector<int> Lengths() {
+#if defined(PSA_CUDA_EMULATION)
+  const bool small = true;
+#else
+  const bool small = std::getenv("PSA_GPU_SMALL") != nullptr;
+#endif
+  if (small) return {5, 16, 37, 1000};
+  return {5, 16, 37, 1000, 4000};
+}
+const std::vector<int> kLengths = Lengths();
+
+std::vector<Shape> Shapes() {
+  std::vector<Shape> shapes;
+  for (int d : {64, 128}) {
+    for (int group : {1, 3, 4}) shapes.push_back(Shape{2, group, d});
+  }
+  return shapes;
+}
+
+std::string Name(const Shape& s) {
+  return "head_dim " + std::to_string(s.head_dim) + ", group " + std::to_string(s.group);
+}
+
+AttentionPolicy Policy(AttentionPolicy::Kind kind) {
+  AttentionPolicy p;
+  p.kind = kind;
+  return p;
+}
+
+TEST(PsaCudaTest, DenseEqualsTheCpuEngine) {
+  PSA_SKIP_WITHOUT_GPU();
+  AttentionPolicy every = Policy(AttentionPolicy::Kind::kTopK);
+  every.top_k = 1 << 20;
+  const SparseAttention all(every);
+  const DenseAttention dense;
+  for (const Shape& shape : Shapes()) {
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 1);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    const Result exact = CpuDecode(all, b), llama = CpuDecode(dense, b);
+    for (int sm_count : {0, 132}) {  // one CTA per (sequence, KV head); split-KV
+      const Result gpu = GpuDecode(cuda::DecodeMode::kDense, AttentionPolicy{}, b, dev, nullptr,
+                                   sm_count);
+      for (size_t x = 0; x < gpu.blocks.size(); ++x) {
+        SCOPED_TRACE(Name(shape) + ", sm_count " + std::to_string(sm_count) + ", head " +
+                     std::to_string(x));
+        EXPECT_LT(HeadRelErr(gpu, exact, x, shape.head_dim), kSameMath);
+        EXPECT_LT(HeadRelErr(gpu, llama, x, shape.head_dim), kSameAsDense);
+        EXPECT_EQ(gpu.blocks[x], llama.blocks[x]);
+        EXPECT_EQ(gpu.captured[x], 1.0f);
+      }
+    }
+  }
+}
+
+TEST(PsaCudaTest, TopKEqualsTheCpuEngine) {
+  PSA_SKIP_WITHOUT_GPU();
+  for (const Shape& shape : Shapes()) {
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 2);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    for (int k : {1, 4, 24}) {
+      AttentionPolicy p = Policy(AttentionPolicy::Kind::kTopK);
+      p.top_k = k;
+      const HostCandidates cand = CpuSelection(b, p);
+      const Result cpu = CpuDecode(SparseAttention(p), b);
+      const Result gpu = GpuDecode(cuda::DecodeMode::kTopK, p, b, dev, &cand, 0);
+      for (size_t x = 0; x < gpu.blocks.size(); ++x) {
+        SCOPED_TRACE(Name(shape) + ", k " + std::to_string(k) + ", head " + std::to_string(x));
+        EXPECT_LT(HeadRelErr(gpu, cpu, x, shape.head_dim), kSameMath);
+        EXPECT_EQ(gpu.blocks[x], cpu.blocks[x]);
+        EXPECT_EQ(gpu.iterations[x], cpu.iterations[x]);
+        EXPECT_EQ(gpu.captured[x], cpu.captured[x]);
+      }
+    }
+  }
+}
+
+TEST(PsaCudaTest, PsaEqualsTheCpuEngine) {
+  PSA_SKIP_WITHOUT_GPU();
+  struct Case {
+    float eps;
+    bool certified, share_reads;
+    int min_blocks;
+  };
+  const Case cases[] = {{0.9f, false, true, 24}, {0.9f, false, true, 0}, {0.99f, false, false, 0},
+                        {0.9f, true, true, 0},   {0.8f, true, false, 8}, {1.0f, false, true, 0}};
+  int stopped_early = 0;
+  for (const Shape& shape : Shapes()) {
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 3);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    for (const Case& c : cases) {
+      AttentionPolicy p = Policy(AttentionPolicy::Kind::kPsa);
+      p.epsilon = c.eps;
+      p.certified = c.certified;
+      p.share_reads = c.share_reads;
+      p.min_blocks = c.min_blocks;
+      const HostCandidates cand = CpuSelection(b, p);
+      const Result cpu = CpuDecode(SparseAttention(p), b);
+      const Result gpu = GpuDecode(cuda::DecodeMode::kPsa, p, b, dev, &cand, 0);
+      for (size_t x = 0; x < gpu.blocks.size(); ++x) {
+        SCOPED_TRACE(Name(shape) + ", " + p.ToString() + ", head " + std::to_string(x));
+        if (std::fabs(cpu.captured[x] - c.eps) < 1e-4) continue;  // a rounding may flip it
+        EXPECT_EQ(gpu.blocks[x], cpu.blocks[x]);
+        EXPECT_EQ(gpu.iterations[x], cpu.iterations[x]);
+        EXPECT_NEAR(gpu.captured[x], cpu.captured[x], 1e-4);
+        EXPECT_LT(HeadRelErr(gpu, cpu, x, shape.head_dim), kSameMath);
+        const int n_blocks = (b.caches[x / shape.n_head()]->length() + 15) / 16;
+        stopped_early += cpu.blocks[x] < n_blocks / 2;
+      }
+    }
+  }
+  EXPECT_GT(stopped_early, 0) << "no head stopped early: the data is not peaked enough";
+}
+
+TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
+  PSA_SKIP_WITHOUT_GPU();
+  for (const Shape& shape : Shapes()) {
+    SCOPED_TRACE(Name(shape));
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 4);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    const AttentionPolicy p;
+    const HostCandidates cand = CpuSelection(b, p);  // for begin and max_n_cand
+    const int d = shape.head_dim, group = shape.group;
+    const size_t total = cand.order.size();
+    auto begin = gpu_testing::ToDevice(cand.begin);
+    auto ub = gpu_testing::DeviceZeros<float>(total * group);
+    auto centre = gpu_testing::DeviceZeros<float>(total * group);
+    auto gscore = gpu_testing::DeviceZeros<float>(total);
+    ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), gpu_testing::ToSelection(p),
+                                   dev.q.get(), begin.get(), cand.max_n_cand, ub.get(),
+                                   centre.get(), gscore.get(), nullptr),
+              cudaSuccess);
+    // The metadata recomputed from the pages.
+    auto kmax = gpu_testing::DeviceZeros<uint16_t>(dev.kmax.n);
+    auto kmin = gpu_testing::DeviceZeros<uint16_t>(dev.kmin.n);
+    ASSERT_EQ(cuda::RunBlockMinMax(dev.view, b.max_len / 16, kmax.get(), kmin.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto ub_h = gpu_testing::ToHost(ub), centre_h = gpu_testing::ToHost(centre);
+    const auto gscore_h = gpu_testing::ToHost(gscore);
+    const auto kmax_h = gpu_testing::ToHost(kmax), kmin_h = gpu_testing::ToHost(kmin);
+    const auto kmax_ref = gpu_testing::ToHost(dev.kmax), kmin_ref = gpu_testing::ToHost(dev.kmin);
+    for (size_t i = 0; i < kmax_ref.size(); ++i) {  // -0 and +0 compare equal
+      ASSERT_EQ(Fp16ToFp32(kmax_h[i]), Fp16ToFp32(kmax_ref[i])) << "kmax element " << i;
+      ASSERT_EQ(Fp16ToFp32(kmin_h[i]), Fp16ToFp32(kmin_ref[i])) << "kmin element " << i;
+    }
+    for (size_t s = 0; s < b.caches.size(); ++s) {
+      const KvCache& kv = *b.caches[s];
+      const PsaLayout lay = PsaLayoutOf(kv.length(), kv.full_blocks(), 16, p.sink_blocks,
+                                        p.local_blocks);
+      for (int h = 0; h < shape.n_head_kv; ++h) {
+        const int base = cand.begin[s * shape.n_head_kv + h];
+        for (int c = 0; c < lay.n_cand(); ++c) {
+          std::vector<float> hi(d), lo(d);
+          for (int i = 0; i < d; ++i) {
+            hi[i] = Fp16ToFp32(kv.KeyMax(0, h, lay.sink + c)[i]);
+            lo[i] = Fp16ToFp32(kv.KeyMin(0, h, lay.sink + c)[i]);
+          }
+          float best = -INFINITY;
+          for (int g = 0; g < group; ++g) {
+            const float* q = b.q.data() + (s * shape.n_head() + h * group + g) * d;
+            const size_t at = static_cast<size_t>(base) * group + g * lay.n_cand() + c;
+            const float u = PsaBoxBound(q, hi.data(), lo.data(), d, shape.scale());
+            const float m = PsaCentreScore(q, hi.data(), lo.data(), d, shape.scale());
+            ASSERT_NEAR(ub_h[at], u, 1e-4f * (1 + std::fabs(u))) << "candidate " << c;
+            ASSERT_NEAR(centre_h[at], m, 1e-4f * (1 + std::fabs(m))) << "candidate " << c;
+            best = std::max(best, ub_h[at]);
+          }
+          ASSERT_EQ(gscore_h[base + c], best);
+        }
+      }
+    }
+  }
+}
+
+// No device needed: the plan and the argument checks.
+TEST(PsaCudaTest, PlansSplitDenseAndRefuseUnsupportedShapes) {
+  cuda::DecodePlan plan;
+  const cuda::Selection sel;
+  ASSERT_EQ(cuda::PlanDecode(cuda::DecodeMode::kDense, 1, 9, 3, 64, 0.125f, sel, 131072, 132, &plan),
+            cudaSuccess);
+  EXPECT_GT(plan.splits, 1);
+  EXPECT_GE(static_cast<long>(plan.splits) * plan.blocks_per_split, 131072 / 16);
+  EXPECT_GT(plan.workspace_bytes, 0u);
+  ASSERT_EQ(cuda::PlanDecode(cuda::DecodeMode::kDense, 64, 32, 8, 128, 0.088f, sel, 8192, 0, &plan),
+            cudaSuccess);
+  EXPECT_EQ(plan.splits, 1);
+  EXPECT_EQ(plan.workspace_bytes, 0u);
+  ASSERT_EQ(cuda::PlanDecode(cuda::DecodeMode::kPsa, 4, 32, 8, 128, 0.088f, sel, 8192, 132, &plan),
+            cudaSuccess);
+  EXPECT_EQ(plan.splits, 1);
+  EXPECT_TRUE(cuda::DecodeSupported(64, 8));
+  EXPECT_FALSE(cuda::DecodeSupported(96, 1));
+  EXPECT_FALSE(cuda::DecodeSupported(64, 9));
+  EXPECT_EQ(cuda::PlanDecode(cuda::DecodeMode::kDense, 1, 9, 3, 80, 0.1f, sel, 100, 1, &plan),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::PlanDecode(cuda::DecodeMode::kDense, 1, 10, 3, 64, 0.1f, sel, 100, 1, &plan),
+            cudaErrorInvalidValue);
+  // Ordered modes without candidates are refused before any launch.
+  ASSERT_EQ(cuda::PlanDecode(cuda::DecodeMode::kTopK, 1, 3, 3, 64, 0.125f, sel, 100, 1, &plan),
+            cudaSuccess);
+  cuda::PagedKv kv;
+  kv.n_seq = 1;
+  kv.n_head_kv = 3;
+  kv.head_dim = 64;
+  EXPECT_EQ(cuda::RunDecode(plan, kv, nullptr, cuda::Candidates{}, cuda::DecodeOutputs{}, nullptr,
+                            nullptr),
+            cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace psa
