@@ -72,7 +72,13 @@ elapsed() { echo $(($(date +%s) - START)); }
 # ---- 1. The device and the binaries ----
 CARRY=$ROOT/.gpu_carry
 BIN=$CARRY/bin
-export LD_LIBRARY_PATH="$CARRY/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+SYSTEM_LD_PATH="${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$CARRY/lib:$CARRY/lib-cxx${SYSTEM_LD_PATH:+:$SYSTEM_LD_PATH}"
+if [[ -x "$BIN/psa_cuda_test" ]] && ! "$BIN/psa_cuda_test" --gtest_list_tests >/dev/null; then
+  # The carried C++ runtime needs a newer glibc than this machine's: its own.
+  say "the carried binaries do not start with the carried libstdc++: trying this machine's"
+  export LD_LIBRARY_PATH="$CARRY/lib${SYSTEM_LD_PATH:+:$SYSTEM_LD_PATH}"
+fi
 if [[ -f "$CARRY/BUILD_INFO" ]]; then
   cat "$CARRY/BUILD_INFO"
   built=$(sed -n 's/^sources: //p' "$CARRY/BUILD_INFO")
@@ -80,7 +86,7 @@ if [[ -f "$CARRY/BUILD_INFO" ]]; then
     say "WARNING: .gpu_carry was built from other sources than this tree's: rerun scripts/gpu_prepare.sh"
   fi
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 BENCH=""
 if [[ -x "$BIN/psa_gpu_bench" ]]; then
   "$BIN/psa_gpu_bench" --query

@@ -24,18 +24,22 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPSA_NATIVE=OFF >/de
 ninja -C "$BUILD" -j "${PSA_JOBS:-$(nproc)}" psa_cuda_test psa_gpu_bench
 
 rm -rf "$CARRY"
-mkdir -p "$CARRY/bin" "$CARRY/lib"
+mkdir -p "$CARRY/bin" "$CARRY/lib" "$CARRY/lib-cxx"
 cp "$BUILD/tests/gpu/psa_cuda_test" "$BUILD/bench/gpu/psa_gpu_bench" "$CARRY/bin/"
 strip --strip-unneeded "$CARRY/bin/"*
-# Every shared library but glibc's, the loader and the driver.
+# Every shared library but glibc's, the loader and the driver; the C++
+# runtime apart (lib-cxx: it needs a newer glibc than the rest, and
+# gpu_check.sh falls back to the GPU machine's own where it does not load).
 for lib in $(ldd "$CARRY/bin/"* | awk '/=>/ && $3 ~ /^\// {print $3}' | sort -u); do
   case "$(basename "$lib")" in
     libc.so* | libm.so* | libpthread.so* | libdl.so* | librt.so* | ld-linux* | libcuda.so*) ;;
+    libstdc++.so* | libgcc_s.so*) cp -L "$lib" "$CARRY/lib-cxx/" ;;
     *) cp -L "$lib" "$CARRY/lib/" ;;
   esac
 done
 # What the GPU machine must have.
-glibc=$(objdump -T "$CARRY/bin/"* "$CARRY/lib/"* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -1)
+newest_glibc() { objdump -T "$@" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -1; }
+glibc="$(newest_glibc "$CARRY/bin/"* "$CARRY/lib/"*) (with lib-cxx: $(newest_glibc "$CARRY/lib-cxx/"*))"
 # The sources the carried binaries were built from (gpu_check.sh warns when
 # the tree it runs in differs).
 source_hash=$(scripts/gpu_check.sh --source-hash)

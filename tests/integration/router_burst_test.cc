@@ -150,8 +150,12 @@ TEST(RouterBurstTest, LargePromptsLeaveWorkersHealthyAndOrdinaryRequestsServed) 
   }
   for (int i = 0; i < kTokenizes; ++i) {
     clients.emplace_back([&, i] {
-      auto stub = psa::v1::Generation::NewStub(grpc::CreateChannel(
-          workers[i % 2]->address(), grpc::InsecureChannelCredentials()));
+      // The ids of ~4 MiB of text can outgrow gRPC's default 4 MiB receive
+      // limit (the tiny model's vocabulary: ~1 token per 4 bytes).
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(64 << 20);
+      auto stub = psa::v1::Generation::NewStub(grpc::CreateCustomChannel(
+          workers[i % 2]->address(), grpc::InsecureChannelCredentials(), args));
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(300)));
       psa::v1::TokenizeRequest req;
@@ -197,6 +201,13 @@ TEST(RouterBurstTest, LargePromptsLeaveWorkersHealthyAndOrdinaryRequestsServed) 
   EXPECT_EQ(router_saw_unhealthy.load(), 0);
   EXPECT_EQ(Metric(router, "psa_router_requests_total{code=\"UNAVAILABLE\"}"), 0);
   EXPECT_EQ(Metric(router, "psa_router_requests_total{code=\"OK\"}"), kOrdinary);
+
+  // Over the router's --max_request_bytes (4 MiB): gRPC refuses the message.
+  psa::v1::GenerateRequest over;
+  over.set_text(BigText(5 << 20, 7));
+  Streamed refused = psa::testing::StreamGenerate(router.address(), over, absl::Seconds(60));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("4194304"));
 }
 
 }  // namespace
