@@ -4,10 +4,19 @@
 // one that fails after tokens were streamed resumes on another worker from
 // the tokens so far (GenerateRequest.resume), so the client sees one
 // uninterrupted, duplicate-free stream.
+//
+// Every relay runs on gRPC's callback API end to end (router/generate_relay.cc):
+// the server-side stream writer is fed by a ClientReadReactor on the worker,
+// so a relayed stream holds no thread of its own, only its reactors.
+//
+// Ownership: the service borrows the pool, the registry and the resume auth,
+// which must outlive it. Each relay owns itself (deleted when gRPC and the
+// relay are both done with it). Thread-safe: gRPC calls the handlers from
+// any of its threads; the destructor waits for every relay to finish.
 #ifndef PSA_ROUTER_ROUTER_SERVICE_H_
 #define PSA_ROUTER_ROUTER_SERVICE_H_
 
-#include <atomic>
+#include <list>
 
 #include "api/resume_auth.h"
 #include "common/metrics.h"
@@ -40,7 +49,10 @@ class RouterService final : public psa::v1::Generation::CallbackService {
                                          psa::v1::ModelInfo* response) override;
 
  private:
-  class Relay;
+  class Relay;       // one relayed generation (generate_relay.cc)
+  class WorkerCall;  // one of its calls to a worker
+  template <typename Response>
+  class UnaryRelay;  // a Tokenize or GetModelInfo call
   struct Metrics {
     explicit Metrics(metrics::Registry* r);
     metrics::Family<metrics::Counter>& requests;
@@ -51,17 +63,18 @@ class RouterService final : public psa::v1::Generation::CallbackService {
     metrics::Counter& retries;
     metrics::Counter& resumes;
   };
-  // Runs a unary call on a healthy worker, retrying on UNAVAILABLE.
-  template <typename Call>
-  grpc::Status OnAnyWorker(const grpc::CallbackServerContext* ctx, Call call);
+  // Hands a finished relay's slot to the first queued one (returned, to be
+  // begun by the caller without the lock) or frees it.
+  Relay* PassSlot() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   WorkerPool* const pool_;
   const RouterOptions options_;
   Metrics metrics_;
   absl::Mutex mu_;
-  int relays_ ABSL_GUARDED_BY(mu_) = 0;
+  int relays_ ABSL_GUARDED_BY(mu_) = 0;   // generations and unary calls in flight
   int running_ ABSL_GUARDED_BY(mu_) = 0;  // holding a slot
   int queued_ ABSL_GUARDED_BY(mu_) = 0;   // admitted, waiting for a slot
+  std::list<Relay*> waiting_ ABSL_GUARDED_BY(mu_);  // those, oldest first
 };
 
 }  // namespace psa
