@@ -21,14 +21,32 @@ constexpr size_t kMaxQueuedAnswers = 256;
 
 }  // namespace
 
+namespace {
+
+// A stream whose client is gone: past its deadline that is the deadline's
+// doing (counted as DEADLINE_EXCEEDED, as router and workers count it),
+// else the client cancelled. gRPC ends a call at its deadline; the slack
+// covers the time until the server sees it.
+grpc::Status ClientGone(absl::Time deadline) {
+  if (absl::Now() + absl::Milliseconds(20) >= deadline) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the call's deadline passed");
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+}
+
+}  // namespace
+
 // One long-lived fetch stream: reads queries, answers each in the order
 // read. At most one write is in flight (a gRPC rule); answers that queue
 // behind it leave together in the next message.
 class KvServiceImpl::FetchReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  FetchReactor(KvServiceImpl* service, uint64_t max_message_bytes)
-      : service_(service), max_message_bytes_(max_message_bytes), start_(absl::Now()) {
+  FetchReactor(KvServiceImpl* service, uint64_t max_message_bytes, absl::Time deadline)
+      : service_(service),
+        max_message_bytes_(max_message_bytes),
+        start_(absl::Now()),
+        deadline_(deadline) {
     service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(1);
     StartRead(&request_);
   }
@@ -78,8 +96,19 @@ class KvServiceImpl::FetchReactor final
     MaybeFinishLocked();
   }
 
+  // The client cancelled, or the deadline passed (a read then just ends,
+  // as a half-close does): counted as such, whatever Finish said.
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+
   void OnDone() override {
     service_->active_streams_.Add({{"method", "FetchBlocks"}}).Add(-1);
+    {
+      absl::MutexLock lock(&mu_);
+      if (cancelled_) status_ = ClientGone(deadline_);
+    }
     service_->Record("FetchBlocks", status_, start_);
     {
       absl::MutexLock lock(&service_->mu_);
@@ -107,7 +136,7 @@ class KvServiceImpl::FetchReactor final
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || writing_) return;
     if (broken_) {
-      status_ = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      status_ = ClientGone(deadline_);
     } else if (!queue_.empty()) {
       return;  // answers still to send
     } else if (draining_) {
@@ -123,6 +152,7 @@ class KvServiceImpl::FetchReactor final
   KvServiceImpl* const service_;
   const uint64_t max_message_bytes_;
   const absl::Time start_;
+  const absl::Time deadline_;  // the call's
   grpc::ByteBuffer request_;  // only touched between StartRead and OnReadDone
   absl::Mutex mu_;
   std::deque<EncodedAnswer> queue_ ABSL_GUARDED_BY(mu_);
@@ -132,6 +162,7 @@ class KvServiceImpl::FetchReactor final
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;  // OnCancel ran
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status status_;
 };
@@ -200,8 +231,9 @@ class KvServiceImpl::WriteReactor final
 class KvServiceImpl::MetadataReactor final
     : public grpc::ServerWriteReactor<psa::v1::LayerMetadata> {
  public:
-  MetadataReactor(KvServiceImpl* service, const psa::v1::GetMetadataRequest& request)
-      : service_(service), start_(absl::Now()) {
+  MetadataReactor(KvServiceImpl* service, const psa::v1::GetMetadataRequest& request,
+                  absl::Time deadline)
+      : service_(service), start_(absl::Now()), deadline_(deadline) {
     absl::Status s = service_->store_->ReadMetadata(request.sequence_id(), &per_layer_,
                                                     &blocks_per_layer_);
     if (!s.ok()) {
@@ -214,7 +246,7 @@ class KvServiceImpl::MetadataReactor final
 
   void OnWriteDone(bool ok) override {
     if (!ok) {
-      status_ = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      status_ = ClientGone(deadline_);
       Finish(status_);
       return;
     }
@@ -242,6 +274,7 @@ class KvServiceImpl::MetadataReactor final
 
   KvServiceImpl* const service_;
   const absl::Time start_;
+  const absl::Time deadline_;  // the call's
   std::vector<std::string> per_layer_;
   std::vector<uint32_t> blocks_per_layer_;
   size_t next_ = 0;
@@ -370,7 +403,7 @@ grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* KvServiceImpl::WriteBlocks
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvServiceImpl::FetchBlocks(
     grpc::CallbackServerContext* ctx) {
   absl::MutexLock lock(&mu_);
-  auto* reactor = new FetchReactor(this, max_message_bytes_);
+  auto* reactor = new FetchReactor(this, max_message_bytes_, absl::FromChrono(ctx->deadline()));
   fetch_streams_.insert(reactor);
   if (draining_) reactor->Drain();
   return reactor;
@@ -378,7 +411,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvServiceImpl::Fetc
 
 grpc::ServerWriteReactor<psa::v1::LayerMetadata>* KvServiceImpl::GetMetadata(
     grpc::CallbackServerContext* ctx, const psa::v1::GetMetadataRequest* request) {
-  return new MetadataReactor(this, *request);
+  return new MetadataReactor(this, *request, absl::FromChrono(ctx->deadline()));
 }
 
 grpc::ServerUnaryReactor* KvServiceImpl::LeaseSequence(

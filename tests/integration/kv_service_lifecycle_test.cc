@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "kv_service/kv_client.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "proto/psa/v1/kv_service.grpc.pb.h"
 #include "common/http_get.h"
 #include "tests/integration/kv_service_testing.h"
 #include "tests/support/kv_blocks.h"
@@ -144,6 +145,44 @@ void WaitUntilStopped(pid_t pid) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   FAIL() << "process " << pid << " did not stop";
+}
+
+// A fetch stream whose deadline passes is counted as DEADLINE_EXCEEDED, one
+// its client cancels as CANCELLED (the router and workers count alike).
+TEST(KvServiceTest, AnExpiredStreamIsCountedAsDeadlineExceeded) {
+  auto shard = StartShard();
+  ASSERT_NE(shard, nullptr);
+  auto stub = psa::v1::KvService::NewStub(
+      grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(300)));
+    auto stream = stub->FetchBlocks(&ctx);
+    psa::v1::FetchBlocksResponse resp;
+    EXPECT_FALSE(stream->Read(&resp));  // nothing asked: ends at the deadline
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    auto stream = stub->FetchBlocks(&ctx);
+    absl::SleepFor(absl::Milliseconds(100));
+    ctx.TryCancel();
+    psa::v1::FetchBlocksResponse resp;
+    EXPECT_FALSE(stream->Read(&resp));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  const std::string expired = "psa_kv_rpcs_total{code=\"DEADLINE_EXCEEDED\",method=\"FetchBlocks\"}";
+  const std::string cancelled = "psa_kv_rpcs_total{code=\"CANCELLED\",method=\"FetchBlocks\"}";
+  absl::StatusOr<std::string> body;
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  do {  // counted in the server's OnDone, which may run after the client saw its status
+    body = psa::HttpGet(shard->port("metrics_port"), "/metrics");
+    ASSERT_TRUE(body.ok()) << body.status();
+  } while ((psa::MetricValue(*body, expired) < 1 || psa::MetricValue(*body, cancelled) < 1) &&
+           absl::Now() < until);
+  EXPECT_EQ(psa::MetricValue(*body, expired), 1);
+  EXPECT_EQ(psa::MetricValue(*body, cancelled), 1);
 }
 
 TEST(KvServiceTest, FetchDeadlineAppliesWhenTheShardHangs) {
