@@ -13,11 +13,9 @@
 namespace psa {
 namespace {
 
-
 // Answers a fetch stream may hold unsent before it stops reading queries:
 // back-pressure on a client that does not read its answers.
 constexpr size_t kMaxQueuedAnswers = 256;
-
 
 }  // namespace
 
@@ -164,66 +162,6 @@ class KvServiceImpl::FetchReactor final
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;  // OnCancel ran
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::Status status_;
-};
-
-// Client-streaming block writes; each message is one atomic store write.
-class KvServiceImpl::WriteReactor final
-    : public grpc::ServerReadReactor<psa::v1::WriteBlocksRequest> {
- public:
-  WriteReactor(KvServiceImpl* service, psa::v1::WriteBlocksResponse* response)
-      : service_(service), response_(response), start_(absl::Now()) {
-    service_->active_streams_.Add({{"method", "WriteBlocks"}}).Add(1);
-    StartRead(&request_);
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {
-      FinishWith(grpc::Status::OK);
-      return;
-    }
-    std::vector<BlockWrite> writes;
-    writes.reserve(request_.blocks_size());
-    uint64_t bytes = 0;
-    for (const psa::v1::KvBlock& b : request_.blocks()) {
-      writes.push_back(BlockWrite{b.layer(), b.index(), b.data(), b.metadata()});
-      bytes += b.data().size() + b.metadata().size();
-    }
-    absl::StatusOr<WriteResult> result =
-        service_->store_->Write(request_.sequence_id(), writes);
-    if (!result.ok()) {
-      FinishWith(grpc::Status(
-          static_cast<grpc::StatusCode>(result.status().code()),
-          absl::StrCat("message ", messages_ + 1, " refused (", messages_,
-                       " earlier messages were stored): ", result.status().message())));
-      return;
-    }
-    ++messages_;
-    response_->set_blocks_written(response_->blocks_written() + result->written);
-    response_->set_blocks_unchanged(response_->blocks_unchanged() + result->unchanged);
-    response_->set_blocks_shared(response_->blocks_shared() + result->shared);
-    service_->write_blocks_.Increment(result->written);
-    service_->write_bytes_.Increment(bytes);
-    StartRead(&request_);
-  }
-
-  void OnDone() override {
-    service_->active_streams_.Add({{"method", "WriteBlocks"}}).Add(-1);
-    service_->Record("WriteBlocks", status_, start_);
-    delete this;
-  }
-
- private:
-  void FinishWith(grpc::Status status) {
-    status_ = status;
-    Finish(std::move(status));
-  }
-
-  KvServiceImpl* const service_;
-  psa::v1::WriteBlocksResponse* const response_;
-  const absl::Time start_;
-  psa::v1::WriteBlocksRequest request_;
-  uint64_t messages_ = 0;
   grpc::Status status_;
 };
 
@@ -393,11 +331,6 @@ grpc::ServerUnaryReactor* KvServiceImpl::OpenSequence(
     for (uint32_t n : blocks) response->add_blocks_per_layer(n);
   }
   return FinishUnary(ctx, "OpenSequence", start, s);
-}
-
-grpc::ServerReadReactor<psa::v1::WriteBlocksRequest>* KvServiceImpl::WriteBlocks(
-    grpc::CallbackServerContext* ctx, psa::v1::WriteBlocksResponse* response) {
-  return new WriteReactor(this, response);
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvServiceImpl::FetchBlocks(
