@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/types/span.h"
+#include "common/attention_policy.h"
 #include "compute_worker/attention/attention.h"
 #include "compute_worker/model/tokenizer.h"
 
@@ -26,6 +27,10 @@ struct CacheContents {
 // The name of the policy that decodes under `attention`, for CacheContents.
 inline std::string DecodedBy(const AttentionBackend& attention) {
   return attention.name() == "dense" ? std::string() : attention.Describe();
+}
+// The same from the policy a request resolved to (its backend's Describe()).
+inline std::string DecodedBy(const AttentionPolicy& policy) {
+  return policy.kind == AttentionPolicy::Kind::kDense ? std::string() : policy.ToString();
 }
 
 }  // namespace psa

@@ -160,7 +160,7 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
     std::vector<TokenId> prompt_copy = gen.prompt;
     const int decode_from = static_cast<int>(gen.prompt.size()) - gen.resumed;
     service_->prefix_store_->LoadAsync(
-        std::move(prompt_copy), decode_from, attention_name_ == "dense" ? "" : attention_name_,
+        std::move(prompt_copy), decode_from, DecodedBy(policy_),
         std::move(kv),
         [this, gen = std::move(gen)](std::unique_ptr<KvCache> kv, int tokens) mutable {
           absl::Status s = Schedule(std::move(gen), tokens > 0 ? std::move(kv) : nullptr);
