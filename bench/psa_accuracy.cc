@@ -35,7 +35,8 @@
 #include "compute_worker/runtime/sampler.h"
 #include "compute_worker/attention/sparse_attention.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF model file (required).");
+ABSL_FLAG(std::string, model, "",
+          "GGUF model file or registered name (scripts/fetch_model.sh --list) (required).");
 ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files.");
 ABSL_FLAG(std::string, contexts, "2048,4096,8192", "Context lengths.");
 ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context (and window).");

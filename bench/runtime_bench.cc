@@ -24,7 +24,8 @@
 #include "compute_worker/kernels/matmul.h"
 #include "compute_worker/runtime/sampler.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF model file (required).");
+ABSL_FLAG(std::string, model, "",
+          "GGUF model file or registered name (scripts/fetch_model.sh --list) (required).");
 ABSL_FLAG(int, threads, 2, "CPU threads.");
 ABSL_FLAG(std::string, contexts, "512,2048,8192", "Context lengths to measure.");
 ABSL_FLAG(std::string, batches, "1,8,32", "Decode batch sizes (concurrent sequences).");

@@ -32,7 +32,8 @@
 #include "common/http_get.h"
 #include "tests/support/server_process.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF model (default: the default model in ~/.cache/psa-serve)");
+ABSL_FLAG(std::string, model, "smollm2-135m",
+          "GGUF model file or registered name (scripts/fetch_model.sh --list)");
 ABSL_FLAG(std::string, haystack, "../shared/eval/haystack", "Folder of essay .txt files");
 ABSL_FLAG(int, context, 8192, "Tokens of document before each question");
 ABSL_FLAG(std::string, concurrency, "1,8,32", "Concurrent sequences, comma-separated");
@@ -220,12 +221,7 @@ int main(int argc, char** argv) {
       argc, argv,
       "Serving throughput through the KV service with a block pool: dense vs topk vs psa.\n"
       "Usage: psa_serve_bench [--context 8192] [--concurrency 1,8,32] [--tokens 16]");
-  std::string model = absl::GetFlag(FLAGS_model);
-  if (model.empty()) {
-    const char* home = std::getenv("HOME");
-    model = std::string(home ? home : "/root") +
-            "/.cache/psa-serve/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  }
+  const std::string model = absl::GetFlag(FLAGS_model);
   const int context = absl::GetFlag(FLAGS_context) / 16 * 16;  // whole blocks: a stored prefix
   const int tokens = absl::GetFlag(FLAGS_tokens);
   std::vector<int> levels;

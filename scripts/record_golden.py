@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Record golden fixtures for SmolLM2-135M-Instruct Q4_1 from llama.cpp.
+"""Record golden fixtures for a registry model from llama.cpp.
 
 This script uses an independent implementation -- llama.cpp through its Python
 binding llama-cpp-python -- to produce reference data that the PSA-Serve C++
-tests compare against.  It writes one JSON file (by default
-tests/golden/smollm2_q4_1.json) with this schema:
+tests (tests/integration/golden_test.cc) compare against.  The model is a name
+of the model registry compute_worker/model/models.tsv (--registry-name, default
+smollm2-135m); its GGUF is read from the model cache ($PSA_CACHE_DIR/models,
+else ~/.cache/psa-serve/models; fetch it with scripts/fetch_model.sh NAME) and
+its sha256 is checked against the registry.  It writes one JSON file,
+tests/golden/<name>.json (for smollm2-135m: tests/golden/smollm2_q4_1.json, the
+historical name), with this schema:
 
     {
       "model_sha256": str,                 # sha256 of the GGUF that was used
@@ -39,8 +44,8 @@ How the data is produced:
     (special=False); the first 100 / 1000 / 4000 tokens are kept and the
     separately tokenized suffix "\\n\\nSummarize the text above in one
     sentence:" is appended.  prompt_ids in the JSON are the exact ids used.
-  * Top-logit prompts: a ChatML question (SmolLM2's default system prompt,
-    special tokens parsed), a plain English sentence, a Python code prefix and
+  * Top-logit prompts: a ChatML question (the model family's default system
+    prompt -- SmolLM2's or Qwen's, see SYSTEM_PROMPTS -- special tokens parsed), a plain English sentence, a Python code prefix and
     the first 300 tokens of the second essay in sorted order.
 
 Progress and decoded greedy continuations are printed to stderr.
@@ -52,16 +57,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = Path("/root/.cache/psa-serve/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+REGISTRY_TSV = REPO_ROOT / "compute_worker" / "model" / "models.tsv"
+DEFAULT_REGISTRY_NAME = "smollm2-135m"
 DEFAULT_HAYSTACK = REPO_ROOT / ".." / "shared" / "eval" / "haystack"
-DEFAULT_OUT = REPO_ROOT / "tests" / "golden" / "smollm2_q4_1.json"
-EXPECTED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
+# Output files whose name predates tests/golden/<registry name>.json; kept so
+# that existing fixtures stay valid.
+LEGACY_OUT_NAMES = {"smollm2-135m": "smollm2_q4_1.json"}
 
 N_CTX = 8192
 N_BATCH = 512
@@ -72,7 +81,12 @@ SUMMARY_SUFFIX = "\n\nSummarize the text above in one sentence:"
 ESSAY_EXCERPT_TOKENS = 300
 MAX_FIXTURE_BYTES = 200 * 1024
 
-SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# Default system prompt of each model family's chat template, by registry-name
+# prefix (the ChatML question of the top-logit cases uses it).
+SYSTEM_PROMPTS: dict[str, str] = {
+    "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "qwen": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+}
 
 # (text, special) pairs for the tokenizer fixtures.
 TOKENIZE_CASES: list[tuple[str, bool]] = [
@@ -107,15 +121,63 @@ def die(msg: str) -> NoReturn:
     sys.exit(1)
 
 
+def read_registry(path: Path = REGISTRY_TSV) -> dict[str, dict[str, str]]:
+    """models.tsv: tab-separated, '#' comments; name, file, sha256, bytes, package,
+    version, member, parts, about."""
+    cols = ("name", "file", "sha256", "bytes", "package", "version", "member", "parts", "about")
+    registry: dict[str, dict[str, str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        die(f"cannot read the model registry {path}: {e}")
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(cols):
+            die(f"{path}:{n}: expected {len(cols)} tab-separated columns, got {len(fields)}")
+        registry[fields[0]] = dict(zip(cols, fields))
+    return registry
+
+
+def model_cache_dir() -> Path:
+    cache = os.environ.get("PSA_CACHE_DIR")
+    if cache:
+        return Path(cache) / "models"
+    return Path.home() / ".cache" / "psa-serve" / "models"
+
+
+def system_prompt_for(name: str) -> str:
+    for prefix, prompt in SYSTEM_PROMPTS.items():
+        if name.startswith(prefix):
+            return prompt
+    die(f"no default system prompt known for registry model '{name}' "
+        f"(known families: {', '.join(SYSTEM_PROMPTS)}); add it to SYSTEM_PROMPTS")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=(
             "Record llama.cpp (llama-cpp-python) golden fixtures -- tokenization, "
             "top-10 last-position logits and 64-step greedy continuations -- for "
-            "the SmolLM2-135M-Instruct Q4_1 GGUF, as one JSON file for the C++ tests."
+            "a model of the registry (compute_worker/model/models.tsv), as one "
+            "JSON file for the C++ tests."
         ),
     )
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF model file (default: %(default)s)")
+    p.add_argument(
+        "--registry-name",
+        default=DEFAULT_REGISTRY_NAME,
+        help="registry model to record (default: %(default)s); picks the GGUF in the "
+        "model cache, its expected sha256 and the output tests/golden/NAME.json "
+        "(smollm2-135m: tests/golden/smollm2_q4_1.json)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="GGUF model file (default: the registry file in $PSA_CACHE_DIR/models, "
+        "else ~/.cache/psa-serve/models)",
+    )
     p.add_argument(
         "--haystack",
         type=Path,
@@ -123,16 +185,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="directory of essay *.txt files used for long prompts "
         "(default: ../shared/eval/haystack relative to the repo root)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output JSON file (default: tests/golden/smollm2_q4_1.json under the repo root)")
+    p.add_argument("--out", type=Path, default=None, help="output JSON file (default: tests/golden/NAME.json under the repo root)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp n_threads and n_threads_batch (default: %(default)s)")
     p.add_argument(
         "--allow-sha-mismatch",
         action="store_true",
-        help=f"record even if the model's sha256 is not {EXPECTED_SHA256[:12]}...",
+        help="record even if the model's sha256 is not the registry's",
     )
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    registry = read_registry()
+    entry = registry.get(args.registry_name)
+    if entry is None:
+        p.error(f"unknown registry model '{args.registry_name}'; known: {', '.join(registry)}")
+    args.expected_sha256 = entry["sha256"]
+    args.system_prompt = system_prompt_for(args.registry_name)
+    if args.model is None:
+        args.model = model_cache_dir() / entry["file"]
+    if args.out is None:
+        args.out = GOLDEN_DIR / LEGACY_OUT_NAMES.get(args.registry_name, f"{args.registry_name}.json")
     return args
 
 
@@ -248,7 +320,8 @@ def check_logit_access(llama_cpp, np, runner: Runner, model: Path, threads: int,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.model.is_file():
-        die(f"model file not found: {args.model} (use --model)")
+        die(f"model file not found: {args.model} (fetch it with "
+            f"scripts/fetch_model.sh {args.registry_name}, or use --model)")
     try:
         import numpy as np
         import llama_cpp
@@ -259,14 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     log(f"hashing {args.model}")
     sha = sha256_file(args.model)
-    if sha != EXPECTED_SHA256:
-        msg = f"model sha256 {sha} != expected {EXPECTED_SHA256}"
+    if sha != args.expected_sha256:
+        msg = f"model sha256 {sha} != expected {args.expected_sha256} ({args.registry_name})"
         if not args.allow_sha_mismatch:
             die(msg + " (pass --allow-sha-mismatch to record anyway)")
         log("WARNING: " + msg)
     essays = load_essays(args.haystack)
     log(f"{len(essays)} essays from {args.haystack.resolve()}: {essays[0][0]} .. {essays[-1][0]}")
 
+    log(f"model {args.registry_name}: {args.model}")
     log(f"loading model with llama-cpp-python {llama_cpp.__version__}, n_ctx={N_CTX}, threads={args.threads}")
     r = Runner(llama_cpp, np, args.model, args.threads)
 
@@ -278,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"tokenize special={special!s:5} {text[:40]!r}: {len(ids)} ids")
 
     # --- top logits -------------------------------------------------------
-    chat = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+    chat = (f"<|im_start|>system\n{args.system_prompt}<|im_end|>\n"
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
             "<|im_start|>assistant\n")
     excerpt_ids = r.tokenize(essays[1][1], special=False)[:ESSAY_EXCERPT_TOKENS]

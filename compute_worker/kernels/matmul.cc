@@ -6,46 +6,19 @@
 #include <cstring>
 
 #include "compute_worker/kernels/fp16_kernels.h"
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "compute_worker/kernels/kquant_dot.h"
+#include "compute_worker/kernels/quant_simd.h"
 
 namespace psa {
 namespace {
 
 #if defined(__AVX2__)
 
-// Sum of products of 32 unsigned bytes with 32 signed bytes, as 8 int32 lanes.
-inline __m256i DotU8S8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-// 16 bytes of nibbles -> 32 bytes 0..15: low nibbles (elements 0..15), then high.
-inline __m256i UnpackNibbles(const uint8_t* qs) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-inline float HorizontalSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline __m256 Fp16Pair(uint16_t a, uint16_t b) {
-  return _mm256_set1_ps(Fp16ToFp32(a) * Fp16ToFp32(b));
-}
+using simd::DotS8S8;
+using simd::DotU8S8;
+using simd::Fp16Pair;
+using simd::HorizontalSum;
+using simd::UnpackNibbles;
 
 // One weight row against N activation rows; the weight block is unpacked
 // once and reused for every activation row.
@@ -71,11 +44,6 @@ void DotQ4_1xQ8_1(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, fl
     }
   }
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]) + mins[t];
-}
-
-// |a|.sign(b, a) turns a signed x signed product into unsigned x signed.
-inline __m256i DotS8S8(__m256i a, __m256i b) {
-  return DotU8S8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
 }
 
 template <int N>
@@ -175,10 +143,16 @@ template <int N>
 void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, int64_t cols,
              float* out) {
   const int nb = static_cast<int>(cols / kQK);
+  const int nb_k = static_cast<int>(cols / kQK_K);  // K-quant super-blocks
   switch (type) {
     case GgmlType::kQ4_1: DotQ4_1xQ8_1<N>(w_row, x_rows, nb, out); return;
     case GgmlType::kQ4_0: DotQ4_0xQ8_0<N>(w_row, x_rows, nb, out); return;
     case GgmlType::kQ8_0: DotQ8_0xQ8_0<N>(w_row, x_rows, nb, out); return;
+    case GgmlType::kQ5_0: DotQ5_0xQ8_0<N>(w_row, x_rows, nb, out); return;
+    case GgmlType::kQ5_1: DotQ5_1xQ8_1<N>(w_row, x_rows, nb, out); return;
+    case GgmlType::kQ4_K: DotQ4_KxQ8_K<N>(w_row, x_rows, nb_k, out); return;
+    case GgmlType::kQ5_K: DotQ5_KxQ8_K<N>(w_row, x_rows, nb_k, out); return;
+    case GgmlType::kQ6_K: DotQ6_KxQ8_K<N>(w_row, x_rows, nb_k, out); return;
     default: {
       // Float weights: decode the row, then plain fp32 dots.
       thread_local std::vector<float> row;
@@ -196,9 +170,14 @@ void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, 
 
 GgmlType ActivationTypeFor(GgmlType weight) {
   switch (weight) {
-    case GgmlType::kQ4_1: return GgmlType::kQ8_1;
+    case GgmlType::kQ4_1:
+    case GgmlType::kQ5_1: return GgmlType::kQ8_1;
     case GgmlType::kQ4_0:
+    case GgmlType::kQ5_0:
     case GgmlType::kQ8_0: return GgmlType::kQ8_0;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K: return GgmlType::kQ8_K;
     default: return GgmlType::kF32;
   }
 }

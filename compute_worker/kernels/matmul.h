@@ -1,9 +1,11 @@
 // Weight x activation products for quantised weights, the runtime's hot loop.
 //
 // Activations are first packed into the weight type's dot-product partner
-// (as ggml does): Q4_1 weights pair with Q8_1 activations, Q4_0 and Q8_0 with
-// Q8_0, float weights with F32. The integer kernels then use AVX-512 VNNI /
-// AVX-VNNI / AVX2 (chosen at build time) and rows are split across threads.
+// (as ggml does): Q4_1 and Q5_1 weights pair with Q8_1 activations, Q4_0,
+// Q5_0 and Q8_0 with Q8_0, the K-quants (Q4_K, Q5_K, Q6_K) with Q8_K, float
+// weights with F32. The integer kernels then use AVX-512 VNNI / AVX-VNNI /
+// AVX2 (chosen at build time) and rows are split across threads. The Q5 and
+// K-quant kernels are in kquant_dot.h.
 #ifndef PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
 #define PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
 

@@ -17,14 +17,25 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromJinja(std::string_view jinja) {
   ChatTemplate t;
   if (jinja.empty() || absl::StrContains(absl::string_view(jinja.data(), jinja.size()), "<|im_start|>")) {
     t.style_ = Style::kChatMl;
-    // SmolLM2/Qwen2 templates insert a fixed system turn when the first
-    // message is not one: "{{ '<|im_start|>system\n...<|im_end|>\n' }}".
-    constexpr std::string_view kOpen = "'<|im_start|>system\n";
-    const size_t at = jinja.find(kOpen);
-    if (at != std::string_view::npos && absl::StrContains(absl::string_view(jinja.data(), jinja.size()), "!= 'system'")) {
-      const size_t begin = at + kOpen.size();
+    // SmolLM2 and Qwen2 templates insert a fixed system turn when the first
+    // message is not one, as one string literal:
+    // '<|im_start|>system\n...<|im_end|>\n'. The first such literal is it.
+    for (size_t at = jinja.find("'<|im_start|>system"); at != std::string_view::npos;
+         at = jinja.find("'<|im_start|>system", at + 1)) {
+      size_t begin = at + std::string_view("'<|im_start|>system").size();
+      if (jinja.substr(begin, 2) == "\\n") {
+        begin += 2;  // the Jinja escape
+      } else if (jinja.substr(begin, 1) == "\n") {
+        begin += 1;
+      } else {
+        continue;
+      }
+      const size_t quote = jinja.find('\'', begin);
       const size_t end = jinja.find("<|im_end|>", begin);
-      if (end != std::string_view::npos) t.default_system_ = std::string(jinja.substr(begin, end - begin));
+      if (end != std::string_view::npos && end < quote) {
+        t.default_system_ = std::string(jinja.substr(begin, end - begin));
+        break;
+      }
     }
   } else if (absl::StrContains(absl::string_view(jinja.data(), jinja.size()), "<|start_header_id|>")) {
     t.style_ = Style::kLlama3;

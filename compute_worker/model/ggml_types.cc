@@ -3,7 +3,34 @@
 #include <algorithm>
 #include <cmath>
 
+#include "compute_worker/model/ggml_kquants.h"
+
 namespace psa {
+namespace {
+
+// The fifth bits of a Q5 block's 32 codes, as stored in qh.
+uint32_t LoadQh(const uint8_t qh[4]) {
+  uint32_t v;
+  std::memcpy(&v, qh, 4);  // little-endian, as GGUF is
+  return v;
+}
+
+void StoreQ5(const int codes[kQK], uint8_t qs[kQK / 2], uint8_t qh[4]) {
+  uint32_t bits = 0;
+  for (int j = 0; j < kQK / 2; ++j) {
+    qs[j] = static_cast<uint8_t>((codes[j] & 0xF) | ((codes[j + kQK / 2] & 0xF) << 4));
+  }
+  for (int j = 0; j < kQK; ++j) bits |= static_cast<uint32_t>((codes[j] >> 4) & 1) << j;
+  std::memcpy(qh, &bits, 4);
+}
+
+// The 5-bit code of element j (0..31) of a Q5 block.
+inline int Q5Code(const uint8_t* qs, uint32_t qh, int j) {
+  const int nibble = j < kQK / 2 ? qs[j] & 0xF : qs[j - kQK / 2] >> 4;
+  return nibble | static_cast<int>(((qh >> j) & 1) << 4);
+}
+
+}  // namespace
 
 bool IsSupportedType(uint32_t raw) {
   switch (static_cast<GgmlType>(raw)) {
@@ -12,11 +39,20 @@ bool IsSupportedType(uint32_t raw) {
     case GgmlType::kBF16:
     case GgmlType::kQ4_0:
     case GgmlType::kQ4_1:
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
     case GgmlType::kQ8_0:
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K:
       return true;
     default:
       return false;
   }
+}
+
+std::string_view SupportedTypeNames() {
+  return "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
 }
 
 std::string_view TypeName(GgmlType t) {
@@ -28,6 +64,12 @@ std::string_view TypeName(GgmlType t) {
     case GgmlType::kQ4_1: return "Q4_1";
     case GgmlType::kQ8_0: return "Q8_0";
     case GgmlType::kQ8_1: return "Q8_1";
+    case GgmlType::kQ5_0: return "Q5_0";
+    case GgmlType::kQ5_1: return "Q5_1";
+    case GgmlType::kQ4_K: return "Q4_K";
+    case GgmlType::kQ5_K: return "Q5_K";
+    case GgmlType::kQ6_K: return "Q6_K";
+    case GgmlType::kQ8_K: return "Q8_K";
   }
   return "unknown";
 }
@@ -38,6 +80,11 @@ int BlockElements(GgmlType t) {
     case GgmlType::kF16:
     case GgmlType::kBF16:
       return 1;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K:
+    case GgmlType::kQ8_K:
+      return kQK_K;
     default:
       return kQK;
   }
@@ -52,6 +99,12 @@ size_t BlockBytes(GgmlType t) {
     case GgmlType::kQ4_1: return sizeof(BlockQ4_1);
     case GgmlType::kQ8_0: return sizeof(BlockQ8_0);
     case GgmlType::kQ8_1: return sizeof(BlockQ8_1);
+    case GgmlType::kQ5_0: return sizeof(BlockQ5_0);
+    case GgmlType::kQ5_1: return sizeof(BlockQ5_1);
+    case GgmlType::kQ4_K: return sizeof(BlockQ4_K);
+    case GgmlType::kQ5_K: return sizeof(BlockQ5_K);
+    case GgmlType::kQ6_K: return sizeof(BlockQ6_K);
+    case GgmlType::kQ8_K: return sizeof(BlockQ8_K);
   }
   return 0;
 }
@@ -173,6 +226,31 @@ void DequantizeRow(GgmlType t, const void* src, float* out, int64_t n) {
       }
       return;
     }
+    case GgmlType::kQ5_0: {
+      auto* b = static_cast<const BlockQ5_0*>(src);
+      for (int64_t i = 0; i < n / kQK; ++i, out += kQK) {
+        const float d = Fp16ToFp32(b[i].d);
+        const uint32_t qh = LoadQh(b[i].qh);
+        for (int j = 0; j < kQK; ++j) out[j] = (Q5Code(b[i].qs, qh, j) - 16) * d;
+      }
+      return;
+    }
+    case GgmlType::kQ5_1: {
+      auto* b = static_cast<const BlockQ5_1*>(src);
+      for (int64_t i = 0; i < n / kQK; ++i, out += kQK) {
+        const float d = Fp16ToFp32(b[i].d);
+        const float m = Fp16ToFp32(b[i].m);
+        const uint32_t qh = LoadQh(b[i].qh);
+        for (int j = 0; j < kQK; ++j) out[j] = Q5Code(b[i].qs, qh, j) * d + m;
+      }
+      return;
+    }
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K:
+    case GgmlType::kQ8_K:
+      DequantizeRowK(t, src, out, n);
+      return;
   }
 }
 
@@ -258,6 +336,50 @@ void QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
       }
       return;
     }
+    case GgmlType::kQ5_0: {  // as Q4_0 with 32 levels: d = max / -16
+      auto* b = static_cast<BlockQ5_0*>(dst);
+      for (int64_t i = 0; i < n / kQK; ++i, src += kQK) {
+        float amax = 0, max = 0;
+        for (int j = 0; j < kQK; ++j) {
+          if (std::fabs(src[j]) > amax) { amax = std::fabs(src[j]); max = src[j]; }
+        }
+        const float d = max / -16;
+        const float id = d ? 1.0f / d : 0.0f;
+        int codes[kQK];
+        for (int j = 0; j < kQK; ++j) {
+          codes[j] = std::min(31, static_cast<int>(static_cast<int8_t>(src[j] * id + 16.5f)));
+        }
+        b[i].d = Fp32ToFp16(d);
+        StoreQ5(codes, b[i].qs, b[i].qh);
+      }
+      return;
+    }
+    case GgmlType::kQ5_1: {  // as Q4_1 with 32 levels: d = (max - min) / 31
+      auto* b = static_cast<BlockQ5_1*>(dst);
+      for (int64_t i = 0; i < n / kQK; ++i, src += kQK) {
+        float min = src[0], max = src[0];
+        for (int j = 1; j < kQK; ++j) {
+          min = std::min(min, src[j]);
+          max = std::max(max, src[j]);
+        }
+        const float d = (max - min) / 31;
+        const float id = d ? 1.0f / d : 0.0f;
+        int codes[kQK];
+        for (int j = 0; j < kQK; ++j) {
+          codes[j] = std::min(31, static_cast<int>((src[j] - min) * id + 0.5f));
+        }
+        b[i].d = Fp32ToFp16(d);
+        b[i].m = Fp32ToFp16(min);
+        StoreQ5(codes, b[i].qs, b[i].qh);
+      }
+      return;
+    }
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K:
+    case GgmlType::kQ8_K:
+      QuantizeRowK(t, src, dst, n);
+      return;
   }
 }
 

@@ -282,13 +282,14 @@ absl::Status GgufFile::ParseImage() {
     if (!IsSupportedType(raw_type)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor '", t.name, "' has ggml type ", raw_type,
-          ", which this runtime does not support (F32, F16, BF16, Q4_0, Q4_1, Q8_0)"));
+          ", which this runtime does not support (", std::string(SupportedTypeNames()), ")"));
     }
     t.type = static_cast<GgmlType>(raw_type);
+    // Rows are whole blocks: 32 elements, or 256 for the K-quants.
     if (t.shape[0] % BlockElements(t.type) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' row length ",
-                                                     t.shape[0], " is not a multiple of ",
-                                                     std::string(TypeName(t.type)), "'s block size"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", t.name, "' row length ", t.shape[0], " is not a multiple of ",
+          std::string(TypeName(t.type)), "'s block size (", BlockElements(t.type), " elements)"));
     }
     if (auto s = c.Read(&t.offset, "tensor offset"); !s.ok()) return s;
     if (t.offset % alignment != 0) {

@@ -1,5 +1,9 @@
 #include "compute_worker/model/llama_model.h"
 
+#include "compute_worker/model/model_registry.h"
+
+#include <tuple>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -50,7 +54,10 @@ absl::StatusOr<std::vector<float>> Vector(const GgufFile& f, const std::string& 
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path) {
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& name_or_path) {
+  absl::StatusOr<std::string> resolved = ResolveModelPath(name_or_path);
+  if (!resolved.ok()) return resolved.status();
+  const std::string& path = *resolved;
   auto file = GgufFile::Open(path);
   if (!file.ok()) return file.status();
   auto model = FromGguf(std::move(*file));
@@ -67,10 +74,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   auto arch = f.GetString("general.architecture");
   if (!arch.ok()) return arch.status();
   hp.architecture = *arch;
-  if (hp.architecture != "llama") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "architecture '", hp.architecture, "' is not supported (this runtime serves 'llama')"));
+  if (hp.architecture != "llama" && hp.architecture != "qwen2") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("general.architecture '", hp.architecture,
+                     "' is not supported (this runtime serves 'llama' and 'qwen2')"));
   }
+  if (hp.architecture == "qwen2") hp.rope_style = LlamaHparams::RopeStyle::kNeox;
   const std::string a = hp.architecture + ".";
 #define PSA_DIM(field, key, max)                       \
   {                                                    \
@@ -98,6 +107,16 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   }
   hp.head_dim = hp.n_embd / hp.n_head;
   if (hp.head_dim % 2 != 0) return absl::InvalidArgumentError("head dimension must be even");
+  for (const char* key : {"attention.key_length", "attention.value_length"}) {
+    if (f.Find(a + key) == nullptr) continue;
+    auto v = f.GetInt(a + key);
+    if (!v.ok()) return v.status();
+    if (*v != hp.head_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(a, key, " = ", *v, " differs from the head dimension ", hp.head_dim,
+                       " (embedding / heads); such models are not supported"));
+    }
+  }
   hp.rope_dim = hp.head_dim;
   if (f.Find(a + "rope.dimension_count") != nullptr) {
     auto v = GetDim(f, a + "rope.dimension_count", hp.head_dim);
@@ -116,9 +135,18 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   }
   if (f.Find(a + "rope.scaling.type") != nullptr) {
     auto v = f.GetString(a + "rope.scaling.type");
-    if (v.ok() && *v != "none") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("RoPE scaling '", *v, "' is not supported yet"));
+    if (!v.ok()) return v.status();
+    if (*v == "linear") {
+      auto factor = f.GetFloat(a + "rope.scaling.factor");
+      if (!factor.ok()) return factor.status();
+      if (!(*factor >= 1.0 && *factor <= 1024.0)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(a, "rope.scaling.factor = ", *factor, " is out of range [1, 1024]"));
+      }
+      hp.rope_freq_scale = static_cast<float>(1.0 / *factor);
+    } else if (*v != "none" && *v != "llama3") {  // llama3: factors in rope_freqs.weight
+      return absl::InvalidArgumentError(absl::StrCat(
+          a, "rope.scaling.type = '", *v, "' is not supported (none, linear and llama3 are)"));
     }
   }
 
@@ -145,15 +173,29 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   } else {
     PSA_ASSIGN(m->output_, Matrix(f, "output.weight", hp.n_embd, hp.n_vocab));
   }
+  if (f.FindTensor("rope_freqs.weight") != nullptr) {
+    PSA_ASSIGN(hp.rope_freq_factors, Vector(f, "rope_freqs.weight", hp.rope_dim / 2));
+    for (float x : hp.rope_freq_factors) {
+      if (!(x > 0.0f && x < 1e6f)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor 'rope_freqs.weight' holds ", x, "; factors must be positive"));
+      }
+    }
+  }
   m->layers_.resize(hp.n_layer);
   for (int i = 0; i < hp.n_layer; ++i) {
     LayerWeights& l = m->layers_[i];
     const std::string p = absl::StrCat("blk.", i, ".");
-    for (const char* bias : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) {
-      if (f.FindTensor(p + bias) != nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor '", p, bias,
-                                                       "': attention biases are not supported"));
-      }
+    // Qwen2 adds biases to the Q, K and V projections; Llama has none.
+    for (auto [bias, n, dst] : {std::tuple{"attn_q.bias", hp.n_embd, &l.bq},
+                                std::tuple{"attn_k.bias", kv_dim, &l.bk},
+                                std::tuple{"attn_v.bias", kv_dim, &l.bv}}) {
+      if (f.FindTensor(p + bias) != nullptr) PSA_ASSIGN(*dst, Vector(f, p + bias, n));
+    }
+    if (f.FindTensor(p + "attn_output.bias") != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", p, "attn_output.bias': output projection biases are not "
+                       "supported"));
     }
     PSA_ASSIGN(l.attn_norm, Vector(f, p + "attn_norm.weight", hp.n_embd));
     PSA_ASSIGN(l.ffn_norm, Vector(f, p + "ffn_norm.weight", hp.n_embd));

@@ -21,7 +21,7 @@ namespace psa {
 constexpr int kMaxGqaGroup = 16;
 
 struct LlamaHparams {
-  std::string architecture;  // "llama", "qwen2"... (qwen2 has attention biases: unsupported)
+  std::string architecture;  // "llama" or "qwen2"
   int n_layer = 0;
   int n_embd = 0;
   int n_ff = 0;
@@ -33,6 +33,16 @@ struct LlamaHparams {
   float rms_eps = 1e-5f;
   float rope_base = 10000.0f;
   int rope_dim = 0;  // rotated dimensions per head (== head_dim for Llama)
+  // Which dimensions RoPE pairs: adjacent (x[2i], x[2i+1]) as Llama's GGUF
+  // layout has them, or halves (x[i], x[i + rope_dim/2]) as Qwen2's ("NeoX").
+  enum class RopeStyle { kAdjacent, kNeox };
+  RopeStyle rope_style = RopeStyle::kAdjacent;
+  // Rotation angle of pair i at position p: p * rope_freq_scale *
+  // rope_base^(-2i/rope_dim) / rope_freq_factors[i] (factors empty: all 1).
+  // Linear scaling sets the scale; Llama 3.1's "llama3" scaling ships the
+  // per-pair factors as the tensor rope_freqs.weight.
+  float rope_freq_scale = 1.0f;
+  std::vector<float> rope_freq_factors;
   bool tied_output = false;
 };
 
@@ -49,12 +59,14 @@ struct WeightMatrix {
 struct LayerWeights {
   std::vector<float> attn_norm, ffn_norm;
   WeightMatrix wq, wk, wv, wo;
+  std::vector<float> bq, bk, bv;  // projection biases (Qwen2); empty when absent
   WeightMatrix w_gate, w_up, w_down;
 };
 
 class LlamaModel {
  public:
-  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& path);
+  // Loads a GGUF file, or a registered model by name (model_registry.h).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& name_or_path);
   // Builds from an already-opened file (takes ownership).
   static absl::StatusOr<std::unique_ptr<LlamaModel>> FromGguf(std::unique_ptr<GgufFile> file);
 

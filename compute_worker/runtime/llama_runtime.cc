@@ -19,15 +19,30 @@ void RmsNorm(const float* x, const float* weight, float* out, int n, float eps) 
   for (int i = 0; i < n; ++i) out[i] = (x[i] * scale) * weight[i];
 }
 
-// Rotates adjacent pairs (x[2i], x[2i+1]) of each head (Llama's "normal" RoPE).
-void Rope(float* x, int n_heads, int head_dim, int rope_dim, const float* cos, const float* sin) {
+// Rotates pair i of each head by angle i: adjacent pairs (x[2i], x[2i+1]) as
+// in Llama's GGUF layout, or halves (x[i], x[i + rope_dim/2]) for NeoX style.
+void Rope(float* x, int n_heads, int head_dim, int rope_dim, LlamaHparams::RopeStyle style,
+          const float* cos, const float* sin) {
+  const int half = rope_dim / 2;
+  const int stride = style == LlamaHparams::RopeStyle::kNeox ? 1 : 2;
+  const int partner = style == LlamaHparams::RopeStyle::kNeox ? half : 1;
   for (int h = 0; h < n_heads; ++h) {
     float* v = x + h * head_dim;
-    for (int i = 0; i < rope_dim / 2; ++i) {
-      const float a = v[2 * i], b = v[2 * i + 1];
-      v[2 * i] = a * cos[i] - b * sin[i];
-      v[2 * i + 1] = a * sin[i] + b * cos[i];
+    for (int i = 0; i < half; ++i) {
+      float& a = v[i * stride];
+      float& b = v[i * stride + partner];
+      const float a0 = a, b0 = b;
+      a = a0 * cos[i] - b0 * sin[i];
+      b = a0 * sin[i] + b0 * cos[i];
     }
+  }
+}
+
+void AddBias(float* y, const std::vector<float>& bias, int n_rows, int ld) {
+  if (bias.empty()) return;
+  for (int r = 0; r < n_rows; ++r) {
+    float* row = y + static_cast<size_t>(r) * ld;
+    for (size_t i = 0; i < bias.size(); ++i) row[i] += bias[i];
   }
 }
 
@@ -60,10 +75,12 @@ void LlamaRuntime::EnsureRope(int positions) {
   rope_sin_.resize(static_cast<size_t>(n) * half);
   const float theta_scale = std::pow(hp.rope_base, -2.0f / hp.rope_dim);
   for (int p = rope_positions_; p < n; ++p) {
-    float theta = static_cast<float>(p);
+    float theta = static_cast<float>(p) * hp.rope_freq_scale;
     for (int i = 0; i < half; ++i) {
-      rope_cos_[static_cast<size_t>(p) * half + i] = std::cos(theta);
-      rope_sin_[static_cast<size_t>(p) * half + i] = std::sin(theta);
+      const float t =
+          hp.rope_freq_factors.empty() ? theta : theta / hp.rope_freq_factors[i];
+      rope_cos_[static_cast<size_t>(p) * half + i] = std::cos(t);
+      rope_sin_[static_cast<size_t>(p) * half + i] = std::sin(t);
       theta *= theta_scale;
     }
   }
@@ -232,17 +249,24 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
 
     PackActivations(w.wq.type, xn_.data(), n, E, E, &packed_);
     MatMul(w.wq, packed_, q_.data(), E);
-    if (w.wk.type != w.wq.type) PackActivations(w.wk.type, xn_.data(), n, E, E, &packed_);
+    if (ActivationTypeFor(w.wk.type) != ActivationTypeFor(w.wq.type)) {
+      PackActivations(w.wk.type, xn_.data(), n, E, E, &packed_);
+    }
     MatMul(w.wk, packed_, k_.data(), KVD);
-    if (w.wv.type != w.wk.type) PackActivations(w.wv.type, xn_.data(), n, E, E, &packed_);
+    if (ActivationTypeFor(w.wv.type) != ActivationTypeFor(w.wk.type)) {
+      PackActivations(w.wv.type, xn_.data(), n, E, E, &packed_);
+    }
     MatMul(w.wv, packed_, v_.data(), KVD);
+    AddBias(q_.data(), w.bq, n, E);
+    AddBias(k_.data(), w.bk, n, KVD);
+    AddBias(v_.data(), w.bv, n, KVD);
 
 #pragma omp parallel for schedule(static) if (n > 8)
     for (int r = 0; r < n; ++r) {
       const float* c = &rope_cos_[static_cast<size_t>(row_pos[r]) * half];
       const float* s = &rope_sin_[static_cast<size_t>(row_pos[r]) * half];
-      Rope(&q_[r * E], hp.n_head, D, hp.rope_dim, c, s);
-      Rope(&k_[r * KVD], hp.n_head_kv, D, hp.rope_dim, c, s);
+      Rope(&q_[r * E], hp.n_head, D, hp.rope_dim, hp.rope_style, c, s);
+      Rope(&k_[r * KVD], hp.n_head_kv, D, hp.rope_dim, hp.rope_style, c, s);
       KvCache* kv = batch[row_entry[r]].kv;
       for (int h = 0; h < hp.n_head_kv; ++h) {
         QuantizeRow(GgmlType::kF16, &k_[r * KVD + h * D], kv->KeySlot(l, h, row_pos[r]), D);
@@ -307,7 +331,9 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
     for (int r = 0; r < n; ++r) RmsNorm(&x_[r * E], w.ffn_norm.data(), &xn_[r * E], E, hp.rms_eps);
     PackActivations(w.w_gate.type, xn_.data(), n, E, E, &packed_);
     MatMul(w.w_gate, packed_, gate_.data(), F);
-    if (w.w_up.type != w.w_gate.type) PackActivations(w.w_up.type, xn_.data(), n, E, E, &packed_);
+    if (ActivationTypeFor(w.w_up.type) != ActivationTypeFor(w.w_gate.type)) {
+      PackActivations(w.w_up.type, xn_.data(), n, E, E, &packed_);
+    }
     MatMul(w.w_up, packed_, up_.data(), F);
     for (size_t i = 0; i < static_cast<size_t>(n) * F; ++i) {
       const float g = gate_[i];

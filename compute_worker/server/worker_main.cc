@@ -17,12 +17,15 @@
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "common/sha256.h"
+#include "compute_worker/model/model_registry.h"
 #include "compute_worker/server/attention_metrics.h"
 #include "compute_worker/server/generation_service.h"
 #include "compute_worker/server/kv_page_fetcher.h"
 #include "compute_worker/server/kv_pool_metrics.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF model file (required)");
+ABSL_FLAG(std::string, model, "",
+          "GGUF model: a file, or a registered name fetched by scripts/fetch_model.sh NAME "
+          "(required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7200", "gRPC address to serve on (port 0: pick one)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9200",
           "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
@@ -138,8 +141,10 @@ int main(int argc, char** argv) {
   psa::DisableMutexDeadlockDetection();
   psa::BlockTerminationSignals();
 
-  const std::string model_path = absl::GetFlag(FLAGS_model);
-  if (model_path.empty()) return Fail("--model is required");
+  if (absl::GetFlag(FLAGS_model).empty()) return Fail("--model is required");
+  absl::StatusOr<std::string> resolved = psa::ResolveModelPath(absl::GetFlag(FLAGS_model));
+  if (!resolved.ok()) return Fail(std::string(resolved.status().message()));
+  const std::string model_path = *resolved;
   absl::StatusOr<psa::AttentionPolicy> parsed = DefaultPolicy();
   if (!parsed.ok()) return Fail(std::string(parsed.status().message()));
   const psa::AttentionPolicy policy = *parsed;

@@ -15,7 +15,9 @@
 #include "compute_worker/kernels/matmul.h"
 #include "compute_worker/attention/sparse_attention.h"
 
-ABSL_FLAG(std::string, model, "", "Path to a GGUF model file (required).");
+ABSL_FLAG(std::string, model, "",
+          "GGUF model file, or a registered name such as qwen2.5-coder-1.5b "
+          "(scripts/fetch_model.sh --list) (required).");
 ABSL_FLAG(std::string, prompt, "", "Prompt text. Use --prompt_file for long prompts.");
 ABSL_FLAG(std::string, prompt_file, "", "Read the prompt from this file ('-' for stdin).");
 ABSL_FLAG(bool, chat, true,

@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "compute_worker/model/ggml_types.h"
 #include "compute_worker/model/gguf_file.h"
 #include "compute_worker/model/llama_model.h"
 
@@ -21,6 +22,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   for (const psa::GgufTensorInfo& t : f.tensors()) {
     if (t.n_bytes > 0) sink = sink + t.data[0] + t.data[t.n_bytes - 1];
+  }
+  // Decode the first row of every tensor (any type the parser accepts:
+  // IsSupportedType): each block layout reads only the bytes RowBytes
+  // promised, whatever the fuzzer put in its scales and codes.
+  std::vector<float> row;
+  for (const psa::GgufTensorInfo& t : f.tensors()) {
+    if (t.shape[0] > (1 << 16)) continue;  // keep runs fast
+    row.resize(t.shape[0]);
+    psa::DequantizeRow(t.type, t.data, row.data(), t.shape[0]);
+    sink = sink + (row[0] != row[t.shape[0] - 1]);
   }
 
   auto model = psa::LlamaModel::FromGguf(std::move(*file));

@@ -203,7 +203,8 @@ TEST(GgmlTypesTest, BlockAndRowBytes) {
     EXPECT_EQ(RowBytes(r.type, 4096), 4096 / r.block_elements * r.block_bytes);
     EXPECT_EQ(RowBytes(r.type, 96), 96 / r.block_elements * r.block_bytes);
   }
-  for (uint32_t other : {6u, 7u, 10u, 12u, 14u, 29u, 31u, 0xffffffffu}) {
+  // Q5_0 (6), Q5_1 (7) and the K-quants (12-14): kquant_types_test.
+  for (uint32_t other : {4u, 5u, 10u, 11u, 15u, 29u, 31u, 0xffffffffu}) {
     EXPECT_FALSE(IsSupportedType(other)) << other;
   }
 }

@@ -134,8 +134,9 @@ std::vector<Corruption> Corruptions() {
        "power of two"},
       {"AlignmentNotInteger", with([](GgufWriter& w) { w.AddF32("general.alignment", 32); }),
        "power of two"},
-      {"UnsupportedTensorTypeQ4K", with(info(12, {256}, 0)), "ggml type 12"},
+      {"UnsupportedTensorTypeQ2K", with(info(10, {256}, 0)), "ggml type 10"},
       {"Q8_1IsNotAWeightType", with(info(9, {32}, 0)), "ggml type 9"},
+      {"Q8_KIsNotAWeightType", with(info(15, {256}, 0)), "ggml type 15"},
       {"MisalignedOffset", with(info(0, {8}, 4)), "offset 4 is not aligned to 32"},
       {"TensorPastEnd", with(info(0, {48}, 0)), "extends past the end of the file"},
       {"TensorLargerThanFile", with(info(0, {1024}, 0)), "is larger than the file"},
@@ -149,6 +150,11 @@ std::vector<Corruption> Corruptions() {
       {"ByteSizeOverflow", with(info(0, {1ull << 40, 1ull << 22}, 0)), "larger than the file"},
       {"RowNotMultipleOfBlock", with(info(2, {48, 2}, 0)),
        "row length 48 is not a multiple of Q4_0's block size"},
+      // K-quant rows are 256-element super-blocks: Qwen2.5-0.5B's 896-wide
+      // rows cannot be Q4_K (its converter falls back to Q5_0 / Q8_0).
+      {"Q4KRowNotMultipleOf256", with(info(12, {896, 2}, 0)),
+       "tensor 'bad' row length 896 is not a multiple of Q4_K's block size (256 elements)"},
+      {"Q6KTensorLargerThanFile", with(info(14, {256, 1 << 20}, 0)), "is larger than the file"},
       {"DuplicateTensorName", with([](GgufWriter& w) {
          w.AddTensor("t", GgmlType::kF32, {32}, std::vector<uint8_t>(128));
        }),

@@ -57,9 +57,9 @@ TEST(LlamaModelFromGgufTest, WrongShape) {
 TEST(LlamaModelFromGgufTest, ArchitectureNotLlama) {
   ExpectStatus(LoadEdited([](GgufWriter& w) {
                  ASSERT_TRUE(w.RemoveKey("general.architecture"));
-                 w.AddString("general.architecture", "qwen2");
+                 w.AddString("general.architecture", "gemma2");
                }),
-               absl::StatusCode::kInvalidArgument, "architecture 'qwen2' is not supported");
+               absl::StatusCode::kInvalidArgument, "architecture 'gemma2' is not supported");
 }
 
 TEST(LlamaModelFromGgufTest, InconsistentHeadCounts) {

@@ -291,16 +291,17 @@ std::vector<uint8_t> EncodeTensor(GgmlType type, const std::vector<float>& value
 
 GgufWriter TinyLlamaWriter(const TinyModelSpec& spec) {
   GgufWriter w;
-  w.AddString("general.architecture", "llama");
-  w.AddString("general.name", "tiny-random-llama");
-  w.AddU32("llama.block_count", spec.n_layer);
-  w.AddU32("llama.context_length", spec.n_ctx);
-  w.AddU32("llama.embedding_length", spec.n_embd);
-  w.AddU32("llama.feed_forward_length", spec.n_ff);
-  w.AddU32("llama.attention.head_count", spec.n_head);
-  w.AddU32("llama.attention.head_count_kv", spec.n_head_kv);
-  w.AddF32("llama.rope.freq_base", spec.rope_base);
-  w.AddF32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+  const std::string& arch = spec.architecture;
+  w.AddString("general.architecture", arch);
+  w.AddString("general.name", "tiny-random-" + arch);
+  w.AddU32(arch + ".block_count", spec.n_layer);
+  w.AddU32(arch + ".context_length", spec.n_ctx);
+  w.AddU32(arch + ".embedding_length", spec.n_embd);
+  w.AddU32(arch + ".feed_forward_length", spec.n_ff);
+  w.AddU32(arch + ".attention.head_count", spec.n_head);
+  w.AddU32(arch + ".attention.head_count_kv", spec.n_head_kv);
+  w.AddF32(arch + ".rope.freq_base", spec.rope_base);
+  w.AddF32(arch + ".attention.layer_norm_rms_epsilon", 1e-5f);
 
   int64_t n_vocab = 0;
   if (spec.tokenizer == "gpt2") {
@@ -310,7 +311,7 @@ GgufWriter TinyLlamaWriter(const TinyModelSpec& spec) {
   } else {
     throw std::invalid_argument("TinyModelSpec::tokenizer must be gpt2 or llama");
   }
-  w.AddU32("llama.vocab_size", static_cast<uint32_t>(n_vocab));
+  w.AddU32(arch + ".vocab_size", static_cast<uint32_t>(n_vocab));
 
   // Small weights (|w| <= 0.1) and norms near 1 keep activations in range.
   Random rng(spec.seed);
@@ -331,6 +332,13 @@ GgufWriter TinyLlamaWriter(const TinyModelSpec& spec) {
     matrix(p + "attn_q.weight", spec.weight_type, d, d);
     matrix(p + "attn_k.weight", spec.weight_type, d, kv);
     matrix(p + "attn_v.weight", spec.weight_type, d, kv);
+    if (arch == "qwen2") {
+      for (auto [name, n] : {std::pair{"attn_q.bias", d}, std::pair{"attn_k.bias", kv},
+                             std::pair{"attn_v.bias", kv}}) {
+        w.AddTensor(p + name, GgmlType::kF32, {n},
+                    EncodeTensor(GgmlType::kF32, rng.Values(n, 0, 0.5f), n));
+      }
+    }
     matrix(p + "attn_output.weight", spec.weight_type, d, d);
     norm(p + "ffn_norm.weight");
     matrix(p + "ffn_gate.weight", spec.weight_type, d, spec.n_ff);
@@ -338,6 +346,12 @@ GgufWriter TinyLlamaWriter(const TinyModelSpec& spec) {
     matrix(p + "ffn_down.weight", spec.weight_type, spec.n_ff, d);
   }
   norm("output_norm.weight");
+  if (spec.rope_freq_factors) {  // 1 for fast pairs up to 8 for the slowest, as Llama 3.1
+    const int64_t half = d / spec.n_head / 2;
+    std::vector<float> f(half);
+    for (int64_t i = 0; i < half; ++i) f[i] = 1.0f + 7.0f * static_cast<float>(i) / half;
+    w.AddTensor("rope_freqs.weight", GgmlType::kF32, {half}, EncodeTensor(GgmlType::kF32, f, half));
+  }
   if (!spec.tied_output) matrix("output.weight", spec.weight_type, d, n_vocab);
   return w;
 }

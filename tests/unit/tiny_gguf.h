@@ -91,6 +91,9 @@ struct TinyModelSpec {
   bool tied_output = true;
   float rope_base = 10000.0f;
   std::string tokenizer = "gpt2";  // or "llama"
+  // "llama", or "qwen2" (Q/K/V biases, NeoX RoPE: as Qwen2 GGUFs are).
+  std::string architecture = "llama";
+  bool rope_freq_factors = false;  // write rope_freqs.weight (Llama 3.1 scaling)
   uint32_t seed = 1;
 };
 

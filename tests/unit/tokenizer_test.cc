@@ -91,6 +91,20 @@ TEST(ChatTemplateTest, ChatMlWithDefaultSystemPrompt) {
   EXPECT_EQ(*s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n");
 }
 
+// Qwen2.5's template: the default system turn is the literal in the
+// else-branch, with the newline written as a Jinja escape.
+TEST(ChatTemplateTest, QwenDefaultSystemPromptFromTheElseBranch) {
+  auto t = ChatTemplate::FromJinja(
+      "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- else %}"
+      "{%- if messages[0]['role'] == 'system' %}"
+      "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+      "{%- else %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}"
+      "{%- endif %}{%- endif %}");
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->style(), ChatTemplate::Style::kChatMl);
+  EXPECT_EQ(t->default_system(), "You are Qwen.");
+}
+
 TEST(ChatTemplateTest, Llama3Llama2AndErrors) {
   auto l3 = ChatTemplate::FromJinja("<|start_header_id|>...");
   ASSERT_TRUE(l3.ok());
