@@ -2,7 +2,8 @@
 # The whole PSA-Serve system on one machine, on loopback: 2 KV service
 # shards, 2 compute workers and the router.
 #
-#   deploy/local/cluster.sh start [MODEL.gguf]   start everything, wait until healthy
+#   deploy/local/cluster.sh start [MODEL]        start everything, wait until healthy
+#                                               (MODEL: a GGUF path or registered name)
 #   deploy/local/cluster.sh status               show what runs where
 #   deploy/local/cluster.sh stop                 stop everything (SIGTERM, then SIGKILL)
 #
@@ -69,6 +70,7 @@ case "${1:-}" in
   start)
     MODEL="${2:-${PSA_MODEL:-}}"
     [ -n "$MODEL" ] || MODEL="$(scripts/fetch_model.sh)"
+    [ -f "$MODEL" ] || MODEL="$(scripts/fetch_model.sh "$MODEL")"  # a registered name
     for bin in kv_service/psa-kv-service compute_worker/psa-worker router/psa-router; do
       [ -x "$BUILD/$bin" ] || { echo "cluster: $BUILD/$bin is missing; run scripts/build.sh" >&2; exit 1; }
     done
