@@ -10,7 +10,15 @@
 
 namespace psa {
 
-absl::StatusOr<std::string> ReadHaystack(const std::string& dir) {
+absl::StatusOr<HaystackSplit> ParseHaystackSplit(const std::string& name) {
+  if (name == "all") return HaystackSplit::kAll;
+  if (name == "tune") return HaystackSplit::kTune;
+  if (name == "test") return HaystackSplit::kTest;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown haystack split '", name, "' (all, tune or test)"));
+}
+
+absl::StatusOr<std::string> ReadHaystack(const std::string& dir, HaystackSplit split) {
   std::vector<std::filesystem::path> files;
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
@@ -23,7 +31,12 @@ absl::StatusOr<std::string> ReadHaystack(const std::string& dir) {
   }
   std::sort(files.begin(), files.end());
   std::string text;
-  for (const auto& f : files) {
+  for (size_t i = 0; i < files.size(); ++i) {
+    if ((split == HaystackSplit::kTune && i % 2 != 0) ||
+        (split == HaystackSplit::kTest && i % 2 == 0)) {
+      continue;
+    }
+    const auto& f = files[i];
     std::ifstream in(f);
     std::stringstream ss;
     ss << in.rdbuf();

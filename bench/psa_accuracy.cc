@@ -70,6 +70,11 @@ ABSL_FLAG(double, pool_fraction, 0,
 ABSL_FLAG(std::string, resident_bias, "",
           "With --pool_fraction: also sweep PSA with these resident_bias values (the "
           "default policy has 2; 0 ranks by the bound alone).");
+ABSL_FLAG(std::string, sites_csv, "",
+          "Write every policy's attention-output error per (layer, KV head) to this CSV.");
+ABSL_FLAG(std::string, split, "all",
+          "Essays to read: all, tune (even positions in name order: choose settings "
+          "here) or test (odd positions: report here).");
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
@@ -88,7 +93,9 @@ std::vector<std::string> SplitList(const std::string& s) {
 }
 
 std::string Haystack() {
-  absl::StatusOr<std::string> text = ReadHaystack(absl::GetFlag(FLAGS_haystack));
+  absl::StatusOr<HaystackSplit> split = ParseHaystackSplit(absl::GetFlag(FLAGS_split));
+  if (!split.ok()) Die(std::string(split.status().message()));
+  absl::StatusOr<std::string> text = ReadHaystack(absl::GetFlag(FLAGS_haystack), *split);
   if (!text.ok()) Die(std::string(text.status().message()));
   return *text;
 }
@@ -253,11 +260,22 @@ int main(int argc, char** argv) {
           Accumulate(stats, n_head, model.hparams().n_head / model.hparams().n_head_kv, &r);
           const auto& ref = dense_logits[s];
           r.agree += ArgMax(lg.data(), V) == ArgMax(ref.data(), V);
-          r.kl_sum += Kl(Softmax(ref.data(), V), Softmax(lg.data(), V));
+          r.step_kl.push_back(Kl(Softmax(ref.data(), V), Softmax(lg.data(), V)));
+          r.kl_sum += r.step_kl.back();
           ++r.steps;
         }
         r.fetched += counters.page_fetches;
         r.rel_err = backends[pi]->MeanRelativeError();
+        r.sites.clear();  // the windows so far
+        const auto& sites = backends[pi]->sites();
+        for (size_t l = 0; l < sites.size(); ++l) {
+          for (size_t h = 0; h < sites[l].size(); ++h) {
+            const ProbedAttention::SiteError& e = sites[l][h];
+            if (e.tasks == 0) continue;
+            r.sites.push_back({static_cast<int>(l), static_cast<int>(h), e.sum / e.tasks, e.max,
+                               static_cast<double>(e.large) / e.tasks});
+          }
+        }
         std::cerr << absl::StrFormat(
             "  %-24s top1 %.3f  KL %.5f  relerr %.4f  KV %.3f  read %.3f  fetched %.3f%s\n",
             r.policy, r.Agreement(), r.kl_sum / r.steps, r.rel_err, r.KvFraction(),
@@ -325,6 +343,9 @@ int main(int argc, char** argv) {
   PrintResults(results, n_head);
   if (const std::string csv = absl::GetFlag(FLAGS_csv); !csv.empty()) {
     WriteResultsCsv(csv, results);
+  }
+  if (const std::string scsv = absl::GetFlag(FLAGS_sites_csv); !scsv.empty()) {
+    WriteSitesCsv(scsv, results);
   }
   if (const std::string lcsv = absl::GetFlag(FLAGS_layers_csv); !lcsv.empty()) {
     WriteLayersCsv(lcsv, results);

@@ -21,9 +21,18 @@ void ProbedAttention::Run(const AttentionShape& shape, const AttentionTask& task
     num += (task.out[i] - ref[i]) * (task.out[i] - ref[i]);
     den += ref[i] * ref[i];
   }
+  const double err = std::sqrt(num / std::max(den, 1e-30));
   std::lock_guard<std::mutex> lock(mu_);
-  err_sum_ += std::sqrt(num / std::max(den, 1e-30));
+  err_sum_ += err;
   ++err_count_;
+  if (sites_.size() <= static_cast<size_t>(task.layer)) sites_.resize(task.layer + 1);
+  auto& layer = sites_[task.layer];
+  if (layer.size() <= static_cast<size_t>(task.kv_head)) layer.resize(task.kv_head + 1);
+  SiteError& e = layer[task.kv_head];
+  ++e.tasks;
+  e.sum += err;
+  e.max = std::max(e.max, err);
+  e.large += err > kLargeMiss;
 }
 
 }  // namespace psa

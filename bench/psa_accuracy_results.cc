@@ -27,6 +27,25 @@ double Kl(const std::vector<double>& p, const std::vector<double>& q) {
   return kl;
 }
 
+double PolicyResult::KlQuantile(double q) const {
+  if (step_kl.empty()) return 0;
+  std::vector<double> v = step_kl;
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5));
+  std::nth_element(v.begin(), v.begin() + i, v.end());
+  return v[i];
+}
+
+double PolicyResult::KlTailShare(double top) const {
+  if (step_kl.empty()) return 0;
+  std::vector<double> v = step_kl;
+  std::sort(v.begin(), v.end(), std::greater<>());
+  const size_t n = std::max<size_t>(1, static_cast<size_t>(top * v.size() + 0.5));
+  double head = 0, all = 0;
+  for (size_t i = 0; i < v.size(); ++i) (i < n ? head : all) += v[i];
+  all += head;
+  return all > 0 ? head / all : 0;
+}
+
 void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
                 PolicyResult* r) {
   const int n_layer = static_cast<int>(stats.size()) / n_head;
@@ -59,11 +78,13 @@ void Accumulate(const std::vector<HeadStepStats>& stats, int n_head, int group,
 }
 
 void PrintResults(const std::vector<PolicyResult>& results, int n_head) {
-  std::printf("%-7s %-24s %8s %10s %9s %8s %8s %8s %9s %6s %8s\n", "context", "policy", "top1",
-              "KL", "relerr", "KV frac", "KV read", "fetched", "captured", "iters", "needle");
+  std::printf("%-7s %-24s %8s %10s %9s %9s %9s %8s %8s %8s %9s %6s %8s\n", "context", "policy",
+              "top1", "KL", "KL p99", "KL top5%", "relerr", "KV frac", "KV read", "fetched",
+              "captured", "iters", "needle");
   for (const PolicyResult& r : results) {
-    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %8.4f %8.4f %8.4f %9s %6.2f %8s\n", r.context,
-                r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0, r.rel_err,
+    std::printf("%-7d %-24s %8.4f %10.6f %9.5f %9.3f %9.5f %8.4f %8.4f %8.4f %9s %6.2f %8s\n",
+                r.context, r.policy.c_str(), r.Agreement(), r.steps ? r.kl_sum / r.steps : 0.0,
+                r.KlQuantile(0.99), r.KlTailShare(0.05), r.rel_err,
                 r.KvFraction(), r.policy == "dense" ? 1.0 : r.ReadFraction(), r.FetchFraction(),
                 r.captured_n ? absl::StrFormat("%.4f", r.captured_sum / r.captured_n).c_str() : "-",
                 r.layer_total.empty()
@@ -76,14 +97,15 @@ void PrintResults(const std::vector<PolicyResult>& results, int n_head) {
 void WriteResultsCsv(const std::string& path, const std::vector<PolicyResult>& results) {
   std::ofstream out(path);
   out << "context,policy,kind,top1,kl,rel_err,kv_fraction,kv_read_fraction,captured,"
-         "needles_found,needles,fetch_fraction\n";
+         "needles_found,needles,fetch_fraction,kl_p99,kl_max,kl_top5_share\n";
   for (const PolicyResult& r : results) {
     const std::string kind = r.policy.substr(0, r.policy.find('('));
     out << r.context << ",\"" << r.policy << "\"," << kind << "," << r.Agreement() << ","
         << (r.steps ? r.kl_sum / r.steps : 0) << "," << r.rel_err << "," << r.KvFraction() << ","
         << (r.policy == "dense" ? 1.0 : r.ReadFraction()) << ","
         << (r.captured_n ? r.captured_sum / r.captured_n : -1) << "," << r.needles_found << ","
-        << r.needles << "," << r.FetchFraction() << "\n";
+        << r.needles << "," << r.FetchFraction() << "," << r.KlQuantile(0.99) << ","
+        << r.KlQuantile(1.0) << "," << r.KlTailShare(0.05) << "\n";
   }
   std::cerr << "wrote " << path << "\n";
 }
@@ -95,6 +117,18 @@ void WriteLayersCsv(const std::string& path, const std::vector<PolicyResult>& re
     for (size_t l = 0; l < r.layer_total.size(); ++l) {
       out << r.context << ",\"" << r.policy << "\"," << l << ","
           << (r.layer_total[l] ? r.layer_touched[l] / r.layer_total[l] : 0) << "\n";
+    }
+  }
+  std::cerr << "wrote " << path << "\n";
+}
+
+void WriteSitesCsv(const std::string& path, const std::vector<PolicyResult>& results) {
+  std::ofstream out(path);
+  out << "context,policy,layer,kv_head,rel_err_mean,rel_err_max,large_miss_share\n";
+  for (const PolicyResult& r : results) {
+    for (const PolicyResult::Site& s : r.sites) {
+      out << r.context << ",\"" << r.policy << "\"," << s.layer << "," << s.kv_head << ","
+          << s.mean << "," << s.max << "," << s.large_share << "\n";
     }
   }
   std::cerr << "wrote " << path << "\n";

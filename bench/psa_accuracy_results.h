@@ -30,6 +30,18 @@ struct PolicyResult {
   double iterations_sum = 0;
   int needles_found = 0, needles = 0;
   std::vector<double> layer_touched, layer_total;
+  // Every step's KL, for the tail: a policy that is fine on average can
+  // still lose the answer on the rare steps where a head stopped too early.
+  std::vector<double> step_kl;
+  double KlQuantile(double q) const;   // q in [0, 1]; 0 when no steps
+  double KlTailShare(double top) const;  // share of the KL sum in the worst `top` of steps
+  // Per (layer, KV head): mean and max relative error of the attention
+  // output, share of tasks over ProbedAttention::kLargeMiss.
+  struct Site {
+    int layer, kv_head;
+    double mean, max, large_share;
+  };
+  std::vector<Site> sites;
   double Agreement() const { return steps ? static_cast<double>(agree) / steps : 0; }
   double KvFraction() const { return total ? static_cast<double>(touched) / total : 0; }
   double ReadFraction() const { return read_total ? static_cast<double>(read) / read_total : 0; }
@@ -53,6 +65,8 @@ void PrintResults(const std::vector<PolicyResult>& results, int n_head);
 // (a line on stderr names each).
 void WriteResultsCsv(const std::string& path, const std::vector<PolicyResult>& results);
 void WriteLayersCsv(const std::string& path, const std::vector<PolicyResult>& results);
+// Per-(layer, KV head) output errors of every policy.
+void WriteSitesCsv(const std::string& path, const std::vector<PolicyResult>& results);
 
 }  // namespace psa
 

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "compute_worker/kernels/fp16_kernels.h"
+#include "compute_worker/kernels/kquant_gemm.h"
 #include "compute_worker/kernels/kquant_dot.h"
 #include "compute_worker/kernels/quant_simd.h"
 
@@ -166,6 +167,9 @@ void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, 
   }
 }
 
+// Fewest tokens for which the tile GEMM's unpacking pays off.
+constexpr int kTileMinTokens = 16;
+
 }  // namespace
 
 GgmlType ActivationTypeFor(GgmlType weight) {
@@ -204,6 +208,20 @@ void MatMul(const WeightMatrix& w, const PackedActivations& x, float* y, int64_t
             int64_t row_begin, int64_t row_end) {
   if (row_end < 0) row_end = w.rows;
   const int n = x.n;
+  // Prefill-sized batches: whole 16-row tiles through the tile GEMM
+  // (kquant_gemm.h), the rows after the last tile below.
+  const int64_t tiles = (row_end - row_begin) / kTileRows;
+  if (n >= kTileMinTokens && tiles > 0 && TileGemmSupports(w.type)) {
+    TileActivations side;  // shared by the threads below
+    PrepareTileActivations(w.type, x.data.data(), x.row_bytes, n, w.cols, &side);
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t r = row_begin + i * kTileRows;
+      TileGemm16(w.type, w.row(r), w.row_bytes, x.data.data(), x.row_bytes, n, w.cols, side,
+                 y + r, ldy);
+    }
+    row_begin += tiles * kTileRows;
+  }
   constexpr int64_t kRowChunk = 16;
   const int64_t n_chunks = (row_end - row_begin + kRowChunk - 1) / kRowChunk;
 #pragma omp parallel for schedule(static) if (n_chunks > 1)

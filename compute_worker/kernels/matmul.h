@@ -5,7 +5,8 @@
 // Q5_0 and Q8_0 with Q8_0, the K-quants (Q4_K, Q5_K, Q6_K) with Q8_K, float
 // weights with F32. The integer kernels then use AVX-512 VNNI / AVX-VNNI /
 // AVX2 (chosen at build time) and rows are split across threads. The Q5 and
-// K-quant kernels are in kquant_dot.h.
+// K-quant kernels are in kquant_dot.h; prefill-sized batches of the common
+// types go through the AVX-512 VNNI tile GEMM of kquant_gemm.h where built.
 #ifndef PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
 #define PSA_COMPUTE_WORKER_KERNELS_MATMUL_H_
 

@@ -207,6 +207,52 @@ TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
   }
 }
 
+// Prefill-sized batches go through the tile GEMM (kquant_gemm.h) for whole
+// 16-row tiles where the build has it: equal to DotRow up to float rounding
+// (the order of the float sums differs), including token counts that leave
+// a tail of the 4-token groups and of the 128-token blocks, row ranges that
+// leave rows after the last tile, and nothing outside the range written.
+TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
+  constexpr int64_t kRows = 40, kCols = 768, kLdx = kCols + 3, kLdy = kRows + 5;
+  constexpr float kUntouched = -12345.0f;
+  std::mt19937 rng(17);
+  for (GgmlType type : {GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ4_K, GgmlType::kQ5_K,
+                        GgmlType::kQ6_K, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1}) {
+    const std::vector<uint8_t> data =
+        Quantize(type, RandomValues(rng, kRows * kCols, 1.0f, 0.2f), kRows, kCols);
+    WeightMatrix w;
+    w.type = type;
+    w.data = data.data();
+    w.rows = kRows;
+    w.cols = kCols;
+    w.row_bytes = RowBytes(type, kCols);
+    for (int n : {16, 19, 64, 133}) {
+      const std::vector<float> x = RandomValues(rng, n * kLdx, 1.0f, -0.1f);
+      PackedActivations packed;
+      PackActivations(type, x.data(), n, kCols, kLdx, &packed);
+      for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {8, 24}}) {
+        SCOPED_TRACE(std::string(TypeName(type)) + " n=" + std::to_string(n) + " rows [" +
+                     std::to_string(begin) + ", " + std::to_string(end) + ")");
+        std::vector<float> y(n * kLdy, kUntouched);
+        MatMul(w, packed, y.data(), kLdy, begin, end);
+        const int64_t stop = end < 0 ? kRows : end;
+        for (int t = 0; t < n; ++t) {
+          for (int64_t r = 0; r < kLdy; ++r) {
+            const float got = y[t * kLdy + r];
+            if (r >= begin && r < stop) {
+              const float want = DotRow(type, w.row(r), packed.row(t), kCols);
+              ASSERT_NEAR(got, want, 2e-5f * (8 + std::fabs(want)))
+                  << "token " << t << " row " << r;
+            } else {
+              ASSERT_EQ(got, kUntouched) << "token " << t << " row " << r;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Whole tiny models (256 wide: a K-quant row is one super-block) against
 // the double-precision reference on the same dequantised weights; the
 // embeddings are K-quants too in some, and read through DequantizeRow.
