@@ -60,6 +60,9 @@ ABSL_FLAG(bool, solo, false,
 ABSL_FLAG(bool, oracle, false,
           "Also sweep PSA and top-k with the oracle ranking (blocks by their exact attention "
           "mass, PSA stopping on the exact captured mass): the ceiling of any block selection.");
+ABSL_FLAG(bool, normalized_rank, false,
+          "Also sweep PSA and top-k ranking blocks by each head's own share of its bounds "
+          "(ResearchSelection::normalized_rank, ',norm').");
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
@@ -144,6 +147,11 @@ int main(int argc, char** argv) {
     r.tail = t;
     return r;
   };
+  auto normalized = [] {
+    ResearchSelection r;
+    r.normalized_rank = true;
+    return r;
+  };
   auto with_oracle = [](bool rank, bool stop) {
     ResearchSelection r;
     r.oracle_rank = rank;
@@ -173,6 +181,7 @@ int main(int argc, char** argv) {
     if (absl::GetFlag(FLAGS_mean_estimate)) policies.push_back({p, with_tail(Tail::kLastGroupMean)});
     if (absl::GetFlag(FLAGS_paper_estimate)) policies.push_back({p, with_tail(Tail::kMinSeen)});
     if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, true)});
+    if (absl::GetFlag(FLAGS_normalized_rank)) policies.push_back({p, normalized()});
     if (absl::GetFlag(FLAGS_oracle_parts)) {
       for (bool rank : {true, false}) policies.push_back({p, with_oracle(rank, !rank)});
     }
@@ -187,6 +196,7 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtoi(k, &p.top_k)) Die("bad --topk entry " + k);
     policies.push_back({p, {}});
     if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, false)});
+    if (absl::GetFlag(FLAGS_normalized_rank)) policies.push_back({p, normalized()});
   }
   std::vector<std::unique_ptr<ProbedAttention>> backends;
   for (const auto& [p, research] : policies) {

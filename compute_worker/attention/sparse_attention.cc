@@ -108,11 +108,16 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     scratch_ub.resize(ub.size());
     scratch_g.resize(n_cand);
   }
+  const bool norm_rank = research_.normalized_rank && !exact_rank;
+  if (norm_rank && exact_stop) scratch_ub.resize(ub.size());
   if (!(exact_rank && exact_stop)) {
+    float* bounds = stop.wants_bounds() ? ub.data() : nullptr;
+    if (norm_rank) bounds = exact_stop ? scratch_ub.data() : ub.data();
     kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, sink, local_begin, stop.wants_bounds() ? ub.data() : nullptr,
-               n_cand, exact_rank ? scratch_g.data() : gscore.data(),
+        .Score(qs, group, shape.scale, sink, local_begin, bounds, n_cand,
+               exact_rank ? scratch_g.data() : gscore.data(),
                stop.wants_centre() ? centre.data() : nullptr);
+    if (norm_rank) NormalizedGroupScores(bounds, group, n_cand, gscore.data());
   }
   if (exact_rank || exact_stop) {
     ExactBlockScores(kv, task.layer, task.kv_head, sink, n_cand, qs, group, d, shape.scale,

@@ -1,6 +1,7 @@
 // BlockRanking: its lazily produced order equals a full sort by descending
 // score (ties to the lower index, NaN last), whatever the score pattern.
 #include "compute_worker/attention/block_ranking.h"
+#include "compute_worker/attention/research/research_selection.h"
 
 #include <algorithm>
 #include <cmath>
@@ -69,6 +70,23 @@ TEST(BlockRankingTest, ResetForgetsThePreviousCandidates) {
   r.Reset(b.data(), 4);
   EXPECT_EQ(r.Extend(4), 4);
   EXPECT_EQ(r.order(), (std::vector<int>{3, 1, 2, 0}));
+}
+
+// The research ranking ",norm": head 0 is peaked (one block holds nearly
+// all its mass), head 1 diffuse. By raw bounds (max over heads) head 0's
+// runner-up outranks head 1's best block; by each head's own share, head
+// 1's best block comes second.
+TEST(BlockRankingTest, NormalizedGroupScoresRankEachHeadByItsOwnShare) {
+  const int n = 4;
+  const float ub[2][n] = {{20.0f, 9.0f, 0.0f, 0.0f},   // peaked, large scale
+                          {1.0f, 1.0f, 1.5f, 1.0f}};  // diffuse, small scale
+  float raw[n], norm[n];
+  for (int c = 0; c < n; ++c) raw[c] = std::max(ub[0][c], ub[1][c]);
+  NormalizedGroupScores(&ub[0][0], 2, n, norm);
+  EXPECT_GT(raw[1], raw[2]);    // raw: head 0's runner-up first
+  EXPECT_GT(norm[2], norm[1]);  // normalised: head 1's best first
+  EXPECT_GT(norm[0], norm[2]);  // head 0's best stays first
+  EXPECT_NEAR(norm[0], 0.0f, 1e-4f);  // it holds ~all of head 0's share: log 1
 }
 
 }  // namespace

@@ -26,12 +26,21 @@ struct ResearchSelection {
   Tail tail = Tail::kServed;  // kServed: the policy's own stop rule
   bool oracle_rank = false;
   bool oracle_stop = false;   // psa only
+  // Group ranking by each head's own share: a candidate's score is the
+  // largest over the group of ub_g(c) - log(sum_c' exp(ub_g(c'))), not of the
+  // raw bound ub_g(c), so a diffuse head's best blocks are not drowned by a
+  // peaked head's (",norm").
+  bool normalized_rank = false;
 
   // What AttentionPolicy::ToString() prints for it: ",min", ",mean", ",cal",
   // ",oracle" (rank and, for psa, stop), ",oracle-rank", ",oracle-stop";
   // "" when it is the served selection.
   std::string Suffix(AttentionPolicy::Kind kind) const;
 };
+
+// normalized_rank's group scores: gscore[c] = max_g ub[g][c] - lse_g, lse_g
+// the log-sum-exp of head g's n_cand bounds (ub is [group][n_cand]).
+void NormalizedGroupScores(const float* ub, int group, int n_cand, float* gscore);
 
 // The policy's name with the variant, e.g. "psa(eps=0.9,G=4,min)".
 inline std::string VariantName(const AttentionPolicy& p, const ResearchSelection& r) {
