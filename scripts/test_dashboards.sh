@@ -5,10 +5,32 @@
 # the prefix cache), then runs every dashboard panel's query through
 # Prometheus's HTTP API (scripts/check_dashboards.py) and checks the rules
 # with promtool. Run by ctest (dashboards.PanelsHaveData).
+#   scripts/test_dashboards.sh --rules-only   the rules alone, no cluster: promtool
+#       check and unit tests, dashboards/rules/check_rules.py (severities,
+#       runbooks, a firing and a silent test per alert, metric names the code
+#       exports). The full run starts with the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 BUILD="$(realpath -m "${PSA_BUILD_DIR:-build}")"
+
+check_rules() {
+  command -v promtool >/dev/null || { echo "promtool is missing: run scripts/setup.sh" >&2; exit 1; }
+  promtool check rules dashboards/rules/psa_serve.rules.yml
+  (cd dashboards/rules/tests && promtool test rules psa_serve.rules.test.yml)
+  local py=python3
+  if ! python3 -c "import yaml" 2>/dev/null; then  # PyYAML, in the build's venv
+    local venv="$BUILD/python-venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -c "import yaml" 2>/dev/null ||
+      "$venv/bin/python" -m pip install -q --disable-pip-version-check pyyaml
+    py="$venv/bin/python"
+  fi
+  "$py" dashboards/rules/check_rules.py
+}
+check_rules
+[ "${1:-}" = "--rules-only" ] && exit 0
+
 export PSA_CLUSTER_DIR="$BUILD/dashboards-cluster"
 export PSA_ROUTER_PORT=0
 PROM_DIR="$BUILD/dashboards-prometheus"
@@ -29,9 +51,15 @@ rm -rf "$PROM_DIR" && mkdir -p "$PROM_DIR"
   echo "global: {scrape_interval: 1s, evaluation_interval: 1s}"
   echo "rule_files: ['$ROOT/dashboards/rules/psa_serve.rules.yml']"
   echo "scrape_configs:"
-  for job in router worker0 worker1 kv0 kv1; do
-    echo "  - job_name: $job"
-    echo "    static_configs: [{targets: ['127.0.0.1:$(port "$job" metrics_port)']}]"
+  # The job names of Kubernetes (each ServiceMonitor's Service), which the
+  # alerts on `up` select.
+  for job in psa-router:router psa-worker:worker0,worker1 psa-kv:kv0,kv1; do
+    targets=""
+    for p in $(echo "${job#*:}" | tr , ' '); do
+      targets="$targets${targets:+, }'127.0.0.1:$(port "$p" metrics_port)'"
+    done
+    echo "  - job_name: ${job%%:*}"
+    echo "    static_configs: [{targets: [$targets]}]"
   done
 } >"$PROM_DIR/prometheus.yml"
 promtool check config "$PROM_DIR/prometheus.yml" >/dev/null
@@ -53,5 +81,13 @@ done
 sleep 8  # several scrapes after the traffic, so rates have two samples
 
 scripts/check_dashboards.py "http://127.0.0.1:$PROM_PORT" dashboards/grafana/*.json
-promtool check rules dashboards/rules/psa_serve.rules.yml
-(cd dashboards/rules/tests && promtool test rules psa_serve.rules.test.yml)
+# Every rule evaluates against the live metrics without an error.
+python3 - "http://127.0.0.1:$PROM_PORT" <<'EOF'
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1] + "/api/v1/rules", timeout=10) as r:
+    groups = json.load(r)["data"]["groups"]
+rules = [x for g in groups for x in g["rules"]]
+bad = [f"{x['name']}: {x.get('lastError')}" for x in rules if x.get("health") == "err"]
+print("\n".join("FAIL rule " + b for b in bad) or f"{len(rules)} rules evaluate without error")
+sys.exit(1 if bad or not rules else 0)
+EOF
