@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "compute_worker/attention/prefill_attention.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/kernels/fp16_kernels.h"
 #include "compute_worker/kv/kv_page_reader.h"
@@ -21,9 +22,9 @@ namespace {
 // probabilities and its output depend only on the row, never on which rows
 // share its task. A prompt whose prefix was loaded from the KV service (so
 // its remaining rows are chunked differently) therefore continues exactly
-// as one computed from scratch. Rows of a chunk share the fp16 -> fp32
-// conversion of the keys and values (KvSource below); one row converts as
-// it reads.
+// as one computed from scratch. A chunk of rows is tiled
+// (prefill_attention.h) with each row's arithmetic unchanged; one row
+// converts keys and values as it reads them (KvSource below).
 
 // Where key or value rows come from: the cache (fp16, converted on use) or
 // fp32 copies made once for a chunk of rows.
@@ -159,28 +160,19 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* inv
 #endif
 
 // Query rows [0, n_q) of the task; row i attends to keys [0, q_pos0 + i].
-// Each key and value row is converted once per chunk and used by every
-// head of the group.
+// Rows are computed one at a time (a decode step); each key and value row
+// is converted as it is read and used by every head of the group. Prompt
+// chunks go through TiledPrefillAttention, which gives each row this same
+// arithmetic bit for bit.
 void RowAttention(const AttentionShape& shape, const AttentionTask& task, const KvRows& keys,
                   const KvRows& values) {
   const int d = shape.head_dim, group = shape.group();
   const int n_keys_max = task.q_pos0 + task.n_q;
-  thread_local std::vector<float> scores, q16, row, kf, vf;  // scores: [group][n_keys]
+  thread_local std::vector<float> scores, q16, row;  // scores: [group][n_keys]
   scores.resize(static_cast<size_t>(group) * n_keys_max);
   q16.resize(static_cast<size_t>(group) * d);
   row.resize(d);
-  KvSource ksrc{&keys, nullptr, d}, vsrc{&values, nullptr, d};
-  if (task.n_q > 1) {  // shared by the rows: convert once
-    kf.resize(static_cast<size_t>(n_keys_max) * d);
-    vf.resize(static_cast<size_t>(n_keys_max) * d);
-    for (int t0 = 0; t0 < n_keys_max; t0 += keys.block_size) {  // rows contiguous per block
-      const int n = std::min(keys.block_size, n_keys_max - t0);
-      Fp16RowToFp32(keys.row(t0), &kf[static_cast<size_t>(t0) * d], n * d);
-      Fp16RowToFp32(values.row(t0), &vf[static_cast<size_t>(t0) * d], n * d);
-    }
-    ksrc.f32 = kf.data();
-    vsrc.f32 = vf.data();
-  }
+  const KvSource ksrc{&keys, nullptr, d}, vsrc{&values, nullptr, d};
   for (int i = 0; i < task.n_q; ++i) {
     const int n_keys = task.q_pos0 + i + 1;
     for (int g = 0; g < group; ++g) {
@@ -247,7 +239,11 @@ void DenseAttention::Run(const AttentionShape& shape, const AttentionTask& task)
     reader.Prefetch(all);
     for (int b = 0; b < n_blocks; ++b) reader.Page(b);
   }
-  RowAttention(shape, task, reader.Keys(), reader.Values());
+  if (task.n_q > 1) {
+    TiledPrefillAttention(shape, task, reader.Keys(), reader.Values());
+  } else {
+    RowAttention(shape, task, reader.Keys(), reader.Values());
+  }
   if (task.stats != nullptr) {
     const int n_keys = task.q_pos0 + task.n_q;
     const int blocks = (n_keys + task.kv->block_size() - 1) / task.kv->block_size();

@@ -1,0 +1,287 @@
+#include "compute_worker/attention/prefill_attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "compute_worker/kernels/fp16_kernels.h"
+#include "compute_worker/model/llama_model.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+PSA_BEGIN_AVX512_CODE
+
+namespace psa {
+namespace {
+
+// Keys (and values) per tile: a multiple of 16; as fp32, 32 KiB (head dim
+// 64) or 64 KiB (128), in L1/L2 while every (row, head) of a row tile uses
+// them.
+constexpr int kKeyTile = 128;
+// Scores kept per row tile ((rows x heads) x keys floats): small enough to
+// stay in L2 between the score, softmax and value passes.
+constexpr size_t kScoreBudget = size_t{1} << 18;
+constexpr int kMaxRowTile = 32;
+
+inline int RoundUp16(int n) { return (n + 15) & ~15; }
+
+// Rows [t0, t1) of `rows` as fp32 at dst (t0 - t0-relative), then zero
+// rows up to the next multiple of 16.
+void ConvertRows(const KvRows& rows, int t0, int t1, float* dst) {
+  const int d = rows.dim, B = rows.block_size;
+  for (int t = t0; t < t1;) {
+    const int n = std::min(t1, (t / B + 1) * B) - t;  // contiguous within a block
+    Fp16RowToFp32(rows.row(t), dst + static_cast<size_t>(t - t0) * d, n * d);
+    t += n;
+  }
+  const int padded = t0 + RoundUp16(t1 - t0);
+  std::fill(dst + static_cast<size_t>(t1 - t0) * d, dst + static_cast<size_t>(padded - t0) * d, 0.0f);
+}
+
+#if defined(__AVX512F__)
+// Lane j = _mm512_reduce_add_ps(v[j]), bit for bit: GCC's tree adds lanes
+// i and i + 8, then i and i + 4 (of those 8), then 0 + 2 and 1 + 3, then
+// the two. Done for 16 vectors at once with shuffles.
+__attribute__((always_inline)) inline __m512 ReduceAddEach16(const __m512 (&v)[16]) {
+  __m512 s[8];  // s[m]: lanes 0-7 a_i + a_{i+8} of v[2m], 8-15 those of v[2m+1]
+  for (int m = 0; m < 8; ++m) {
+    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0xEE));
+  }
+  __m512 t[4];  // t[p] quad k: s_j + s_{j+4} (j < 4) of v[4p + k]
+  for (int p = 0; p < 4; ++p) {
+    t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0xDD));
+  }
+  __m512 u[2];  // u[h] quad k: [t0+t2, t1+t3 of v[8h + k], the same of v[8h + 4 + k]]
+  for (int h = 0; h < 2; ++h) {
+    const __m512d a = _mm512_castps_pd(t[2 * h]), b = _mm512_castps_pd(t[2 * h + 1]);
+    u[h] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // r quad k: [v[k], v[4 + k], v[8 + k], v[12 + k]]
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Lane j = v[j] sits at lane 4 (j % 4) + j / 4.
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(idx, r);
+}
+
+// Lane j: DotF32(q, k + j * D, D) bit for bit (one FMA chain per key, then
+// its reduction), for 16 fp32 rows of D values.
+template <int D>
+__attribute__((always_inline)) inline __m512 DotF32x16(const __m512 (&q)[D / 16], const float* k) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    for (int c = 0; c < D / 16; ++c) {
+      acc[j] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k + j * D + 16 * c), acc[j]);
+    }
+  }
+  return ReduceAddEach16(acc);
+}
+
+// s[t] = scale * DotF32(q, k_t) for keys [0, n) of kf (zero-padded to a
+// multiple of 16 rows).
+template <int D>
+void ScoresF32(const float* q16, const float* kf, int n, float scale, float* s) {
+  __m512 q[D / 16];
+  for (int c = 0; c < D / 16; ++c) q[c] = _mm512_loadu_ps(q16 + 16 * c);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int t = 0; t < n; t += 16) {
+    _mm512_mask_storeu_ps(s + t, FirstLanes(n - t),
+                          _mm512_mul_ps(DotF32x16<D>(q, kf + static_cast<size_t>(t) * D), vscale));
+  }
+}
+
+// out[h] = sum_t p[h][t] v_t, continued from out[h] for keys in order, kH
+// heads sharing each value row (fp32, rows of D).
+template <int D, int kH>
+void AccumulateTile(const float* v, int n, const float* const* p, float* const* out) {
+  constexpr int C = D / 16;
+  __m512 acc[kH][C];
+  for (int h = 0; h < kH; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_loadu_ps(out[h] + 16 * c);
+  for (int t = 0; t < n; ++t, v += D) {
+    __m512 pt[kH];
+    for (int h = 0; h < kH; ++h) pt[h] = _mm512_set1_ps(p[h][t]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 vv = _mm512_loadu_ps(v + 16 * c);
+      for (int h = 0; h < kH; ++h) acc[h][c] = _mm512_fmadd_ps(pt[h], vv, acc[h][c]);
+    }
+  }
+  for (int h = 0; h < kH; ++h)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[h] + 16 * c, acc[h][c]);
+}
+
+template <int D>
+void AccumulateHeads(const float* v, int n, const float* const* p, float* const* out, int heads) {
+  constexpr int kMax = D == 64 ? 4 : 3;  // accumulators stay in registers
+  while (heads > 0) {
+    // Even chunks (7 = 4 + 3, 6 = 3 + 3).
+    const int chunks = (heads + kMax - 1) / kMax;
+    const int h = (heads + chunks - 1) / chunks;
+    switch (h) {
+      case 1: AccumulateTile<D, 1>(v, n, p, out); break;
+      case 2: AccumulateTile<D, 2>(v, n, p, out); break;
+      case 3: AccumulateTile<D, 3>(v, n, p, out); break;
+      default: AccumulateTile<D, kMax>(v, n, p, out); break;
+    }
+    p += h;
+    out += h;
+    heads -= h;
+  }
+}
+#endif
+
+}  // namespace
+
+void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& task,
+                           const KvRows& keys, const KvRows& values) {
+  const int d = shape.head_dim, G = shape.group();
+  const int n_q = task.n_q, q_pos0 = task.q_pos0;
+  const int n_keys_task = q_pos0 + n_q;
+  // The single-row path's choices (attention.cc): head dim 64 with up to 4
+  // heads scores 16 keys at a time straight from fp16 blocks of a multiple
+  // of 16 rows, a row's last n % 16 keys with DotF32; everything else with
+  // DotF32.
+#if defined(__AVX512F__)
+  const bool dot16 = d == 64 && G <= 4 && keys.block_size % 16 == 0;
+  const bool simd = d == 64 || d == 128;
+#endif
+  const int rows_tile = static_cast<int>(std::clamp<size_t>(
+      kScoreBudget / (static_cast<size_t>(G) * RoundUp16(n_keys_task)), 1, kMaxRowTile));
+
+  thread_local std::vector<float> scores, q16, kf, vf, tail;
+  thread_local std::vector<float> inv;
+  thread_local std::vector<const float*> pp;
+  thread_local std::vector<float*> op;
+  kf.resize(static_cast<size_t>(kKeyTile) * d);
+  vf.resize(static_cast<size_t>(kKeyTile) * d);
+  tail.resize(static_cast<size_t>(16) * d);
+  q16.resize(static_cast<size_t>(rows_tile) * G * d);
+  inv.resize(static_cast<size_t>(rows_tile) * G);
+  pp.resize(G);
+  op.resize(G);
+
+  for (int r0 = 0; r0 < n_q; r0 += rows_tile) {
+    const int nr = std::min(rows_tile, n_q - r0);
+    const int n_max = q_pos0 + r0 + nr;  // keys the tile reads
+    const int n_min = q_pos0 + r0 + 1;   // keys of its first row
+    const size_t ld = RoundUp16(n_max);
+    scores.resize(static_cast<size_t>(nr) * G * ld);
+    auto S = [&](int i, int g) { return scores.data() + (static_cast<size_t>(i) * G + g) * ld; };
+    auto Q = [&](int i, int g) { return q16.data() + (static_cast<size_t>(i) * G + g) * d; };
+    auto Out = [&](int i, int g) {
+      return task.out + static_cast<size_t>(r0 + i) * task.out_stride + static_cast<size_t>(g) * d;
+    };
+    for (int i = 0; i < nr; ++i) {
+      for (int g = 0; g < G; ++g) {
+        const float* q = task.q + static_cast<size_t>(r0 + i) * task.q_stride + g * d;
+        float* q_16 = Q(i, g);
+        for (int k = 0; k < d; ++k) q_16[k] = RoundToFp16(q[k]);
+      }
+    }
+
+    // Scores, a tile of keys at a time.
+    for (int t0 = 0; t0 < n_max; t0 += kKeyTile) {
+      const int t1 = std::min(n_max, t0 + kKeyTile);
+#if defined(__AVX512F__)
+      if (dot16) {
+        const __m512 vscale = _mm512_set1_ps(shape.scale);
+        for (int i = 0; i < nr; ++i) {
+          const int n_i = n_min + i;
+          if (n_i <= t0) break;
+          const int lim = std::min(t1, n_i), full = std::min(lim, n_i / 16 * 16);
+          const float* qs[4];
+          for (int g = 0; g < G; ++g) qs[g] = Q(i, g);
+          for (int t = t0; t < full; t += 16) {
+            __m512 dots[4];
+            WithGroup(G, [&](auto kg) {
+              Dot16RowsFp16x64<decltype(kg)::value>(qs, keys.row(t), dots);
+            });
+            for (int g = 0; g < G; ++g) _mm512_storeu_ps(S(i, g) + t, _mm512_mul_ps(dots[g], vscale));
+          }
+          if (full < lim) {  // the row's last n % 16 keys, as DotF32
+            const int tb = std::max(t0, full);
+            ConvertRows(keys, tb, lim, tail.data());
+            for (int g = 0; g < G; ++g) ScoresF32<64>(Q(i, g), tail.data(), lim - tb, shape.scale, S(i, g) + tb);
+          }
+        }
+        continue;
+      }
+#endif
+      ConvertRows(keys, t0, t1, kf.data());
+      for (int i = 0; i < nr; ++i) {
+        const int n_i = n_min + i;
+        if (n_i <= t0) break;
+        const int lim = std::min(t1, n_i);
+        for (int g = 0; g < G; ++g) {
+          float* s = S(i, g) + t0;
+#if defined(__AVX512F__)
+          if (simd) {
+            if (d == 64) {
+              ScoresF32<64>(Q(i, g), kf.data(), lim - t0, shape.scale, s);
+            } else {
+              ScoresF32<128>(Q(i, g), kf.data(), lim - t0, shape.scale, s);
+            }
+            continue;
+          }
+#endif
+          for (int t = 0; t < lim - t0; ++t) {
+            s[t] = DotF32(Q(i, g), kf.data() + static_cast<size_t>(t) * d, d) * shape.scale;
+          }
+        }
+      }
+    }
+
+    // Softmax of each (row, head): the single-row path's calls.
+    for (int i = 0; i < nr; ++i) {
+      const int n_i = n_min + i;
+      for (int g = 0; g < G; ++g) {
+        float* s = S(i, g);
+        const double sum = ExpShiftSum(s, n_i, MaxF32(s, n_i));
+        inv[static_cast<size_t>(i) * G + g] = static_cast<float>(1.0 / sum);
+        std::fill(Out(i, g), Out(i, g) + d, 0.0f);
+      }
+    }
+
+    // Values, a tile of keys at a time; each (row, head) sums its keys in
+    // order, continuing from where the previous tile left it.
+    for (int t0 = 0; t0 < n_max; t0 += kKeyTile) {
+      const int t1 = std::min(n_max, t0 + kKeyTile);
+      ConvertRows(values, t0, t1, vf.data());
+      for (int i = 0; i < nr; ++i) {
+        const int n_i = n_min + i;
+        if (n_i <= t0) break;
+        const int lim = std::min(t1, n_i);
+        for (int g = 0; g < G; ++g) {
+          float* s = S(i, g) + t0;
+          ScaleRoundToFp16(inv[static_cast<size_t>(i) * G + g], s, lim - t0);
+          pp[g] = s;
+          op[g] = Out(i, g);
+        }
+#if defined(__AVX512F__)
+        if (d == 64) {
+          AccumulateHeads<64>(vf.data(), lim - t0, pp.data(), op.data(), G);
+          continue;
+        }
+        if (d == 128) {
+          AccumulateHeads<128>(vf.data(), lim - t0, pp.data(), op.data(), G);
+          continue;
+        }
+#endif
+        for (int t = 0; t < lim - t0; ++t) {
+          const float* v = vf.data() + static_cast<size_t>(t) * d;
+          for (int g = 0; g < G; ++g) AxpyF32(pp[g][t], v, op[g], d);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace psa
+
+PSA_END_AVX512_CODE
