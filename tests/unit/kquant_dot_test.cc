@@ -280,16 +280,13 @@ TEST(KQuantRuntimeTest, TinyModelsStayCloseToReference) {
     spec.seed = 40 + static_cast<int>(c.weights);
     auto model = TinyModel(spec);
     ASSERT_NE(model, nullptr);
-    LlamaRuntime rt(*model, RuntimeOptions{});
-    const auto tokens = RandomTokens(12, model->hparams().n_vocab, 5);
-    KvCache kv = rt.NewCache();
-    std::vector<float> logits;
-    ASSERT_TRUE(rt.Prefill(&kv, tokens, &logits).ok());
-    const auto ref = ReferenceForward(*model, tokens);
+    const ReferenceComparison r =
+        CompareWithReference(*model, RandomTokens(12, model->hparams().n_vocab, 5));
+    ASSERT_TRUE(r.ok);
     double num = 0, den = 0;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      num += (logits[i] - ref[i]) * (logits[i] - ref[i]);
-      den += ref[i] * ref[i];
+    for (size_t i = 0; i < r.want.size(); ++i) {
+      num += (r.got[i] - r.want[i]) * (r.got[i] - r.want[i]);
+      den += r.want[i] * r.want[i];
     }
     // Activation quantisation (Q8_0 / Q8_1 / Q8_K) is the only approximation
     // beyond fp16; a misread layout would be off by 100%. Q8_K has one scale

@@ -31,18 +31,10 @@ TEST(RuntimeTest, Qwen2AndLlama31RopeFactorsMatchReference) {
               qwen ? LlamaHparams::RopeStyle::kNeox : LlamaHparams::RopeStyle::kAdjacent);
     EXPECT_EQ(model->layer(0).bk.size(), qwen ? static_cast<size_t>(hp.n_head_kv * hp.head_dim) : 0u);
     EXPECT_EQ(hp.rope_freq_factors.size(), qwen ? 0u : static_cast<size_t>(hp.rope_dim / 2));
-    LlamaRuntime rt(*model, RuntimeOptions{});
-    const auto tokens = RandomTokens(40, hp.n_vocab, 5);
-    KvCache kv = rt.NewCache();
-    std::vector<float> logits;
-    ASSERT_TRUE(rt.Prefill(&kv, tokens, &logits).ok());
-    const auto ref = ReferenceForward(*model, tokens);
-    double max_err = 0, max_ref = 0;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      max_err = std::max(max_err, std::fabs(logits[i] - ref[i]));
-      max_ref = std::max(max_ref, std::fabs(ref[i]));
-    }
-    EXPECT_LT(max_err, 2e-3 * std::max(1.0, max_ref)) << spec.architecture << " max_ref " << max_ref;
+    const ReferenceComparison c = CompareWithReference(*model, RandomTokens(40, hp.n_vocab, 5));
+    ASSERT_TRUE(c.ok);
+    EXPECT_LT(c.max_err, 2e-3 * std::max(1.0, c.max_ref))
+        << spec.architecture << " max_ref " << c.max_ref;
   }
 }
 

@@ -4,6 +4,7 @@
 #include <random>
 #include <string>
 
+#include "compute_worker/runtime/llama_runtime.h"
 #include "gtest/gtest.h"
 
 namespace psa {
@@ -114,6 +115,22 @@ std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
   std::vector<TokenId> t(n);
   for (auto& x : t) x = rng() % vocab;
   return t;
+}
+
+ReferenceComparison CompareWithReference(const LlamaModel& m, const std::vector<TokenId>& tokens) {
+  ReferenceComparison c;
+  LlamaRuntime rt(m, RuntimeOptions{});
+  KvCache kv = rt.NewCache();
+  const absl::Status s = rt.Prefill(&kv, tokens, &c.got);
+  EXPECT_TRUE(s.ok()) << s;
+  if (!s.ok()) return c;
+  c.ok = true;
+  c.want = ReferenceForward(m, tokens);
+  for (size_t i = 0; i < c.want.size(); ++i) {
+    c.max_err = std::max(c.max_err, std::fabs(c.got[i] - c.want[i]));
+    c.max_ref = std::max(c.max_ref, std::fabs(c.want[i]));
+  }
+  return c;
 }
 
 }  // namespace psa

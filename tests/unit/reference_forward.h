@@ -22,6 +22,17 @@ std::vector<float> Dequantize(const WeightMatrix& w);
 std::vector<double> ReferenceForward(const LlamaModel& m, const std::vector<TokenId>& tokens);
 std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed);
 
+// The runtime's last-position logits for `tokens` (one prefill from an empty
+// cache) beside ReferenceForward's, with the largest absolute difference and
+// the largest reference logit.
+struct ReferenceComparison {
+  std::vector<float> got;
+  std::vector<double> want;
+  double max_err = 0, max_ref = 0;
+  bool ok = false;  // the prefill succeeded
+};
+ReferenceComparison CompareWithReference(const LlamaModel& m, const std::vector<TokenId>& tokens);
+
 }  // namespace psa
 
 #endif  // PSA_TESTS_UNIT_REFERENCE_FORWARD_H_

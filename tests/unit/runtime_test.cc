@@ -21,19 +21,11 @@ TEST(RuntimeTest, MatchesReferenceWithFloatWeights) {
   spec.seed = 11;
   auto model = TinyModel(spec);
   ASSERT_NE(model, nullptr);
-  LlamaRuntime rt(*model, RuntimeOptions{});
-  const auto tokens = RandomTokens(40, model->hparams().n_vocab, 3);
-  KvCache kv = rt.NewCache();
-  std::vector<float> logits;
-  ASSERT_TRUE(rt.Prefill(&kv, tokens, &logits).ok());
-  const auto ref = ReferenceForward(*model, tokens);
-  double max_err = 0, max_ref = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    max_err = std::max(max_err, std::fabs(logits[i] - ref[i]));
-    max_ref = std::max(max_ref, std::fabs(ref[i]));
-  }
+  const ReferenceComparison c =
+      CompareWithReference(*model, RandomTokens(40, model->hparams().n_vocab, 3));
+  ASSERT_TRUE(c.ok);
   // Only the fp16 KV cache, query and probabilities differ from the reference.
-  EXPECT_LT(max_err, 2e-3 * std::max(1.0, max_ref)) << "max_ref " << max_ref;
+  EXPECT_LT(c.max_err, 2e-3 * std::max(1.0, c.max_ref)) << "max_ref " << c.max_ref;
 }
 
 TEST(RuntimeTest, QuantizedWeightsStayCloseToReference) {
