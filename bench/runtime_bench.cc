@@ -21,6 +21,7 @@
 #include "common/flags_main.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/runtime/llama_runtime.h"
+#include "compute_worker/attention/prefill_attention.h"
 #include "compute_worker/kernels/matmul.h"
 #include "compute_worker/runtime/sampler.h"
 
@@ -39,6 +40,9 @@ ABSL_FLAG(int, reps, 3,
           "copied to every sequence, one untimed decode step runs, then --reps runs of "
           "--decode_tokens steps continuing the same sequences.");
 ABSL_FLAG(bool, json, false, "Print one JSON object instead of a table.");
+ABSL_FLAG(bool, fast_prefill, false,
+          "Prefill with the AVX-512 tile GEMM and the tiled prefill attention, both off in "
+          "serving (outputs would depend on batch composition; see matmul.h).");
 ABSL_FLAG(bool, step_times, false,
           "Print every timed decode step's milliseconds to stderr (one line per "
           "configuration and repetition), e.g. to see one-off costs of the first steps.");
@@ -103,6 +107,8 @@ int main(int argc, char** argv) {
   const std::vector<int> contexts = ParseList(absl::GetFlag(FLAGS_contexts));
   const std::vector<int> batches = ParseList(absl::GetFlag(FLAGS_batches));
   const int n_decode = absl::GetFlag(FLAGS_decode_tokens);
+  psa::SetTileGemmEnabled(absl::GetFlag(FLAGS_fast_prefill));
+  psa::SetTiledPrefillAttentionEnabled(absl::GetFlag(FLAGS_fast_prefill));
   const bool json = absl::GetFlag(FLAGS_json);
   const bool step_times = absl::GetFlag(FLAGS_step_times);
 

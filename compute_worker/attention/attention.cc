@@ -239,7 +239,7 @@ void DenseAttention::Run(const AttentionShape& shape, const AttentionTask& task)
     reader.Prefetch(all);
     for (int b = 0; b < n_blocks; ++b) reader.Page(b);
   }
-  if (task.n_q > 1) {
+  if (task.n_q > 1 && TiledPrefillAttentionEnabled()) {
     TiledPrefillAttention(shape, task, reader.Keys(), reader.Values());
   } else {
     RowAttention(shape, task, reader.Keys(), reader.Values());

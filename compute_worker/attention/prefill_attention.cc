@@ -1,6 +1,7 @@
 #include "compute_worker/attention/prefill_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -281,6 +282,13 @@ void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& tas
     }
   }
 }
+
+namespace {
+std::atomic<bool> tiled_prefill_enabled{false};
+}  // namespace
+
+void SetTiledPrefillAttentionEnabled(bool on) { tiled_prefill_enabled.store(on); }
+bool TiledPrefillAttentionEnabled() { return tiled_prefill_enabled.load(); }
 
 }  // namespace psa
 

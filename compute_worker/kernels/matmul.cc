@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "compute_worker/kernels/fp16_kernels.h"
@@ -170,6 +171,8 @@ void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, 
 // Fewest tokens for which the tile GEMM's unpacking pays off.
 constexpr int kTileMinTokens = 16;
 
+std::atomic<bool> tile_gemm_enabled{false};
+
 }  // namespace
 
 GgmlType ActivationTypeFor(GgmlType weight) {
@@ -211,7 +214,8 @@ void MatMul(const WeightMatrix& w, const PackedActivations& x, float* y, int64_t
   // Prefill-sized batches: whole 16-row tiles through the tile GEMM
   // (kquant_gemm.h), the rows after the last tile below.
   const int64_t tiles = (row_end - row_begin) / kTileRows;
-  if (n >= kTileMinTokens && tiles > 0 && TileGemmSupports(w.type)) {
+  if (n >= kTileMinTokens && tiles > 0 && TileGemmSupports(w.type) &&
+      tile_gemm_enabled.load(std::memory_order_relaxed)) {
     TileActivations side;  // shared by the threads below
     PrepareTileActivations(w.type, x.data.data(), x.row_bytes, n, w.cols, &side);
 #pragma omp parallel for schedule(static) if (tiles > 1)
@@ -245,6 +249,9 @@ void MatMul(const WeightMatrix& w, const PackedActivations& x, float* y, int64_t
     }
   }
 }
+
+void SetTileGemmEnabled(bool on) { tile_gemm_enabled.store(on); }
+bool TileGemmEnabled() { return tile_gemm_enabled.load(); }
 
 const char* MatMulIsa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

@@ -213,6 +213,7 @@ TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
 // a tail of the 4-token groups and of the 128-token blocks, row ranges that
 // leave rows after the last tile, and nothing outside the range written.
 TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
+  SetTileGemmEnabled(true);  // off by default (matmul.h); this tests it
   constexpr int64_t kRows = 40, kCols = 768, kLdx = kCols + 3, kLdy = kRows + 5;
   constexpr float kUntouched = -12345.0f;
   std::mt19937 rng(17);
@@ -251,6 +252,7 @@ TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
       }
     }
   }
+  SetTileGemmEnabled(false);
 }
 
 // Whole tiny models (256 wide: a K-quant row is one super-block) against
