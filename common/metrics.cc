@@ -105,6 +105,23 @@ M& Family<M>::Add(const Labels& labels) {
 }
 
 template <typename M>
+bool Family<M>::Remove(const Labels& labels) {
+  std::unique_ptr<M> removed;  // destroyed after the lock is released
+  absl::MutexLock lock(&mu_);
+  auto it = metrics_.find(labels);
+  if (it == metrics_.end()) return false;
+  removed = std::move(it->second);
+  metrics_.erase(it);
+  return true;
+}
+
+template <typename M>
+size_t Family<M>::size() {
+  absl::MutexLock lock(&mu_);
+  return metrics_.size();
+}
+
+template <typename M>
 void Family<M>::Write(std::string* out) {
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
   absl::MutexLock lock(&mu_);

@@ -2,8 +2,9 @@
 // text exposition format (version 0.0.4) that Prometheus scrapes.
 //
 // prometheus-cpp is not packaged in Debian bookworm, so this is the small
-// subset the services need. Metric objects live as long as their Registry;
-// updating one is lock-free (atomics), creating one takes a lock.
+// subset the services need. Metric objects live as long as their Registry,
+// or until their family's Remove() of their labels; updating one is
+// lock-free (atomics), creating or removing one takes a lock. Thread-safe.
 #ifndef PSA_COMMON_METRICS_H_
 #define PSA_COMMON_METRICS_H_
 
@@ -103,6 +104,13 @@ class Family : public Registry::FamilyBase {
  public:
   // The metric with these labels, created on first use.
   M& Add(const Labels& labels = {});
+  // Deletes the series with these labels (e.g. of a worker that left), so
+  // the exposition no longer shows it; false if there was none. References
+  // Add() returned for these labels dangle after it: the caller must make
+  // sure nothing still updates them (a later Add() starts a new series).
+  bool Remove(const Labels& labels);
+  // Number of series (label sets) in the family.
+  size_t size();
   void Write(std::string* out) override;
 
  private:

@@ -80,7 +80,7 @@ class RouterService::Relay final : public GenerateStreamWriter {
   // One callback at a time (see the file comment).
   const uint64_t affinity_;
   int tries_ = 0;
-  std::vector<WorkerPool::Worker*> tried_;
+  std::vector<WorkerPool::WorkerRef> tried_;  // keeps them alive for the exclusion
   std::vector<uint32_t> generated_;
   uint64_t text_bytes_ = 0;
   bool finished_ = false;
@@ -97,13 +97,13 @@ class RouterService::Relay final : public GenerateStreamWriter {
 // the call's reactions on the calling thread).
 class RouterService::WorkerCall final : public grpc::ClientReadReactor<GenerateResponse> {
  public:
-  WorkerCall(Relay* relay, WorkerPool::Worker* worker, GenerateRequest request,
+  WorkerCall(Relay* relay, WorkerPool::WorkerRef worker, GenerateRequest request,
              std::chrono::system_clock::time_point deadline)
-      : relay_(relay), worker_(worker), request_(std::move(request)) {
+      : relay_(relay), worker_(std::move(worker)), request_(std::move(request)) {
     ctx_.set_deadline(deadline);
   }
   grpc::ClientContext* context() { return &ctx_; }
-  WorkerPool::Worker* worker() const { return worker_; }
+  const WorkerPool::WorkerRef& worker() const { return worker_; }
   void Start() {
     worker_->stub->async()->Generate(&ctx_, &request_, this);
     StartRead(&message_);
@@ -127,7 +127,7 @@ class RouterService::WorkerCall final : public grpc::ClientReadReactor<GenerateR
   }
 
   Relay* const relay_;
-  WorkerPool::Worker* const worker_;
+  const WorkerPool::WorkerRef worker_;  // valid for the call even if the pool forgets it
   const GenerateRequest request_;
   grpc::ClientContext ctx_;
   GenerateResponse message_;
@@ -219,7 +219,7 @@ void RouterService::Relay::NextTry() {
     End(last_failure_, /*held_slot=*/true);
     return;
   }
-  absl::StatusOr<WorkerPool::Worker*> worker = service_->pool_->Acquire(affinity_, tried_);
+  absl::StatusOr<WorkerPool::WorkerRef> worker = service_->pool_->Acquire(affinity_, tried_);
   if (!worker.ok()) {
     End(ToGrpcStatus(worker.status()), /*held_slot=*/true);
     return;
@@ -229,7 +229,7 @@ void RouterService::Relay::NextTry() {
   if (!generated_.empty()) {  // continue where the failed worker stopped
     const ResumeAuth* auth = service_->options_.resume_auth;
     if (auth == nullptr) {  // the workers would refuse an unsigned resume
-      service_->pool_->Release(*worker);
+      service_->pool_->Release(worker->get());
       End(grpc::Status(last_failure_.error_code(),
                        absl::StrCat(last_failure_.error_message(), " (after ", generated_.size(),
                                     " tokens; the router cannot resume on another worker "
@@ -254,7 +254,7 @@ void RouterService::Relay::NextTry() {
     if (!cancelled) call_ = call;
   }
   if (cancelled) {
-    service_->pool_->Release(*worker);
+    service_->pool_->Release(worker->get());
     delete call;  // never started
     End(ClientGoneStatus(/*queued=*/false), /*held_slot=*/true);
     return;
@@ -273,13 +273,13 @@ void RouterService::Relay::OnMessage(const GenerateResponse& message) {
 }
 
 void RouterService::Relay::OnCallDone(WorkerCall* call, grpc::Status status) {
-  WorkerPool::Worker* const worker = call->worker();
+  const WorkerPool::WorkerRef worker = call->worker();  // the call may go before we are done
   {
     absl::MutexLock lock(&mu_);
     call_ = nullptr;
     if (cancelled_) status = ClientGoneStatus(/*queued=*/false);
   }
-  service_->pool_->Release(worker);
+  service_->pool_->Release(worker.get());
   if (finished_) {  // the last message came: done, whatever the status says
     End(status, /*held_slot=*/true);
     return;
@@ -292,7 +292,7 @@ void RouterService::Relay::OnCallDone(WorkerCall* call, grpc::Status status) {
     return;
   }
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    service_->pool_->ReportFailure(worker);
+    service_->pool_->ReportFailure(worker.get());
   }
   tried_.push_back(worker);
   last_failure_ = status;

@@ -32,7 +32,12 @@ ABSL_FLAG(int, max_attempts, 3, "Workers tried per request, the first included")
 ABSL_FLAG(int, affinity_slack, 4,
           "Prefer the prompt's affinity worker unless it has more than this many requests "
           "outstanding beyond the least loaded one");
-ABSL_FLAG(int, health_interval_ms, 500, "Milliseconds between checks of the workers' health");
+ABSL_FLAG(int, health_interval_ms, 500,
+          "Milliseconds between checks of the workers' health (all checked at once, each with "
+          "this deadline)");
+ABSL_FLAG(int, forget_worker_after_polls, 10,
+          "A --workers_dns worker missing from this many consecutive DNS answers is forgotten "
+          "(dropped with its metric series); until then it only gets no new requests");
 ABSL_FLAG(std::string, resume_secret_file, "",
           "File holding the secret (16+ bytes) shared with the workers' --resume_secret_file: "
           "the router signs the resume it sends when a worker fails mid-stream. Without it such "
@@ -107,6 +112,8 @@ int main(int argc, char** argv) {
   pool_options.workers_dns = absl::GetFlag(FLAGS_workers_dns);
   pool_options.affinity_slack = absl::GetFlag(FLAGS_affinity_slack);
   pool_options.health_interval = absl::Milliseconds(absl::GetFlag(FLAGS_health_interval_ms));
+  pool_options.forget_after_polls = absl::GetFlag(FLAGS_forget_worker_after_polls);
+  if (pool_options.forget_after_polls < 1) return Fail("--forget_worker_after_polls must be >= 1");
   auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
   auto service = std::make_unique<psa::RouterService>(pool.get(), &registry, options);
 

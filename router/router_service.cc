@@ -72,15 +72,15 @@ class RouterService::UnaryRelay {
     if (static_cast<int>(tried_.size()) >= service_->options_.max_attempts) {
       return End(status_);
     }
-    absl::StatusOr<WorkerPool::Worker*> worker = service_->pool_->Acquire(0, tried_);
+    absl::StatusOr<WorkerPool::WorkerRef> worker = service_->pool_->Acquire(0, tried_);
     if (!worker.ok()) return End(ToGrpcStatus(worker.status()));
     contexts_.push_back(std::make_unique<grpc::ClientContext>());
     contexts_.back()->set_deadline(deadline_);
-    WorkerPool::Worker* w = *worker;
+    WorkerPool::WorkerRef w = *worker;  // the callback's copy keeps it alive for the call
     send_(*w, contexts_.back().get(), response_, [this, w](grpc::Status s) {
-      service_->pool_->Release(w);
+      service_->pool_->Release(w.get());
       if (s.error_code() != grpc::StatusCode::UNAVAILABLE) return End(s);
-      service_->pool_->ReportFailure(w);
+      service_->pool_->ReportFailure(w.get());
       tried_.push_back(w);
       status_ = s;
       Next();
@@ -100,7 +100,7 @@ class RouterService::UnaryRelay {
   grpc::ServerUnaryReactor* const reactor_;
   Response* const response_;
   const Send send_;
-  std::vector<WorkerPool::Worker*> tried_;
+  std::vector<WorkerPool::WorkerRef> tried_;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;  // one per try
   grpc::Status status_{grpc::StatusCode::UNAVAILABLE, "no worker was tried"};
 };

@@ -5,9 +5,11 @@
 #include <netinet/in.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/support/channel_arguments.h"
 #include "common/hash_ring.h"
@@ -23,6 +25,36 @@ uint64_t Mix(uint64_t a, uint64_t b) {
   h ^= h >> 33;
   h *= 0xff51afd7ed558ccdull;
   return h ^ (h >> 33);
+}
+
+// The A records of "name:port" as "ip:port" each. A name without records
+// is an empty answer (every worker gone); other failures are errors.
+absl::StatusOr<std::vector<std::string>> ResolveDns(const std::string& spec) {
+  const size_t colon = spec.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("workers_dns ", spec, " is not NAME:PORT"));
+  }
+  const std::string host = spec.substr(0, colon), port = spec.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  std::vector<std::string> addresses;
+  if (rc == EAI_NONAME || rc == EAI_NODATA) return addresses;
+  if (rc != 0) {
+    return absl::UnavailableError(absl::StrCat("resolving ", spec, ": ", gai_strerror(rc)));
+  }
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, ip, sizeof(ip));
+    std::string address = absl::StrCat(ip, ":", port);
+    if (std::find(addresses.begin(), addresses.end(), address) == addresses.end()) {
+      addresses.push_back(std::move(address));
+    }
+  }
+  freeaddrinfo(found);
+  return addresses;
 }
 
 }  // namespace
@@ -55,9 +87,14 @@ WorkerPool::WorkerPool(WorkerPoolOptions options, metrics::Registry* registry)
     : options_(std::move(options)),
       healthy_gauge_(registry->AddGauge("psa_router_worker_healthy",
                                         "1 if the worker answers health checks as SERVING")) {
+  if (options_.discover) {
+    discover_ = options_.discover;
+  } else if (!options_.workers_dns.empty()) {
+    discover_ = [spec = options_.workers_dns] { return ResolveDns(spec); };
+  }
   {
     absl::MutexLock lock(&mu_);
-    for (const std::string& address : options_.workers) AddWorker(address);
+    for (const std::string& address : options_.workers) AddWorker(address, /*is_static=*/true);
   }
   PollHealth();  // know the state before the first request
   poller_ = std::thread([this] {
@@ -70,14 +107,15 @@ WorkerPool::~WorkerPool() {
   poller_.join();
 }
 
-void WorkerPool::AddWorker(const std::string& address) {
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    if (workers_[i]->address == address) {
-      listed_[i] = true;
+void WorkerPool::AddWorker(const std::string& address, bool is_static) {
+  for (Entry& e : entries_) {
+    if (e.worker->address == address) {
+      e.missed = 0;
+      e.is_static |= is_static;
       return;
     }
   }
-  auto w = std::make_unique<Worker>();
+  auto w = std::make_shared<Worker>();
   w->address = address;
   grpc::ChannelArguments args;
   // Notice a recovered worker within seconds (gRPC's default backoff grows
@@ -86,104 +124,162 @@ void WorkerPool::AddWorker(const std::string& address) {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   w->stub = psa::v1::Generation::NewStub(w->channel);
-  workers_.push_back(std::move(w));
-  state_.emplace_back();
-  listed_.push_back(true);
+  Entry e;
+  e.worker = std::move(w);
+  e.is_static = is_static;
+  entries_.push_back(std::move(e));
 }
 
-void WorkerPool::ResolveDns() {
-  const std::string& spec = options_.workers_dns;
-  const size_t colon = spec.rfind(':');
-  if (spec.empty() || colon == std::string::npos) return;
-  const std::string host = spec.substr(0, colon), port = spec.substr(colon + 1);
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return;  // keep the last view
-  std::vector<std::string> addresses;
-  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
-    char ip[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, ip, sizeof(ip));
-    addresses.push_back(absl::StrCat(ip, ":", port));
+WorkerPool::Entry* WorkerPool::Find(const Worker* worker) {
+  for (Entry& e : entries_) {
+    if (e.worker.get() == worker) return &e;
   }
-  freeaddrinfo(found);
-  absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    // Static workers stay listed; DNS ones must be in this answer.
-    listed_[i] = std::find(options_.workers.begin(), options_.workers.end(),
-                           workers_[i]->address) != options_.workers.end();
+  return nullptr;
+}
+
+void WorkerPool::Discover() {
+  if (!discover_) return;
+  absl::StatusOr<std::vector<std::string>> found = discover_();
+  if (!found.ok()) return;  // keep the last view
+  std::vector<std::string> joined, forgotten;
+  {
+    absl::MutexLock lock(&mu_);
+    const int forget_after = std::max(1, options_.forget_after_polls);
+    for (Entry& e : entries_) {
+      const bool listed = std::find(found->begin(), found->end(), e.worker->address) !=
+                          found->end();
+      if (e.is_static || listed) {
+        e.missed = 0;
+      } else {
+        ++e.missed;
+        e.healthy = false;  // leaving: no new requests
+        healthy_gauge_.Add({{"worker", e.worker->address}}).Set(0);
+      }
+    }
+    // Forget: relays still holding a WorkerRef finish on it undisturbed.
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->missed < forget_after) {
+        ++it;
+        continue;
+      }
+      healthy_gauge_.Remove({{"worker", it->worker->address}});
+      forgotten.push_back(it->worker->address);
+      it = entries_.erase(it);
+    }
+    for (const std::string& a : *found) {
+      if (std::none_of(entries_.begin(), entries_.end(),
+                       [&](const Entry& e) { return e.worker->address == a; })) {
+        joined.push_back(a);
+      }
+      AddWorker(a, /*is_static=*/false);
+    }
   }
-  for (const std::string& a : addresses) AddWorker(a);
+  for (const std::string& a : joined) {
+    std::fprintf(stderr, "psa-router: worker %s joined\n", a.c_str());
+  }
+  for (const std::string& a : forgotten) {
+    std::fprintf(stderr, "psa-router: worker %s left discovery, forgotten\n", a.c_str());
+  }
 }
 
 void WorkerPool::PollHealth() {
-  ResolveDns();
-  std::vector<std::pair<size_t, Worker*>> to_check;
+  Discover();
+  // One health check per worker, all in flight at once, each with its own
+  // deadline: a round takes about one deadline however many workers time out.
+  struct Check {
+    WorkerRef worker;
+    std::unique_ptr<grpc::health::v1::Health::Stub> stub;
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    bool ok = false;
+  };
+  std::vector<std::shared_ptr<Check>> checks;
   {
     absl::MutexLock lock(&mu_);
-    for (size_t i = 0; i < workers_.size(); ++i) to_check.emplace_back(i, workers_[i].get());
+    for (const Entry& e : entries_) {
+      checks.push_back(std::make_shared<Check>());
+      checks.back()->worker = e.worker;
+    }
   }
-  for (auto [i, worker] : to_check) {
-    auto stub = grpc::health::v1::Health::NewStub(worker->channel);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.health_interval));
-    grpc::health::v1::HealthCheckResponse response;
-    const bool ok = stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &response).ok() &&
-                    response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-    absl::MutexLock lock(&mu_);
-    state_[i].healthy = ok && listed_[i];
-    healthy_gauge_.Add({{"worker", worker->address}}).Set(state_[i].healthy ? 1 : 0);
+  const absl::Duration timeout = options_.health_timeout > absl::ZeroDuration()
+                                     ? options_.health_timeout
+                                     : options_.health_interval;
+  const auto deadline = absl::ToChronoTime(absl::Now() + timeout);
+  absl::BlockingCounter pending(static_cast<int>(checks.size()));
+  for (const std::shared_ptr<Check>& c : checks) {
+    c->stub = grpc::health::v1::Health::NewStub(c->worker->channel);
+    c->ctx.set_deadline(deadline);
+    // The callback shares the check, so its context outlives the call.
+    c->stub->async()->Check(&c->ctx, &c->request, &c->response,
+                            [c, &pending](grpc::Status status) {
+                              c->ok = status.ok() &&
+                                      c->response.status() ==
+                                          grpc::health::v1::HealthCheckResponse::SERVING;
+                              pending.DecrementCount();
+                            });
+  }
+  pending.Wait();
+  absl::MutexLock lock(&mu_);
+  for (const std::shared_ptr<Check>& c : checks) {
+    Entry* e = Find(c->worker.get());
+    if (e == nullptr) continue;  // forgotten meanwhile: its series is gone, keep it so
+    e->healthy = c->ok && e->missed == 0;
+    healthy_gauge_.Add({{"worker", e->worker->address}}).Set(e->healthy ? 1 : 0);
   }
 }
 
-absl::StatusOr<WorkerPool::Worker*> WorkerPool::Acquire(uint64_t affinity,
-                                                        const std::vector<Worker*>& exclude) {
+absl::StatusOr<WorkerPool::WorkerRef> WorkerPool::Acquire(uint64_t affinity,
+                                                          const std::vector<WorkerRef>& exclude) {
   absl::MutexLock lock(&mu_);
   int preferred = -1, least = -1;
   uint64_t best_weight = 0;
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    if (!state_[i].healthy) continue;
-    if (std::find(exclude.begin(), exclude.end(), workers_[i].get()) != exclude.end()) continue;
-    const uint64_t weight = Mix(affinity, HashRing::Hash(workers_[i]->address));
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    if (!e.healthy) continue;
+    if (std::find(exclude.begin(), exclude.end(), e.worker) != exclude.end()) continue;
+    const uint64_t weight = Mix(affinity, HashRing::Hash(e.worker->address));
     if (preferred < 0 || weight > best_weight) {
       preferred = i;
       best_weight = weight;
     }
-    if (least < 0 || state_[i].outstanding < state_[least].outstanding) least = i;
+    if (least < 0 || e.outstanding < entries_[least].outstanding) least = i;
   }
   if (preferred < 0) {
     return absl::UnavailableError(absl::StrCat(
-        "no healthy worker can take the request (", workers_.size(), " configured, ",
+        "no healthy worker can take the request (", entries_.size(), " known, ",
         exclude.size(), " already failed it)"));
   }
-  const int pick = state_[preferred].outstanding - state_[least].outstanding >
+  const int pick = entries_[preferred].outstanding - entries_[least].outstanding >
                            options_.affinity_slack
                        ? least
                        : preferred;
-  ++state_[pick].outstanding;
-  return workers_[pick].get();
+  ++entries_[pick].outstanding;
+  return entries_[pick].worker;
 }
 
-void WorkerPool::Release(Worker* worker) {
+void WorkerPool::Release(const Worker* worker) {
   absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    if (workers_[i].get() == worker) --state_[i].outstanding;
-  }
+  if (Entry* e = Find(worker)) --e->outstanding;
 }
 
-void WorkerPool::ReportFailure(Worker* worker) {
+void WorkerPool::ReportFailure(const Worker* worker) {
   absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    if (workers_[i].get() == worker) state_[i].healthy = false;
-  }
+  if (Entry* e = Find(worker)) e->healthy = false;
 }
 
 int WorkerPool::healthy_count() {
   absl::MutexLock lock(&mu_);
   int n = 0;
-  for (const State& s : state_) n += s.healthy;
+  for (const Entry& e : entries_) n += e.healthy;
   return n;
+}
+
+std::vector<std::string> WorkerPool::addresses() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> out;
+  for (const Entry& e : entries_) out.push_back(e.worker->address);
+  return out;
 }
 
 }  // namespace psa

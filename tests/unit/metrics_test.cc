@@ -62,6 +62,40 @@ TEST(MetricsTest, HttpServerServesMetricsAndHealth) {
             absl::StatusCode::kUnavailable);
 }
 
+TEST(MetricsTest, RemoveDeletesOneSeriesFromTheExposition) {
+  Registry registry;
+  auto& healthy = registry.AddGauge("psa_test_worker_healthy", "Per worker");
+  healthy.Add({{"worker", "10.0.0.1:7200"}}).Set(1);
+  healthy.Add({{"worker", "10.0.0.2:7200"}}).Set(0);
+  auto& latency = registry.AddHistogram("psa_test_worker_seconds", "Per worker", {1.0});
+  latency.Add({{"worker", "10.0.0.2:7200"}}).Observe(0.5);
+  auto server = MetricsHttpServer::Start(&registry, "127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string gone = "psa_test_worker_healthy{worker=\"10.0.0.2:7200\"}";
+  EXPECT_EQ(psa::MetricValue(*psa::HttpGet((*server)->port(), "/metrics"), gone), 0);
+
+  EXPECT_TRUE(healthy.Remove({{"worker", "10.0.0.2:7200"}}));
+  EXPECT_FALSE(healthy.Remove({{"worker", "10.0.0.2:7200"}}));  // already gone
+  EXPECT_FALSE(healthy.Remove({{"worker", "10.0.0.9:7200"}}));  // never there
+  EXPECT_TRUE(latency.Remove({{"worker", "10.0.0.2:7200"}}));
+  EXPECT_EQ(healthy.size(), 1u);
+  EXPECT_EQ(latency.size(), 0u);
+  const std::string text = *psa::HttpGet((*server)->port(), "/metrics");
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("10.0.0.2")));
+  EXPECT_EQ(psa::MetricValue(text, gone), -1);  // absent, not 0
+  EXPECT_EQ(psa::MetricValue(text, "psa_test_worker_healthy{worker=\"10.0.0.1:7200\"}"), 1);
+  EXPECT_THAT(text, HasSubstr("# TYPE psa_test_worker_seconds histogram\n"));
+
+  // Adding the labels again starts a new series from zero.
+  EXPECT_EQ(healthy.Add({{"worker", "10.0.0.2:7200"}}).Value(), 0);
+  std::vector<uint64_t> cumulative;
+  double sum = -1;
+  uint64_t count = 1;
+  latency.Add({{"worker", "10.0.0.2:7200"}}).Snapshot(&cumulative, &sum, &count);
+  EXPECT_EQ(count, 0u);
+  EXPECT_EQ(sum, 0);
+}
+
 TEST(ByteSizeTest, ParsesUnitsAndRejectsGarbage) {
   EXPECT_EQ(*ParseByteSize("1234"), 1234u);
   EXPECT_EQ(*ParseByteSize("512MiB"), 512ull << 20);
