@@ -10,6 +10,7 @@
 
 #include "compute_worker/kernels/matmul.h"
 #include "gtest/gtest.h"
+#include "tests/unit/matmul_testing.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -399,7 +400,6 @@ TEST(DotRowTest, MatchesDequantisedReference) {
 // must not change any result, and nothing outside the range may be written.
 TEST(MatMulTest, EqualsDotRowPerElement) {
   constexpr int64_t kRows = 40, kCols = 64, kLdx = kCols + 5, kLdy = kRows + 3;
-  constexpr float kUntouched = -12345.0f;
   std::mt19937 rng(13);
   for (GgmlType type : kWeightTypes) {
     const std::vector<uint8_t> data =
@@ -414,24 +414,8 @@ TEST(MatMulTest, EqualsDotRowPerElement) {
       const std::vector<float> x = RandomValues(rng, n * kLdx, 1.0f);
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
-      for (auto [begin, end] :
-           {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {16, 32}, {39, 40}, {5, 5}}) {
-        SCOPED_TRACE(std::string(TypeName(type)) + " n=" + std::to_string(n) + " rows [" +
-                     std::to_string(begin) + ", " + std::to_string(end) + ")");
-        std::vector<float> y(n * kLdy, kUntouched);
-        MatMul(w, packed, y.data(), kLdy, begin, end);
-        const int64_t stop = end < 0 ? kRows : end;
-        for (int t = 0; t < n; ++t) {
-          for (int64_t r = 0; r < kLdy; ++r) {
-            const float got = y[t * kLdy + r];
-            if (r >= begin && r < stop) {
-              ASSERT_EQ(got, DotRow(type, w.row(r), packed.row(t), kCols))
-                  << "token " << t << " row " << r;
-            } else {
-              ASSERT_EQ(got, kUntouched) << "token " << t << " row " << r;
-            }
-          }
-        }
+      for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {16, 32}, {39, 40}, {5, 5}}) {
+        testing::ExpectMatMulEqualsDotRow(w, packed, kLdy, begin, end);
       }
     }
   }

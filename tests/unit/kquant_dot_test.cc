@@ -13,6 +13,7 @@
 #include "compute_worker/kernels/matmul.h"
 #include "compute_worker/runtime/llama_runtime.h"
 #include "gtest/gtest.h"
+#include "tests/unit/matmul_testing.h"
 #include "tests/unit/reference_forward.h"
 
 namespace psa {
@@ -170,7 +171,6 @@ TEST(KQuantDotTest, RandomBlocksAgreeWithScalarAndReference) {
 // equal, and nothing outside the range written.
 TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
   constexpr int64_t kRows = 40, kCols = 512, kLdx = kCols + 5, kLdy = kRows + 3;
-  constexpr float kUntouched = -12345.0f;
   std::mt19937 rng(13);
   for (GgmlType type : kNewTypes) {
     const std::vector<uint8_t> data =
@@ -186,22 +186,7 @@ TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
       for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {39, 40}, {5, 5}}) {
-        SCOPED_TRACE(std::string(TypeName(type)) + " n=" + std::to_string(n) + " rows [" +
-                     std::to_string(begin) + ", " + std::to_string(end) + ")");
-        std::vector<float> y(n * kLdy, kUntouched);
-        MatMul(w, packed, y.data(), kLdy, begin, end);
-        const int64_t stop = end < 0 ? kRows : end;
-        for (int t = 0; t < n; ++t) {
-          for (int64_t r = 0; r < kLdy; ++r) {
-            const float got = y[t * kLdy + r];
-            if (r >= begin && r < stop) {
-              ASSERT_EQ(got, DotRow(type, w.row(r), packed.row(t), kCols))
-                  << "token " << t << " row " << r;
-            } else {
-              ASSERT_EQ(got, kUntouched) << "token " << t << " row " << r;
-            }
-          }
-        }
+        testing::ExpectMatMulEqualsDotRow(w, packed, kLdy, begin, end);
       }
     }
   }
@@ -215,7 +200,6 @@ TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
 TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
   SetTileGemmEnabled(true);  // off by default (matmul.h); this tests it
   constexpr int64_t kRows = 40, kCols = 768, kLdx = kCols + 3, kLdy = kRows + 5;
-  constexpr float kUntouched = -12345.0f;
   std::mt19937 rng(17);
   for (GgmlType type : {GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ4_K, GgmlType::kQ5_K,
                         GgmlType::kQ6_K, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1}) {
@@ -232,23 +216,7 @@ TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
       for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {8, 24}}) {
-        SCOPED_TRACE(std::string(TypeName(type)) + " n=" + std::to_string(n) + " rows [" +
-                     std::to_string(begin) + ", " + std::to_string(end) + ")");
-        std::vector<float> y(n * kLdy, kUntouched);
-        MatMul(w, packed, y.data(), kLdy, begin, end);
-        const int64_t stop = end < 0 ? kRows : end;
-        for (int t = 0; t < n; ++t) {
-          for (int64_t r = 0; r < kLdy; ++r) {
-            const float got = y[t * kLdy + r];
-            if (r >= begin && r < stop) {
-              const float want = DotRow(type, w.row(r), packed.row(t), kCols);
-              ASSERT_NEAR(got, want, 2e-5f * (8 + std::fabs(want)))
-                  << "token " << t << " row " << r;
-            } else {
-              ASSERT_EQ(got, kUntouched) << "token " << t << " row " << r;
-            }
-          }
-        }
+        testing::ExpectMatMulEqualsDotRow(w, packed, kLdy, begin, end, 2e-5f);
       }
     }
   }
