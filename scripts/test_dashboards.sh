@@ -67,6 +67,22 @@ PROM_PORT=$(( 20000 + $$ % 20000 ))
 prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
   --web.listen-address="127.0.0.1:$PROM_PORT" >"$PROM_DIR/prometheus.log" 2>&1 &
 PROM_PID=$!
+# Traffic only after Prometheus has scraped every target: a counter's first
+# sample must come before the requests it counts, or increase() over the
+# dashboards' range sees none of them (the SLO stat panels would be empty).
+for _ in $(seq 60); do
+  python3 - "http://127.0.0.1:$PROM_PORT" <<'EOF' && break
+import json, sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1] + "/api/v1/query?query=count(up)", timeout=2) as r:
+        result = json.load(r)["data"]["result"]
+    sys.exit(0 if result and float(result[0]["value"][1]) >= 5 else 1)
+except Exception:
+    sys.exit(1)
+EOF
+  sleep 0.5
+done
+sleep 1.5  # one more scrape
 
 ROUTER="127.0.0.1:$(port router grpc_port)"
 DOC="$(scripts/long_document.sh | sed -n 1,30p)"
