@@ -339,22 +339,6 @@ TEST(QuantizeTest, FloatTypesConvertElementwise) {
 constexpr GgmlType kWeightTypes[] = {GgmlType::kQ4_1, GgmlType::kQ4_0, GgmlType::kQ8_0,
                                      GgmlType::kF16,  GgmlType::kBF16, GgmlType::kF32};
 
-std::vector<float> RandomValues(std::mt19937& rng, int64_t n, float scale) {
-  std::uniform_real_distribution<float> u(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
-std::vector<uint8_t> Quantize(GgmlType type, const std::vector<float>& x, int64_t rows,
-                              int64_t cols) {
-  std::vector<uint8_t> out(RowBytes(type, cols) * rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    QuantizeRow(type, x.data() + r * cols, out.data() + r * RowBytes(type, cols), cols);
-  }
-  return out;
-}
-
 // DotRow against a double-precision dot of the dequantised operands. Both
 // use the same quantised values, so only float accumulation differs, except
 // that the Q4_1 kernel folds the weight minimum in through the activation
@@ -365,8 +349,9 @@ TEST(DotRowTest, MatchesDequantisedReference) {
   for (GgmlType type : kWeightTypes) {
     for (int64_t cols : {32, 96, 256, 4096}) {
       SCOPED_TRACE(std::string(TypeName(type)) + " x " + std::to_string(cols));
-      const std::vector<uint8_t> w = Quantize(type, RandomValues(rng, cols, 1.0f), 1, cols);
-      const std::vector<float> x = RandomValues(rng, cols, 2.0f);
+      const std::vector<uint8_t> w =
+          testing::Quantize(type, testing::RandomValues(rng, cols, 1.0f), 1, cols);
+      const std::vector<float> x = testing::RandomValues(rng, cols, 2.0f);
       PackedActivations packed;
       PackActivations(type, x.data(), 1, cols, cols, &packed);
       ASSERT_EQ(packed.type, ActivationTypeFor(type));
@@ -403,18 +388,14 @@ TEST(MatMulTest, EqualsDotRowPerElement) {
   std::mt19937 rng(13);
   for (GgmlType type : kWeightTypes) {
     const std::vector<uint8_t> data =
-        Quantize(type, RandomValues(rng, kRows * kCols, 1.0f), kRows, kCols);
-    WeightMatrix w;
-    w.type = type;
-    w.data = data.data();
-    w.rows = kRows;
-    w.cols = kCols;
-    w.row_bytes = RowBytes(type, kCols);
+        testing::Quantize(type, testing::RandomValues(rng, kRows * kCols, 1.0f), kRows, kCols);
+    const WeightMatrix w = testing::MakeWeightMatrix(type, data, kRows, kCols);
     for (int n = 1; n <= 9; ++n) {
-      const std::vector<float> x = RandomValues(rng, n * kLdx, 1.0f);
+      const std::vector<float> x = testing::RandomValues(rng, n * kLdx, 1.0f);
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
-      for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {16, 32}, {39, 40}, {5, 5}}) {
+      for (auto [begin, end] :
+           {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {16, 32}, {39, 40}, {5, 5}}) {
         testing::ExpectMatMulEqualsDotRow(w, packed, kLdy, begin, end);
       }
     }

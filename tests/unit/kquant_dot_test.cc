@@ -22,22 +22,6 @@ namespace {
 constexpr GgmlType kNewTypes[] = {GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ4_K,
                                   GgmlType::kQ5_K, GgmlType::kQ6_K};
 
-std::vector<float> RandomValues(std::mt19937& rng, int64_t n, float scale, float shift = 0) {
-  std::uniform_real_distribution<float> u(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng) + shift;
-  return v;
-}
-
-std::vector<uint8_t> Quantize(GgmlType type, const std::vector<float>& x, int64_t rows,
-                              int64_t cols) {
-  std::vector<uint8_t> out(RowBytes(type, cols) * rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    QuantizeRow(type, x.data() + r * cols, out.data() + r * RowBytes(type, cols), cols);
-  }
-  return out;
-}
-
 // The constant a block subtracts from (or adds to) element i: Q5_1's m, the
 // K-quants' dmin * m_j. Kernels fold it in separately, so its size, not only
 // the element's, bounds their float rounding.
@@ -114,8 +98,8 @@ TEST(KQuantDotTest, MatchesDequantisedReference) {
         SCOPED_TRACE(std::string(TypeName(type)) + " x " + std::to_string(cols) + " shift " +
                      std::to_string(shift));
         const std::vector<uint8_t> w =
-            Quantize(type, RandomValues(rng, cols, 1.0f, shift), 1, cols);
-        const std::vector<float> x = RandomValues(rng, cols, 2.0f);
+            testing::Quantize(type, testing::RandomValues(rng, cols, 1.0f, shift), 1, cols);
+        const std::vector<float> x = testing::RandomValues(rng, cols, 2.0f);
         PackedActivations packed;
         PackActivations(type, x.data(), 1, cols, cols, &packed);
         ASSERT_EQ(packed.type, ActivationTypeFor(type));
@@ -151,7 +135,7 @@ TEST(KQuantDotTest, RandomBlocksAgreeWithScalarAndReference) {
           if (type != GgmlType::kQ5_0) std::memcpy(&w[b + 2], &second, 2);
         }
       }
-      std::vector<float> x = RandomValues(rng, cols, 3.0f);
+      std::vector<float> x = testing::RandomValues(rng, cols, 3.0f);
       if (trial == 1) std::fill(x.begin(), x.end(), 1.0f);   // every code +-127
       if (trial == 2) std::fill(x.begin(), x.end(), -1.0f);
       PackedActivations packed;
@@ -174,15 +158,11 @@ TEST(KQuantDotTest, MatMulEqualsDotRowPerElement) {
   std::mt19937 rng(13);
   for (GgmlType type : kNewTypes) {
     const std::vector<uint8_t> data =
-        Quantize(type, RandomValues(rng, kRows * kCols, 1.0f, 0.2f), kRows, kCols);
-    WeightMatrix w;
-    w.type = type;
-    w.data = data.data();
-    w.rows = kRows;
-    w.cols = kCols;
-    w.row_bytes = RowBytes(type, kCols);
+        testing::Quantize(type, testing::RandomValues(rng, kRows * kCols, 1.0f, 0.2f), kRows,
+                          kCols);
+    const WeightMatrix w = testing::MakeWeightMatrix(type, data, kRows, kCols);
     for (int n : {1, 3, 4, 5, 8, 9}) {
-      const std::vector<float> x = RandomValues(rng, n * kLdx, 1.0f);
+      const std::vector<float> x = testing::RandomValues(rng, n * kLdx, 1.0f);
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
       for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {39, 40}, {5, 5}}) {
@@ -204,15 +184,11 @@ TEST(KQuantDotTest, PrefillBatchesMatchDotRow) {
   for (GgmlType type : {GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ4_K, GgmlType::kQ5_K,
                         GgmlType::kQ6_K, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1}) {
     const std::vector<uint8_t> data =
-        Quantize(type, RandomValues(rng, kRows * kCols, 1.0f, 0.2f), kRows, kCols);
-    WeightMatrix w;
-    w.type = type;
-    w.data = data.data();
-    w.rows = kRows;
-    w.cols = kCols;
-    w.row_bytes = RowBytes(type, kCols);
+        testing::Quantize(type, testing::RandomValues(rng, kRows * kCols, 1.0f, 0.2f), kRows,
+                          kCols);
+    const WeightMatrix w = testing::MakeWeightMatrix(type, data, kRows, kCols);
     for (int n : {16, 19, 64, 133}) {
-      const std::vector<float> x = RandomValues(rng, n * kLdx, 1.0f, -0.1f);
+      const std::vector<float> x = testing::RandomValues(rng, n * kLdx, 1.0f, -0.1f);
       PackedActivations packed;
       PackActivations(type, x.data(), n, kCols, kLdx, &packed);
       for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, -1}, {3, 37}, {8, 24}}) {
