@@ -1,6 +1,5 @@
 // psa-router: the public front door of a PSA-Serve cluster.
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -8,11 +7,11 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
 #include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
 #include "router/router_service.h"
+#include "router/worker_pool.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7000", "gRPC address to serve on (port 0: pick one)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9000",
@@ -24,7 +23,8 @@ ABSL_FLAG(std::string, workers_dns, "",
           "NAME:PORT whose DNS A records are the workers (e.g. a Kubernetes headless "
           "Service), re-resolved at every health check");
 ABSL_FLAG(std::string, workers_file, "",
-          "File with one worker address per line (# comments), added to --workers");
+          "File with one worker address per line (# comments), re-read at every health check "
+          "as --workers_dns is: workers added join, workers removed are forgotten");
 ABSL_FLAG(int, max_inflight, 256, "Generations relayed at once");
 ABSL_FLAG(int, max_queued, 256,
           "Generations waiting for a relay slot; more are refused with RESOURCE_EXHAUSTED");
@@ -36,7 +36,8 @@ ABSL_FLAG(int, health_interval_ms, 500,
           "Milliseconds between checks of the workers' health (all checked at once, each with "
           "this deadline)");
 ABSL_FLAG(int, forget_worker_after_polls, 10,
-          "A --workers_dns worker missing from this many consecutive DNS answers is forgotten "
+          "A --workers_dns or --workers_file worker missing from this many consecutive answers "
+          "is forgotten "
           "(dropped with its metric series); until then it only gets no new requests");
 ABSL_FLAG(std::string, resume_secret_file, "",
           "File holding the secret (16+ bytes) shared with the workers' --resume_secret_file: "
@@ -68,16 +69,12 @@ int main(int argc, char** argv) {
 
   std::vector<std::string> workers =
       absl::StrSplit(absl::GetFlag(FLAGS_workers), ',', absl::SkipEmpty());
-  if (const std::string path = absl::GetFlag(FLAGS_workers_file); !path.empty()) {
-    std::ifstream in(path);
-    if (!in) return Fail(absl::StrCat("cannot read --workers_file ", path));
-    std::string line;
-    while (std::getline(in, line)) {
-      absl::string_view w = absl::StripAsciiWhitespace(line);
-      if (!w.empty() && w[0] != '#') workers.emplace_back(w);
-    }
+  const std::string workers_file = absl::GetFlag(FLAGS_workers_file);
+  if (!workers_file.empty()) {  // checked once here; later a bad read keeps the last view
+    absl::StatusOr<std::vector<std::string>> listed = psa::ReadWorkersFile(workers_file);
+    if (!listed.ok()) return Fail(absl::StrCat("--workers_file: ", listed.status().message()));
   }
-  if (workers.empty() && absl::GetFlag(FLAGS_workers_dns).empty()) {
+  if (workers.empty() && absl::GetFlag(FLAGS_workers_dns).empty() && workers_file.empty()) {
     return Fail("no workers: set --workers, --workers_file or --workers_dns");
   }
   psa::RouterOptions options;
@@ -110,6 +107,7 @@ int main(int argc, char** argv) {
   psa::WorkerPoolOptions pool_options;
   pool_options.workers = workers;
   pool_options.workers_dns = absl::GetFlag(FLAGS_workers_dns);
+  pool_options.workers_file = workers_file;
   pool_options.affinity_slack = absl::GetFlag(FLAGS_affinity_slack);
   pool_options.health_interval = absl::Milliseconds(absl::GetFlag(FLAGS_health_interval_ms));
   pool_options.forget_after_polls = absl::GetFlag(FLAGS_forget_worker_after_polls);

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/blocking_counter.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/support/channel_arguments.h"
@@ -59,6 +61,22 @@ absl::StatusOr<std::vector<std::string>> ResolveDns(const std::string& spec) {
 
 }  // namespace
 
+absl::StatusOr<std::vector<std::string>> ReadWorkersFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read workers file ", path));
+  std::vector<std::string> addresses;
+  std::string line;
+  while (std::getline(in, line)) {
+    absl::string_view w = absl::StripAsciiWhitespace(line);
+    if (w.empty() || w[0] == '#') continue;
+    if (std::find(addresses.begin(), addresses.end(), w) == addresses.end()) {
+      addresses.emplace_back(w);
+    }
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading workers file ", path));
+  return addresses;
+}
+
 uint64_t PromptAffinity(const psa::v1::GenerateRequest& request) {
   std::string start;
   switch (request.prompt_case()) {
@@ -89,8 +107,25 @@ WorkerPool::WorkerPool(WorkerPoolOptions options, metrics::Registry* registry)
                                         "1 if the worker answers health checks as SERVING")) {
   if (options_.discover) {
     discover_ = options_.discover;
-  } else if (!options_.workers_dns.empty()) {
-    discover_ = [spec = options_.workers_dns] { return ResolveDns(spec); };
+  } else if (!options_.workers_dns.empty() || !options_.workers_file.empty()) {
+    // Both sources merged; either failing keeps the last view of both.
+    discover_ = [dns = options_.workers_dns,
+                 file = options_.workers_file]() -> absl::StatusOr<std::vector<std::string>> {
+      std::vector<std::string> all;
+      if (!file.empty()) {
+        absl::StatusOr<std::vector<std::string>> listed = ReadWorkersFile(file);
+        if (!listed.ok()) return listed.status();
+        all = std::move(*listed);
+      }
+      if (!dns.empty()) {
+        absl::StatusOr<std::vector<std::string>> resolved = ResolveDns(dns);
+        if (!resolved.ok()) return resolved.status();
+        for (std::string& a : *resolved) {
+          if (std::find(all.begin(), all.end(), a) == all.end()) all.push_back(std::move(a));
+        }
+      }
+      return all;
+    };
   }
   {
     absl::MutexLock lock(&mu_);

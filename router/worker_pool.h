@@ -11,6 +11,9 @@
 // outstanding beyond the least loaded healthy worker; then the least loaded
 // one is.
 //
+// Discovery sources: a static list (never forgotten), a DNS name and a
+// workers file (both re-read before every poll, their answers merged).
+//
 // Churn: a discovered worker missing from an answer is unhealthy at once
 // (no new requests) and forgotten after `forget_after_polls` consecutive
 // answers without it: dropped from the pool, no longer health-checked, and
@@ -47,6 +50,10 @@ struct WorkerPoolOptions {
   // workers that scale in or out join and leave. A name with no records is
   // an empty answer; other lookup failures keep the last view.
   std::string workers_dns;
+  // Or / also: a file with one "host:port" per line ('#' comments), re-read
+  // before every poll like the DNS name (the local cluster's stand-in for a
+  // headless Service). An unreadable file keeps the last view.
+  std::string workers_file;
   // Replaces the DNS lookup when set (tests, other registries): called on
   // the poller thread before every poll; the discovered workers, or an
   // error to keep the last view.
@@ -115,6 +122,10 @@ class WorkerPool {
 // Affinity key of a prompt: a hash of its first bytes (text, chat contents
 // or token ids), so requests that share a long prefix share a key.
 uint64_t PromptAffinity(const psa::v1::GenerateRequest& request);
+
+// The addresses in a workers file: one "host:port" per line, blank lines and
+// '#' comments skipped, duplicates once. NOT_FOUND if it cannot be opened.
+absl::StatusOr<std::vector<std::string>> ReadWorkersFile(const std::string& path);
 
 }  // namespace psa
 

@@ -5,8 +5,14 @@
 #   deploy/local/cluster.sh start [MODEL]        start everything, wait until healthy
 #                                               (MODEL: a GGUF path or registered name)
 #   deploy/local/cluster.sh status               show what runs where
+#   deploy/local/cluster.sh replace-worker NAME  a rolling update of one worker (e.g. worker0):
+#                                               start its successor, list it in the router's
+#                                               workers file instead, stop it (SIGTERM)
 #   deploy/local/cluster.sh stop                 stop everything (SIGTERM, then SIGKILL)
 #
+# The router discovers the workers from $PSA_CLUSTER_DIR/workers.txt, re-read
+# at every health check, as Kubernetes' router resolves a headless Service:
+# a worker that leaves it is forgotten with its metric series.
 # Environment: PSA_BUILD_DIR (default build), PSA_CLUSTER_DIR (logs, pids,
 # ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_WORKER_THREADS
 # (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB),
@@ -52,6 +58,27 @@ wait_for() {  # wait_for NAME SECONDS
   done
 }
 
+stop_one() {  # stop_one NAME: SIGTERM, up to 15 s for a clean exit, then SIGKILL
+  local pid; pid="$(cat "$DIR/$1.pid")"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$DIR/$1.pid"
+}
+
+launch_worker() {  # launch_worker NAME, with the settings `start` saved
+  # shellcheck disable=SC1091
+  . "$DIR/worker.env"
+  launch "$1" "$BUILD/compute_worker/psa-worker" --model="$MODEL" \
+    --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --threads="$THREADS" \
+    --kv_shards="$SHARDS" --kv_pool="$POOL" --resume_secret_file="$SECRET"
+}
+
+write_workers() {  # write_workers NAME...: the router's workers file, replaced atomically
+  for w in "$@"; do echo "127.0.0.1:$(port_of "$w" grpc_port)"; done >"$DIR/workers.txt.tmp"
+  mv "$DIR/workers.txt.tmp" "$DIR/workers.txt"
+}
+
 stop_all() {
   local pids=()
   for f in "$DIR"/*.pid; do
@@ -78,6 +105,7 @@ case "${1:-}" in
     if ls "$DIR"/*.pid >/dev/null 2>&1; then
       echo "cluster: already running (deploy/local/cluster.sh stop first)" >&2; exit 1
     fi
+    rm -f "$DIR"/worker*.ports  # from earlier runs; replace-worker numbers after them
     SECRET="$DIR/resume.secret"
     if [ ! -s "$SECRET" ]; then
       (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET")
@@ -88,15 +116,15 @@ case "${1:-}" in
     done
     for i in 0 1; do wait_for "kv$i" 20; done
     SHARDS="127.0.0.1:$(port_of kv0 grpc_port),127.0.0.1:$(port_of kv1 grpc_port)"
-    for i in 0 1; do
-      launch "worker$i" "$BUILD/compute_worker/psa-worker" --model="$MODEL" \
-        --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --threads="$THREADS" \
-        --kv_shards="$SHARDS" --kv_pool="$POOL" --resume_secret_file="$SECRET"
-    done
+    printf 'MODEL=%q\nTHREADS=%q\nSHARDS=%q\nPOOL=%q\nSECRET=%q\n' \
+      "$MODEL" "$THREADS" "$SHARDS" "$POOL" "$SECRET" >"$DIR/worker.env"
+    for i in 0 1; do launch_worker "worker$i"; done
     for i in 0 1; do wait_for "worker$i" 120; done
-    WORKERS="127.0.0.1:$(port_of worker0 grpc_port),127.0.0.1:$(port_of worker1 grpc_port)"
+    write_workers worker0 worker1
+    WORKERS="$(paste -sd, "$DIR/workers.txt")"
     launch router "$BUILD/router/psa-router" --listen="127.0.0.1:$ROUTER_PORT" \
-      --metrics_listen=127.0.0.1:0 --workers="$WORKERS" --resume_secret_file="$SECRET"
+      --metrics_listen=127.0.0.1:0 --workers_file="$DIR/workers.txt" \
+      --resume_secret_file="$SECRET"
     wait_for router 20
     ROUTER_PORT="$(port_of router grpc_port)"  # the real one if 0 was asked for
     # Healthy means the router sees both workers serving.
@@ -115,6 +143,32 @@ case "${1:-}" in
       state=stopped; kill -0 "$(cat "$f")" 2>/dev/null && state=running
       echo "$name: $state, grpc port $(port_of "$name" grpc_port), metrics port $(port_of "$name" metrics_port)"
     done
+    ;;
+  replace-worker)
+    OLD="${2:-}"
+    case "$OLD" in worker*) ;; *) echo "cluster: replace-worker takes a worker's name (see status)" >&2; exit 2 ;; esac
+    [ -e "$DIR/$OLD.pid" ] || { echo "cluster: no running $OLD (see status)" >&2; exit 1; }
+    n=0; while [ -e "$DIR/worker$n.ports" ] || [ -e "$DIR/worker$n.pid" ]; do n=$(( n + 1 )); done
+    NEW="worker$n"
+    launch_worker "$NEW"
+    wait_for "$NEW" 120
+    KEEP=()
+    for f in "$DIR"/worker*.pid; do
+      w="$(basename "$f" .pid)"
+      [ "$w" = "$OLD" ] || KEEP+=("$w")
+    done
+    write_workers "${KEEP[@]}"  # the router stops sending to OLD at its next poll
+    NEW_ADDR="127.0.0.1:$(port_of "$NEW" grpc_port)"
+    METRICS="http://127.0.0.1:$(port_of router metrics_port)/metrics"
+    for _ in $(seq 200); do  # the router sees the successor serving
+      python3 -c 'import sys, urllib.request as u
+sys.exit(0 if sys.argv[2] in u.urlopen(sys.argv[1], timeout=2).read().decode() else 1)' \
+        "$METRICS" "psa_router_worker_healthy{worker=\"$NEW_ADDR\"} 1" 2>/dev/null && break
+      sleep 0.1
+    done
+    stop_one "$OLD"  # running generations finish within its grace, or resume on another
+    rm -f "$DIR/$OLD.ports"
+    echo "cluster: $OLD replaced by $NEW ($NEW_ADDR)"
     ;;
   stop)
     stop_all

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -193,6 +194,38 @@ TEST_F(WorkerPoolTest, AWorkerThatLeavesIsForgottenWithItsSeriesAndComesBack) {
   ASSERT_TRUE(WaitFor([&] { return pool.addresses().size() == 1; }));
   EXPECT_THAT(pool.addresses(), ElementsAre(fixed.address()));
   EXPECT_EQ(Healthy(a.address()), -1);
+}
+
+// The workers file (--workers_file) is a discovery source like DNS: re-read
+// every poll, so editing it adds and forgets workers; a missing file or a
+// bad read keeps the last view.
+TEST_F(WorkerPoolTest, TheWorkersFileIsReReadEveryPoll) {
+  FakeWorker a, b;
+  const std::string file = absl::StrCat(::testing::TempDir(), "/pool_workers.txt");
+  auto write = [&](const std::string& text) {
+    const std::string tmp = file + ".tmp";
+    std::ofstream(tmp) << text;
+    ASSERT_EQ(std::rename(tmp.c_str(), file.c_str()), 0);  // atomic, as an operator should
+  };
+  write(absl::StrCat("# workers\n", a.address(), "\n\n  ", b.address(), "  \n", a.address(),
+                     "\n"));
+  WorkerPoolOptions o = Options(/*forget_after_polls=*/3);
+  o.discover = nullptr;
+  o.workers_file = file;
+  WorkerPool pool(o, &registry_);
+  EXPECT_THAT(pool.addresses(), UnorderedElementsAre(a.address(), b.address()));
+  EXPECT_EQ(pool.healthy_count(), 2);
+
+  std::remove(file.c_str());  // unreadable: the last view stays
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(pool.healthy_count(), 2);
+
+  write(b.address() + "\n");  // a removed: forgotten with its series
+  ASSERT_TRUE(WaitFor([&] { return pool.addresses().size() == 1; }));
+  EXPECT_THAT(pool.addresses(), ElementsAre(b.address()));
+  EXPECT_EQ(Healthy(a.address()), -1);
+  EXPECT_EQ(Healthy(b.address()), 1);
+  std::remove(file.c_str());
 }
 
 TEST_F(WorkerPoolTest, AMissingWorkerGetsNoRequestsDuringItsGrace) {
