@@ -25,7 +25,13 @@ RouterService::Metrics::Metrics(metrics::Registry* r)
                   .Add()),
       resumes(r->AddCounter("psa_router_resumes_total",
                             "Generations continued on another worker after tokens were streamed")
-                  .Add()) {}
+                  .Add()) {
+  // Every code exported from the start at 0, so ratios over a range (the
+  // dashboards' error stat, the alerts) have a series before the first error.
+  for (int code = grpc::StatusCode::OK; code <= grpc::StatusCode::UNAUTHENTICATED; ++code) {
+    requests.Add({{"code", GrpcCodeName(static_cast<grpc::StatusCode>(code))}});
+  }
+}
 
 RouterService::RouterService(WorkerPool* pool, metrics::Registry* registry,
                              RouterOptions options)

@@ -128,6 +128,13 @@ OVERVIEW = dashboard("psa-overview", "PSA-Serve: overview",
          "sum(increase(psa_router_requests_total[$__range]))",
          "Generations finished by the routers over the dashboard's time range.",
          [("blue", None)]),
+    stat("Server errors (time range)", "percentunit",
+         'sum(increase(psa_router_requests_total{code!~"OK|CANCELLED|INVALID_ARGUMENT"}'
+         "[$__range])) / (sum(increase(psa_router_requests_total[$__range])) > 0)",
+         "Share of generations that failed on the server side (not OK, not cancelled by the "
+         "client, not invalid) over the dashboard's time range; the alert "
+         "PsaRouterErrorRatioHigh fires above 5% over 5 minutes.",
+         [("green", None), ("orange", 0.01), ("red", 0.05)]),
     stat("Router queue now", "short", "sum(psa_router_requests_queued)",
          "Generations admitted by the routers and waiting for a relay slot.",
          [("green", None), ("orange", 1)]),
