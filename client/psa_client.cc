@@ -62,6 +62,7 @@ Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
 std::unique_ptr<grpc::ClientContext> Client::Context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
   ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  if (!options_.api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.api_key);
   return ctx;
 }
 

@@ -32,6 +32,7 @@ struct ClientOptions {
   int max_attempts = 4;                       // 1: no retries
   bool tls = false;                           // TLS with the system's root certificates...
   std::string tls_root_certs;                 // ...or these (PEM)
+  std::string api_key;                        // sent as "authorization: Bearer KEY"; empty: none
 };
 
 struct Completion {

@@ -5,6 +5,8 @@
 //   psactl info                                       the served model
 //   psactl --metrics=HOST:PORT stats                  traffic, latency, health
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -23,6 +25,10 @@
 #include "common/http_get.h"
 
 ABSL_FLAG(std::string, target, "localhost:7000", "Router (or worker) address, host:port");
+ABSL_FLAG(std::string, api_key, "",
+          "API key for a router started with --api_keys_file (default: $PSA_API_KEY)");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "Connect with TLS, trusting this CA certificate (PEM); empty: plaintext");
 ABSL_FLAG(int, max_tokens, 256, "Tokens to generate at most");
 ABSL_FLAG(double, temperature, 0.0, "Sampling temperature (0: greedy)");
 ABSL_FLAG(int, top_k, 0, "Sample among the k most likely tokens (0: all)");
@@ -204,6 +210,16 @@ int main(int argc, char** argv) {
   psa::client::ClientOptions options;
   options.target = absl::GetFlag(FLAGS_target);
   options.timeout = absl::Seconds(absl::GetFlag(FLAGS_timeout_s));
+  options.api_key = absl::GetFlag(FLAGS_api_key);
+  if (const char* env = std::getenv("PSA_API_KEY"); options.api_key.empty() && env != nullptr) {
+    options.api_key = env;
+  }
+  if (const std::string ca = absl::GetFlag(FLAGS_tls_ca_file); !ca.empty()) {
+    std::ifstream in(ca);
+    if (!in) return Fail(absl::NotFoundError("cannot read --tls_ca_file " + ca));
+    options.tls = true;
+    options.tls_root_certs.assign(std::istreambuf_iterator<char>(in), {});
+  }
   auto client = psa::client::Client::Connect(options);
   if (!client.ok()) return Fail(client.status());
 

@@ -89,7 +89,9 @@ absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
   }
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(),
+  builder.AddListeningPort(options.listen,
+                           options.credentials ? options.credentials
+                                               : grpc::InsecureServerCredentials(),
                            &running.grpc_port);
   if (options.max_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "common/metrics_http_server.h"
 
@@ -55,6 +56,8 @@ struct ServeOptions {
   // Received messages only, over max_message_bytes; gRPC refuses a larger
   // one with RESOURCE_EXHAUSTED naming both sizes. 0: as max_message_bytes.
   uint64_t max_receive_bytes = 0;
+  // The gRPC port's credentials (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 struct RunningServer {

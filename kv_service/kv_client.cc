@@ -87,7 +87,10 @@ KvClient::KvClient(KvClientOptions options) : options_(std::move(options)) {
       conn_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
       auto c = std::make_unique<Connection>();
       c->channel =
-          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), conn_args);
+          grpc::CreateCustomChannel(address,
+                                    options_.credentials ? options_.credentials
+                                                         : grpc::InsecureChannelCredentials(),
+                                    conn_args);
       c->stub = psa::v1::KvService::NewStub(c->channel);
       c->raw_stub = std::make_unique<grpc::GenericStub>(c->channel);
       shard->connections.push_back(std::move(c));

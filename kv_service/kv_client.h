@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "grpcpp/security/credentials.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -44,6 +45,8 @@ struct KvClientOptions {
   // connection's HTTP/2 transport works on one core at a time.
   int fetch_connections = 2;
   uint64_t max_message_bytes = 64ull << 20;    // must match the servers' --max_message
+  // Credentials of the connections to the shards (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 class KvClient {

@@ -142,6 +142,12 @@ RouterService::Relay::Relay(RouterService* service, grpc::CallbackServerContext*
       deadline_(ctx->deadline()),
       start_(absl::Now()),
       affinity_(PromptAffinity(request)) {
+  if (grpc::Status auth = service_->Authenticate(ctx); !auth.ok()) {
+    service_->metrics_.requests.Add({{"code", "UNAUTHENTICATED"}}).Increment();
+    Close(auth);
+    Unref();
+    return;
+  }
   if (request.has_resume()) {
     service_->metrics_.requests.Add({{"code", "INVALID_ARGUMENT"}}).Increment();
     Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

@@ -37,6 +37,19 @@ RouterService::RouterService(WorkerPool* pool, metrics::Registry* registry,
                              RouterOptions options)
     : pool_(pool), options_(options), metrics_(registry) {}
 
+grpc::Status RouterService::Authenticate(const grpc::CallbackServerContext* ctx) {
+  if (options_.api_keys == nullptr) return grpc::Status::OK;
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  const absl::string_view value =
+      it == md.end() ? absl::string_view() : absl::string_view(it->second.data(), it->second.size());
+  if (!options_.internal_authorization.empty() && value == options_.internal_authorization) {
+    return grpc::Status::OK;
+  }
+  absl::StatusOr<std::string> tenant = options_.api_keys->Check(value);
+  return tenant.ok() ? grpc::Status::OK : ToGrpcStatus(tenant.status());
+}
+
 RouterService::~RouterService() {
   absl::MutexLock lock(&mu_);
   auto idle = [this] {
@@ -60,6 +73,10 @@ class RouterService::UnaryRelay {
                                          grpc::CallbackServerContext* ctx, Response* response,
                                          Send send) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (grpc::Status auth = service->Authenticate(ctx); !auth.ok()) {
+      reactor->Finish(auth);
+      return reactor;
+    }
     {
       absl::MutexLock lock(&service->mu_);
       ++service->relays_;

@@ -21,6 +21,7 @@
 #include "api/resume_auth.h"
 #include "common/metrics.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
+#include "common/api_keys.h"
 #include "router/worker_pool.h"
 
 namespace psa {
@@ -32,6 +33,13 @@ struct RouterOptions {
   // Signs the resumes the router sends after a worker failed mid-stream;
   // null: such a generation fails instead. Must outlive the service.
   const ResumeAuth* resume_auth = nullptr;
+  // The keys clients must present ("authorization: Bearer KEY" metadata);
+  // null: no key needed. Must outlive the service.
+  ApiKeys* api_keys = nullptr;
+  // Accepted besides the keys: the router's own HTTP front door, which
+  // checks its clients' keys itself. A random secret that never leaves the
+  // process; empty: none.
+  std::string internal_authorization;
 };
 
 class RouterService final : public psa::v1::Generation::CallbackService {
@@ -41,6 +49,9 @@ class RouterService final : public psa::v1::Generation::CallbackService {
 
   grpc::ServerWriteReactor<psa::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const psa::v1::GenerateRequest* request) override;
+  // OK, or UNAUTHENTICATED saying what to send, for a call's metadata.
+  grpc::Status Authenticate(const grpc::CallbackServerContext* ctx);
+
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
                                      const psa::v1::TokenizeRequest* request,
                                      psa::v1::TokenizeResponse* response) override;

@@ -157,7 +157,9 @@ void WorkerPool::AddWorker(const std::string& address, bool is_static) {
   // to two minutes between connection attempts).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  w->channel = grpc::CreateCustomChannel(
+      address, options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(),
+      args);
   w->stub = psa::v1::Generation::NewStub(w->channel);
   Entry e;
   e.worker = std::move(w);

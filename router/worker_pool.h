@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "grpcpp/security/credentials.h"
 #include "common/metrics.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
 
@@ -65,6 +66,8 @@ struct WorkerPoolOptions {
   // Deadline of each health check; zero: health_interval.
   absl::Duration health_timeout = absl::ZeroDuration();
   int affinity_slack = 4;
+  // Credentials of the channels to the workers (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 class WorkerPool {

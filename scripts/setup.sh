@@ -8,7 +8,7 @@ PACKAGES=(
   libabsl-dev libicu-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libopenblas-dev libre2-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libssl-dev
-  prometheus python3-venv
+  libcpp-httplib-dev curl prometheus python3-venv
 )
 
 missing=()

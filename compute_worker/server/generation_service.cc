@@ -372,6 +372,7 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(
     psa::v1::ModelInfo* response) {
   const LlamaHparams& hp = model_->hparams();
   response->set_model_id(options_.model_id);
+  response->set_served_name(options_.served_name);
   response->set_name(model_->Describe());
   response->set_architecture("llama");
   response->set_num_layers(hp.n_layer);

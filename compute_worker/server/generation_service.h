@@ -27,6 +27,7 @@ namespace psa {
 
 struct GenerationServiceOptions {
   std::string model_id;              // reported in ModelInfo (GGUF sha256)
+  std::string served_name;           // reported in ModelInfo: what clients call the model
   AttentionPolicy default_attention; // for requests that name none
   int default_max_tokens = 256;
   uint64_t max_prompt_bytes = 4 << 20;  // text/chat prompts longer than this are refused

@@ -11,11 +11,13 @@
 #include <string>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
+#include "common/tls.h"
 #include "common/sha256.h"
 #include "compute_worker/model/model_registry.h"
 #include "compute_worker/server/attention_metrics.h"
@@ -27,6 +29,17 @@ ABSL_FLAG(std::string, model, "",
           "GGUF model: a file, or a registered name fetched by scripts/fetch_model.sh NAME "
           "(required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7200", "gRPC address to serve on (port 0: pick one)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "Serve gRPC over TLS with this certificate chain (PEM); needs --tls_key_file");
+ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file (PEM)");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "Mutual TLS: require client certificates signed by this CA (PEM)");
+ABSL_FLAG(std::string, kv_tls_ca_file, "",
+          "Connect to the KV shards over TLS, trusting this CA (PEM); empty: plaintext unless "
+          "--kv_tls_cert_file is set (then the system's roots)");
+ABSL_FLAG(std::string, kv_tls_cert_file, "",
+          "Mutual TLS to the KV shards: this worker's certificate (PEM); needs --kv_tls_key_file");
+ABSL_FLAG(std::string, kv_tls_key_file, "", "The private key of --kv_tls_cert_file (PEM)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9200",
           "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
 ABSL_FLAG(std::string, port_file, "",
@@ -175,6 +188,12 @@ int main(int argc, char** argv) {
   if (!shards.empty()) {
     psa::KvClientOptions kv_options;
     kv_options.shards = absl::StrSplit(shards, ',', absl::SkipEmpty());
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> kv_credentials =
+        psa::ChannelCredentials({absl::GetFlag(FLAGS_kv_tls_ca_file),
+                                 absl::GetFlag(FLAGS_kv_tls_cert_file),
+                                 absl::GetFlag(FLAGS_kv_tls_key_file), "--kv_tls_"});
+    if (!kv_credentials.ok()) return Fail(std::string(kv_credentials.status().message()));
+    kv_options.credentials = *kv_credentials;
     auto client = psa::KvClient::Connect(kv_options);
     if (!client.ok()) return Fail(absl::StrCat("--kv_shards: ", client.status().message()));
     kv_client = std::move(*client);
@@ -255,6 +274,16 @@ int main(int argc, char** argv) {
   auto scheduler = std::make_unique<psa::BatchScheduler>(&runtime, scheduler_options);
   psa::GenerationServiceOptions service_options;
   service_options.model_id = *sha;
+  {  // a registry name as given; a path: its file name without .gguf
+    std::string name = absl::GetFlag(FLAGS_model);
+    if (name != model_path) {
+      service_options.served_name = name;
+    } else {
+      name = name.substr(name.find_last_of('/') + 1);
+      if (absl::EndsWith(name, ".gguf")) name.resize(name.size() - 5);
+      service_options.served_name = name;
+    }
+  }
   service_options.default_attention = policy;
   service_options.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   service_options.max_prompt_bytes = *max_request_bytes;
@@ -273,9 +302,17 @@ int main(int argc, char** argv) {
   psa::GenerationService service(model->get(), runtime.max_context(), scheduler.get(),
                                  prefix_store.get(), &registry, service_options);
 
-  psa::ServeOptions serve{absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen),
-                          absl::GetFlag(FLAGS_port_file)};
+  psa::ServeOptions serve;
+  serve.listen = absl::GetFlag(FLAGS_listen);
+  serve.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  serve.port_file = absl::GetFlag(FLAGS_port_file);
   serve.max_receive_bytes = *max_request_bytes;
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
+      psa::ServerCredentials({absl::GetFlag(FLAGS_tls_client_ca_file),
+                              absl::GetFlag(FLAGS_tls_cert_file),
+                              absl::GetFlag(FLAGS_tls_key_file), "--tls_"});
+  if (!server_credentials.ok()) return Fail(std::string(server_credentials.status().message()));
+  serve.credentials = *server_credentials;
   auto running = psa::StartServer(serve, &registry, {&service});
   if (!running.ok()) return Fail(std::string(running.status().message()));
   const int grpc_port = running->grpc_port, metrics_port = running->metrics_port;

@@ -14,8 +14,9 @@
 # at every health check, as Kubernetes' router resolves a headless Service:
 # a worker that leaves it is forgotten with its metric series.
 # Environment: PSA_BUILD_DIR (default build), PSA_CLUSTER_DIR (logs, pids,
-# ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_WORKER_THREADS
-# (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB),
+# ports; default .cluster), PSA_ROUTER_PORT (default 7000), PSA_HTTP_PORT (the
+# router's OpenAI-compatible API; default 8000, or 0 when PSA_ROUTER_PORT is 0),
+# PSA_WORKER_THREADS (default: cores / 2, at least 1), PSA_KV_CAPACITY (per shard, default 2GiB),
 # PSA_KV_POOL (each worker's KV block pool, default 512MiB; 0: no pool, every
 # sequence keeps its whole KV in the worker). The router and the workers share
 # $PSA_CLUSTER_DIR/resume.secret (made on first start if absent, mode 600): the
@@ -25,6 +26,7 @@ cd "$(dirname "$0")/../.."
 BUILD="${PSA_BUILD_DIR:-build}"
 DIR="${PSA_CLUSTER_DIR:-.cluster}"
 ROUTER_PORT="${PSA_ROUTER_PORT:-7000}"
+HTTP_PORT="${PSA_HTTP_PORT:-$([ "$ROUTER_PORT" = 0 ] && echo 0 || echo 8000)}"
 THREADS="${PSA_WORKER_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 CAPACITY="${PSA_KV_CAPACITY:-2GiB}"
 POOL="${PSA_KV_POOL:-512MiB}"
@@ -123,7 +125,8 @@ case "${1:-}" in
     write_workers worker0 worker1
     WORKERS="$(paste -sd, "$DIR/workers.txt")"
     launch router "$BUILD/router/psa-router" --listen="127.0.0.1:$ROUTER_PORT" \
-      --metrics_listen=127.0.0.1:0 --workers_file="$DIR/workers.txt" \
+      --metrics_listen=127.0.0.1:0 --http_listen="127.0.0.1:$HTTP_PORT" \
+      --workers_file="$DIR/workers.txt" \
       --resume_secret_file="$SECRET"
     wait_for router 20
     ROUTER_PORT="$(port_of router grpc_port)"  # the real one if 0 was asked for
@@ -134,14 +137,16 @@ case "${1:-}" in
       fi
       sleep 0.1
     done
-    echo "cluster: up — router 127.0.0.1:$ROUTER_PORT, workers $WORKERS, KV shards $SHARDS (logs in $DIR/)"
+    HTTP_PORT="$(port_of router http_port)"
+    echo "cluster: up — router 127.0.0.1:$ROUTER_PORT (OpenAI API http://127.0.0.1:$HTTP_PORT/v1), workers $WORKERS, KV shards $SHARDS (logs in $DIR/)"
     ;;
   status)
     for f in "$DIR"/*.pid; do
       [ -e "$f" ] || { echo "cluster: not running"; exit 0; }
       name="$(basename "$f" .pid)"
       state=stopped; kill -0 "$(cat "$f")" 2>/dev/null && state=running
-      echo "$name: $state, grpc port $(port_of "$name" grpc_port), metrics port $(port_of "$name" metrics_port)"
+      http=""; [ -n "$(port_of "$name" http_port)" ] && http=", HTTP port $(port_of "$name" http_port)"
+      echo "$name: $state, grpc port $(port_of "$name" grpc_port), metrics port $(port_of "$name" metrics_port)$http"
     done
     ;;
   replace-worker)
@@ -175,7 +180,7 @@ sys.exit(0 if sys.argv[2] in u.urlopen(sys.argv[1], timeout=2).read().decode() e
     echo "cluster: stopped"
     ;;
   *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'
     exit 2
     ;;
 esac

@@ -92,7 +92,7 @@ class ChaosTest : public ::testing::Test {
     }
     auto r = ServerProcess::Start(
         PSA_ROUTER_BIN,
-        {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+        {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", "--http_listen=127.0.0.1:0",
          absl::StrCat("--workers=", workers_[0]->address(), ",", workers_[1]->address()),
          psa::testing::ResumeSecretFlag()});
     ASSERT_TRUE(r.ok()) << r.status();

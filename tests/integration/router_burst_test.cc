@@ -112,6 +112,7 @@ TEST(RouterBurstTest, LargePromptsLeaveWorkersHealthyAndOrdinaryRequestsServed) 
   }
   auto r = ServerProcess::Start(
       PSA_ROUTER_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       "--http_listen=127.0.0.1:0",
                        absl::StrCat("--workers=", workers[0]->address(), ",",
                                     workers[1]->address()),
                        psa::testing::ResumeSecretFlag()});

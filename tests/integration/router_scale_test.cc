@@ -105,12 +105,13 @@ TEST(RouterScaleTest, AThousandStreamsOnBoundedThreads) {
     workers.push_back(std::move(*w));
   }
   const char* other = std::getenv("PSA_SCALE_ROUTER_BIN");
-  auto r = ServerProcess::Start(
-      other != nullptr ? other : PSA_ROUTER_BIN,
-      {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-       absl::StrCat("--workers=", workers[0]->address(), ",", workers[1]->address()),
-       absl::StrCat("--max_inflight=", kStreams + 100), "--max_queued=0",
-       "--affinity_slack=0", psa::testing::ResumeSecretFlag()});
+  std::vector<std::string> args = {
+      "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+      absl::StrCat("--workers=", workers[0]->address(), ",", workers[1]->address()),
+      absl::StrCat("--max_inflight=", kStreams + 100), "--max_queued=0", "--affinity_slack=0",
+      psa::testing::ResumeSecretFlag()};
+  if (other == nullptr) args.push_back("--http_listen=127.0.0.1:0");  // an older one may lack it
+  auto r = ServerProcess::Start(other != nullptr ? other : PSA_ROUTER_BIN, args);
   ASSERT_TRUE(r.ok()) << r.status();
   ServerProcess& router = **r;
   const int64_t idle_threads = ProcStatus(router.pid(), "Threads");

@@ -73,7 +73,7 @@ class RouterTest : public ::testing::Test {
       workers_.push_back(std::move(*w));
     }
     std::vector<std::string> args = {
-        "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+        "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", "--http_listen=127.0.0.1:0",
         absl::StrCat("--workers=", workers_[0]->address(), ",", workers_[1]->address()),
         psa::testing::ResumeSecretFlag()};
     args.insert(args.end(), router_flags.begin(), router_flags.end());
@@ -227,6 +227,7 @@ TEST_F(RouterTest, WorkersFoundThroughDns) {
   // "localhost" resolves to 127.0.0.1: one worker, found by name.
   auto r = ServerProcess::Start(
       PSA_ROUTER_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       "--http_listen=127.0.0.1:0",
                        absl::StrCat("--workers_dns=localhost:", workers_[1]->port("grpc_port"))});
   ASSERT_TRUE(r.ok()) << r.status();
   Streamed got = Generate((*r)->address(), Request("by name", 5));
@@ -248,6 +249,7 @@ TEST_F(RouterTest, WorkersFileRecoveryAndClientCancellation) {
   }
   auto r = ServerProcess::Start(PSA_ROUTER_BIN, {"--listen=127.0.0.1:0",
                                                  "--metrics_listen=127.0.0.1:0",
+                                                 "--http_listen=127.0.0.1:0",
                                                  "--workers_file=" + file,
                                                  "--health_interval_ms=100"});
   ASSERT_TRUE(r.ok()) << r.status();

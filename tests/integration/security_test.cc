@@ -1,0 +1,209 @@
+// TLS and API keys against the real binaries on loopback, with certificates
+// made at test time by the openssl CLI: a KV shard requiring mutual TLS
+// refuses plaintext clients, clients without a certificate and clients that
+// trust another CA; the router refuses gRPC calls and HTTP requests without
+// a valid key and picks up a changed keys file without a restart; HTTPS on
+// the router serves the same API.
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/tls.h"
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "proto/psa/v1/generation.grpc.pb.h"
+#include "tests/support/server_process.h"
+
+namespace psa {
+namespace {
+
+using ::psa::testing::ServerProcess;
+
+// A CA, a server certificate for 127.0.0.1 and a client certificate signed
+// by it, and a second, unrelated CA.
+class Certificates {
+ public:
+  Certificates() : dir_(absl::StrCat(::testing::TempDir(), "/certs")) {
+    const std::string d = dir_;
+    const std::string script = absl::StrCat(
+        "set -e; rm -rf ", d, "; mkdir -p ", d, "; cd ", d, "\n",
+        "for ca in ca other_ca; do openssl req -x509 -newkey rsa:2048 -nodes -days 2 "
+        "-subj /CN=$ca -keyout $ca.key -out $ca.pem 2>/dev/null; done\n",
+        "for who in server client; do openssl req -newkey rsa:2048 -nodes -subj /CN=$who "
+        "-keyout $who.key -out $who.csr 2>/dev/null; done\n",
+        "printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext\n",
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
+        "-extfile san.ext -out server.pem 2>/dev/null\n",
+        "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
+        "-out client.pem 2>/dev/null\n");
+    ok_ = std::system(script.c_str()) == 0;
+  }
+  bool ok() const { return ok_; }
+  std::string operator()(const std::string& name) const { return dir_ + "/" + name; }
+
+ private:
+  std::string dir_;
+  bool ok_ = false;
+};
+
+// A health check over `credentials`: OK only if the handshake and the call work.
+grpc::Status Health(const std::string& address,
+                    std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(address, credentials));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(3)));
+  grpc::health::v1::HealthCheckResponse response;
+  return stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &response);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> Creds(const TlsFiles& files) {
+  auto c = ChannelCredentials(files);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *c : nullptr;
+}
+
+TEST(SecurityTest, AKvShardWithMutualTlsAcceptsOnlyClientsWithItsCertificates) {
+  Certificates certs;
+  ASSERT_TRUE(certs.ok()) << "openssl failed";
+  auto kv = ServerProcess::Start(
+      PSA_KV_SERVICE_BIN,
+      {"--listen=127.0.0.1:0", "--metrics_listen=", "--capacity=16MiB",
+       "--tls_cert_file=" + certs("server.pem"), "--tls_key_file=" + certs("server.key"),
+       "--tls_client_ca_file=" + certs("ca.pem")});
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  const std::string address = (*kv)->address();
+
+  // A worker's credentials: the CA and a certificate it signed.
+  EXPECT_TRUE(Health(address, Creds({certs("ca.pem"), certs("client.pem"), certs("client.key"),
+                                     "--kv_tls_"}))
+                  .ok());
+  // No client certificate, plaintext, or trusting another CA: refused.
+  EXPECT_EQ(Health(address, Creds({certs("ca.pem"), "", "", "--kv_tls_"})).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Health(address, grpc::InsecureChannelCredentials()).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Health(address, Creds({certs("other_ca.pem"), certs("client.pem"),
+                                   certs("client.key"), "--kv_tls_"}))
+                .error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // A client certificate from another CA: refused too.
+  EXPECT_EQ(Health(address, Creds({certs("ca.pem"), certs("other_ca.pem"),
+                                   certs("other_ca.key"), "--kv_tls_"}))
+                .error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST(SecurityTest, BadTlsFlagsAreRefusedAtStart) {
+  Certificates certs;
+  ASSERT_TRUE(certs.ok());
+  EXPECT_FALSE(ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=",
+                                     "--tls_cert_file=" + certs("server.pem")})
+                   .ok());  // no key
+  EXPECT_FALSE(ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=",
+                                     "--tls_cert_file=" + certs("san.ext"),
+                                     "--tls_key_file=" + certs("server.key")})
+                   .ok());  // not PEM
+}
+
+class RouterKeysTest : public ::testing::Test {
+ protected:
+  void WriteKeys(const std::string& text) {
+    const std::string tmp = keys_ + ".tmp";
+    std::ofstream(tmp) << text;
+    ASSERT_EQ(std::rename(tmp.c_str(), keys_.c_str()), 0);
+  }
+  // GetModelInfo with `key`: UNAUTHENTICATED when refused; UNAVAILABLE (no
+  // worker runs) once accepted.
+  grpc::StatusCode Call(const std::string& address, const std::string& key,
+                        std::shared_ptr<grpc::ChannelCredentials> creds =
+                            grpc::InsecureChannelCredentials()) {
+    auto stub = psa::v1::Generation::NewStub(grpc::CreateChannel(address, creds));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    if (!key.empty()) ctx.AddMetadata("authorization", "Bearer " + key);
+    psa::v1::ModelInfo info;
+    return stub->GetModelInfo(&ctx, psa::v1::GetModelInfoRequest(), &info).error_code();
+  }
+
+  const std::string keys_ = absl::StrCat(::testing::TempDir(), "/api_keys.txt");
+};
+
+TEST_F(RouterKeysTest, CallsNeedAValidKeyAndTheFileIsReloaded) {
+  WriteKeys("# keys\nsk-test-aaaaaaaaaaaaaaaa team-a\nsk-test-bbbbbbbbbbbbbbbb\n");
+  auto r = ServerProcess::Start(PSA_ROUTER_BIN,
+                                {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                                 "--http_listen=127.0.0.1:0", "--workers=127.0.0.1:1",
+                                 "--api_keys_file=" + keys_});
+  ASSERT_TRUE(r.ok()) << r.status();
+  const std::string address = (*r)->address();
+  EXPECT_EQ(Call(address, ""), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Call(address, "sk-test-cccccccccccccccc"), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Call(address, "sk-test-aaaaaaaaaaaaaaaa"), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Call(address, "sk-test-bbbbbbbbbbbbbbbb"), grpc::StatusCode::UNAVAILABLE);
+  // The health service stays open for probes.
+  EXPECT_TRUE(Health(address, grpc::InsecureChannelCredentials()).ok());
+
+  // HTTP: 401 in OpenAI's error shape without a key; a key gets past it.
+  const std::string http = absl::StrCat("http://127.0.0.1:", (*r)->port("http_port"));
+  auto curl = [&](const std::string& args) {
+    const std::string cmd = absl::StrCat("curl -s -o /dev/null -w '%{http_code}' ", args, " ",
+                                         http, "/v1/models");
+    std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
+    char code[8] = {};
+    return p && fgets(code, sizeof(code), p.get()) ? std::string(code) : std::string("none");
+  };
+  EXPECT_EQ(curl(""), "401");
+  EXPECT_EQ(curl("-H 'Authorization: Bearer sk-test-cccccccccccccccc'"), "401");
+  EXPECT_EQ(curl("-H 'Authorization: Bearer sk-test-aaaaaaaaaaaaaaaa'"), "503");  // no worker
+
+  // Revoke a, add c: seen within about a second, without a restart.
+  WriteKeys("sk-test-bbbbbbbbbbbbbbbb\nsk-test-cccccccccccccccc team-c\n");
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (Call(address, "sk-test-cccccccccccccccc") != grpc::StatusCode::UNAVAILABLE &&
+         absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(Call(address, "sk-test-cccccccccccccccc"), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Call(address, "sk-test-aaaaaaaaaaaaaaaa"), grpc::StatusCode::UNAUTHENTICATED);
+  // A broken file keeps the last good keys.
+  WriteKeys("too short\n");
+  absl::SleepFor(absl::Milliseconds(1500));
+  EXPECT_EQ(Call(address, "sk-test-cccccccccccccccc"), grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(RouterKeysTest, TheRouterServesGrpcAndHttpOverTls) {
+  Certificates certs;
+  ASSERT_TRUE(certs.ok());
+  auto r = ServerProcess::Start(
+      PSA_ROUTER_BIN,
+      {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", "--http_listen=127.0.0.1:0",
+       "--workers=127.0.0.1:1", "--tls_cert_file=" + certs("server.pem"),
+       "--tls_key_file=" + certs("server.key")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  const std::string address = (*r)->address();
+  EXPECT_EQ(Call(address, "", Creds({certs("ca.pem"), "", "", "--tls_"})),
+            grpc::StatusCode::UNAVAILABLE);  // past TLS: no worker
+  EXPECT_TRUE(Health(address, Creds({certs("ca.pem"), "", "", "--tls_"})).ok());
+  EXPECT_FALSE(Health(address, grpc::InsecureChannelCredentials()).ok());
+  EXPECT_FALSE(Health(address, Creds({certs("other_ca.pem"), "", "", "--tls_"})).ok());
+  const std::string https =
+      absl::StrCat("https://127.0.0.1:", (*r)->port("http_port"), "/health");
+  auto curl = [&](const std::string& ca) {
+    const std::string cmd =
+        absl::StrCat("curl -s -o /dev/null -w '%{http_code}' --cacert ", ca, " ", https);
+    std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
+    char code[8] = {};
+    return p && fgets(code, sizeof(code), p.get()) ? std::string(code) : std::string("none");
+  };
+  EXPECT_EQ(curl(certs("ca.pem")), "503");        // HTTPS works; no healthy worker
+  EXPECT_EQ(curl(certs("other_ca.pem")), "000");  // handshake refused
+}
+
+}  // namespace
+}  // namespace psa
