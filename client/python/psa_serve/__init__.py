@@ -79,7 +79,10 @@ class Client:
     """A connection to a PSA-Serve router (or worker). Thread-safe."""
 
     def __init__(self, target: str = "localhost:7000", *, timeout: float = 300.0,
-                 tls: bool = False, root_certificates: Optional[bytes] = None):
+                 tls: bool = False, root_certificates: Optional[bytes] = None,
+                 api_key: Optional[str] = None):
+        """api_key: for a router started with --api_keys_file, sent as
+        "authorization: Bearer KEY" on every call."""
         if not target:
             raise InvalidArgument("no target given (host:port)")
         options = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
@@ -90,6 +93,7 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.target = target
 
     def __enter__(self) -> "Client":
@@ -123,7 +127,8 @@ class Client:
         request = self._request(prompt, chat, token_ids, max_tokens, temperature, top_k, top_p,
                                 seed, stop, ignore_eos, attention, epsilon, repetition_penalty,
                                 frequency_penalty, presence_penalty)
-        call = self._stub.Generate(request, timeout=timeout or self._timeout)
+        call = self._stub.Generate(request, timeout=timeout or self._timeout,
+                                   metadata=self._metadata)
         try:
             for message in call:
                 yield Chunk(message.text, list(message.token_ids),
@@ -147,14 +152,15 @@ class Client:
 
     def tokenize(self, text: str) -> List[int]:
         try:
-            return list(self._stub.Tokenize(pb.TokenizeRequest(text=text),
-                                            timeout=self._timeout).token_ids)
+            return list(self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self._timeout,
+                                            metadata=self._metadata).token_ids)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.target) from None
 
     def model_info(self) -> "pb.ModelInfo":
         try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout)
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout,
+                                           metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.target) from None
 
