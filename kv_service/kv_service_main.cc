@@ -8,15 +8,11 @@
 #include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
+#include "common/server_tls_flags.h"
 #include "common/tls.h"
 #include "kv_service/kv_service_impl.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7100", "gRPC address to serve on (port 0: pick one)");
-ABSL_FLAG(std::string, tls_cert_file, "",
-          "Serve gRPC over TLS with this certificate chain (PEM); needs --tls_key_file");
-ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file (PEM)");
-ABSL_FLAG(std::string, tls_client_ca_file, "",
-          "Mutual TLS: require client certificates signed by this CA (PEM)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9100",
           "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
 ABSL_FLAG(std::string, capacity, "4GiB",
@@ -64,9 +60,7 @@ int main(int argc, char** argv) {
   psa::KvServiceImpl service(&store, &registry, *max_message);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
-      psa::ServerCredentials({absl::GetFlag(FLAGS_tls_client_ca_file),
-                              absl::GetFlag(FLAGS_tls_cert_file),
-                              absl::GetFlag(FLAGS_tls_key_file), "--tls_"});
+      psa::ServerCredentialsFromFlags();
   if (!server_credentials.ok()) return Fail(std::string(server_credentials.status().message()));
   psa::ServeOptions serve;
   serve.listen = absl::GetFlag(FLAGS_listen);

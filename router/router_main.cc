@@ -13,17 +13,13 @@
 #include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
+#include "common/server_tls_flags.h"
 #include "common/tls.h"
 #include "router/openai/http_front_door.h"
 #include "router/router_service.h"
 #include "router/worker_pool.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7000", "gRPC address to serve on (port 0: pick one)");
-ABSL_FLAG(std::string, tls_cert_file, "",
-          "Serve gRPC and HTTP over TLS with this certificate chain (PEM); needs --tls_key_file");
-ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file (PEM)");
-ABSL_FLAG(std::string, tls_client_ca_file, "",
-          "Mutual TLS: require client certificates signed by this CA (PEM)");
 ABSL_FLAG(std::string, worker_tls_ca_file, "",
           "Connect to the workers over TLS, trusting this CA (PEM); empty: plaintext unless "
           "--worker_tls_cert_file is set (then the system's roots)");
@@ -170,9 +166,7 @@ int main(int argc, char** argv) {
   serve.port_file = "";
   serve.max_receive_bytes = *max_request_bytes;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
-      psa::ServerCredentials({absl::GetFlag(FLAGS_tls_client_ca_file),
-                              absl::GetFlag(FLAGS_tls_cert_file),
-                              absl::GetFlag(FLAGS_tls_key_file), "--tls_"});
+      psa::ServerCredentialsFromFlags();
   if (!server_credentials.ok()) return Fail(std::string(server_credentials.status().message()));
   serve.credentials = *server_credentials;
   auto running = psa::StartServer(serve, &registry, {service.get()});
@@ -189,8 +183,8 @@ int main(int argc, char** argv) {
     if (http_options.threads < 1) return Fail("--http_threads must be >= 1");
     http_options.ready = [p = pool.get()] { return p->healthy_count() > 0; };
     http_options.api_keys = api_keys.get();
-    http_options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
-    http_options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+    http_options.tls_cert_file = psa::ServerTlsFilesFromFlags().cert;
+    http_options.tls_key_file = psa::ServerTlsFilesFromFlags().key;
     http_options.internal_authorization = options.internal_authorization;
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);

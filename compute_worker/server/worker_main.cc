@@ -17,6 +17,7 @@
 #include "common/byte_size.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
+#include "common/server_tls_flags.h"
 #include "common/tls.h"
 #include "common/sha256.h"
 #include "compute_worker/model/model_registry.h"
@@ -29,11 +30,6 @@ ABSL_FLAG(std::string, model, "",
           "GGUF model: a file, or a registered name fetched by scripts/fetch_model.sh NAME "
           "(required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7200", "gRPC address to serve on (port 0: pick one)");
-ABSL_FLAG(std::string, tls_cert_file, "",
-          "Serve gRPC over TLS with this certificate chain (PEM); needs --tls_key_file");
-ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file (PEM)");
-ABSL_FLAG(std::string, tls_client_ca_file, "",
-          "Mutual TLS: require client certificates signed by this CA (PEM)");
 ABSL_FLAG(std::string, kv_tls_ca_file, "",
           "Connect to the KV shards over TLS, trusting this CA (PEM); empty: plaintext unless "
           "--kv_tls_cert_file is set (then the system's roots)");
@@ -308,9 +304,7 @@ int main(int argc, char** argv) {
   serve.port_file = absl::GetFlag(FLAGS_port_file);
   serve.max_receive_bytes = *max_request_bytes;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
-      psa::ServerCredentials({absl::GetFlag(FLAGS_tls_client_ca_file),
-                              absl::GetFlag(FLAGS_tls_cert_file),
-                              absl::GetFlag(FLAGS_tls_key_file), "--tls_"});
+      psa::ServerCredentialsFromFlags();
   if (!server_credentials.ok()) return Fail(std::string(server_credentials.status().message()));
   serve.credentials = *server_credentials;
   auto running = psa::StartServer(serve, &registry, {&service});
