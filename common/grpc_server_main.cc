@@ -117,7 +117,14 @@ absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
         {{"grpc_port", running.grpc_port}, {"metrics_port", running.metrics_port}});
     if (!s.ok()) return s;
   }
+  if (running.metrics) running.metrics->SetReady(true);
   return running;
+}
+
+void GracefulShutdown(RunningServer& running, const std::function<void()>& drain,
+                      absl::Duration grace) {
+  if (running.metrics) running.metrics->SetReady(false);
+  GracefulShutdown(running.grpc.get(), drain, grace);
 }
 
 void GracefulShutdown(grpc::Server* server, const std::function<void()>& drain,

@@ -78,6 +78,9 @@ absl::StatusOr<RunningServer> StartServer(const ServeOptions& options,
 // shuts down, cancelling whatever is still running after `grace`.
 void GracefulShutdown(grpc::Server* server, const std::function<void()>& drain,
                       absl::Duration grace);
+// The same for a StartServer() result, /readyz turned 503 first.
+void GracefulShutdown(RunningServer& running, const std::function<void()>& drain,
+                      absl::Duration grace);
 
 }  // namespace psa
 

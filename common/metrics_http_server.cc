@@ -100,6 +100,9 @@ void MetricsHttpServer::HandleConnection(int fd) {
                           registry_->Serialize()));
   } else if (absl::StartsWith(head, "GET /healthz")) {
     WriteAll(fd, Response("200 OK", "text/plain", "ok\n"));
+  } else if (absl::StartsWith(head, "GET /readyz")) {
+    WriteAll(fd, ready_.load() ? Response("200 OK", "text/plain", "ready\n")
+                               : Response("503 Service Unavailable", "text/plain", "not ready\n"));
   } else {
     WriteAll(fd, Response("404 Not Found", "text/plain", "try /metrics\n"));
   }

@@ -1,5 +1,7 @@
 // A minimal HTTP/1.0 server for Prometheus scrapes: GET /metrics returns the
-// registry's text exposition, GET /healthz returns "ok". One background
+// registry's text exposition, GET /healthz returns "ok" (alive), GET /readyz
+// 200 while the server is marked ready, else 503 (Kubernetes probes that
+// work whether or not the gRPC port speaks TLS). One background
 // thread, one request per connection: scrapes are rare and small.
 #ifndef PSA_COMMON_METRICS_HTTP_SERVER_H_
 #define PSA_COMMON_METRICS_HTTP_SERVER_H_
@@ -21,6 +23,8 @@ class MetricsHttpServer {
   ~MetricsHttpServer();  // stops the thread and closes the socket
 
   int port() const { return port_; }
+  // What GET /readyz answers: set once serving, cleared when draining.
+  void SetReady(bool ready) { ready_.store(ready); }
 
  private:
   MetricsHttpServer(Registry* registry, int fd, int port);
@@ -31,6 +35,7 @@ class MetricsHttpServer {
   const int listen_fd_;
   const int port_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> ready_{false};
   std::thread thread_;
 };
 

@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
 
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-kv-service: signal %d, draining streams\n", sig);
-  psa::GracefulShutdown(running->grpc.get(), [&] { service.Drain(); },
+  psa::GracefulShutdown(*running, [&] { service.Drain(); },
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   std::fprintf(stderr, "psa-kv-service: stopped\n");
   return 0;

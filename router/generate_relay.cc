@@ -71,7 +71,7 @@ class RouterService::Relay final : public GenerateStreamWriter {
   friend class RouterService;  // PassSlot takes a relay off the queue
 
   RouterService* const service_;
-  const GenerateRequest request_;
+  GenerateRequest request_;  // set up in the constructor, then read only
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time start_;
   std::list<Relay*>::iterator queue_entry_;  // valid while in_queue_
@@ -142,11 +142,19 @@ RouterService::Relay::Relay(RouterService* service, grpc::CallbackServerContext*
       deadline_(ctx->deadline()),
       start_(absl::Now()),
       affinity_(PromptAffinity(request)) {
-  if (grpc::Status auth = service_->Authenticate(ctx); !auth.ok()) {
+  std::string tenant;
+  if (grpc::Status auth = service_->Authenticate(ctx, &tenant); !auth.ok()) {
     service_->metrics_.requests.Add({{"code", "UNAUTHENTICATED"}}).Increment();
     Close(auth);
     Unref();
     return;
+  }
+  // Prefix reuse scoped by the key's tenant; a client's salt only narrows
+  // it and can never name another tenant's scope.
+  if (!tenant.empty()) {
+    request_.set_cache_salt(absl::StrCat("tenant/", tenant, "/", request.cache_salt()));
+  } else if (!request.cache_salt().empty()) {
+    request_.set_cache_salt(absl::StrCat("client/", request.cache_salt()));
   }
   if (request.has_resume()) {
     service_->metrics_.requests.Add({{"code", "INVALID_ARGUMENT"}}).Increment();

@@ -26,6 +26,9 @@ ABSL_FLAG(std::string, worker_tls_ca_file, "",
 ABSL_FLAG(std::string, worker_tls_cert_file, "",
           "Mutual TLS to the workers: the router's certificate (PEM); needs --worker_tls_key_file");
 ABSL_FLAG(std::string, worker_tls_key_file, "", "The private key of --worker_tls_cert_file (PEM)");
+ABSL_FLAG(std::string, worker_tls_server_name, "",
+          "The name the workers' certificate carries, checked instead of their address (e.g. "
+          "the headless Service's name for --workers_dns workers, which are IPs)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9000",
           "IPv4 address:port for Prometheus /metrics (port 0: pick one; empty: off)");
 ABSL_FLAG(std::string, http_listen, "0.0.0.0:8000",
@@ -155,6 +158,7 @@ int main(int argc, char** argv) {
                                absl::GetFlag(FLAGS_worker_tls_key_file), "--worker_tls_"});
   if (!worker_credentials.ok()) return Fail(std::string(worker_credentials.status().message()));
   pool_options.credentials = *worker_credentials;
+  pool_options.tls_server_name = absl::GetFlag(FLAGS_worker_tls_server_name);
   if (pool_options.forget_after_polls < 1) return Fail("--forget_worker_after_polls must be >= 1");
   auto pool = std::make_unique<psa::WorkerPool>(pool_options, &registry);
   auto service = std::make_unique<psa::RouterService>(pool.get(), &registry, options);
@@ -209,7 +213,7 @@ int main(int argc, char** argv) {
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-router: signal %d, finishing running generations\n", sig);
   http.reset();  // no new HTTP requests; those running end with their calls below
-  psa::GracefulShutdown(running->grpc.get(), nullptr,
+  psa::GracefulShutdown(*running, nullptr,
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   service.reset();
   std::fprintf(stderr, "psa-router: stopped\n");

@@ -37,17 +37,24 @@ RouterService::RouterService(WorkerPool* pool, metrics::Registry* registry,
                              RouterOptions options)
     : pool_(pool), options_(options), metrics_(registry) {}
 
-grpc::Status RouterService::Authenticate(const grpc::CallbackServerContext* ctx) {
+grpc::Status RouterService::Authenticate(const grpc::CallbackServerContext* ctx,
+                                         std::string* tenant) {
   if (options_.api_keys == nullptr) return grpc::Status::OK;
   const auto& md = ctx->client_metadata();
-  auto it = md.find("authorization");
-  const absl::string_view value =
-      it == md.end() ? absl::string_view() : absl::string_view(it->second.data(), it->second.size());
+  auto get = [&md](const char* key) {
+    auto it = md.find(key);
+    return it == md.end() ? absl::string_view()
+                          : absl::string_view(it->second.data(), it->second.size());
+  };
+  const absl::string_view value = get("authorization");
   if (!options_.internal_authorization.empty() && value == options_.internal_authorization) {
+    if (tenant != nullptr) *tenant = std::string(get("x-psa-tenant"));
     return grpc::Status::OK;
   }
-  absl::StatusOr<std::string> tenant = options_.api_keys->Check(value);
-  return tenant.ok() ? grpc::Status::OK : ToGrpcStatus(tenant.status());
+  absl::StatusOr<std::string> t = options_.api_keys->Check(value);
+  if (!t.ok()) return ToGrpcStatus(t.status());
+  if (tenant != nullptr) *tenant = std::move(*t);
+  return grpc::Status::OK;
 }
 
 RouterService::~RouterService() {
@@ -73,7 +80,7 @@ class RouterService::UnaryRelay {
                                          grpc::CallbackServerContext* ctx, Response* response,
                                          Send send) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    if (grpc::Status auth = service->Authenticate(ctx); !auth.ok()) {
+    if (grpc::Status auth = service->Authenticate(ctx, nullptr); !auth.ok()) {
       reactor->Finish(auth);
       return reactor;
     }

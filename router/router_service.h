@@ -49,8 +49,10 @@ class RouterService final : public psa::v1::Generation::CallbackService {
 
   grpc::ServerWriteReactor<psa::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const psa::v1::GenerateRequest* request) override;
-  // OK, or UNAUTHENTICATED saying what to send, for a call's metadata.
-  grpc::Status Authenticate(const grpc::CallbackServerContext* ctx);
+  // OK, or UNAUTHENTICATED saying what to send, for a call's metadata;
+  // `tenant` (may be null) gets the key's tenant ("" without one). Calls
+  // with the internal authorization name their tenant in "x-psa-tenant".
+  grpc::Status Authenticate(const grpc::CallbackServerContext* ctx, std::string* tenant);
 
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
                                      const psa::v1::TokenizeRequest* request,

@@ -157,6 +157,7 @@ void WorkerPool::AddWorker(const std::string& address, bool is_static) {
   // to two minutes between connection attempts).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  if (!options_.tls_server_name.empty()) args.SetSslTargetNameOverride(options_.tls_server_name);
   w->channel = grpc::CreateCustomChannel(
       address, options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(),
       args);

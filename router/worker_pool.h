@@ -68,6 +68,10 @@ struct WorkerPoolOptions {
   int affinity_slack = 4;
   // Credentials of the channels to the workers (common/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // With TLS: the name the workers' certificate must carry, when it is not
+  // their address (discovered workers are IPs; a certificate names the
+  // Service). Empty: the address's host.
+  std::string tls_server_name;
 };
 
 class WorkerPool {

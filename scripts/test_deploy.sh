@@ -55,6 +55,24 @@ EOF
 kubectl kustomize "$TRY" >"$OUT/try.yaml"
 "$VENV/bin/python" deploy/k8s/check_rendered.py "$OUT/try.yaml" --release=my-prometheus --kv-shards=3
 echo "deploy: an overlay relabels the monitoring objects and sets 3 KV shards"
+# TLS and API keys (components/tls) on top of the cpu overlay.
+TLS="$BUILD/deploy-tls-try"
+rm -rf "$TLS" && mkdir -p "$TLS"
+cat >"$TLS/kustomization.yaml" <<EOF
+resources: [$(realpath --relative-to="$TLS" deploy/k8s/overlays/cpu)]
+components: [$(realpath --relative-to="$TLS" deploy/k8s/components/tls)]
+EOF
+kubectl kustomize "$TLS" >"$OUT/tls.yaml"
+"$VENV/bin/kubernetes-validate" --strict --quiet "$OUT/tls.yaml" 2>&1 | tee "$OUT/tls.log"
+if grep -Ev "$UNCHECKED" "$OUT/tls.log" | grep -q .; then
+  echo "deploy: the cpu overlay with components/tls does not validate" >&2
+  exit 1
+fi
+"$VENV/bin/python" deploy/k8s/check_rendered.py "$OUT/tls.yaml"
+for f in api_keys_file tls_client_ca_file kv_tls_cert_file worker_tls_server_name; do
+  grep -q -- "--$f=" "$OUT/tls.yaml" || { echo "deploy: components/tls sets no --$f" >&2; exit 1; }
+done
+echo "deploy: components/tls renders valid objects, its files mounted, probes plain HTTP"
 grep -q "nvidia.com/gpu" "$OUT/gpu.yaml" || { echo "deploy: the gpu overlay requests no GPU" >&2; exit 1; }
 "$VENV/bin/hadolint" --config deploy/docker/.hadolint.yaml deploy/docker/*Dockerfile
 echo "deploy: container files lint clean"

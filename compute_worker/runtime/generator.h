@@ -29,6 +29,9 @@ struct GenerationRequest {
   // has `resumed_text_bytes` bytes of their text.
   int resumed = 0;
   size_t resumed_text_bytes = 0;
+  // Scope of prefix reuse through the KV service (the tenant): blocks are
+  // shared only between requests with equal salts.
+  std::string cache_salt;
 };
 
 struct GenerationResult {

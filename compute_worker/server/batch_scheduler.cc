@@ -45,7 +45,8 @@ struct BatchScheduler::Sequence {
   size_t decode_from() const { return request.prompt.size() - request.resumed; }
   // The request's prompt as the KV service names it.
   CacheContents prompt_contents() const {
-    return CacheContents{request.prompt, static_cast<int>(decode_from()), DecodedBy(*attention)};
+    return CacheContents{request.prompt, static_cast<int>(decode_from()), DecodedBy(*attention),
+                         request.cache_salt};
   }
 };
 
@@ -246,7 +247,8 @@ bool BatchScheduler::Step() {
         const std::vector<TokenId>& generated = seq->state.tokens();
         sequence.insert(sequence.end(), generated.begin(), generated.end());
         options_.on_block_filled(CacheContents{sequence, static_cast<int>(decode_from),
-                                               DecodedBy(*seq->attention)},
+                                               DecodedBy(*seq->attention),
+                                               seq->request.cache_salt},
                                  seq->kv);
       }
     } else {

@@ -5,7 +5,8 @@
 // from `decode_from` on also carry the policy that decoded them. Blocks a
 // prompt prefill made stay shareable by every request with that prefix;
 // decoded blocks only by a resume of the same generation under the same
-// policy. A view: the tokens outlive it.
+// policy. A `salt` (a tenant's scope) joins every name: requests with
+// different salts share no block. A view: the tokens outlive it.
 #ifndef PSA_COMPUTE_WORKER_SERVER_CACHE_CONTENTS_H_
 #define PSA_COMPUTE_WORKER_SERVER_CACHE_CONTENTS_H_
 
@@ -22,6 +23,7 @@ struct CacheContents {
   absl::Span<const TokenId> tokens;  // in cache order
   int decode_from = 0;               // tokens[decode_from, ...) came from decode steps
   std::string decoded_by;            // their policy; empty: dense (equal to a prefill's)
+  std::string salt;                  // prefix-sharing scope; empty: shared by all
 };
 
 // The name of the policy that decodes under `attention`, for CacheContents.

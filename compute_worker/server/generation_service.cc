@@ -159,8 +159,9 @@ class GenerationService::GenerateReactor final : public GenerateStreamWriter {
     auto kv = std::make_unique<KvCache>(service_->scheduler_->NewCache());
     std::vector<TokenId> prompt_copy = gen.prompt;
     const int decode_from = static_cast<int>(gen.prompt.size()) - gen.resumed;
+    std::string salt = gen.cache_salt;  // before the callback below moves gen
     service_->prefix_store_->LoadAsync(
-        std::move(prompt_copy), decode_from, DecodedBy(policy_),
+        std::move(prompt_copy), decode_from, DecodedBy(policy_), std::move(salt),
         std::move(kv),
         [this, gen = std::move(gen)](std::unique_ptr<KvCache> kv, int tokens) mutable {
           absl::Status s = Schedule(std::move(gen), tokens > 0 ? std::move(kv) : nullptr);

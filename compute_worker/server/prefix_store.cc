@@ -73,10 +73,10 @@ PrefixStore::~PrefixStore() {
 }
 
 void PrefixStore::LoadAsync(std::vector<TokenId> prompt, int decode_from, std::string decoded_by,
-                            std::unique_ptr<KvCache> kv, LoadDone done) {
+                            std::string salt, std::unique_ptr<KvCache> kv, LoadDone done) {
   absl::MutexLock lock(&mu_);
   loads_.push_back(PendingLoad{std::move(prompt), decode_from, std::move(decoded_by),
-                               std::move(kv), std::move(done)});
+                               std::move(salt), std::move(kv), std::move(done)});
 }
 
 void PrefixStore::LoadLoop() {
@@ -94,7 +94,8 @@ void PrefixStore::LoadLoop() {
       loads_.pop_front();
     }
     const int tokens =
-        Load(CacheContents{load.prompt, load.decode_from, load.decoded_by}, load.kv.get());
+        Load(CacheContents{load.prompt, load.decode_from, load.decoded_by, load.salt},
+             load.kv.get());
     load.done(std::move(load.kv), tokens);
   }
 }
@@ -104,6 +105,8 @@ std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, i
   std::vector<std::string> out;
   const absl::Span<const TokenId> tokens = c.tokens;
   std::string h = Sha256(absl::StrCat("psa-prefix-v1/", model_id, "/", block_size), "");
+  // A salted chain starts elsewhere: unsalted names stay as they were.
+  if (!c.salt.empty()) h = Sha256(h, absl::StrCat("salt/", c.salt));
   for (int b = 0; b < n_blocks; ++b) {
     if (!c.decoded_by.empty() && (b + 1) * block_size > c.decode_from &&
         b * block_size <= c.decode_from) {

@@ -62,7 +62,7 @@ class PrefixStore {
   using LoadDone = std::function<void(std::unique_ptr<KvCache> kv, int tokens)>;
   // `prompt` as in CacheContents.
   void LoadAsync(std::vector<TokenId> prompt, int decode_from, std::string decoded_by,
-                 std::unique_ptr<KvCache> kv, LoadDone done);
+                 std::string salt, std::unique_ptr<KvCache> kv, LoadDone done);
 
   // Queues the full prompt blocks of `kv` that the KV service does not
   // hold yet for publishing (linking those it holds). Copies now, writes
@@ -89,7 +89,8 @@ class PrefixStore {
 
   // Chained block names of the first n_blocks blocks of `c.tokens` (hex);
   // from the first block holding a position >= c.decode_from on, with
-  // c.decoded_by mixed in (when not empty).
+  // c.decoded_by mixed in (when not empty); c.salt, when not empty, seeds
+  // the chain, so no name is shared across salts.
   static std::vector<std::string> BlockHashes(const std::string& model_id, int block_size,
                                               const CacheContents& c, int n_blocks);
 
@@ -131,6 +132,7 @@ class PrefixStore {
     std::vector<TokenId> prompt;
     int decode_from = 0;
     std::string decoded_by;
+    std::string salt;
     std::unique_ptr<KvCache> kv;
     LoadDone done;
   };

@@ -113,6 +113,7 @@ GenerationRequest ToGenerationRequest(const GenerateRequest& request,
   gen.sampling.presence_penalty = s.presence_penalty();
   gen.max_tokens = EffectiveMaxTokens(request, limits);
   gen.stop_strings.assign(request.stop().begin(), request.stop().end());
+  gen.cache_salt = request.cache_salt();
   gen.ignore_eos = request.ignore_eos();
   if (request.has_resume()) {
     for (uint32_t id : request.resume().token_ids()) {

@@ -315,7 +315,7 @@ int main(int argc, char** argv) {
 
   const int sig = psa::WaitForTerminationSignal();
   std::fprintf(stderr, "psa-worker: signal %d, finishing running generations\n", sig);
-  psa::GracefulShutdown(running->grpc.get(), nullptr,
+  psa::GracefulShutdown(*running, nullptr,
                         absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   scheduler.reset();
   prefix_store.reset();  // publishes what is queued

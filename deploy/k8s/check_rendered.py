@@ -7,7 +7,9 @@ see: the wiring the README promises. Run by scripts/test_deploy.sh:
   the model on a PersistentVolumeClaim fetched only if absent; the KV shard
   list built from the StatefulSet's replica count (the start script is run
   here, after kubelet-style $(VAR) expansion, with a stand-in binary);
-- every server container: startup, readiness and liveness probes with
+- every server container: every file a flag names (--*_file=) on a mounted
+  volume; with TLS no gRPC probe (kubelet's cannot speak TLS); startup,
+  readiness and liveness probes with
   explicit timeouts, liveness apart from readiness, and --shutdown_grace_ms
   within the pod's terminationGracePeriodSeconds (at least half of it, 5 s
   left to exit);
@@ -96,6 +98,17 @@ def main():
                 live = {k: v for k, v in c["livenessProbe"].items() if k in ("grpc", "httpGet", "tcpSocket", "exec")}
                 ready = {k: v for k, v in c["readinessProbe"].items() if k in ("grpc", "httpGet", "tcpSocket", "exec")}
                 check(live != ready, f"{where}: liveness is the same check as readiness")
+            # Files named by flags (secrets, keys, certificates) are mounted.
+            mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            for a in c.get("args", []):
+                m = re.match(r"--\w+_file=(/\S+)", a)
+                if m:
+                    check(any(m.group(1).startswith(p.rstrip("/") + "/") for p in mounts),
+                          f"{where}: {a} is on no mounted volume")
+            # kubelet's gRPC probe cannot speak TLS.
+            if flag(c.get("args", []), "tls_cert_file") is not None:
+                for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    check("grpc" not in c.get(p, {}), f"{where}: TLS on, but {p} is a gRPC probe")
             ms = flag(c.get("args", []), "shutdown_grace_ms")
             if check(ms is not None, f"{where}: no --shutdown_grace_ms"):
                 ms = int(ms)

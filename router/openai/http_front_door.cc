@@ -32,8 +32,9 @@ class GenerateCall final : public grpc::ClientReadReactor<psa::v1::GenerateRespo
   enum class Event { kMessage, kDone, kTimeout };
 
   GenerateCall(psa::v1::Generation::Stub* stub, const psa::v1::GenerateRequest& request,
-               const std::string& authorization) {
+               const std::string& authorization, const std::string& tenant) {
     if (!authorization.empty()) ctx_.AddMetadata("authorization", authorization);
+    if (!tenant.empty()) ctx_.AddMetadata("x-psa-tenant", tenant);
     stub->async()->Generate(&ctx_, &request, this);
     StartRead(&incoming_);
     StartCall();
@@ -304,11 +305,15 @@ std::string HttpFrontDoor::ServedModel(psa::v1::ModelInfo* info) {
   return model_;
 }
 
-bool HttpFrontDoor::Authorized(const httplib::Request& req, httplib::Response& res) {
+bool HttpFrontDoor::Authorized(const httplib::Request& req, httplib::Response& res,
+                              std::string* tenant_out) {
   if (options_.api_keys == nullptr) return true;
   absl::StatusOr<std::string> tenant =
       options_.api_keys->Check(req.get_header_value("Authorization"));
-  if (tenant.ok()) return true;
+  if (tenant.ok()) {
+    if (tenant_out != nullptr) *tenant_out = std::move(*tenant);
+    return true;
+  }
   SendError(res, FromGrpcStatus(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                                              std::string(tenant.status().message()))));
   res.set_header("WWW-Authenticate", "Bearer");
@@ -341,7 +346,7 @@ void HttpFrontDoor::Register() {
   });
 
   auto models = [this](const httplib::Request& req, httplib::Response& res) {
-    if (!Authorized(req, res)) return;
+    if (!Authorized(req, res, nullptr)) return;
     psa::v1::ModelInfo info;
     const std::string model = ServedModel(&info);
     if (model.empty()) {
@@ -368,7 +373,8 @@ void HttpFrontDoor::Register() {
 
   auto generate = [this](Endpoint endpoint, const httplib::Request& req,
                          httplib::Response& res) {
-    if (!Authorized(req, res)) return;
+    std::string tenant;
+    if (!Authorized(req, res, &tenant)) return;
     const std::string model = ServedModel();
     if (model.empty()) {
       return SendError(res, FromGrpcStatus(grpc::Status(
@@ -380,7 +386,7 @@ void HttpFrontDoor::Register() {
     if (!parsed) return SendError(res, error);
 
     auto call = std::make_shared<GenerateCall>(stub_.get(), parsed->request,
-                                               options_.internal_authorization);
+                                               options_.internal_authorization, tenant);
     auto client = std::make_shared<ClientWatch>(req);
     const ResponseHeader header{endpoint, NewResponseId(endpoint),
                                 absl::ToUnixSeconds(absl::Now()), model};

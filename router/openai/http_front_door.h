@@ -73,8 +73,8 @@ class HttpFrontDoor {
   HttpFrontDoor(HttpFrontDoorOptions options, std::shared_ptr<grpc::Channel> channel);
   void Register();
   // False after answering 401 when keys are required and the request's is
-  // missing or unknown.
-  bool Authorized(const httplib::Request& req, httplib::Response& res);
+  // missing or unknown; else `tenant` (may be null) gets the key's tenant.
+  bool Authorized(const httplib::Request& req, httplib::Response& res, std::string* tenant);
   // The served model's name and info; empty name when no worker answers.
   std::string ServedModel(psa::v1::ModelInfo* info = nullptr);
 

@@ -358,6 +358,13 @@ std::optional<ParsedRequest> ParseRequest(Endpoint endpoint, const std::string& 
       return std::nullopt;
     }
   }
+  if (auto it = body.find("cache_salt"); it != body.end() && !it->is_null()) {
+    if (!it->is_string()) {
+      Fail(error, "cache_salt", "cache_salt must be a string");
+      return std::nullopt;
+    }
+    req.set_cache_salt(it->get<std::string>());
+  }
   if (auto it = body.find("user"); it != body.end() && !it->is_null() && !it->is_string()) {
     Fail(error, "user", "user must be a string");
     return std::nullopt;

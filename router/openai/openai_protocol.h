@@ -13,7 +13,8 @@
 //   max_completion_tokens, temperature, top_p, stop (string or up to 4),
 //   seed, stream, stream_options.include_usage, presence_penalty,
 //   frequency_penalty, n = 1, user (ignored).
-// Extensions, as vLLM names them: top_k, repetition_penalty, ignore_eos;
+// Extensions, as vLLM names them: top_k, repetition_penalty, ignore_eos,
+// cache_salt;
 // and PSA's: attention ("default", "dense", "topk", "psa"), psa_epsilon,
 // top_k_blocks. Fields the engine cannot honour (logprobs, tools, best_of,
 // echo, suffix, logit_bias, response_format...) are refused by name rather

@@ -108,6 +108,7 @@ TEST(KvServiceTest, HealthServiceAndMetrics) {
   grpc::health::v1::HealthCheckResponse resp;
   ASSERT_TRUE(health->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &resp).ok());
   EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_EQ(psa::HttpGet(shard->port("metrics_port"), "/readyz").value_or(""), "ready\n");
 
   auto client = ClientFor({shard->address()});
   const psa::v1::KvLayout layout = ModelLayout();

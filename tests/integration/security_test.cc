@@ -16,7 +16,9 @@
 #include "gtest/gtest.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "proto/psa/v1/generation.grpc.pb.h"
+#include "common/http_get.h"
 #include "tests/support/server_process.h"
+#include "tests/unit/tiny_gguf.h"
 
 namespace psa {
 namespace {
@@ -203,6 +205,72 @@ TEST_F(RouterKeysTest, TheRouterServesGrpcAndHttpOverTls) {
   };
   EXPECT_EQ(curl(certs("ca.pem")), "503");        // HTTPS works; no healthy worker
   EXPECT_EQ(curl(certs("other_ca.pem")), "000");  // handshake refused
+}
+
+// Through the router, a key's tenant scopes prefix reuse: tenant B sending
+// the prompt tenant A stored finds nothing (and so can load nothing A
+// wrote), A finds its own; a client's cache_salt cannot name A's scope.
+TEST_F(RouterKeysTest, TenantsShareNoPrefix) {
+  WriteKeys("sk-test-aaaaaaaaaaaaaaaa team-a\nsk-test-bbbbbbbbbbbbbbbb team-b\n");
+  psa::testing::TinyModelSpec spec;
+  spec.n_ctx = 1024;
+  const std::string model =
+      psa::testing::WriteTempFile(psa::testing::BuildTinyLlamaGguf(spec), "tenants.gguf");
+  auto kv = ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                 {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  auto worker = ServerProcess::Start(
+      PSA_WORKER_BIN, {"--model=" + model, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       "--threads=1", "--kv_shards=" + (*kv)->address(),
+                       "--prefix_checkpoint_blocks=4"});
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  auto router = ServerProcess::Start(
+      PSA_ROUTER_BIN, {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       "--http_listen=", "--workers=" + (*worker)->address(),
+                       "--api_keys_file=" + keys_});
+  ASSERT_TRUE(router.ok()) << router.status();
+  auto metric = [&](const std::string& series) {
+    auto body = HttpGet((*worker)->port("metrics_port"), "/metrics");
+    return body.ok() ? MetricValue(*body, series) : -2;
+  };
+  auto generate = [&](const std::string& key, const std::string& salt) {
+    auto stub = psa::v1::Generation::NewStub(
+        grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    ctx.AddMetadata("authorization", "Bearer " + key);
+    psa::v1::GenerateRequest r;
+    for (int i = 0; i < 200; ++i) r.mutable_token_ids()->add_ids(3 + (i * 7) % 200);
+    r.set_max_tokens(4);
+    r.set_ignore_eos(true);
+    r.set_cache_salt(salt);
+    r.mutable_attention()->set_kind(psa::v1::AttentionPolicy::KIND_DENSE);
+    auto reader = stub->Generate(&ctx, r);
+    psa::v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+    }
+    return reader->Finish();
+  };
+  const std::string hits = "psa_worker_prefix_cache_hits_total";
+  ASSERT_TRUE(generate("sk-test-aaaaaaaaaaaaaaaa", "").ok());
+  // A's prompt is published once A itself finds it.
+  const absl::Time until = absl::Now() + absl::Seconds(20);
+  double a_hits = 0;
+  while ((a_hits = metric(hits)) <= 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(100));
+    ASSERT_TRUE(generate("sk-test-aaaaaaaaaaaaaaaa", "").ok());
+    a_hits = metric(hits);
+    if (a_hits > 0) break;
+  }
+  ASSERT_GT(a_hits, 0) << "tenant A never found its own prefix; worker metrics:\n"
+                       << HttpGet((*worker)->port("metrics_port"), "/metrics").value_or("");
+  ASSERT_TRUE(generate("sk-test-bbbbbbbbbbbbbbbb", "").ok());
+  EXPECT_EQ(metric(hits), a_hits);  // B: nothing of A's
+  // B naming A's scope as its own salt reaches only "tenant/team-b/tenant/team-a/".
+  ASSERT_TRUE(generate("sk-test-bbbbbbbbbbbbbbbb", "tenant/team-a/").ok());
+  EXPECT_EQ(metric(hits), a_hits);
+  ASSERT_TRUE(generate("sk-test-aaaaaaaaaaaaaaaa", "").ok());
+  EXPECT_GT(metric(hits), a_hits);  // A again: its own blocks
 }
 
 }  // namespace

@@ -10,6 +10,49 @@ using psa::testing::ServerProcess;
 using psa::testing::Streamed;
 using ::testing::HasSubstr;
 
+// A cache salt (a tenant's scope, set by the router from the API key)
+// partitions prefix reuse: blocks one salt stored are invisible to another,
+// so one tenant can neither read nor poison another's prefixes.
+TEST_F(TinyWorkerTest, CacheSaltsScopePrefixReuse) {
+  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const std::vector<std::string> kv_flags = {"--kv_shards=" + (*shard)->address(),
+                                             "--prefix_checkpoint_blocks=4"};
+  Worker a(*path_, kv_flags);
+  Worker b(*path_, kv_flags);
+  const auto p = Prompt(200, vocab(), 21);
+  auto request = [&](const std::string& salt) {
+    auto r = IdsRequest(p, 8, psa::v1::AttentionPolicy::KIND_DENSE);
+    r.set_cache_salt(salt);
+    return r;
+  };
+  Streamed a1 = a.Generate(request("tenant/a/"));
+  ASSERT_TRUE(a1.status.ok()) << a1.status.error_message();
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (a.Metric("psa_worker_kv_write_bytes_total") <= 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_GT(a.Metric("psa_worker_kv_write_bytes_total"), 0);
+
+  // Another salt: nothing found; computed afresh, the same tokens.
+  Streamed b1 = b.Generate(request("tenant/b/"));
+  ASSERT_TRUE(b1.status.ok()) << b1.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 0);
+  EXPECT_EQ(b1.tokens, a1.tokens);
+  // The same salt: A's 12 blocks are loaded (B has published only under
+  // "tenant/b/" so far, so these can only be A's).
+  Streamed b2 = b.Generate(request("tenant/a/"));
+  ASSERT_TRUE(b2.status.ok()) << b2.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192);
+  EXPECT_EQ(b2.tokens, a1.tokens);
+  // No salt: none of the salted blocks.
+  Streamed b3 = b.Generate(request(""));
+  ASSERT_TRUE(b3.status.ok()) << b3.status.error_message();
+  EXPECT_EQ(b.Metric("psa_worker_prefix_cache_hits_total"), 192);
+  EXPECT_EQ(b3.tokens, a1.tokens);
+}
+
 TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) {
   auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
                                     {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});

@@ -54,6 +54,12 @@ TEST(MetricsTest, HttpServerServesMetricsAndHealth) {
   ASSERT_TRUE(body.ok()) << body.status();
   EXPECT_EQ(psa::MetricValue(*body, "psa_test_scrapes_total"), 2);
   EXPECT_EQ(*psa::HttpGet((*server)->port(), "/healthz"), "ok\n");
+  // /readyz: 503 until marked ready, and again once draining.
+  EXPECT_FALSE(psa::HttpGet((*server)->port(), "/readyz").ok());
+  (*server)->SetReady(true);
+  EXPECT_EQ(*psa::HttpGet((*server)->port(), "/readyz"), "ready\n");
+  (*server)->SetReady(false);
+  EXPECT_FALSE(psa::HttpGet((*server)->port(), "/readyz").ok());
   EXPECT_FALSE(psa::HttpGet((*server)->port(), "/nope").ok());
   EXPECT_EQ(MetricsHttpServer::Start(&registry, "not-an-ip", 0).status().code(),
             absl::StatusCode::kInvalidArgument);

@@ -20,7 +20,7 @@ std::vector<TokenId> Tokens(int n) {
 TEST(PrefixNamesTest, DecodedBlocksCarryThePolicyThatDecodedThem) {
   const std::vector<TokenId> tokens = Tokens(16 * 8);
   auto names = [&](int decode_from, const std::string& by) {
-    return PrefixStore::BlockHashes("model", 16, CacheContents{tokens, decode_from, by}, 8);
+    return PrefixStore::BlockHashes("model", 16, CacheContents{tokens, decode_from, by, ""}, 8);
   };
   const std::vector<std::string> prompt = names(16 * 8, "");  // all prompt
   // Dense decode equals a prefill: the same names, shareable.
@@ -40,6 +40,19 @@ TEST(PrefixNamesTest, DecodedBlocksCarryThePolicyThatDecodedThem) {
   EXPECT_NE(at[3], psa[3]);
   // A resume of the same generation computes the same names.
   EXPECT_EQ(names(40, "psa(eps=0.9,G=4,min_blocks=24)"), psa);
+}
+
+TEST(PrefixNamesTest, ASaltScopesEveryName) {
+  const std::vector<TokenId> tokens = Tokens(16 * 4);
+  auto names = [&](const std::string& salt) {
+    return PrefixStore::BlockHashes("model", 16, CacheContents{tokens, 16 * 4, "", salt}, 4);
+  };
+  const std::vector<std::string> shared = names(""), a = names("tenant:a"), b = names("tenant:b");
+  EXPECT_EQ(names("tenant:a"), a);  // stable
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_NE(a[i], shared[i]) << i;
+    EXPECT_NE(a[i], b[i]) << i;
+  }
 }
 
 }  // namespace
