@@ -9,7 +9,11 @@
 // for --seconds and reports GB/s and request latency p50/p99; the ratio
 // column is gRPC throughput over raw TCP throughput.
 //
-//   build/bench/psa_kv_fetch_bench [--groups=4,16,64] [--outstanding=1,4,16,64]
+// With --tls, a second in-process KV service speaking mutual TLS (as
+// components/tls deploys it; certificates made by the openssl CLI) is
+// measured in the same runs: the cost of TLS on the fetch path.
+//
+//   build/bench/psa_kv_fetch_bench [--groups=4,16,64] [--outstanding=1,4,16,64] [--tls]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -23,6 +27,7 @@
 #include <functional>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -30,6 +35,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -37,6 +43,7 @@
 #include "grpcpp/server_builder.h"
 #include "common/flags_main.h"
 #include "common/grpc_server_main.h"
+#include "common/tls.h"
 #include "kv_service/block_store.h"
 #include "kv_service/kv_client.h"
 #include "kv_service/kv_service_impl.h"
@@ -55,6 +62,8 @@ ABSL_FLAG(std::string, kv_address, "",
           "Fetch from this running psa-kv-service instead of one started in-process");
 ABSL_FLAG(int, connections, 2, "KvClient fetch connections per shard");
 ABSL_FLAG(bool, tcp, true, "Run the raw TCP baseline (off: gRPC only, e.g. for profiling)");
+ABSL_FLAG(bool, tls, false,
+          "Also fetch from a KV service speaking mutual TLS (certificates made with openssl)");
 
 namespace {
 
@@ -299,25 +308,72 @@ int main(int argc, char** argv) {
   const size_t block_bytes = raw_blocks[0].size();
   RawTcp raw(&raw_blocks);
 
+  // The TLS side: the same store behind a mutual-TLS port, its own client.
+  std::unique_ptr<grpc::Server> tls_server;
+  std::unique_ptr<psa::KvClient> tls_client;
+  if (absl::GetFlag(FLAGS_tls)) {
+    const std::string dir = absl::StrCat("/tmp/psa-kv-bench-tls-", getpid());
+    const std::string script = absl::StrCat(
+        "set -e; rm -rf ", dir, "; mkdir -p ", dir, "; cd ", dir, "\n",
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=ca -keyout ca.key "
+        "-out ca.pem 2>/dev/null\n",
+        "for who in server client; do openssl req -newkey rsa:2048 -nodes -subj /CN=$who "
+        "-keyout $who.key -out $who.csr 2>/dev/null; printf 'subjectAltName=IP:127.0.0.1\\n' "
+        "> san.ext; openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+        "-days 1 -extfile san.ext -out $who.pem 2>/dev/null; done\n");
+    if (std::system(script.c_str()) != 0) {
+      std::fprintf(stderr, "--tls: openssl could not make certificates in %s\n", dir.c_str());
+      return 1;
+    }
+    auto server_creds = psa::ServerCredentials(
+        {dir + "/ca.pem", dir + "/server.pem", dir + "/server.key", "--tls_"});
+    auto client_creds = psa::ChannelCredentials(
+        {dir + "/ca.pem", dir + "/client.pem", dir + "/client.key", "--kv_tls_"});
+    if (!server_creds.ok() || !client_creds.ok()) {
+      std::fprintf(stderr, "--tls: %s %s\n", server_creds.status().ToString().c_str(),
+                   client_creds.status().ToString().c_str());
+      return 1;
+    }
+    grpc::ServerBuilder tls_builder;
+    int tls_port = 0;
+    tls_builder.AddListeningPort("127.0.0.1:0", *server_creds, &tls_port);
+    tls_builder.SetMaxReceiveMessageSize(kMaxMessage);
+    tls_builder.SetMaxSendMessageSize(kMaxMessage);
+    tls_builder.RegisterService(&service);
+    tls_server = tls_builder.BuildAndStart();
+    psa::KvClientOptions tls_options = options;
+    tls_options.shards = {"127.0.0.1:" + std::to_string(tls_port)};
+    tls_options.credentials = *client_creds;
+    auto c = psa::KvClient::Connect(tls_options);
+    if (!c.ok()) {
+      std::fprintf(stderr, "--tls: %s\n", c.status().ToString().c_str());
+      return 1;
+    }
+    tls_client = std::move(*c);
+  }
+
   std::printf("KV fetch, %zu-byte blocks, best of %d runs of %.1f s (gRPC = KV service "
               "stream, %d connections; TCP = one raw socket)\n",
               block_bytes, absl::GetFlag(FLAGS_reps), absl::GetFlag(FLAGS_seconds),
               options.fetch_connections);
-  std::printf("%6s %5s | %9s %8s %8s | %9s %8s %8s | %6s\n", "group", "outst", "gRPC GB/s",
+  std::printf("%6s %5s | %9s %8s %8s | %9s %8s %8s | %6s", "group", "outst", "gRPC GB/s",
               "p50 ms", "p99 ms", "TCP GB/s", "p50 ms", "p99 ms", "ratio");
+  if (tls_client) std::printf(" | %9s %8s %8s | %6s", "TLS GB/s", "p50 ms", "p99 ms", "TLS/gRPC");
+  std::printf("\n");
   FILE* csv = nullptr;
   if (!absl::GetFlag(FLAGS_csv).empty()) {
     csv = std::fopen(absl::GetFlag(FLAGS_csv).c_str(), "w");
     std::fprintf(csv, "group_blocks,outstanding,grpc_gbps,grpc_p50_ms,grpc_p99_ms,"
-                      "tcp_gbps,tcp_p50_ms,tcp_p99_ms,ratio\n");
+                      "tcp_gbps,tcp_p50_ms,tcp_p99_ms,ratio%s\n",
+                 tls_client ? ",tls_gbps,tls_p50_ms,tls_p99_ms,tls_over_grpc" : "");
   }
   for (int group : group_sizes) {
     const auto groups = MakeGroups(group, num_blocks, 256);
     for (int outstanding : outstandings) {
       std::atomic<int> errors{0};
-      auto run_grpc = [&] {
-        return Drive(outstanding, group * block_bytes, [&](uint64_t i, auto done) {
-        absl::Status s = (*client)->FetchAsync(
+      auto run_grpc = [&](psa::KvClient* kv) {
+        return Drive(outstanding, group * block_bytes, [&, kv](uint64_t i, auto done) {
+        absl::Status s = kv->FetchAsync(
             "bench", 0, groups[i % groups.size()], absl::InfiniteFuture(),
             [&errors, done](absl::Status status, psa::FetchedBlocks) {
               if (!status.ok()) ++errors;
@@ -329,10 +385,14 @@ int main(int argc, char** argv) {
         }
         });
       };
-      Result g, t;
+      Result g, t, s;
       for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
-        Result r = run_grpc();
+        Result r = run_grpc(client->get());
         if (r.gbps > g.gbps) g = r;
+        if (tls_client) {
+          r = run_grpc(tls_client.get());
+          if (r.gbps > s.gbps) s = r;
+        }
         if (absl::GetFlag(FLAGS_tcp)) {
           r = raw.Run(groups, outstanding);
           if (r.gbps > t.gbps) t = r;
@@ -340,17 +400,29 @@ int main(int argc, char** argv) {
       }
       if (errors > 0) std::fprintf(stderr, "%d gRPC fetches failed\n", errors.load());
       const double ratio = t.gbps > 0 ? g.gbps / t.gbps : 0;
-      std::printf("%6d %5d | %9.2f %8.3f %8.3f | %9.2f %8.3f %8.3f | %6.2f\n", group,
+      std::printf("%6d %5d | %9.2f %8.3f %8.3f | %9.2f %8.3f %8.3f | %6.2f", group,
                   outstanding, g.gbps, g.p50_ms, g.p99_ms, t.gbps, t.p50_ms, t.p99_ms, ratio);
+      if (tls_client) {
+        std::printf(" | %9.2f %8.3f %8.3f | %6.2f", s.gbps, s.p50_ms, s.p99_ms,
+                    g.gbps > 0 ? s.gbps / g.gbps : 0);
+      }
+      std::printf("\n");
       std::fflush(stdout);
       if (csv) {
-        std::fprintf(csv, "%d,%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", group, outstanding,
+        std::fprintf(csv, "%d,%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f", group, outstanding,
                      g.gbps, g.p50_ms, g.p99_ms, t.gbps, t.p50_ms, t.p99_ms, ratio);
+        if (tls_client) {
+          std::fprintf(csv, ",%.4f,%.4f,%.4f,%.4f", s.gbps, s.p50_ms, s.p99_ms,
+                       g.gbps > 0 ? s.gbps / g.gbps : 0);
+        }
+        std::fprintf(csv, "\n");
       }
     }
   }
   if (csv) std::fclose(csv);
   client->reset();
+  tls_client.reset();
   server->Shutdown();
+  if (tls_server) tls_server->Shutdown();
   return 0;
 }
