@@ -99,6 +99,31 @@ TEST(SecurityTest, AKvShardWithMutualTlsAcceptsOnlyClientsWithItsCertificates) {
             grpc::StatusCode::UNAVAILABLE);
 }
 
+// Each service refuses a client it cannot authenticate: a worker with mutual
+// TLS (as components/tls runs it) takes only the router's certificate.
+TEST(SecurityTest, AWorkerWithMutualTlsRefusesClientsWithoutItsCertificate) {
+  Certificates certs;
+  ASSERT_TRUE(certs.ok());
+  const std::string model = psa::testing::WriteTempFile(
+      psa::testing::BuildTinyLlamaGguf(psa::testing::TinyModelSpec{}), "mtls.gguf");
+  auto worker = ServerProcess::Start(
+      PSA_WORKER_BIN, {"--model=" + model, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                       "--threads=1", "--tls_cert_file=" + certs("server.pem"),
+                       "--tls_key_file=" + certs("server.key"),
+                       "--tls_client_ca_file=" + certs("ca.pem")});
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  const std::string address = (*worker)->address();
+  EXPECT_TRUE(Health(address, Creds({certs("ca.pem"), certs("client.pem"), certs("client.key"),
+                                     "--worker_tls_"}))
+                  .ok());
+  EXPECT_EQ(Health(address, Creds({certs("ca.pem"), "", "", "--worker_tls_"})).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Health(address, grpc::InsecureChannelCredentials()).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // Readiness stays plain HTTP on the metrics port, for kubelet.
+  EXPECT_EQ(HttpGet((*worker)->port("metrics_port"), "/readyz").value_or(""), "ready\n");
+}
+
 TEST(SecurityTest, BadTlsFlagsAreRefusedAtStart) {
   Certificates certs;
   ASSERT_TRUE(certs.ok());
