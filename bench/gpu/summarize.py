@@ -61,6 +61,13 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
         at10 = [r for r in summary["selection"] if abs(r["share"] - 0.10) < 1e-6]
         if at10:
             summary["psa_step_vs_dense_at_10pct_max"] = max(r["psa_step_vs_dense"] for r in at10)
+            ordered = [r["psa_ordered_step_vs_dense"] for r in at10 if "psa_ordered_step_vs_dense" in r]
+            if ordered:
+                summary["psa_ordered_step_vs_dense_at_10pct_max"] = max(ordered)
+        unequal = [r for r in summary["selection"] if r.get("order_equal") is False]
+        if unequal:  # the device order must equal a host sort of the same scores
+            summary["ok"] = False
+            summary["device_order_differs"] = len(unequal)
     if sdpa:
         summary["reference"] = sdpa.get("reference")
         if "error" in sdpa:
@@ -72,7 +79,10 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
     for key, label in [("dense_best_of_copy", "dense KV read, best share of the copy bandwidth (goal >= 0.80)"),
                        ("dense_min_of_copy_32k_plus_batch_8_plus", "dense, worst share of copy at >= 32K x >= 8"),
                        ("dense_min_vs_sdpa", "dense, worst speed against SDPA (goal >= 1.0)"),
-                       ("psa_step_vs_dense_at_10pct_max", "PSA + scores step vs dense at 10%, worst (goal <= 0.15)")]:
+                       ("psa_step_vs_dense_at_10pct_max", "PSA + scores step vs dense at 10%, worst (goal <= 0.15)"),
+                       ("psa_ordered_step_vs_dense_at_10pct_max",
+                        "PSA + scores + device order vs dense at 10%, worst"),
+                       ("device_order_differs", "selection runs whose device order differs from the host sort (must be 0)")]:
         if key in summary:
             md.append(f"- {label}: {summary[key]:.2f}")
     for r in summary.get("reference") or []:
@@ -102,7 +112,8 @@ def self_test():
                  "kv_gbps": 2400.0, "of_copy": 0.8},
                 {"kind": "selection", "shape": "smollm2", "context": 32768, "batch": 1, "share": 0.1,
                  "dense_ms": 1.0, "scores_ms": 0.02, "topk_ms": 0.1, "psa_ms": 0.12, "psa_read": 0.11,
-                 "topk_vs_dense": 0.1, "psa_vs_dense": 0.12, "psa_step_vs_dense": 0.14}]}, f)
+                 "topk_vs_dense": 0.1, "psa_vs_dense": 0.12, "psa_step_vs_dense": 0.14,
+                 "order_ms": 0.01, "order_equal": True, "psa_ordered_step_vs_dense": 0.15}]}, f)
         sdpa = os.path.join(tmp, "sdpa.json")
         with open(sdpa, "w") as f:
             json.dump({"sdpa": [{"shape": "smollm2", "context": 32768, "batch": 8, "ms": 0.6, "kv_gbps": 2000.0}],
@@ -112,6 +123,7 @@ def self_test():
     assert summary["ok"], summary
     assert abs(summary["dense"][0]["vs_sdpa"] - 1.2) < 1e-9, summary
     assert abs(summary["psa_step_vs_dense_at_10pct_max"] - 0.14) < 1e-9
+    assert abs(summary["psa_ordered_step_vs_dense_at_10pct_max"] - 0.15) < 1e-9
     assert "| smollm2 | 32K | 8 |" in md and "PASS" in md, md
     summary, md = summarize(None, None, None, None)
     assert not summary["ok"] and "FAIL" in md

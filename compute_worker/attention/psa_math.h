@@ -28,6 +28,22 @@
 namespace psa {
 
 PSA_HD int PsaMin(int a, int b) { return a < b ? a : b; }
+
+// The sparse order as one integer (BlockRanking's order: descending score,
+// ties to the lower index, NaN ranked as -inf, -0 as +0): candidate a goes
+// before b exactly when PsaOrderKey(a) < PsaOrderKey(b). The device sorts
+// these keys (RunBlockOrder).
+PSA_HD unsigned long long PsaOrderKey(float score, int index) {
+  if (!(score == score)) score = -INFINITY;
+  if (score == 0.0f) score = 0.0f;
+  const union {
+    float f;
+    unsigned int u;
+  } bits = {score};
+  // IEEE bits made monotone as unsigned (negatives flipped), then reversed.
+  const unsigned int ascending = (bits.u & 0x80000000u) ? ~bits.u : (bits.u | 0x80000000u);
+  return (static_cast<unsigned long long>(~ascending) << 32) | static_cast<unsigned int>(index);
+}
 PSA_HD int PsaMax(int a, int b) { return a > b ? a : b; }
 
 // ---- Which blocks a decode row chooses among (the CPU's BlockLayout) ----

@@ -18,9 +18,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "compute_worker/attention/block_ranking.h"
 #include "compute_worker/attention/cuda/psa_cuda.h"
 #include "compute_worker/attention/psa_math.h"
 #include "compute_worker/attention/sparse_attention.h"
@@ -219,6 +221,87 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
         }
       }
     }
+  }
+}
+
+// RunBlockOrder against BlockRanking over the same scores: the device's
+// block scores of real caches, and made-up scores full of ties, NaNs,
+// signed zeros and infinities over sequences of 0 to 300 candidates.
+TEST(PsaCudaTest, BlockOrderEqualsTheCpuRanking) {
+  PSA_SKIP_WITHOUT_GPU();
+  auto check = [](const cuda::PagedKv& view, const AttentionPolicy& p,
+                  const std::vector<int>& begin, int max_n_cand, const std::vector<float>& score,
+                  const std::vector<int>& seq_len) {
+    auto begin_d = gpu_testing::ToDevice(begin);
+    auto score_d = gpu_testing::ToDevice(score);
+    auto order_d = gpu_testing::DeviceZeros<int>(score.size());
+    const size_t bytes = cuda::BlockOrderWorkspaceBytes(view.n_seq, view.n_head_kv, max_n_cand);
+    auto work = gpu_testing::DeviceZeros<float>(bytes / sizeof(float) + 2);  // raw workspace
+    ASSERT_EQ(cuda::RunBlockOrder(view, gpu_testing::ToSelection(p), begin_d.get(), max_n_cand,
+                                  score_d.get(), order_d.get(), work.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<int> order = gpu_testing::ToHost(order_d);
+    for (int s = 0; s < view.n_seq; ++s) {
+      const PsaLayout lay = PsaLayoutOf(seq_len[s], seq_len[s] / 16, 16, p.sink_blocks,
+                                        p.local_blocks);
+      for (int h = 0; h < view.n_head_kv; ++h) {
+        const int base = begin[s * view.n_head_kv + h], n = lay.n_cand();
+        if (n <= 0) continue;
+        BlockRanking ranking;
+        ranking.Reset(score.data() + base, n);
+        ranking.Extend(n);
+        for (int k = 0; k < n; ++k) {
+          ASSERT_EQ(order[base + k], ranking.order()[k])
+              << "sequence " << s << ", head " << h << ", rank " << k << " of " << n;
+        }
+      }
+    }
+  };
+  const AttentionPolicy p;
+  {  // real caches: their device block scores
+    const Shape shape{2, 4, 64};
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 5);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    const HostCandidates cand = CpuSelection(b, p);
+    auto begin = gpu_testing::ToDevice(cand.begin);
+    auto gscore = gpu_testing::DeviceZeros<float>(cand.order.size());
+    ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
+                                   gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
+                                   cand.max_n_cand, nullptr, nullptr, gscore.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    check(dev.view, p, cand.begin, cand.max_n_cand, gpu_testing::ToHost(gscore), kLengths);
+  }
+  {  // made-up scores; only seq_len is read
+    const std::vector<int> seq_len = {1, 16, 40, 100, 700, 4850};
+    const int n_head_kv = 2;
+    std::vector<int> begin;
+    int total = 0, max_n = 0;
+    for (int len : seq_len) {
+      const int n = PsaLayoutOf(len, len / 16, 16, p.sink_blocks, p.local_blocks).n_cand();
+      for (int h = 0; h < n_head_kv; ++h) {
+        begin.push_back(total);
+        total += std::max(n, 0);
+      }
+      max_n = std::max(max_n, n);
+    }
+    std::vector<float> score(total);
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> pick(0, 9);
+    std::normal_distribution<float> value(0.0f, 2.0f);
+    for (float& x : score) {
+      const int k = pick(rng);
+      x = k == 0 ? NAN : k == 1 ? -0.0f : k == 2 ? 0.0f : k == 3 ? INFINITY
+          : k == 4 ? -INFINITY : k == 5 ? 0.25f : value(rng);
+    }
+    auto len_d = gpu_testing::ToDevice(seq_len);
+    cuda::PagedKv view;
+    view.n_seq = static_cast<int>(seq_len.size());
+    view.n_head_kv = n_head_kv;
+    view.head_dim = 64;
+    view.seq_len = len_d.get();
+    check(view, p, begin, max_n, score, seq_len);
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include "common/attention_policy.h"
 #include "compute_worker/attention/block_layout.h"
+#include "compute_worker/attention/block_ranking.h"
 #include "compute_worker/attention/head_state.h"
 #include "compute_worker/attention/stop_rule.h"
 #include "compute_worker/kv/block_bounds.h"
@@ -261,6 +262,39 @@ TEST(PsaMathTest, LayoutAndTakeMatchTheCpuEngine) {
           EXPECT_EQ(PsaTake(false, 1, gpu), cpu.n_cand());
         }
       }
+    }
+  }
+}
+
+// PsaOrderKey is BlockRanking's order as one integer: sorting the keys
+// gives the CPU engine's order (what the device's RunBlockOrder relies on),
+// ties, NaNs, signed zeros and infinities included.
+TEST(PsaMathTest, OrderKeysSortIntoBlockRankingsOrder) {
+  std::mt19937 rng(11);
+  for (int n : {1, 2, 7, 64, 1000, 5000}) {
+    std::vector<float> score(n);
+    std::uniform_int_distribution<int> pick(0, 9);
+    std::normal_distribution<float> value(0.0f, 3.0f);
+    for (float& x : score) {
+      switch (pick(rng)) {
+        case 0: x = NAN; break;
+        case 1: x = -0.0f; break;
+        case 2: x = 0.0f; break;
+        case 3: x = INFINITY; break;
+        case 4: x = -INFINITY; break;
+        case 5: x = 1.5f; break;  // ties
+        default: x = value(rng); break;
+      }
+    }
+    BlockRanking ranking;
+    ranking.Reset(score.data(), n);
+    ASSERT_GE(ranking.Extend(n), n);
+    std::vector<unsigned long long> keys(n);
+    for (int c = 0; c < n; ++c) keys[c] = PsaOrderKey(score[c], c);
+    std::sort(keys.begin(), keys.end());
+    for (int k = 0; k < n; ++k) {
+      ASSERT_EQ(static_cast<int>(keys[k] & 0xffffffffu), ranking.order()[k])
+          << "n " << n << ", rank " << k;
     }
   }
 }

@@ -17,9 +17,9 @@
 //    head with the CPU engine's rule (psa_math.h: centre estimate by
 //    default, certified as an option; min_blocks; share_reads), evaluated
 //    on the device. Per head: blocks attended, iterations, captured mass.
-//  - The order comes from the caller for now (the host sorts the block
-//    scores; no device ordering yet). RunBlockScores computes those scores
-//    on the device from per-block key min / max.
+//  - The order: RunBlockScores computes the block scores on the device from
+//    per-block key min / max, RunBlockOrder sorts them into the CPU
+//    engine's order (or the caller gives one).
 // Thread-compatible: concurrent calls on different streams and buffers.
 #ifndef PSA_COMPUTE_WORKER_ATTENTION_CUDA_PSA_CUDA_H_
 #define PSA_COMPUTE_WORKER_ATTENTION_CUDA_PSA_CUDA_H_
@@ -120,6 +120,18 @@ cudaError_t RunDecode(const DecodePlan& plan, const PagedKv& kv, const float* q,
 cudaError_t RunBlockScores(const PagedKv& kv, int n_head, float scale, const Selection& sel,
                            const float* q, const int* cand_begin, int max_n_cand, float* ub,
                            float* centre, float* gscore, cudaStream_t stream);
+
+// The candidates' order as the CPU engine takes them (BlockRanking, one key
+// per candidate: PsaOrderKey): order[begin + k] = the k-th candidate of
+// (s, h) by descending gscore[begin + c], ties to the lower c, NaN last;
+// what Candidates::order wants. One CTA per (s, h) sorts its candidates'
+// keys (a bitonic sort) in `workspace`, BlockOrderWorkspaceBytes() of it.
+// cand_begin and max_n_cand as RunBlockScores'; n_cand per (s, h) follows
+// from kv.seq_len and sel's sink and local blocks.
+size_t BlockOrderWorkspaceBytes(int n_seq, int n_head_kv, int max_n_cand);
+cudaError_t RunBlockOrder(const PagedKv& kv, const Selection& sel, const int* cand_begin,
+                          int max_n_cand, const float* gscore, int* order, void* workspace,
+                          cudaStream_t stream);
 
 // The metadata of every full block from its page: kmax / kmin (laid out as
 // PagedKv's) = the per-dimension max / min of its 16 keys. max_blocks:
