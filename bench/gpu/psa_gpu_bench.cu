@@ -19,6 +19,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
+#include <memory>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -29,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "compute_worker/attention/cuda/page_pool.h"
 #include "compute_worker/attention/cuda/psa_cuda.h"
 #include "compute_worker/attention/psa_math.h"
 

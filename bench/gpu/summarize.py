@@ -50,6 +50,9 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
                 r["vs_sdpa"] = b["ms"] / r["ms"]  # > 1: faster than SDPA
         summary["dense"] = dense
         summary["selection"] = [r for r in recs if r["kind"] == "selection"]
+        summary["paging"] = [r for r in recs if r["kind"] == "paging"]
+        if summary["paging"]:
+            summary["paging_min_of_pinned_copy"] = min(r["of_pinned_copy"] for r in summary["paging"])
         if dense:
             summary["dense_best_of_copy"] = max(r["of_copy"] for r in dense)
             big = [r for r in dense if r["context"] >= 32768 and r["batch"] >= 8]
@@ -82,6 +85,8 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
                        ("psa_step_vs_dense_at_10pct_max", "PSA + scores step vs dense at 10%, worst (goal <= 0.15)"),
                        ("psa_ordered_step_vs_dense_at_10pct_max",
                         "PSA + scores + device order vs dense at 10%, worst"),
+                       ("paging_min_of_pinned_copy",
+                        "host to GPU paging, worst share of a pinned copy's GB/s (goal >= 0.80)"),
                        ("device_order_differs", "selection runs whose device order differs from the host sort (must be 0)")]:
         if key in summary:
             md.append(f"- {label}: {summary[key]:.2f}")
@@ -113,7 +118,10 @@ def self_test():
                 {"kind": "selection", "shape": "smollm2", "context": 32768, "batch": 1, "share": 0.1,
                  "dense_ms": 1.0, "scores_ms": 0.02, "topk_ms": 0.1, "psa_ms": 0.12, "psa_read": 0.11,
                  "topk_vs_dense": 0.1, "psa_vs_dense": 0.12, "psa_step_vs_dense": 0.14,
-                 "order_ms": 0.01, "order_equal": True, "psa_ordered_step_vs_dense": 0.15}]}, f)
+                 "order_ms": 0.01, "order_equal": True, "psa_ordered_step_vs_dense": 0.15},
+                {"kind": "paging", "page_bytes": 4096, "pages": 8192, "copied": 8192,
+                 "refill_gbps": 20.0, "pages_per_s": 5e6, "pinned_copy_gbps": 25.0,
+                 "of_pinned_copy": 0.8}]}, f)
         sdpa = os.path.join(tmp, "sdpa.json")
         with open(sdpa, "w") as f:
             json.dump({"sdpa": [{"shape": "smollm2", "context": 32768, "batch": 8, "ms": 0.6, "kv_gbps": 2000.0}],
@@ -124,6 +132,7 @@ def self_test():
     assert abs(summary["dense"][0]["vs_sdpa"] - 1.2) < 1e-9, summary
     assert abs(summary["psa_step_vs_dense_at_10pct_max"] - 0.14) < 1e-9
     assert abs(summary["psa_ordered_step_vs_dense_at_10pct_max"] - 0.15) < 1e-9
+    assert abs(summary["paging_min_of_pinned_copy"] - 0.8) < 1e-9
     assert "| smollm2 | 32K | 8 |" in md and "PASS" in md, md
     summary, md = summarize(None, None, None, None)
     assert not summary["ok"] and "FAIL" in md

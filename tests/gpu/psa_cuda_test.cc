@@ -17,12 +17,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "compute_worker/attention/block_ranking.h"
+#include "compute_worker/attention/cuda/page_pool.h"
 #include "compute_worker/attention/cuda/psa_cuda.h"
 #include "compute_worker/attention/psa_math.h"
 #include "compute_worker/attention/sparse_attention.h"
@@ -303,6 +306,87 @@ TEST(PsaCudaTest, BlockOrderEqualsTheCpuRanking) {
     view.seq_len = len_d.get();
     check(view, p, begin, max_n, score, seq_len);
   }
+}
+
+// Through a GPU page pool holding an eighth of the pages, the rest read
+// from mapped host memory: every step's output, blocks and iterations are
+// bit-equal to the all-resident run (residency never changes a result),
+// the pool fills with what the steps read, and it evicts to make room.
+TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
+  PSA_SKIP_WITHOUT_GPU();
+  const Shape shape{2, 4, 64};
+  const Batch b = gpu_testing::MakeBatch(shape, kLengths, 9);
+  const DeviceBatch dev = gpu_testing::Upload(b);
+  const AttentionPolicy p;
+  const HostCandidates cand = CpuSelection(b, p);
+  const Result ref_psa = GpuDecode(cuda::DecodeMode::kPsa, p, b, dev, &cand, 0);
+  const Result ref_dense = GpuDecode(cuda::DecodeMode::kDense, p, b, dev, nullptr, 0);
+
+  // Every page in pinned, mapped host memory, as the worker's host pool.
+  const std::vector<uint16_t> pages = gpu_testing::ToHost(dev.pool);
+  const size_t n_pages = dev.pages.n, page_elems = dev.pool.n / n_pages;
+  void* pinned = nullptr;
+  ASSERT_EQ(cudaHostAlloc(&pinned, pages.size() * sizeof(uint16_t), cudaHostAllocMapped),
+            cudaSuccess);
+  uint16_t* host = static_cast<uint16_t*>(pinned);
+  std::copy(pages.begin(), pages.end(), host);
+  std::vector<const void*> host_pages(n_pages);
+  for (size_t i = 0; i < n_pages; ++i) host_pages[i] = host + i * page_elems;
+  const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
+  std::unique_ptr<cuda::GpuPagePool> pool;
+  ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
+                                      static_cast<int>(n_pages), &pool),
+            cudaSuccess);
+  DeviceBatch pooled = dev;
+  pooled.view.pages = pool->table();
+  auto begin = gpu_testing::ToDevice(cand.begin);
+  auto order = gpu_testing::ToDevice(cand.order);
+  std::vector<int64_t> from_host;
+  for (int step = 0; step < 4; ++step) {
+    SCOPED_TRACE(step);
+    const Result r = GpuDecode(cuda::DecodeMode::kPsa, p, b, pooled, &cand, 0);
+    ASSERT_EQ(r.out, ref_psa.out);
+    ASSERT_EQ(r.blocks, ref_psa.blocks);
+    ASSERT_EQ(r.iterations, ref_psa.iterations);
+    auto blocks = gpu_testing::ToDevice(r.blocks);
+    const int64_t before = pool->stats().read_from_host;
+    ASSERT_EQ(pool->RecordReads(cuda::DecodeMode::kPsa, pooled.view, shape.n_head(),
+                                gpu_testing::ToSelection(p), begin.get(), order.get(),
+                                blocks.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(pool->Refill(nullptr), cudaSuccess);
+    from_host.push_back(pool->stats().read_from_host - before);
+    EXPECT_LE(pool->stats().resident, n_slots);
+  }
+  const cuda::PagePoolStats st = pool->stats();
+  std::printf("pool: %d slots of %zu pages; host reads per step %lld, %lld, %lld, %lld; "
+              "%lld copied in, %lld evicted\n",
+              n_slots, n_pages, static_cast<long long>(from_host[0]),
+              static_cast<long long>(from_host[1]), static_cast<long long>(from_host[2]),
+              static_cast<long long>(from_host[3]), static_cast<long long>(st.copied_in),
+              static_cast<long long>(st.evicted));
+  EXPECT_EQ(from_host[0], st.pages_read / 4) << "nothing was resident at the first step";
+  EXPECT_LT(from_host[1], from_host[0]) << "the pool served none of the second step";
+  EXPECT_EQ(st.resident, n_slots) << "the pool did not fill";
+  EXPECT_GT(st.pages_read / 4, n_slots) << "the steps fit the pool: make it smaller";
+  EXPECT_GT(st.evicted, 0);
+  // Dense through the same, now partly resident, pool.
+  const Result dense = GpuDecode(cuda::DecodeMode::kDense, p, b, pooled, nullptr, 0);
+  EXPECT_EQ(dense.out, ref_dense.out);
+  ASSERT_EQ(pool->RecordReads(cuda::DecodeMode::kDense, pooled.view, shape.n_head(),
+                              gpu_testing::ToSelection(p), nullptr, nullptr, nullptr, nullptr),
+            cudaSuccess);
+  ASSERT_EQ(pool->Refill(nullptr), cudaSuccess);
+  int64_t all_blocks = 0;
+  for (int len : kLengths) all_blocks += (len + 15) / 16 * shape.n_head_kv;
+  EXPECT_EQ(pool->stats().pages_read - st.pages_read, all_blocks);
+  // A table entry it did not make is refused, as are bad arguments.
+  EXPECT_EQ(pool->RecordReads(cuda::DecodeMode::kDense, dev.view, shape.n_head(),
+                              gpu_testing::ToSelection(p), nullptr, nullptr, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::GpuPagePool::Create(host_pages, 100, 4, 4, &pool), cudaErrorInvalidValue);
+  pool.reset();
+  ASSERT_EQ(cudaFreeHost(pinned), cudaSuccess);
 }
 
 // No device needed: the plan and the argument checks.

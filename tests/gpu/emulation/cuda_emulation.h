@@ -63,4 +63,12 @@ T __ldg(const T* p) {
   return *p;
 }
 
+// CTAs run one at a time and a CTA's fibers switch only at barriers, so a
+// read-modify-write is atomic here.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p += v;
+  return old;
+}
+
 #endif  // PSA_TESTS_GPU_EMULATION_CUDA_EMULATION_H_

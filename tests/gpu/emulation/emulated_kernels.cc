@@ -7,3 +7,4 @@
 #include "compute_worker/attention/cuda/block_order.cu"
 #include "compute_worker/attention/cuda/block_scores.cu"
 #include "compute_worker/attention/cuda/decode_attention.cu"
+#include "compute_worker/attention/cuda/page_pool.cu"
