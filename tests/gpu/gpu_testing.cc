@@ -279,6 +279,7 @@ double HeadRelErr(const Result& a, const Result& ref, int x, int head_dim) {
 template DeviceArray<float> ToDevice(const std::vector<float>&);
 template DeviceArray<int> ToDevice(const std::vector<int>&);
 template DeviceArray<uint16_t> ToDevice(const std::vector<uint16_t>&);
+template DeviceArray<const uint16_t*> ToDevice(const std::vector<const uint16_t*>&);
 template DeviceArray<float> DeviceZeros<float>(size_t);
 template DeviceArray<int> DeviceZeros<int>(size_t);
 template DeviceArray<uint16_t> DeviceZeros<uint16_t>(size_t);

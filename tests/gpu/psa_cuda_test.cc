@@ -389,6 +389,70 @@ TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
   ASSERT_EQ(cudaFreeHost(pinned), cudaSuccess);
 }
 
+// Appending each sequence's last token (its rows taken out first) writes
+// the pages and the completed blocks' metadata back as the CPU cache has
+// them, through the page table and, write-through, a second (host) copy.
+TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
+  PSA_SKIP_WITHOUT_GPU();
+  for (const Shape& shape : {Shape{2, 1, 64}, Shape{3, 2, 128}}) {
+    SCOPED_TRACE(Name(shape));
+    const Batch b = gpu_testing::MakeBatch(shape, kLengths, 12);
+    const DeviceBatch dev = gpu_testing::Upload(b);
+    const int d = shape.head_dim, hkv = shape.n_head_kv;
+    const int n_seq = static_cast<int>(b.caches.size());
+    const std::vector<uint16_t> pool_ref = gpu_testing::ToHost(dev.pool);
+    const std::vector<uint16_t> kmax_ref = gpu_testing::ToHost(dev.kmax);
+    const std::vector<uint16_t> kmin_ref = gpu_testing::ToHost(dev.kmin);
+    const size_t page_elems = b.caches[0]->page_elements();
+    std::vector<uint16_t> pool = pool_ref, kmax = kmax_ref, kmin = kmin_ref;
+    std::vector<int> pos, table;
+    std::vector<float> k(static_cast<size_t>(n_seq) * hkv * d), v(k.size());
+    int pages = 0;
+    for (int s = 0; s < n_seq; ++s) {
+      const KvCache& kv = *b.caches[s];
+      const int p = kv.length() - 1, row = p % 16;
+      pos.push_back(p);
+      for (int h = 0; h < hkv; ++h) {
+        table.push_back(pages);
+        const uint16_t* src = kv.Page(0, h, p / 16);
+        const size_t page = static_cast<size_t>(pages + p / 16);
+        for (int i = 0; i < d; ++i) {
+          k[(static_cast<size_t>(s) * hkv + h) * d + i] = Fp16ToFp32(src[row * d + i]);
+          v[(static_cast<size_t>(s) * hkv + h) * d + i] = Fp16ToFp32(src[(16 + row) * d + i]);
+          pool[page * page_elems + row * d + i] = 0;  // taken out
+          pool[page * page_elems + (16 + row) * d + i] = 0;
+          if (row == 15) kmax[page * d + i] = kmin[page * d + i] = 0;
+        }
+        pages += (kv.length() + 15) / 16;
+      }
+    }
+    ASSERT_EQ(cudaMemcpy(dev.pool.get(), pool.data(), pool.size() * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dev.kmax.get(), kmax.data(), kmax.size() * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dev.kmin.get(), kmin.data(), kmin.size() * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    auto host_copy = gpu_testing::ToDevice(pool);  // the write-through copy
+    std::vector<const uint16_t*> host_ptrs(dev.pages.n);
+    for (size_t i = 0; i < host_ptrs.size(); ++i) host_ptrs[i] = host_copy.get() + i * page_elems;
+    auto host_table = gpu_testing::ToDevice(host_ptrs);
+    auto pos_d = gpu_testing::ToDevice(pos);
+    auto k_d = gpu_testing::ToDevice(k), v_d = gpu_testing::ToDevice(v);
+    ASSERT_EQ(cuda::RunAppend(dev.view, host_table.get(), pos_d.get(), k_d.get(), v_d.get(),
+                              dev.kmax.get(), dev.kmin.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(gpu_testing::ToHost(dev.pool), pool_ref);
+    EXPECT_EQ(gpu_testing::ToHost(host_copy), pool_ref);
+    const std::vector<uint16_t> kmax_got = gpu_testing::ToHost(dev.kmax);
+    const std::vector<uint16_t> kmin_got = gpu_testing::ToHost(dev.kmin);
+    for (size_t i = 0; i < kmax_ref.size(); ++i) {  // -0 and +0 compare equal
+      ASSERT_EQ(Fp16ToFp32(kmax_got[i]), Fp16ToFp32(kmax_ref[i])) << "kmax element " << i;
+      ASSERT_EQ(Fp16ToFp32(kmin_got[i]), Fp16ToFp32(kmin_ref[i])) << "kmin element " << i;
+    }
+  }
+}
+
 // No device needed: the plan and the argument checks.
 TEST(PsaCudaTest, PlansSplitDenseAndRefuseUnsupportedShapes) {
   cuda::DecodePlan plan;

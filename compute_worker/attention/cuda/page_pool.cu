@@ -109,6 +109,7 @@ cudaError_t GpuPagePool::Create(const std::vector<const void*>& host_pages, size
   };
   alloc(&p->slots_, static_cast<size_t>(n_slots) * page_bytes);
   alloc(&p->table_, n * sizeof(uint16_t*));
+  alloc(&p->host_table_, n * sizeof(uint16_t*));
   alloc(&p->slot_of_, n * sizeof(int));
   alloc(&p->ref_, static_cast<size_t>(n_slots));
   alloc(&p->misses_, static_cast<size_t>(max_misses) * sizeof(int));
@@ -116,6 +117,10 @@ cudaError_t GpuPagePool::Create(const std::vector<const void*>& host_pages, size
   alloc(&p->updates_, 2 * static_cast<size_t>(n_slots) * sizeof(TableUpdate));
   if (e == cudaSuccess) {
     e = cudaMemcpy(p->table_, p->host_ptrs_.data(), n * sizeof(uint16_t*), cudaMemcpyHostToDevice);
+  }
+  if (e == cudaSuccess) {
+    e = cudaMemcpy(p->host_table_, p->host_ptrs_.data(), n * sizeof(uint16_t*),
+                   cudaMemcpyHostToDevice);
   }
   if (e == cudaSuccess) e = cudaMemset(p->slot_of_, 0xff, n * sizeof(int));  // -1
   if (e == cudaSuccess) e = cudaMemset(p->ref_, 0, static_cast<size_t>(n_slots));
@@ -127,6 +132,7 @@ cudaError_t GpuPagePool::Create(const std::vector<const void*>& host_pages, size
 
 GpuPagePool::~GpuPagePool() {
   for (void* ptr : {static_cast<void*>(slots_), static_cast<void*>(table_),
+                    static_cast<void*>(host_table_),
                     static_cast<void*>(slot_of_), static_cast<void*>(ref_),
                     static_cast<void*>(misses_), static_cast<void*>(counts_),
                     static_cast<void*>(updates_)}) {

@@ -51,6 +51,9 @@ class GpuPagePool {
 
   // The device page table, [n_pages]: what PagedKv::pages should be.
   const uint16_t* const* table() const { return table_; }
+  // The host pages' device addresses, [n_pages]: RunAppend's host_pages,
+  // so appended rows reach the host copy of a resident page too.
+  const uint16_t* const* host_table() const { return host_table_; }
 
   // After a decode step of `mode` over `kv` (its pages = table()) with the
   // candidates `cand_begin` / `order` (ordered modes) and `blocks`, the
@@ -81,6 +84,7 @@ class GpuPagePool {
   // Device memory.
   uint16_t* slots_ = nullptr;               // n_slots * page_bytes
   const uint16_t** table_ = nullptr;        // [n_pages]
+  const uint16_t** host_table_ = nullptr;   // [n_pages], never changes
   int* slot_of_ = nullptr;                  // [n_pages], -1: host
   unsigned char* ref_ = nullptr;            // [n_slots] CLOCK bits
   int* misses_ = nullptr;                   // [max_misses]

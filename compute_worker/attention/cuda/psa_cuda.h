@@ -133,6 +133,19 @@ cudaError_t RunBlockOrder(const PagedKv& kv, const Selection& sel, const int* ca
                           int max_n_cand, const float* gscore, int* order, void* workspace,
                           cudaStream_t stream);
 
+// Appends one new token's K and V rows to every (sequence, KV head): k and
+// v [n_seq][n_head_kv][head_dim] fp32 (RoPE applied to k), rounded to fp16
+// (as the CPU cache stores them) into row pos[s] % 16 of page
+// table + pos[s] / 16. A row that completes its block also writes the
+// block's kmax / kmin (laid out as PagedKv's, as RunBlockMinMax computes
+// them). The pages are written through kv.pages and, where `host_pages`
+// (optional, [same page ids]) names another copy, through it too: a
+// GpuPagePool's resident page and its host page stay equal. Does not move
+// seq_len: the caller's next step attends pos[s] + 1 positions.
+cudaError_t RunAppend(const PagedKv& kv, const uint16_t* const* host_pages, const int* pos,
+                      const float* k, const float* v, uint16_t* kmax, uint16_t* kmin,
+                      cudaStream_t stream);
+
 // The metadata of every full block from its page: kmax / kmin (laid out as
 // PagedKv's) = the per-dimension max / min of its 16 keys. max_blocks:
 // the most full blocks of any sequence.

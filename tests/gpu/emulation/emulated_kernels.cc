@@ -4,6 +4,8 @@
 // (#pragma unroll).
 #include "tests/gpu/emulation/cuda_emulation.h"
 
+#include "compute_worker/attention/cuda/append.cu"
+
 #include "compute_worker/attention/cuda/block_order.cu"
 #include "compute_worker/attention/cuda/block_scores.cu"
 #include "compute_worker/attention/cuda/decode_attention.cu"
