@@ -453,6 +453,75 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
   }
 }
 
+#if !defined(PSA_CUDA_EMULATION)  // graphs: a real device's
+// A whole selection step on the device — block scores, the order, PSA
+// decode, the pool's read record — needs no host synchronisation, so it is
+// captured as one CUDA graph; replayed, it gives the stream-run result.
+TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
+  PSA_SKIP_WITHOUT_GPU();
+  const Shape shape{2, 4, 64};
+  const Batch b = gpu_testing::MakeBatch(shape, kLengths, 13);
+  const DeviceBatch dev = gpu_testing::Upload(b);
+  const AttentionPolicy p;
+  const cuda::Selection sel = gpu_testing::ToSelection(p);
+  const HostCandidates cand = CpuSelection(b, p);  // begin and max_n_cand
+  const int n_seq = static_cast<int>(b.caches.size());
+  const size_t total = cand.order.size(), heads = static_cast<size_t>(n_seq) * shape.n_head();
+  auto begin = gpu_testing::ToDevice(cand.begin);
+  auto centre = gpu_testing::DeviceZeros<float>(total * shape.group);
+  auto gscore = gpu_testing::DeviceZeros<float>(total);
+  auto order = gpu_testing::DeviceZeros<int>(total);
+  auto order_work = gpu_testing::DeviceZeros<float>(
+      cuda::BlockOrderWorkspaceBytes(n_seq, shape.n_head_kv, cand.max_n_cand) / 4 + 2);
+  cuda::DecodePlan plan;
+  ASSERT_EQ(cuda::PlanDecode(cuda::DecodeMode::kPsa, n_seq, shape.n_head(), shape.n_head_kv,
+                             shape.head_dim, shape.scale(), sel, b.max_len, 0, &plan),
+            cudaSuccess);
+  auto work = gpu_testing::DeviceZeros<float>(plan.workspace_bytes / 4 + 2);
+  auto out = gpu_testing::DeviceZeros<float>(heads * shape.head_dim);
+  auto blocks = gpu_testing::DeviceZeros<int>(heads);
+  cuda::DecodeOutputs o;
+  o.out = out.get();
+  o.blocks = blocks.get();
+  cuda::Candidates c;
+  c.begin = begin.get();
+  c.order = order.get();
+  c.stop_x = centre.get();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  auto step = [&] {
+    EXPECT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), sel, dev.q.get(),
+                                   begin.get(), cand.max_n_cand, nullptr, centre.get(),
+                                   gscore.get(), stream),
+              cudaSuccess);
+    EXPECT_EQ(cuda::RunBlockOrder(dev.view, sel, begin.get(), cand.max_n_cand, gscore.get(),
+                                  order.get(), order_work.get(), stream),
+              cudaSuccess);
+    EXPECT_EQ(cuda::RunDecode(plan, dev.view, dev.q.get(), c, o, work.get(), stream),
+              cudaSuccess);
+  };
+  step();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<float> direct = gpu_testing::ToHost(out);
+  const std::vector<int> direct_blocks = gpu_testing::ToHost(blocks);
+  ASSERT_EQ(cudaMemset(out.get(), 0, heads * shape.head_dim * sizeof(float)), cudaSuccess);
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  step();
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(gpu_testing::ToHost(out), direct);
+  EXPECT_EQ(gpu_testing::ToHost(blocks), direct_blocks);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+#endif
+
 // No device needed: the plan and the argument checks.
 TEST(PsaCudaTest, PlansSplitDenseAndRefuseUnsupportedShapes) {
   cuda::DecodePlan plan;
