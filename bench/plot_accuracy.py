@@ -38,14 +38,16 @@ def main() -> int:
         print(f"error: {args.csv} has no rows", file=sys.stderr)
         return 1
     def series(r):  # one curve per policy family: the swept parameter varies along it
-        if r["kind"] != "psa":
-            return r["kind"]
         # Options as AttentionPolicy::ToString() names them (",min" is not ",min_blocks=").
         has = lambda option: re.search(option + r"[,)]", r["policy"]) is not None
-        return "psa, certified" if has(",certified") else \
-               "psa, paper AS_min" if has(",min") else \
-               "psa, last-group mean" if has(",mean") else \
-               "psa, calibrated bound" if has(",cal") else "psa"
+        # The research rankings (psa_accuracy --oracle, --normalized_rank) are their own curves.
+        suffix = ", oracle ranking" if has(",oracle") else ", normalized rank" if has(",norm") else ""
+        if r["kind"] != "psa":
+            return r["kind"] + suffix
+        return ("psa, certified" if has(",certified") else
+                "psa, paper AS_min" if has(",min") else
+                "psa, last-group mean" if has(",mean") else
+                "psa, calibrated bound" if has(",cal") else "psa") + suffix
 
     by_ctx = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -57,7 +59,9 @@ def main() -> int:
     for ax, ctx in zip(axes[0], sorted(by_ctx)):
         for kind, style in (("psa", "o-"), ("psa, paper AS_min", "^:"), ("psa, certified", "v-."),
                             ("psa, calibrated bound", "d-"), ("psa, last-group mean", "x:"),
-                            ("topk", "s--")):
+                            ("topk", "s--"), ("psa, oracle ranking", "o:"),
+                            ("topk, oracle ranking", "s:"), ("psa, normalized rank", "P-."),
+                            ("topk, normalized rank", "X-.")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)
