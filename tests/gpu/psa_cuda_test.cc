@@ -332,44 +332,50 @@ TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
   std::copy(pages.begin(), pages.end(), host);
   std::vector<const void*> host_pages(n_pages);
   for (size_t i = 0; i < n_pages; ++i) host_pages[i] = host + i * page_elems;
-  const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
   std::unique_ptr<cuda::GpuPagePool> pool;
-  ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
-                                      static_cast<int>(n_pages), &pool),
-            cudaSuccess);
   DeviceBatch pooled = dev;
-  pooled.view.pages = pool->table();
-  auto begin = gpu_testing::ToDevice(cand.begin);
-  auto order = gpu_testing::ToDevice(cand.order);
-  std::vector<int64_t> from_host;
-  for (int step = 0; step < 4; ++step) {
-    SCOPED_TRACE(step);
-    const Result r = GpuDecode(cuda::DecodeMode::kPsa, p, b, pooled, &cand, 0);
-    ASSERT_EQ(r.out, ref_psa.out);
-    ASSERT_EQ(r.blocks, ref_psa.blocks);
-    ASSERT_EQ(r.iterations, ref_psa.iterations);
-    auto blocks = gpu_testing::ToDevice(r.blocks);
-    const int64_t before = pool->stats().read_from_host;
-    ASSERT_EQ(pool->RecordReads(cuda::DecodeMode::kPsa, pooled.view, shape.n_head(),
-                                gpu_testing::ToSelection(p), begin.get(), order.get(),
-                                blocks.get(), nullptr),
+  // Both ways of moving pages: a DMA copy per page, and the gather kernel.
+  for (const cuda::PageCopy how : {cuda::PageCopy::kDma, cuda::PageCopy::kGather}) {
+    SCOPED_TRACE(how == cuda::PageCopy::kDma ? "DMA" : "gather");
+    const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
+    ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
+                                        static_cast<int>(n_pages), &pool),
               cudaSuccess);
-    ASSERT_EQ(pool->Refill(nullptr), cudaSuccess);
-    from_host.push_back(pool->stats().read_from_host - before);
-    EXPECT_LE(pool->stats().resident, n_slots);
+    pool->set_page_copy(how);
+    pooled.view.pages = pool->table();
+    auto begin = gpu_testing::ToDevice(cand.begin);
+    auto order = gpu_testing::ToDevice(cand.order);
+    std::vector<int64_t> from_host;
+    for (int step = 0; step < 4; ++step) {
+      SCOPED_TRACE(step);
+      const Result r = GpuDecode(cuda::DecodeMode::kPsa, p, b, pooled, &cand, 0);
+      ASSERT_EQ(r.out, ref_psa.out);
+      ASSERT_EQ(r.blocks, ref_psa.blocks);
+      ASSERT_EQ(r.iterations, ref_psa.iterations);
+      auto blocks = gpu_testing::ToDevice(r.blocks);
+      const int64_t before = pool->stats().read_from_host;
+      ASSERT_EQ(pool->RecordReads(cuda::DecodeMode::kPsa, pooled.view, shape.n_head(),
+                                  gpu_testing::ToSelection(p), begin.get(), order.get(),
+                                  blocks.get(), nullptr),
+                cudaSuccess);
+      ASSERT_EQ(pool->Refill(nullptr), cudaSuccess);
+      from_host.push_back(pool->stats().read_from_host - before);
+      EXPECT_LE(pool->stats().resident, n_slots);
+    }
+    const cuda::PagePoolStats st = pool->stats();
+    std::printf("pool: %d slots of %zu pages; host reads per step %lld, %lld, %lld, %lld; "
+                "%lld copied in, %lld evicted\n",
+                n_slots, n_pages, static_cast<long long>(from_host[0]),
+                static_cast<long long>(from_host[1]), static_cast<long long>(from_host[2]),
+                static_cast<long long>(from_host[3]), static_cast<long long>(st.copied_in),
+                static_cast<long long>(st.evicted));
+    EXPECT_EQ(from_host[0], st.pages_read / 4) << "nothing was resident at the first step";
+    EXPECT_LT(from_host[1], from_host[0]) << "the pool served none of the second step";
+    EXPECT_EQ(st.resident, n_slots) << "the pool did not fill";
+    EXPECT_GT(st.pages_read / 4, n_slots) << "the steps fit the pool: make it smaller";
+    EXPECT_GT(st.evicted, 0);
   }
   const cuda::PagePoolStats st = pool->stats();
-  std::printf("pool: %d slots of %zu pages; host reads per step %lld, %lld, %lld, %lld; "
-              "%lld copied in, %lld evicted\n",
-              n_slots, n_pages, static_cast<long long>(from_host[0]),
-              static_cast<long long>(from_host[1]), static_cast<long long>(from_host[2]),
-              static_cast<long long>(from_host[3]), static_cast<long long>(st.copied_in),
-              static_cast<long long>(st.evicted));
-  EXPECT_EQ(from_host[0], st.pages_read / 4) << "nothing was resident at the first step";
-  EXPECT_LT(from_host[1], from_host[0]) << "the pool served none of the second step";
-  EXPECT_EQ(st.resident, n_slots) << "the pool did not fill";
-  EXPECT_GT(st.pages_read / 4, n_slots) << "the steps fit the pool: make it smaller";
-  EXPECT_GT(st.evicted, 0);
   // Dense through the same, now partly resident, pool.
   const Result dense = GpuDecode(cuda::DecodeMode::kDense, p, b, pooled, nullptr, 0);
   EXPECT_EQ(dense.out, ref_dense.out);

@@ -68,6 +68,22 @@ __global__ void __launch_bounds__(kRecordThreads)
   if (from_host > 0) atomicAdd(&counts[2], from_host);
 }
 
+struct GatherItem {
+  const uint4* src;  // the mapped host page
+  uint4* dst;        // its slot
+};
+
+constexpr int kGatherWarps = 8;
+
+// A warp per page, 16 bytes a lane at a time, straight from host memory.
+__global__ void __launch_bounds__(32 * kGatherWarps)
+    GatherPagesKernel(const GatherItem* items, int n, int chunks) {
+  const int item = blockIdx.x * kGatherWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (item >= n) return;
+  const GatherItem it = items[item];
+  for (int i = lane; i < chunks; i += 32) it.dst[i] = it.src[i];
+}
+
 __global__ void ApplyUpdatesKernel(const TableUpdate* updates, int n, const uint16_t** table,
                                    int* slot_of) {
   const int i = blockIdx.x * kApplyThreads + threadIdx.x;
@@ -98,6 +114,7 @@ cudaError_t GpuPagePool::Create(const std::vector<const void*>& host_pages, size
       return e;  // not registered mapped
     }
     p->host_ptrs_[i] = static_cast<const uint16_t*>(dev);
+    if (reinterpret_cast<uintptr_t>(dev) % 16 != 0) return cudaErrorInvalidValue;
   }
   p->page_of_slot_.assign(n_slots, -1);
   p->slot_of_page_.assign(host_pages.size(), -1);
@@ -115,6 +132,7 @@ cudaError_t GpuPagePool::Create(const std::vector<const void*>& host_pages, size
   alloc(&p->misses_, static_cast<size_t>(max_misses) * sizeof(int));
   alloc(&p->counts_, 3 * sizeof(int));
   alloc(&p->updates_, 2 * static_cast<size_t>(n_slots) * sizeof(TableUpdate));
+  alloc(&p->gathers_, static_cast<size_t>(n_slots) * sizeof(GatherItem));
   if (e == cudaSuccess) {
     e = cudaMemcpy(p->table_, p->host_ptrs_.data(), n * sizeof(uint16_t*), cudaMemcpyHostToDevice);
   }
@@ -135,7 +153,7 @@ GpuPagePool::~GpuPagePool() {
                     static_cast<void*>(host_table_),
                     static_cast<void*>(slot_of_), static_cast<void*>(ref_),
                     static_cast<void*>(misses_), static_cast<void*>(counts_),
-                    static_cast<void*>(updates_)}) {
+                    static_cast<void*>(updates_), static_cast<void*>(gathers_)}) {
     if (ptr != nullptr) cudaFree(ptr);
   }
 }
@@ -178,6 +196,7 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
   // one whose bit is clear. Pages brought in now are not taken again in the
   // same refill (no thrash when the misses outnumber the slots).
   std::vector<TableUpdate> updates;
+  std::vector<GatherItem> gathers;
   std::vector<unsigned char> fresh(n_slots_, 0);
   int brought = 0;
   for (int page : misses) {
@@ -201,8 +220,13 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
       --stats_.resident;
     }
     uint16_t* dst = slots_ + static_cast<size_t>(slot) * (page_bytes_ / sizeof(uint16_t));
-    e = cudaMemcpyAsync(dst, host_src_[page], page_bytes_, cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess) return e;
+    if (copy_ == PageCopy::kGather) {
+      gathers.push_back({reinterpret_cast<const uint4*>(host_ptrs_[page]),
+                         reinterpret_cast<uint4*>(dst)});
+    } else {
+      e = cudaMemcpyAsync(dst, host_src_[page], page_bytes_, cudaMemcpyHostToDevice, stream);
+      if (e != cudaSuccess) return e;
+    }
     updates.push_back({dst, page, slot});
     page_of_slot_[slot] = page;
     slot_of_page_[page] = slot;
@@ -211,6 +235,16 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
     ++brought;
     ++stats_.copied_in;
     ++stats_.resident;
+  }
+  if (!gathers.empty()) {
+    e = cudaMemcpyAsync(gathers_, gathers.data(), gathers.size() * sizeof(GatherItem),
+                        cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return e;
+    const int n = static_cast<int>(gathers.size());
+    PSA_LAUNCH(GatherPagesKernel, dim3((n + kGatherWarps - 1) / kGatherWarps),
+               dim3(32 * kGatherWarps), stream, static_cast<const GatherItem*>(gathers_), n,
+               static_cast<int>(page_bytes_ / 16));
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   e = cudaMemcpyAsync(ref_, clock_.data(), clock_.size(), cudaMemcpyHostToDevice, stream);
   if (e == cudaSuccess) e = cudaMemsetAsync(counts_, 0, 3 * sizeof(int), stream);

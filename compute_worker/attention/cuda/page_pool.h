@@ -32,6 +32,11 @@
 
 namespace psa::cuda {
 
+// How Refill moves pages: a cudaMemcpyAsync (DMA) per page, or one gather
+// kernel in which a warp per page reads the mapped host page over the bus
+// (no per-copy launch cost; the bench's paging runs compare the two).
+enum class PageCopy { kDma, kGather };
+
 struct PagePoolStats {
   int64_t pages_read = 0;       // pages the recorded steps read
   int64_t read_from_host = 0;   // of them, read over the bus (not resident)
@@ -68,6 +73,7 @@ class GpuPagePool {
   cudaError_t Refill(cudaStream_t stream);
 
   PagePoolStats stats() const { return stats_; }
+  void set_page_copy(PageCopy how) { copy_ = how; }
 
  private:
   GpuPagePool() = default;
@@ -80,6 +86,7 @@ class GpuPagePool {
   std::vector<int> slot_of_page_;           // -1: not resident
   std::vector<unsigned char> clock_;        // host copy of the CLOCK bits
   int hand_ = 0;
+  PageCopy copy_ = PageCopy::kDma;
   PagePoolStats stats_;
   // Device memory.
   uint16_t* slots_ = nullptr;               // n_slots * page_bytes
@@ -90,6 +97,7 @@ class GpuPagePool {
   int* misses_ = nullptr;                   // [max_misses]
   int* counts_ = nullptr;                   // [0] misses listed, [1] pages read, [2] from host
   void* updates_ = nullptr;                 // Refill's table updates
+  void* gathers_ = nullptr;                 // Refill's (source, destination) pairs
 };
 
 }  // namespace psa::cuda
