@@ -10,15 +10,34 @@ using psa::testing::ServerProcess;
 using psa::testing::Streamed;
 using ::testing::HasSubstr;
 
+// A KV shard, and the flags of workers that publish prompt prefixes to it
+// (a checkpoint every 4 blocks); null if it does not start.
+std::unique_ptr<ServerProcess> StartKvShard(std::vector<std::string>* kv_flags) {
+  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
+                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
+  EXPECT_TRUE(shard.ok()) << shard.status();
+  if (!shard.ok()) return nullptr;
+  *kv_flags = {"--kv_shards=" + (*shard)->address(), "--prefix_checkpoint_blocks=4"};
+  return std::move(*shard);
+}
+
+// The bytes `w` has written to the KV service, once more than bytes_before
+// (or after 10 s).
+double WaitPublished(Worker& w, double bytes_before) {
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (w.Metric("psa_worker_kv_write_bytes_total") <= bytes_before && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return w.Metric("psa_worker_kv_write_bytes_total");
+}
+
 // A cache salt (a tenant's scope, set by the router from the API key)
 // partitions prefix reuse: blocks one salt stored are invisible to another,
 // so one tenant can neither read nor poison another's prefixes.
 TEST_F(TinyWorkerTest, CacheSaltsScopePrefixReuse) {
-  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
-                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
-  ASSERT_TRUE(shard.ok()) << shard.status();
-  const std::vector<std::string> kv_flags = {"--kv_shards=" + (*shard)->address(),
-                                             "--prefix_checkpoint_blocks=4"};
+  std::vector<std::string> kv_flags;
+  const std::unique_ptr<ServerProcess> shard = StartKvShard(&kv_flags);
+  ASSERT_NE(shard, nullptr);
   Worker a(*path_, kv_flags);
   Worker b(*path_, kv_flags);
   const auto p = Prompt(200, vocab(), 21);
@@ -29,11 +48,7 @@ TEST_F(TinyWorkerTest, CacheSaltsScopePrefixReuse) {
   };
   Streamed a1 = a.Generate(request("tenant/a/"));
   ASSERT_TRUE(a1.status.ok()) << a1.status.error_message();
-  const absl::Time until = absl::Now() + absl::Seconds(10);
-  while (a.Metric("psa_worker_kv_write_bytes_total") <= 0 && absl::Now() < until) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  ASSERT_GT(a.Metric("psa_worker_kv_write_bytes_total"), 0);
+  ASSERT_GT(WaitPublished(a, 0), 0);
 
   // Another salt: nothing found; computed afresh, the same tokens.
   Streamed b1 = b.Generate(request("tenant/b/"));
@@ -54,27 +69,18 @@ TEST_F(TinyWorkerTest, CacheSaltsScopePrefixReuse) {
 }
 
 TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) {
-  auto shard = ServerProcess::Start(PSA_KV_SERVICE_BIN,
-                                    {"--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0"});
-  ASSERT_TRUE(shard.ok()) << shard.status();
-  const std::vector<std::string> kv_flags = {"--kv_shards=" + (*shard)->address(),
-                                             "--prefix_checkpoint_blocks=4"};
+  std::vector<std::string> kv_flags;
+  const std::unique_ptr<ServerProcess> shard = StartKvShard(&kv_flags);
+  ASSERT_NE(shard, nullptr);
   Worker a(*path_, kv_flags);
   Worker b(*path_, kv_flags);
-  auto wait_published = [](Worker& w, double bytes_before) {
-    const absl::Time until = absl::Now() + absl::Seconds(10);
-    while (w.Metric("psa_worker_kv_write_bytes_total") <= bytes_before && absl::Now() < until) {
-      absl::SleepFor(absl::Milliseconds(10));
-    }
-    return w.Metric("psa_worker_kv_write_bytes_total");
-  };
 
   // Worker A computes and publishes a 200-token prompt (12 full blocks).
   const auto p1 = Prompt(200, vocab(), 7);
   Streamed a1 = a.Generate(IdsRequest(p1, 16, psa::v1::AttentionPolicy::KIND_DENSE));
   ASSERT_TRUE(a1.status.ok()) << a1.status.error_message();
   EXPECT_EQ(a.Metric("psa_worker_prefix_cache_hits_total"), 0);
-  EXPECT_GT(wait_published(a, 0), 0);
+  EXPECT_GT(WaitPublished(a, 0), 0);
   // A's lookups missed: not errors. Dropped publishes have their own counter.
   EXPECT_EQ(a.Metric("psa_worker_kv_errors_total{op=\"lookup\"}"), -1);  // never failed
   EXPECT_EQ(a.Metric("psa_worker_kv_publishes_dropped_total{reason=\"queue_full\"}"), 0);
@@ -122,7 +128,7 @@ TEST_F(TinyWorkerTest, PromptPrefixesAreSharedAcrossWorkersThroughTheKvService) 
 
   // Without the KV service the worker computes everything itself: correct
   // tokens, the failure only counted.
-  (*shard)->Stop(SIGKILL);
+  shard->Stop(SIGKILL);
   const auto p3 = Prompt(120, vocab(), 9);
   Streamed b3 = b.Generate(IdsRequest(p3, 16, psa::v1::AttentionPolicy::KIND_DENSE));
   ASSERT_TRUE(b3.status.ok()) << b3.status.error_message();
