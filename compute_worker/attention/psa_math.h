@@ -28,6 +28,7 @@
 namespace psa {
 
 PSA_HD int PsaMin(int a, int b) { return a < b ? a : b; }
+PSA_HD int PsaMax(int a, int b) { return a > b ? a : b; }
 
 // The sparse order as one integer (BlockRanking's order: descending score,
 // ties to the lower index, NaN ranked as -inf, -0 as +0): candidate a goes
@@ -44,7 +45,6 @@ PSA_HD unsigned long long PsaOrderKey(float score, int index) {
   const unsigned int ascending = (bits.u & 0x80000000u) ? ~bits.u : (bits.u | 0x80000000u);
   return (static_cast<unsigned long long>(~ascending) << 32) | static_cast<unsigned int>(index);
 }
-PSA_HD int PsaMax(int a, int b) { return a > b ? a : b; }
 
 // ---- Which blocks a decode row chooses among (the CPU's BlockLayout) ----
 
