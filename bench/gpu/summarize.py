@@ -51,6 +51,9 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
         summary["dense"] = dense
         summary["selection"] = [r for r in recs if r["kind"] == "selection"]
         summary["paging"] = [r for r in recs if r["kind"] == "paging"]
+        for r in recs:
+            if r["kind"] == "stall" and r["miss"] in (0.1, 0.5):
+                summary[f"stall_ms_at_{round(100 * r['miss'])}pct_misses"] = r["stall_ms"]
         if summary["paging"]:
             # Per page size the better of the two ways (Refill's choice is by measurement).
             best = {}
@@ -91,6 +94,8 @@ def summarize(steps_path, bench_path, bench_md_path, sdpa_path):
                         "PSA + scores + device order vs dense at 10%, worst"),
                        ("paging_min_of_pinned_copy",
                         "host to GPU paging, worst share of a pinned copy's GB/s (goal >= 0.80)"),
+                       ("stall_ms_at_10pct_misses", "dense step, extra ms with 10% of pages read from host"),
+                       ("stall_ms_at_50pct_misses", "dense step, extra ms with 50% of pages read from host"),
                        ("device_order_differs", "selection runs whose device order differs from the host sort (must be 0)")]:
         if key in summary:
             md.append(f"- {label}: {summary[key]:.2f}")
@@ -126,6 +131,8 @@ def self_test():
                 {"kind": "paging", "copy": "gather", "page_bytes": 4096, "pages": 8192,
                  "refill_gbps": 5.0, "pages_per_s": 1e6, "pinned_copy_gbps": 25.0,
                  "of_pinned_copy": 0.2},
+                {"kind": "stall", "shape": "smollm2", "context": 32768, "batch": 8, "miss": 0.1,
+                 "device_ms": 1.0, "pooled_ms": 1.5, "stall_ms": 0.5},
                 {"kind": "paging", "copy": "dma", "page_bytes": 4096, "pages": 8192,
                  "refill_gbps": 20.0, "pages_per_s": 5e6, "pinned_copy_gbps": 25.0,
                  "of_pinned_copy": 0.8}]}, f)
@@ -140,6 +147,7 @@ def self_test():
     assert abs(summary["psa_step_vs_dense_at_10pct_max"] - 0.14) < 1e-9
     assert abs(summary["psa_ordered_step_vs_dense_at_10pct_max"] - 0.15) < 1e-9
     assert abs(summary["paging_min_of_pinned_copy"] - 0.8) < 1e-9
+    assert abs(summary["stall_ms_at_10pct_misses"] - 0.5) < 1e-9
     assert "| smollm2 | 32K | 8 |" in md and "PASS" in md, md
     summary, md = summarize(None, None, None, None)
     assert not summary["ok"] and "FAIL" in md

@@ -386,6 +386,52 @@ TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
   int64_t all_blocks = 0;
   for (int len : kLengths) all_blocks += (len + 15) / 16 * shape.n_head_kv;
   EXPECT_EQ(pool->stats().pages_read - st.pages_read, all_blocks);
+  // Prefetch: the pages a step is about to read brought in ahead (the
+  // sinks, the newest blocks and the order's prefix each (s, h) takes):
+  // that many fewer host reads, the same result.
+  {
+    std::unique_ptr<cuda::GpuPagePool> ahead;
+    const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
+    ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
+                                        static_cast<int>(n_pages), &ahead),
+              cudaSuccess);
+    DeviceBatch view = dev;
+    view.view.pages = ahead->table();
+    std::vector<int> want;
+    int table = 0;
+    for (int s = 0; s < static_cast<int>(b.caches.size()); ++s) {
+      const int len = b.caches[s]->length(), n_blocks = (len + 15) / 16;
+      const PsaLayout lay = PsaLayoutOf(len, len / 16, 16, p.sink_blocks, p.local_blocks);
+      for (int h = 0; h < shape.n_head_kv; ++h, table += n_blocks) {
+        int most = 0;
+        for (int g = 0; g < shape.group; ++g) {
+          most = std::max(most, ref_psa.blocks[s * shape.n_head() + h * shape.group + g]);
+        }
+        const int taken = std::clamp(most - lay.forced(), 0, lay.n_cand());
+        for (int blk = 0; blk < lay.sink; ++blk) want.push_back(table + blk);
+        for (int blk = lay.local_begin; blk < n_blocks; ++blk) want.push_back(table + blk);
+        const int base = cand.begin[s * shape.n_head_kv + h];
+        for (int k = 0; k < taken; ++k) want.push_back(table + lay.sink + cand.order[base + k]);
+      }
+    }
+    const int read = static_cast<int>(want.size());
+    want.resize(std::min<size_t>(want.size(), n_slots));
+    ASSERT_EQ(ahead->Prefetch(want, nullptr), cudaSuccess);
+    EXPECT_EQ(ahead->stats().resident, static_cast<int>(want.size()));
+    const Result r = GpuDecode(cuda::DecodeMode::kPsa, p, b, view, &cand, 0);
+    EXPECT_EQ(r.out, ref_psa.out);
+    auto blocks = gpu_testing::ToDevice(r.blocks);
+    auto begin = gpu_testing::ToDevice(cand.begin);
+    auto order = gpu_testing::ToDevice(cand.order);
+    ASSERT_EQ(ahead->RecordReads(cuda::DecodeMode::kPsa, view.view, shape.n_head(),
+                                 gpu_testing::ToSelection(p), begin.get(), order.get(),
+                                 blocks.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(ahead->Refill(nullptr), cudaSuccess);
+    EXPECT_EQ(ahead->stats().pages_read, read);
+    EXPECT_EQ(ahead->stats().read_from_host, read - static_cast<int>(want.size()));
+    EXPECT_EQ(ahead->Prefetch({static_cast<int>(n_pages)}, nullptr), cudaErrorInvalidValue);
+  }
   // A table entry it did not make is refused, as are bad arguments.
   EXPECT_EQ(pool->RecordReads(cuda::DecodeMode::kDense, dev.view, shape.n_head(),
                               gpu_testing::ToSelection(p), nullptr, nullptr, nullptr, nullptr),

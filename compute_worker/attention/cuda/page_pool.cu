@@ -191,7 +191,26 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
   }
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return e;
+  e = BringIn(misses, stream);
+  if (e == cudaSuccess) e = cudaMemsetAsync(counts_, 0, 3 * sizeof(int), stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  return e;
+}
 
+cudaError_t GpuPagePool::Prefetch(const std::vector<int>& pages, cudaStream_t stream) {
+  for (int page : pages) {
+    if (page < 0 || page >= n_pages_) return cudaErrorInvalidValue;
+  }
+  cudaError_t e = cudaMemcpyAsync(clock_.data(), ref_, clock_.size(), cudaMemcpyDeviceToHost,
+                                  stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e == cudaSuccess) e = BringIn(pages, stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  return e;
+}
+
+cudaError_t GpuPagePool::BringIn(const std::vector<int>& misses, cudaStream_t stream) {
+  cudaError_t e = cudaSuccess;
   // CLOCK: the hand clears a set bit and moves on; takes a free slot or
   // one whose bit is clear. Pages brought in now are not taken again in the
   // same refill (no thrash when the misses outnumber the slots).
@@ -247,7 +266,6 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   e = cudaMemcpyAsync(ref_, clock_.data(), clock_.size(), cudaMemcpyHostToDevice, stream);
-  if (e == cudaSuccess) e = cudaMemsetAsync(counts_, 0, 3 * sizeof(int), stream);
   if (e == cudaSuccess && !updates.empty()) {
     e = cudaMemcpyAsync(updates_, updates.data(), updates.size() * sizeof(TableUpdate),
                         cudaMemcpyHostToDevice, stream);
@@ -259,7 +277,7 @@ cudaError_t GpuPagePool::Refill(cudaStream_t stream) {
       e = cudaGetLastError();
     }
   }
-  // The copies read `updates` and `clock_` (host memory) until done.
+  // The copies read `updates`, `gathers` and `clock_` (host memory) until done.
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   return e;
 }

@@ -72,11 +72,18 @@ class GpuPagePool {
   // `stream` (to read the list), so call it off the critical path.
   cudaError_t Refill(cudaStream_t stream);
 
+  // Brings `pages` (ids into the table) into slots ahead of the steps that
+  // will read them (e.g. the order's prefix), by the same CLOCK rule; at
+  // most n_slots of them. Waits for `stream`.
+  cudaError_t Prefetch(const std::vector<int>& pages, cudaStream_t stream);
+
   PagePoolStats stats() const { return stats_; }
   void set_page_copy(PageCopy how) { copy_ = how; }
 
  private:
   GpuPagePool() = default;
+  // Copies `pages` not resident yet into slots (CLOCK) and updates the table.
+  cudaError_t BringIn(const std::vector<int>& pages, cudaStream_t stream);
 
   size_t page_bytes_ = 0;
   int n_pages_ = 0, n_slots_ = 0, max_misses_ = 0;
