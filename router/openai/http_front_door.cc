@@ -217,13 +217,17 @@ class ClientWatch {
   int fd_ = -2;  // -2: not looked up yet; -1: not found
 };
 
+// JSON text of `j`; invalid UTF-8 (in a model's name, say) becomes U+FFFD
+// rather than an exception.
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 void SendError(httplib::Response& res, const ApiError& error) {
   res.status = error.http_status;
   if (error.retry_after_s > 0) res.set_header("Retry-After", std::to_string(error.retry_after_s));
-  res.set_content(error.ToJson().dump(), "application/json");
+  res.set_content(Dump(error.ToJson()), "application/json");
 }
 
-std::string Sse(const json& data) { return absl::StrCat("data: ", data.dump(), "\n\n"); }
+std::string Sse(const json& data) { return absl::StrCat("data: ", Dump(data), "\n\n"); }
 
 // What one generation has produced so far, for the non-streamed answer.
 struct Accumulated {
@@ -336,7 +340,7 @@ void HttpFrontDoor::Register() {
                 : res.status == 404 ? absl::StrCat("no route for ", req.method, " ", req.path)
                                     : absl::StrCat("HTTP status ", res.status);
     if (res.status >= 500) e.type = "server_error";
-    res.set_content(e.ToJson().dump(), "application/json");
+    res.set_content(Dump(e.ToJson()), "application/json");
   });
 
   s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
@@ -364,9 +368,9 @@ void HttpFrontDoor::Register() {
         e.message = absl::StrCat("The model `", req.matches[1].str(), "` does not exist");
         return SendError(res, e);
       }
-      return res.set_content(list["data"][0].dump(), "application/json");
+      return res.set_content(Dump(list["data"][0]), "application/json");
     }
-    res.set_content(list.dump(), "application/json");
+    res.set_content(Dump(list), "application/json");
   };
   s.Get("/v1/models", models);
   s.Get(R"(/v1/models/(.+))", models);
@@ -423,7 +427,7 @@ void HttpFrontDoor::Register() {
     }
     if (!parsed->stream) {
       return res.set_content(
-          CompleteResponse(header, acc.text, acc.finish_reason, acc.usage).dump(),
+          Dump(CompleteResponse(header, acc.text, acc.finish_reason, acc.usage)),
           "application/json");
     }
 
