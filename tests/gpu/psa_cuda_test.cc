@@ -332,15 +332,17 @@ TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
   std::copy(pages.begin(), pages.end(), host);
   std::vector<const void*> host_pages(n_pages);
   for (size_t i = 0; i < n_pages; ++i) host_pages[i] = host + i * page_elems;
+  const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
+  auto make_pool = [&](std::unique_ptr<cuda::GpuPagePool>* out) {
+    return cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
+                                     static_cast<int>(n_pages), out);
+  };
   std::unique_ptr<cuda::GpuPagePool> pool;
   DeviceBatch pooled = dev;
   // Both ways of moving pages: a DMA copy per page, and the gather kernel.
   for (const cuda::PageCopy how : {cuda::PageCopy::kDma, cuda::PageCopy::kGather}) {
     SCOPED_TRACE(how == cuda::PageCopy::kDma ? "DMA" : "gather");
-    const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
-    ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
-                                        static_cast<int>(n_pages), &pool),
-              cudaSuccess);
+    ASSERT_EQ(make_pool(&pool), cudaSuccess);
     pool->set_page_copy(how);
     pooled.view.pages = pool->table();
     auto begin = gpu_testing::ToDevice(cand.begin);
@@ -391,10 +393,7 @@ TEST(PsaCudaTest, APoolFarSmallerThanTheKvGivesTheSameResults) {
   // that many fewer host reads, the same result.
   {
     std::unique_ptr<cuda::GpuPagePool> ahead;
-    const int n_slots = std::max<int>(4, static_cast<int>(n_pages / 8));
-    ASSERT_EQ(cuda::GpuPagePool::Create(host_pages, page_elems * sizeof(uint16_t), n_slots,
-                                        static_cast<int>(n_pages), &ahead),
-              cudaSuccess);
+    ASSERT_EQ(make_pool(&ahead), cudaSuccess);
     DeviceBatch view = dev;
     view.view.pages = ahead->table();
     std::vector<int> want;
@@ -507,7 +506,7 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
 
 #if !defined(PSA_CUDA_EMULATION)  // graphs: a real device's
 // A whole selection step on the device — block scores, the order, PSA
-// decode, the pool's read record — needs no host synchronisation, so it is
+// decode — needs no host synchronisation, so it is
 // captured as one CUDA graph; replayed, it gives the stream-run result.
 TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
   PSA_SKIP_WITHOUT_GPU();

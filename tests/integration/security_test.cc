@@ -62,6 +62,15 @@ grpc::Status Health(const std::string& address,
   return stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &response);
 }
 
+// The HTTP status curl gets for `url` with `args` ("000": no answer, e.g. a
+// refused handshake; "none": curl did not run).
+std::string HttpStatus(const std::string& args, const std::string& url) {
+  const std::string cmd = absl::StrCat("curl -s -o /dev/null -w '%{http_code}' ", args, " ", url);
+  std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
+  char code[8] = {};
+  return p && fgets(code, sizeof(code), p.get()) ? std::string(code) : std::string("none");
+}
+
 std::shared_ptr<grpc::ChannelCredentials> Creds(const TlsFiles& files) {
   auto c = ChannelCredentials(files);
   EXPECT_TRUE(c.ok()) << c.status();
@@ -177,14 +186,9 @@ TEST_F(RouterKeysTest, CallsNeedAValidKeyAndTheFileIsReloaded) {
   EXPECT_TRUE(Health(address, grpc::InsecureChannelCredentials()).ok());
 
   // HTTP: 401 in OpenAI's error shape without a key; a key gets past it.
-  const std::string http = absl::StrCat("http://127.0.0.1:", (*r)->port("http_port"));
-  auto curl = [&](const std::string& args) {
-    const std::string cmd = absl::StrCat("curl -s -o /dev/null -w '%{http_code}' ", args, " ",
-                                         http, "/v1/models");
-    std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
-    char code[8] = {};
-    return p && fgets(code, sizeof(code), p.get()) ? std::string(code) : std::string("none");
-  };
+  const std::string models = absl::StrCat("http://127.0.0.1:", (*r)->port("http_port"),
+                                           "/v1/models");
+  auto curl = [&](const std::string& args) { return HttpStatus(args, models); };
   EXPECT_EQ(curl(""), "401");
   EXPECT_EQ(curl("-H 'Authorization: Bearer sk-test-cccccccccccccccc'"), "401");
   EXPECT_EQ(curl("-H 'Authorization: Bearer sk-test-aaaaaaaaaaaaaaaa'"), "503");  // no worker
@@ -221,13 +225,7 @@ TEST_F(RouterKeysTest, TheRouterServesGrpcAndHttpOverTls) {
   EXPECT_FALSE(Health(address, Creds({certs("other_ca.pem"), "", "", "--tls_"})).ok());
   const std::string https =
       absl::StrCat("https://127.0.0.1:", (*r)->port("http_port"), "/health");
-  auto curl = [&](const std::string& ca) {
-    const std::string cmd =
-        absl::StrCat("curl -s -o /dev/null -w '%{http_code}' --cacert ", ca, " ", https);
-    std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
-    char code[8] = {};
-    return p && fgets(code, sizeof(code), p.get()) ? std::string(code) : std::string("none");
-  };
+  auto curl = [&](const std::string& ca) { return HttpStatus("--cacert " + ca, https); };
   EXPECT_EQ(curl(certs("ca.pem")), "503");        // HTTPS works; no healthy worker
   EXPECT_EQ(curl(certs("other_ca.pem")), "000");  // handshake refused
 }
