@@ -13,6 +13,8 @@
 // psa_accuracy_results.h.
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <mutex>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -63,6 +65,9 @@ ABSL_FLAG(bool, oracle, false,
 ABSL_FLAG(bool, normalized_rank, false,
           "Also sweep PSA and top-k ranking blocks by each head's own share of its bounds "
           "(ResearchSelection::normalized_rank, ',norm').");
+ABSL_FLAG(std::string, ranks, "estimate",
+          "Rankings to sweep every PSA and top-k policy with (AttentionPolicy::rank): "
+          "estimate (the default), bound (Quest's), or both: estimate,bound.");
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
@@ -82,6 +87,11 @@ ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips 
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
 ABSL_FLAG(std::string, layers_csv, "", "Write PSA's per-layer KV fraction to this CSV file.");
+ABSL_FLAG(std::string, dump_dir, "",
+          "Research: write the dense trajectory's decode queries (queries.bin: per task int32 "
+          "context, layer, kv_head, n_keys, then group x head_dim float32) and the keys "
+          "(keys_C.bin: fp16 [layer][kv_head][position][head_dim]) to this folder, to study "
+          "block rankings offline (bench/rank_study.py).");
 
 namespace psa {
 namespace {
@@ -93,6 +103,41 @@ std::vector<std::string> SplitList(const std::string& s) {
 [[noreturn]] void Die(const std::string& msg) {
   std::cerr << "error: " << msg << "\n";
   std::exit(1);
+}
+
+// The dense trajectory's decode queries, appended to a file (--dump_dir).
+class QueryRecorder : public AttentionBackend {
+ public:
+  QueryRecorder(std::FILE* f, int context) : f_(f), context_(context) {}
+  std::string_view name() const override { return "dense"; }
+  void Run(const AttentionShape& shape, const AttentionTask& task) const override {
+    dense_.Run(shape, task);
+    if (task.n_q != 1) return;
+    const int32_t head[4] = {context_, task.layer, task.kv_head, task.q_pos0 + 1};
+    std::lock_guard<std::mutex> lock(mu_);
+    std::fwrite(head, sizeof(head), 1, f_);
+    for (int g = 0; g < shape.group(); ++g) {
+      std::fwrite(task.q + g * shape.head_dim, sizeof(float), shape.head_dim, f_);
+    }
+  }
+
+ private:
+  std::FILE* f_;
+  int context_;
+  DenseAttention dense_;
+  mutable std::mutex mu_;
+};
+
+void DumpKeys(const KvCache& kv, int rows, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) Die("cannot write " + path);
+  for (int l = 0; l < kv.n_layer(); ++l) {
+    for (int h = 0; h < kv.n_head_kv(); ++h) {
+      const KvRows keys = kv.Keys(l, h);
+      for (int t = 0; t < rows; ++t) std::fwrite(keys.row(t), sizeof(uint16_t), kv.head_dim(), f);
+    }
+  }
+  std::fclose(f);
 }
 
 std::string Haystack() {
@@ -198,6 +243,25 @@ int main(int argc, char** argv) {
     if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, false)});
     if (absl::GetFlag(FLAGS_normalized_rank)) policies.push_back({p, normalized()});
   }
+  // Every served policy again with each further ranking asked for.
+  std::vector<AttentionPolicy::Rank> ranks;
+  for (const std::string& r : SplitList(absl::GetFlag(FLAGS_ranks))) {
+    absl::StatusOr<AttentionPolicy> p = AttentionPolicy::Parse("topk:rank=" + r);
+    if (!p.ok()) Die("--ranks: " + std::string(p.status().message()));
+    ranks.push_back(p->rank);
+  }
+  if (ranks.empty()) Die("--ranks needs at least one ranking");
+  {
+    std::vector<std::pair<AttentionPolicy, ResearchSelection>> all;
+    for (const auto& [p, research] : policies) {
+      for (AttentionPolicy::Rank rank : ranks) {
+        AttentionPolicy q = p;
+        q.rank = rank;
+        all.push_back({q, research});
+      }
+    }
+    policies = std::move(all);
+  }
   std::vector<std::unique_ptr<ProbedAttention>> backends;
   for (const auto& [p, research] : policies) {
     if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));
@@ -242,10 +306,26 @@ int main(int argc, char** argv) {
       {
         KvCache kv = base;
         std::vector<float> lg = logits;
+        const std::string dump = absl::GetFlag(FLAGS_dump_dir);
+        std::FILE* qf = nullptr;
+        if (!dump.empty()) {
+          qf = std::fopen((dump + "/queries.bin").c_str(), w == 0 ? "wb" : "ab");
+          if (qf == nullptr) Die("cannot write to --dump_dir " + dump);
+        }
+        QueryRecorder recorder(qf, C);
         for (int s = 0; s < steps; ++s) {
           const TokenId t = text[C + s];
-          if (auto st = rt.Prefill(&kv, {&t, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+          if (qf != nullptr) {
+            BatchEntry e{&kv, {&t, 1}, true, &recorder, nullptr};
+            if (auto st = rt.Forward({&e, 1}, &lg); !st.ok()) Die(std::string(st.message()));
+          } else if (auto st = rt.Prefill(&kv, {&t, 1}, &lg); !st.ok()) {
+            Die(std::string(st.message()));
+          }
           dense_logits.push_back(lg);
+        }
+        if (qf != nullptr) {
+          std::fclose(qf);
+          DumpKeys(kv, C + steps, absl::StrCat(dump, "/keys_", C, ".bin"));
         }
       }
       for (size_t pi = 0; pi < policies.size(); ++pi) {

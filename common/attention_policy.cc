@@ -11,10 +11,12 @@
 namespace psa {
 namespace {
 
-// ",sink=N,local=N" where they differ from the defaults.
+// ",rank=bound" unless the default ranking, then ",sink=N,local=N" where
+// they differ from the defaults.
 std::string ForcedBlocks(const AttentionPolicy& p) {
   const AttentionPolicy d;
-  return absl::StrCat(p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
+  return absl::StrCat(p.rank == AttentionPolicy::Rank::kBound ? ",rank=bound" : "",
+                      p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
                       p.local_blocks != d.local_blocks ? absl::StrCat(",local=", p.local_blocks)
                                                        : "");
 }
@@ -123,11 +125,17 @@ absl::Status ApplyOption(absl::string_view spec, absl::string_view opt, Attentio
     else {
       return Bad(spec, absl::StrCat("unknown option \"", opt,
                                     "\" (options: eps= G= min_blocks= k= rb= prefill= sink= "
-                                    "local= certified solo)"));
+                                    "local= rank= certified solo)"));
     }
     return absl::OkStatus();
   }
   const absl::string_view name = opt.substr(0, eq), value = opt.substr(eq + 1);
+  if (name == "rank") {
+    if (value == "estimate") p->rank = AttentionPolicy::Rank::kEstimate;
+    else if (value == "bound") p->rank = AttentionPolicy::Rank::kBound;
+    else return Bad(spec, absl::StrCat("rank must be estimate or bound, got \"", value, "\""));
+    return absl::OkStatus();
+  }
   bool ok;
   if (name == "eps" || name == "epsilon") ok = Number(value, &p->epsilon);
   else if (name == "G" || name == "group_blocks") ok = Number(value, &p->group_blocks);
@@ -212,7 +220,7 @@ bool AttentionPolicy::operator==(const AttentionPolicy& o) const {
   return kind == o.kind && epsilon == o.epsilon && group_blocks == o.group_blocks &&
          certified == o.certified && min_blocks == o.min_blocks &&
          share_reads == o.share_reads && resident_bias == o.resident_bias &&
-         top_k == o.top_k &&
+         top_k == o.top_k && rank == o.rank &&
          sparse_prefill_rows == o.sparse_prefill_rows && sink_blocks == o.sink_blocks &&
          local_blocks == o.local_blocks;
 }

@@ -99,6 +99,17 @@ PSA_HD float PsaCentreScore(const float* q, const float* kmax, const float* kmin
   return scale * s;
 }
 
+// A head's rank estimate of a block's log-mass (AttentionPolicy::Rank's
+// kEstimate): its centre score plus 0.4 of the box's width term (the bound
+// less the centre; 1 would be the bound). Chosen on the blocks' exact
+// masses (bench/rank_study.py, docs/attention.md "Ranking"): 0.1-0.4 rank
+// alike on the Qwen models, 0.4-0.5 best on SmolLM2, and a block whose
+// mass sits in one key (a needle) needs the width.
+constexpr float kPsaRankWidth = 0.4f;
+PSA_HD float PsaRankScore(float centre, float bound) {
+  return centre + kPsaRankWidth * (bound - centre);
+}
+
 // ---- Online softmax ----
 // A head's state: running max m of its scores and exp-sum l in that scale
 // (double: AS_acc), accumulator acc = sum exp(s - m) * v.

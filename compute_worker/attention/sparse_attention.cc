@@ -9,6 +9,7 @@
 #include "compute_worker/attention/block_ranking.h"
 #include "compute_worker/attention/head_state.h"
 #include "compute_worker/attention/psa_math.h"
+#include "compute_worker/attention/rank_scores.h"
 #include "compute_worker/attention/research/exact_block_scores.h"
 #include "compute_worker/attention/sparse_block_kernels.h"
 #include "compute_worker/attention/stop_rule.h"
@@ -64,8 +65,8 @@ std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape
     thread_local std::vector<float> gscore;
     thread_local std::vector<int> order;
     gscore.resize(n_cand);
-    kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, lay.sink, lay.local_begin, nullptr, n_cand, gscore.data());
+    RankScores(kv.KeyBounds(task.layer, task.kv_head), policy_.rank, qs, group, shape.scale,
+               lay.sink, n_cand, nullptr, nullptr, gscore.data());
     BiasNonResident(policy_, *reader, lay, gscore.data());
     order.resize(n_cand);
     for (int c = 0; c < n_cand; ++c) order[c] = c;
@@ -113,10 +114,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   if (!(exact_rank && exact_stop)) {
     float* bounds = stop.wants_bounds() ? ub.data() : nullptr;
     if (norm_rank) bounds = exact_stop ? scratch_ub.data() : ub.data();
-    kv.KeyBounds(task.layer, task.kv_head)
-        .Score(qs, group, shape.scale, sink, local_begin, bounds, n_cand,
-               exact_rank ? scratch_g.data() : gscore.data(),
-               stop.wants_centre() ? centre.data() : nullptr);
+    RankScores(kv.KeyBounds(task.layer, task.kv_head),
+               norm_rank ? AttentionPolicy::Rank::kBound : policy_.rank, qs, group, shape.scale,
+               sink, n_cand, bounds, stop.wants_centre() ? centre.data() : nullptr,
+               exact_rank ? scratch_g.data() : gscore.data());
     if (norm_rank) NormalizedGroupScores(bounds, group, n_cand, gscore.data());
   }
   if (exact_rank || exact_stop) {

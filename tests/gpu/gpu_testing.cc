@@ -5,6 +5,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "compute_worker/attention/rank_scores.h"
 #include "compute_worker/attention/block_layout.h"
 #include "compute_worker/attention/block_ranking.h"
 #include "compute_worker/model/ggml_types.h"
@@ -171,10 +172,8 @@ HostCandidates CpuSelection(const Batch& b, const AttentionPolicy& p) {
         qs[g] = b.q.data() + ((s * b.shape.n_head()) + h * group + g) * static_cast<size_t>(d);
       }
       std::vector<float> ub(static_cast<size_t>(group) * n), centre(ub.size()), gscore(n);
-      if (n > 0) {
-        kv.KeyBounds(0, h).Score(qs, group, b.shape.scale(), lay.sink, lay.local_begin, ub.data(),
-                                 n, gscore.data(), centre.data());
-      }
+      RankScores(kv.KeyBounds(0, h), p.rank, qs, group, b.shape.scale(), lay.sink, n, ub.data(),
+                 centre.data(), gscore.data());
       BlockRanking ranking;
       ranking.Reset(gscore.data(), n);
       ranking.Extend(n);
@@ -198,6 +197,7 @@ cuda::Selection ToSelection(const AttentionPolicy& p) {
   s.top_k = p.top_k;
   s.sink_blocks = p.sink_blocks;
   s.local_blocks = p.local_blocks;
+  s.rank_by_bound = p.rank == AttentionPolicy::Rank::kBound;
   return s;
 }
 

@@ -28,6 +28,7 @@
 #include "compute_worker/attention/cuda/page_pool.h"
 #include "compute_worker/attention/cuda/psa_cuda.h"
 #include "compute_worker/attention/psa_math.h"
+#include "compute_worker/attention/rank_scores.h"
 #include "compute_worker/attention/sparse_attention.h"
 #include "compute_worker/model/ggml_types.h"
 #include "tests/gpu/gpu_testing.h"
@@ -172,7 +173,7 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
     SCOPED_TRACE(Name(shape));
     const Batch b = gpu_testing::MakeBatch(shape, kLengths, 4);
     const DeviceBatch dev = gpu_testing::Upload(b);
-    const AttentionPolicy p;
+    AttentionPolicy p;
     const HostCandidates cand = CpuSelection(b, p);  // for begin and max_n_cand
     const int d = shape.head_dim, group = shape.group;
     const size_t total = cand.order.size();
@@ -180,6 +181,17 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
     auto ub = gpu_testing::DeviceZeros<float>(total * group);
     auto centre = gpu_testing::DeviceZeros<float>(total * group);
     auto gscore = gpu_testing::DeviceZeros<float>(total);
+    auto estimate = gpu_testing::DeviceZeros<float>(total);
+    // The rank estimate needs the heads' scores.
+    EXPECT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
+                                   gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
+                                   cand.max_n_cand, nullptr, centre.get(), estimate.get(), nullptr),
+              cudaErrorInvalidValue);
+    ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
+                                   gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
+                                   cand.max_n_cand, ub.get(), centre.get(), estimate.get(), nullptr),
+              cudaSuccess);
+    p.rank = AttentionPolicy::Rank::kBound;
     ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), gpu_testing::ToSelection(p),
                                    dev.q.get(), begin.get(), cand.max_n_cand, ub.get(),
                                    centre.get(), gscore.get(), nullptr),
@@ -191,7 +203,7 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
               cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const auto ub_h = gpu_testing::ToHost(ub), centre_h = gpu_testing::ToHost(centre);
-    const auto gscore_h = gpu_testing::ToHost(gscore);
+    const auto gscore_h = gpu_testing::ToHost(gscore), estimate_h = gpu_testing::ToHost(estimate);
     const auto kmax_h = gpu_testing::ToHost(kmax), kmin_h = gpu_testing::ToHost(kmin);
     const auto kmax_ref = gpu_testing::ToHost(dev.kmax), kmin_ref = gpu_testing::ToHost(dev.kmin);
     for (size_t i = 0; i < kmax_ref.size(); ++i) {  // -0 and +0 compare equal
@@ -221,6 +233,17 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
             best = std::max(best, ub_h[at]);
           }
           ASSERT_EQ(gscore_h[base + c], best);
+        }
+        // The estimate from the device's own head scores, as the CPU makes it.
+        const int n = lay.n_cand();
+        if (n <= 0) continue;
+        std::vector<float> want(n), r(n);
+        const size_t at = static_cast<size_t>(base) * group;
+        EstimateGroupScores(ub_h.data() + at, centre_h.data() + at, group, n, r.data(),
+                            want.data());
+        for (int c = 0; c < n; ++c) {
+          ASSERT_NEAR(estimate_h[base + c], want[c], 1e-4f * (1 + std::fabs(want[c])))
+              << "candidate " << c;
         }
       }
     }
@@ -269,9 +292,11 @@ TEST(PsaCudaTest, BlockOrderEqualsTheCpuRanking) {
     const HostCandidates cand = CpuSelection(b, p);
     auto begin = gpu_testing::ToDevice(cand.begin);
     auto gscore = gpu_testing::DeviceZeros<float>(cand.order.size());
+    auto ub = gpu_testing::DeviceZeros<float>(cand.order.size() * shape.group);
+    auto centre = gpu_testing::DeviceZeros<float>(cand.order.size() * shape.group);
     ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
                                    gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
-                                   cand.max_n_cand, nullptr, nullptr, gscore.get(), nullptr),
+                                   cand.max_n_cand, ub.get(), centre.get(), gscore.get(), nullptr),
               cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     check(dev.view, p, cand.begin, cand.max_n_cand, gpu_testing::ToHost(gscore), kLengths);
@@ -519,6 +544,7 @@ TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
   const int n_seq = static_cast<int>(b.caches.size());
   const size_t total = cand.order.size(), heads = static_cast<size_t>(n_seq) * shape.n_head();
   auto begin = gpu_testing::ToDevice(cand.begin);
+  auto ub = gpu_testing::DeviceZeros<float>(total * shape.group);
   auto centre = gpu_testing::DeviceZeros<float>(total * shape.group);
   auto gscore = gpu_testing::DeviceZeros<float>(total);
   auto order = gpu_testing::DeviceZeros<int>(total);
@@ -542,7 +568,7 @@ TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   auto step = [&] {
     EXPECT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), sel, dev.q.get(),
-                                   begin.get(), cand.max_n_cand, nullptr, centre.get(),
+                                   begin.get(), cand.max_n_cand, ub.get(), centre.get(),
                                    gscore.get(), stream),
               cudaSuccess);
     EXPECT_EQ(cuda::RunBlockOrder(dev.view, sel, begin.get(), cand.max_n_cand, gscore.get(),

@@ -64,6 +64,8 @@ TEST(AttentionPolicyTest, RejectsWhatItCannotReadNamingIt) {
   EXPECT_THAT(AttentionPolicy::Parse("dense:eps=0.9").status().message(),
               HasSubstr("dense takes no options"));
   EXPECT_THAT(AttentionPolicy::Parse("psa(eps=0.9").status().message(), HasSubstr("missing"));
+  EXPECT_THAT(AttentionPolicy::Parse("topk:rank=exact").status().message(),
+              HasSubstr("rank must be estimate or bound, got \"exact\""));
   EXPECT_THAT(AttentionPolicy::Parse("psa:depth=3").status().message(),
               HasSubstr("unknown option \"depth\""));
   // Research variants cannot be named: never served.
@@ -93,10 +95,18 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   policies[7].sink_blocks = 2;
   policies[7].local_blocks = 0;
   policies[7].group_blocks = 8;
+  policies[7].rank = AttentionPolicy::Rank::kBound;
+  policies.push_back(policies[2]);
+  policies.back().rank = AttentionPolicy::Rank::kBound;
+  EXPECT_EQ(policies.back().ToString(), "topk(k=128,prefill=32,rank=bound)");
+  EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->rank, AttentionPolicy::Rank::kBound);
+  EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->rank,
+            AttentionPolicy::Rank::kEstimate);
   for (const AttentionPolicy& p : policies) {
     auto back = AttentionPolicy::Parse(p.ToString(), AttentionPolicy{});
     ASSERT_TRUE(back.ok()) << p.ToString() << ": " << back.status();
     EXPECT_EQ(back->ToString(), p.ToString());
+    EXPECT_EQ(back->rank, p.rank) << p.ToString();
     if (p.kind == Kind::kPsa) {
       EXPECT_TRUE(*back == p) << p.ToString();
     }

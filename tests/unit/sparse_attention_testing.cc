@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "compute_worker/attention/rank_scores.h"
 #include "compute_worker/model/ggml_types.h"
 
 namespace psa::testing {
@@ -111,11 +112,13 @@ std::vector<double> BlockMasses(const KvCache& kv, const std::vector<float>& q, 
   return mass;
 }
 
-std::vector<int> CandidatesByBound(const KvCache& kv, const std::vector<float>& q, float scale) {
+std::vector<int> CandidatesInOrder(const KvCache& kv, const std::vector<float>& q, float scale,
+                                   AttentionPolicy::Rank rank) {
   const int blocks = kv.full_blocks();
-  std::vector<float> ub(blocks - 2), gscore(blocks - 2);
+  std::vector<float> gscore(blocks - 2);
   const float* qs[] = {q.data()};
-  kv.KeyBounds(0, 0).Score(qs, 1, scale, 1, blocks - 1, ub.data(), blocks - 2, gscore.data());
+  RankScores(kv.KeyBounds(0, 0), rank, qs, 1, scale, 1, blocks - 2, nullptr, nullptr,
+             gscore.data());
   std::vector<int> order(blocks - 2);
   for (int c = 0; c < blocks - 2; ++c) order[c] = c + 1;
   std::stable_sort(order.begin(), order.end(),

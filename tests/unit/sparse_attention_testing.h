@@ -54,8 +54,9 @@ AttentionPolicy TopK(int k);
 std::vector<double> BlockMasses(const KvCache& kv, const std::vector<float>& q, float scale);
 
 // The candidate blocks (all but the first and the last of a cache of full
-// blocks) in the order of their bounds for a one-head query.
-std::vector<int> CandidatesByBound(const KvCache& kv, const std::vector<float>& q, float scale);
+// blocks) in the order `rank` takes them for a one-head query.
+std::vector<int> CandidatesInOrder(const KvCache& kv, const std::vector<float>& q, float scale,
+                                   AttentionPolicy::Rank rank = AttentionPolicy::Rank::kEstimate);
 
 }  // namespace psa::testing
 

@@ -69,6 +69,48 @@ __global__ void __launch_bounds__(32 * kWarpsPerCta)
   if (lane == 0 && gscore != nullptr) gscore[base + c] = best;
 }
 
+// Grid (n_head_kv, n_seq): the rank estimate's group scores of (s, h)'s
+// candidates from the heads' bounds and centre scores, as the CPU's
+// EstimateGroupScores computes them (expf and logf here: equal to within
+// rounding). One CTA per (s, h): each head's max and exp-sum over every
+// candidate are CTA reductions.
+constexpr int kRankThreads = 256;
+template <int G>
+__global__ void __launch_bounds__(kRankThreads)
+    RankEstimateKernel(PagedKv kv, int sink_blocks, int local_blocks, const int* cand_begin,
+                       const float* ub, const float* centre, float* gscore) {
+  __shared__ float max_scratch[kRankThreads / 32];
+  __shared__ double sum_scratch[kRankThreads / 32];
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int n_keys = kv.seq_len[s];
+  const PsaLayout lay =
+      PsaLayoutOf(n_keys, n_keys / kPageRows, kPageRows, sink_blocks, local_blocks);
+  const int n_cand = lay.n_cand();
+  if (n_cand <= 0) return;  // the whole CTA
+  const size_t base = static_cast<size_t>(cand_begin[s * kv.n_head_kv + h]);
+  float* out = gscore + base;
+  for (int c = threadIdx.x; c < n_cand; c += kRankThreads) out[c] = 0.0f;
+  for (int g = 0; g < G; ++g) {
+    const float* u = ub + base * G + static_cast<size_t>(g) * n_cand;
+    const float* x = centre + base * G + static_cast<size_t>(g) * n_cand;
+    float m = -INFINITY;
+    for (int c = threadIdx.x; c < n_cand; c += kRankThreads) m = fmaxf(m, PsaRankScore(x[c], u[c]));
+    m = CtaMax<kRankThreads / 32>(m, max_scratch);
+    if (!isfinite(m)) continue;  // the same for the whole CTA
+    double sum = 0;
+    for (int c = threadIdx.x; c < n_cand; c += kRankThreads) {
+      sum += expf(PsaRankScore(x[c], u[c]) - m);
+    }
+    const float inv = static_cast<float>(1.0 / CtaSum<kRankThreads / 32>(sum, sum_scratch));
+    for (int c = threadIdx.x; c < n_cand; c += kRankThreads) {
+      out[c] += expf(PsaRankScore(x[c], u[c]) - m) * inv;
+    }
+  }
+  for (int c = threadIdx.x; c < n_cand; c += kRankThreads) {
+    out[c] = out[c] > 0.0f ? logf(out[c]) : -INFINITY;
+  }
+}
+
 // Grid (ceil(max_blocks / kWarpsPerCta), n_head_kv, n_seq): warp w of CTA
 // x takes full block x * kWarpsPerCta + w of (s, h).
 template <int D>
@@ -108,13 +150,20 @@ cudaError_t RunBlockScores(const PagedKv& kv, int n_head, float scale, const Sel
       kv.kmin == nullptr || cand_begin == nullptr) {
     return cudaErrorInvalidValue;
   }
+  const bool estimate = !sel.rank_by_bound && gscore != nullptr;
+  if (estimate && (ub == nullptr || centre == nullptr)) return cudaErrorInvalidValue;
   if (max_n_cand <= 0 || kv.n_seq <= 0) return cudaSuccess;
   const dim3 grid((max_n_cand + kWarpsPerCta - 1) / kWarpsPerCta, kv.n_head_kv, kv.n_seq);
   const bool ok = WithShape(kv.head_dim, n_head / kv.n_head_kv, [&](auto shape) {
     using S = decltype(shape);
     auto* kernel = &BlockScoresKernel<S::kD, S::kG>;
     PSA_LAUNCH(kernel, grid, 32 * kWarpsPerCta, stream, kv, n_head, scale, sel.sink_blocks,
-               sel.local_blocks, q, cand_begin, ub, centre, gscore);
+               sel.local_blocks, q, cand_begin, ub, centre, estimate ? nullptr : gscore);
+    if (estimate) {
+      auto* rank = &RankEstimateKernel<S::kG>;
+      PSA_LAUNCH(rank, dim3(kv.n_head_kv, kv.n_seq), kRankThreads, stream, kv, sel.sink_blocks,
+                 sel.local_blocks, cand_begin, ub, centre, gscore);
+    }
   });
   if (!ok) return cudaErrorInvalidValue;
   return cudaGetLastError();

@@ -53,7 +53,7 @@ enum class DecodeMode { kDense, kTopK, kPsa };
 // The selection options of AttentionPolicy (common/attention_policy.h),
 // same meaning and defaults.
 struct Selection {
-  float epsilon = 0.9f;
+  float epsilon = 0.95f;
   int group_blocks = 4;
   int min_blocks = 24;
   bool certified = false;
@@ -61,6 +61,7 @@ struct Selection {
   int top_k = 64;
   int sink_blocks = 1;
   int local_blocks = 1;
+  bool rank_by_bound = false;  // AttentionPolicy::Rank::kBound
 };
 
 // Candidates of the ordered modes and of RunBlockScores. Candidate c of
@@ -115,7 +116,11 @@ cudaError_t RunDecode(const DecodePlan& plan, const PagedKv& kv, const float* q,
 // Block scores of every candidate: for head g of (s, h) and candidate c,
 // ub[(begin * group) + g * n_cand + c] = scale * sum_i max(q_i kmax_i,
 // q_i kmin_i) (PsaBoxBound) and centre[same] = PsaCentreScore;
-// gscore[begin + c] = the max over the group's ub. Any output may be null.
+// gscore[begin + c] = the rank score (compute_worker/attention/
+// rank_scores.h): with sel.rank_by_bound the max over the group's ub, else
+// the rank estimate (log of the sum of the heads' shares of their
+// PsaRankScore), which needs ub and centre (cudaErrorInvalidValue when
+// null). Other outputs may be null.
 // max_n_cand: the largest n_cand in the batch (the grid's size).
 cudaError_t RunBlockScores(const PagedKv& kv, int n_head, float scale, const Selection& sel,
                            const float* q, const int* cand_begin, int max_n_cand, float* ub,
