@@ -35,6 +35,8 @@ ABSL_FLAG(std::string, contexts, "8192,16384,32768,65536,131072", "Context lengt
 ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");
 ABSL_FLAG(double, hot_fraction, 0.03, "Fraction of blocks the query aligns with.");
 ABSL_FLAG(double, epsilon, 0.95, "PSA epsilon.");
+ABSL_FLAG(std::string, rank, "estimate",
+          "How top-k and PSA rank blocks: estimate (the default) or bound (Quest's).");
 ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
 ABSL_FLAG(int, threads, 1,
           "Threads: a decode step of this many sequences (copies of one cache), measured "
@@ -223,6 +225,13 @@ int main(int argc, char** argv) {
               "GB/s", "bw GB/s", "of bw", "pages GB/s", "topk ms", "vs dense", "KV frac", "psa ms",
               "vs dense", "KV frac", "overhead");
 
+  const absl::StatusOr<AttentionPolicy> ranked =
+      AttentionPolicy::Parse("psa:rank=" + absl::GetFlag(FLAGS_rank));
+  if (!ranked.ok()) {
+    std::fprintf(stderr, "--rank: %s\n", std::string(ranked.status().message()).c_str());
+    return 1;
+  }
+  const AttentionPolicy::Rank rank = ranked->rank;
   for (int ctx : contexts) {
     // The batch: the cache and threads - 1 copies of it (same content,
     // other memory: every thread reads its own sequence from memory).
@@ -236,12 +245,14 @@ int main(int argc, char** argv) {
     DenseAttention dense;
     AttentionPolicy pp;
     pp.kind = AttentionPolicy::Kind::kPsa;
+    pp.rank = rank;
     pp.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
     SparseAttention psa(pp);
     double psa_frac = 0;
     step(psa, &psa_frac);
     AttentionPolicy tp;
     tp.kind = AttentionPolicy::Kind::kTopK;
+    tp.rank = rank;
     tp.top_k = absl::GetFlag(FLAGS_top_k) > 0
                    ? absl::GetFlag(FLAGS_top_k)
                    : std::max(3, static_cast<int>(std::lround(psa_frac * ctx / kBlock)));

@@ -40,8 +40,9 @@ def main() -> int:
     def series(r):  # one curve per policy family: the swept parameter varies along it
         # Options as AttentionPolicy::ToString() names them (",min" is not ",min_blocks=").
         has = lambda option: re.search(option + r"[,)]", r["policy"]) is not None
-        # The research rankings (psa_accuracy --oracle, --normalized_rank) are their own curves.
-        suffix = ", oracle ranking" if has(",oracle") else ", normalized rank" if has(",norm") else ""
+        # Other rankings (rank=bound; psa_accuracy --oracle, --normalized_rank) are their own curves.
+        suffix = (", oracle ranking" if has(",oracle") else ", normalized rank" if has(",norm")
+                  else ", bound ranking" if has(",rank=bound") else "")
         if r["kind"] != "psa":
             return r["kind"] + suffix
         return ("psa, certified" if has(",certified") else
@@ -61,7 +62,8 @@ def main() -> int:
                             ("psa, calibrated bound", "d-"), ("psa, last-group mean", "x:"),
                             ("topk", "s--"), ("psa, oracle ranking", "o:"),
                             ("topk, oracle ranking", "s:"), ("psa, normalized rank", "P-."),
-                            ("topk, normalized rank", "X-.")):
+                            ("topk, normalized rank", "X-."), ("psa, bound ranking", "^-"),
+                            ("topk, bound ranking", "v--")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)

@@ -110,6 +110,20 @@ PSA_HD float PsaRankScore(float centre, float bound) {
   return centre + kPsaRankWidth * (bound - centre);
 }
 
+// The log of a rank estimate's summed shares (x >= 0), to within 0.06:
+// a positive float's bits read as an integer are a piecewise-linear log2,
+// exact at powers of two and, what the ranking needs, monotone. ~10x
+// cheaper than logf, and the same on the CPU and the GPU. x = 0 (or NaN)
+// gives -inf: ranked last.
+PSA_HD float PsaShareLog(float x) {
+  if (!(x > 0.0f)) return -INFINITY;
+  const union {
+    float f;
+    int i;
+  } bits = {x};
+  return static_cast<float>(bits.i - 0x3f800000) * (0.693147181f / 8388608.0f);
+}
+
 // ---- Online softmax ----
 // A head's state: running max m of its scores and exp-sum l in that scale
 // (double: AS_acc), accumulator acc = sum exp(s - m) * v.

@@ -22,7 +22,7 @@ void EstimateGroupScores(const float* ub, const float* centre, int group, int n,
     for (int c = 0; c < n; ++c) gscore[c] += r[c] * inv;
   }
   // The log keeps the scale of log-mass that resident_bias subtracts in.
-  for (int c = 0; c < n; ++c) gscore[c] = gscore[c] > 0 ? std::log(gscore[c]) : -INFINITY;
+  for (int c = 0; c < n; ++c) gscore[c] = PsaShareLog(gscore[c]);
 }
 
 void RankScores(const BlockBounds& bounds, AttentionPolicy::Rank rank, const float* const* qs,

@@ -41,13 +41,22 @@ TEST(RankScoresTest, TheEstimateIsTheLogOfTheHeadsSummedShares) {
     }
   }
   for (int c = 0; c < kN; ++c) {
-    ASSERT_NEAR(got[c], std::log(share[c]), 1e-4 * (1 + std::fabs(std::log(share[c]))))
-        << "candidate " << c;
+    const float want = PsaShareLog(static_cast<float>(share[c]));
+    ASSERT_NEAR(got[c], want, 1e-4 * (1 + std::fabs(want))) << "candidate " << c;
   }
-  // The shares of one group sum to the group's size.
-  double sum = 0;
-  for (float v : got) sum += std::exp(v);
-  EXPECT_NEAR(sum, kGroup, 1e-3);
+}
+
+TEST(RankScoresTest, TheShareLogIsAMonotoneLogWithin006) {
+  float prev = -INFINITY;
+  for (double x = 1e-30; x < 1e3; x *= 1.0007) {
+    const float got = PsaShareLog(static_cast<float>(x));
+    ASSERT_NEAR(got, std::log(static_cast<float>(x)), 0.06) << x;
+    ASSERT_GE(got, prev) << x;
+    prev = got;
+  }
+  EXPECT_EQ(PsaShareLog(1.0f), 0.0f);
+  EXPECT_EQ(PsaShareLog(0.0f), -INFINITY);
+  EXPECT_EQ(PsaShareLog(NAN), -INFINITY);
 }
 
 // A block whose keys stick out both ways, each in its own dimensions, has a

@@ -71,8 +71,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerCta)
 
 // Grid (n_head_kv, n_seq): the rank estimate's group scores of (s, h)'s
 // candidates from the heads' bounds and centre scores, as the CPU's
-// EstimateGroupScores computes them (expf and logf here: equal to within
-// rounding). One CTA per (s, h): each head's max and exp-sum over every
+// EstimateGroupScores computes them (expf here: equal to within rounding). One CTA per (s, h): each head's max and exp-sum over every
 // candidate are CTA reductions.
 constexpr int kRankThreads = 256;
 template <int G>
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(kRankThreads)
     }
   }
   for (int c = threadIdx.x; c < n_cand; c += kRankThreads) {
-    out[c] = out[c] > 0.0f ? logf(out[c]) : -INFINITY;
+    out[c] = PsaShareLog(out[c]);
   }
 }
 
