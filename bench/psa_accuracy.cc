@@ -243,7 +243,8 @@ int main(int argc, char** argv) {
     if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, false)});
     if (absl::GetFlag(FLAGS_normalized_rank)) policies.push_back({p, normalized()});
   }
-  // Every served policy again with each further ranking asked for.
+  // Every policy in each ranking asked for (those a research ranking
+  // overrides once).
   std::vector<AttentionPolicy::Rank> ranks;
   for (const std::string& r : SplitList(absl::GetFlag(FLAGS_ranks))) {
     absl::StatusOr<AttentionPolicy> p = AttentionPolicy::Parse("topk:rank=" + r);
@@ -258,6 +259,7 @@ int main(int argc, char** argv) {
         AttentionPolicy q = p;
         q.rank = rank;
         all.push_back({q, research});
+        if (research.oracle_rank || research.normalized_rank) break;
       }
     }
     policies = std::move(all);
@@ -269,6 +271,14 @@ int main(int argc, char** argv) {
         std::make_unique<SparseAttention>(p, research)));
   }
 
+  // --dump_dir: one file of queries for the run, one of keys per context.
+  const std::string dump = absl::GetFlag(FLAGS_dump_dir);
+  if (!dump.empty()) {
+    if (windows > 1) Die("--dump_dir takes one window (the keys file is per context)");
+    std::FILE* f = std::fopen((dump + "/queries.bin").c_str(), "wb");
+    if (f == nullptr) Die("cannot write to --dump_dir " + dump);
+    std::fclose(f);
+  }
   const std::vector<TokenId> essay = tok.Encode(Haystack(), false, false);
   std::vector<PolicyResult> results;
   using Clock = std::chrono::steady_clock;
@@ -306,10 +316,9 @@ int main(int argc, char** argv) {
       {
         KvCache kv = base;
         std::vector<float> lg = logits;
-        const std::string dump = absl::GetFlag(FLAGS_dump_dir);
         std::FILE* qf = nullptr;
         if (!dump.empty()) {
-          qf = std::fopen((dump + "/queries.bin").c_str(), w == 0 ? "wb" : "ab");
+          qf = std::fopen((dump + "/queries.bin").c_str(), "ab");
           if (qf == nullptr) Die("cannot write to --dump_dir " + dump);
         }
         QueryRecorder recorder(qf, C);
