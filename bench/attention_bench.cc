@@ -35,8 +35,9 @@ ABSL_FLAG(std::string, contexts, "8192,16384,32768,65536,131072", "Context lengt
 ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");
 ABSL_FLAG(double, hot_fraction, 0.03, "Fraction of blocks the query aligns with.");
 ABSL_FLAG(double, epsilon, 0.95, "PSA epsilon.");
-ABSL_FLAG(std::string, rank, "estimate",
-          "How top-k and PSA rank blocks: estimate (the default) or bound (Quest's).");
+ABSL_FLAG(std::string, rank, "",
+          "How top-k and PSA rank blocks: estimate or bound (Quest's); empty: each kind's "
+          "default (top-k the estimate, PSA the bound).");
 ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
 ABSL_FLAG(int, threads, 1,
           "Threads: a decode step of this many sequences (copies of one cache), measured "
@@ -225,8 +226,9 @@ int main(int argc, char** argv) {
               "GB/s", "bw GB/s", "of bw", "pages GB/s", "topk ms", "vs dense", "KV frac", "psa ms",
               "vs dense", "KV frac", "overhead");
 
+  const std::string rank_flag = absl::GetFlag(FLAGS_rank);
   const absl::StatusOr<AttentionPolicy> ranked =
-      AttentionPolicy::Parse("psa:rank=" + absl::GetFlag(FLAGS_rank));
+      rank_flag.empty() ? AttentionPolicy{} : AttentionPolicy::Parse("psa:rank=" + rank_flag);
   if (!ranked.ok()) {
     std::fprintf(stderr, "--rank: %s\n", std::string(ranked.status().message()).c_str());
     return 1;

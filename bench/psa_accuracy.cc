@@ -65,9 +65,9 @@ ABSL_FLAG(bool, oracle, false,
 ABSL_FLAG(bool, normalized_rank, false,
           "Also sweep PSA and top-k ranking blocks by each head's own share of its bounds "
           "(ResearchSelection::normalized_rank, ',norm').");
-ABSL_FLAG(std::string, ranks, "estimate",
+ABSL_FLAG(std::string, ranks, "",
           "Rankings to sweep every PSA and top-k policy with (AttentionPolicy::rank): "
-          "estimate (the default), bound (Quest's), or both: estimate,bound.");
+          "estimate, bound (Quest's), or both: estimate,bound; empty: each kind's default.");
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
@@ -246,6 +246,7 @@ int main(int argc, char** argv) {
   // Every policy in each ranking asked for (those a research ranking
   // overrides once).
   std::vector<AttentionPolicy::Rank> ranks;
+  if (absl::GetFlag(FLAGS_ranks).empty()) ranks.push_back(AttentionPolicy::Rank::kKindDefault);
   for (const std::string& r : SplitList(absl::GetFlag(FLAGS_ranks))) {
     absl::StatusOr<AttentionPolicy> p = AttentionPolicy::Parse("topk:rank=" + r);
     if (!p.ok()) Die("--ranks: " + std::string(p.status().message()));

@@ -43,7 +43,7 @@ ABSL_FLAG(std::string, policies, "dense,topk,psa",
 ABSL_FLAG(int, tokens, 16, "Tokens generated per sequence");
 ABSL_FLAG(double, pool_fraction, 0.25, "Block pool size as a fraction of all sequences' KV");
 ABSL_FLAG(int, top_k, 64, "topk budget in blocks (bench/README.md's 16-token serving table uses 64)");
-ABSL_FLAG(double, epsilon, 0.95, "psa epsilon (the served default)");
+ABSL_FLAG(double, epsilon, 0.9, "psa epsilon (the served default)");
 ABSL_FLAG(int, threads, 2, "Worker compute threads");
 ABSL_FLAG(double, resident_bias, -1,
           "The workers' --psa_resident_bias (negative: their default)");

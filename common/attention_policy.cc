@@ -11,11 +11,15 @@
 namespace psa {
 namespace {
 
-// ",rank=bound" unless the default ranking, then ",sink=N,local=N" where
-// they differ from the defaults.
+// ",rank=X" where the ranking is not the kind's default, then
+// ",sink=N,local=N" where they differ from the defaults.
 std::string ForcedBlocks(const AttentionPolicy& p) {
-  const AttentionPolicy d;
-  return absl::StrCat(p.rank == AttentionPolicy::Rank::kBound ? ",rank=bound" : "",
+  AttentionPolicy d;
+  d.kind = p.kind;
+  const AttentionPolicy::Rank r = p.ranking();
+  return absl::StrCat(r == d.ranking() ? ""
+                      : r == AttentionPolicy::Rank::kBound ? ",rank=bound"
+                                                           : ",rank=estimate",
                       p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
                       p.local_blocks != d.local_blocks ? absl::StrCat(",local=", p.local_blocks)
                                                        : "");
@@ -220,7 +224,7 @@ bool AttentionPolicy::operator==(const AttentionPolicy& o) const {
   return kind == o.kind && epsilon == o.epsilon && group_blocks == o.group_blocks &&
          certified == o.certified && min_blocks == o.min_blocks &&
          share_reads == o.share_reads && resident_bias == o.resident_bias &&
-         top_k == o.top_k && rank == o.rank &&
+         top_k == o.top_k && ranking() == o.ranking() &&
          sparse_prefill_rows == o.sparse_prefill_rows && sink_blocks == o.sink_blocks &&
          local_blocks == o.local_blocks;
 }

@@ -20,7 +20,7 @@ struct AttentionPolicy {
   Kind kind = Kind::kPsa;
   // Defaults lean to quality (docs/attention.md, "Defaults"): on the default
   // model at 8K they read ~20% of the KV with KL 0.013-0.016 against dense.
-  float epsilon = 0.95f;   // psa: target captured attention mass
+  float epsilon = 0.9f;    // psa: target captured attention mass
   int group_blocks = 4;    // psa: blocks per progressive iteration (G)
   bool certified = false;  // psa: stop on the guaranteed bound
   // psa, uncertified: the unseen blocks' mass is estimated from their
@@ -44,15 +44,21 @@ struct AttentionPolicy {
   float resident_bias = 0.0f;
   int top_k = 64;          // topk: blocks attended per step
   // The order top-k and psa take candidate blocks in (docs/attention.md,
-  // "Ranking"). kEstimate (the default): each head's estimate of a block's
-  // attention mass, from its key box's centre and 0.4 of its width, as
-  // that head's share of its candidates' estimated mass, summed over the
-  // GQA group. kBound ("rank=bound"): the group's largest box upper bound,
-  // Quest's ranking; a few outlying keys widen a box and rank its block
-  // high whatever the rest hold (measured: top-k needs ~1.3x the blocks for
-  // the same KL).
-  enum class Rank { kEstimate, kBound };
-  Rank rank = Rank::kEstimate;
+  // "Ranking"). kEstimate: each head's estimate of a block's attention
+  // mass, from its key box's centre and 0.4 of its width, as that head's
+  // share of its candidates' estimated mass, summed over the GQA group.
+  // kBound: the group's largest box upper bound, Quest's ranking; a few
+  // outlying keys widen a box and rank its block high whatever the rest
+  // hold. kKindDefault: top-k's estimate (it needs 1.1-1.7x fewer blocks for
+  // the same KL), psa's bound (with the estimate PSA's stop reads less at
+  // each epsilon, a better curve at 8K, a worse one at 16K: measured on the
+  // 0.5B, 1.1-1.3x more blocks at equal KL). ranking() says which applies.
+  enum class Rank { kKindDefault, kEstimate, kBound };
+  Rank rank = Rank::kKindDefault;
+  Rank ranking() const {
+    if (rank != Rank::kKindDefault) return rank;
+    return kind == Kind::kTopK ? Rank::kEstimate : Rank::kBound;
+  }
   // Prefill rows of a sequence, at most this many in a pass, select as
   // decode steps do instead of reading every block: the question after a
   // stored document then reads (and, through a pool, fetches) what decode
@@ -79,7 +85,8 @@ struct AttentionPolicy {
   //   KIND(OPT,OPT...)       exactly the policy ToString() printed: options
   //                          not named take their "none" value, not base's
   // OPT: eps=X  G=N  min_blocks=N  k=N  rb=X (resident_bias)  prefill=N
-  //      sink=N  local=N  rank=estimate|bound  certified  solo
+  //      sink=N  local=N  rank=estimate|bound (printed where not the
+  //      kind's default)  certified  solo
   // A bare number after "psa:" is eps, after "topk:" k. Does not Validate()
   // (callers that send the policy elsewhere may leave fields unset).
   static absl::StatusOr<AttentionPolicy> Parse(absl::string_view spec,

@@ -174,6 +174,7 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
     const Batch b = gpu_testing::MakeBatch(shape, kLengths, 4);
     const DeviceBatch dev = gpu_testing::Upload(b);
     AttentionPolicy p;
+    p.rank = AttentionPolicy::Rank::kEstimate;
     const HostCandidates cand = CpuSelection(b, p);  // for begin and max_n_cand
     const int d = shape.head_dim, group = shape.group;
     const size_t total = cand.order.size();

@@ -95,18 +95,27 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   policies[7].sink_blocks = 2;
   policies[7].local_blocks = 0;
   policies[7].group_blocks = 8;
-  policies[7].rank = AttentionPolicy::Rank::kBound;
+  policies[7].rank = AttentionPolicy::Rank::kEstimate;
   policies.push_back(policies[2]);
   policies.back().rank = AttentionPolicy::Rank::kBound;
+  // Each kind's own ranking by default, printed only where another is set.
+  using Rank = AttentionPolicy::Rank;
+  EXPECT_EQ(policies[2].ranking(), Rank::kEstimate);
+  EXPECT_EQ(policies[0].ranking(), Rank::kBound);
   EXPECT_EQ(policies.back().ToString(), "topk(k=128,prefill=32,rank=bound)");
-  EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->rank, AttentionPolicy::Rank::kBound);
-  EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->rank,
-            AttentionPolicy::Rank::kEstimate);
+  EXPECT_EQ(policies[7].ToString(), "psa(eps=0.9,G=8,min_blocks=24,rank=estimate,sink=2,local=0)");
+  AttentionPolicy explicit_default;
+  explicit_default.rank = Rank::kBound;
+  EXPECT_EQ(explicit_default.ToString(), AttentionPolicy{}.ToString());
+  EXPECT_TRUE(explicit_default == AttentionPolicy{});
+  EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->ranking(), Rank::kBound);
+  EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->ranking(),
+            Rank::kEstimate);
   for (const AttentionPolicy& p : policies) {
     auto back = AttentionPolicy::Parse(p.ToString(), AttentionPolicy{});
     ASSERT_TRUE(back.ok()) << p.ToString() << ": " << back.status();
     EXPECT_EQ(back->ToString(), p.ToString());
-    EXPECT_EQ(back->rank, p.rank) << p.ToString();
+    EXPECT_EQ(back->ranking(), p.ranking()) << p.ToString();
     if (p.kind == Kind::kPsa) {
       EXPECT_TRUE(*back == p) << p.ToString();
     }

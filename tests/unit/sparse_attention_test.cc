@@ -205,7 +205,7 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   double forced = mass[0] + mass[blocks - 1];
   std::vector<double> rest(mass.begin() + 1, mass.end() - 1);
   std::sort(rest.rbegin(), rest.rend());
-  const std::vector<int> in_order = CandidatesInOrder(kv, q, 0.125f);
+  const std::vector<int> in_order = CandidatesInOrder(kv, q, 0.125f, Psa(0.5f).ranking());
   for (float eps : {0.5f, 0.8f, 0.95f}) {
     AttentionPolicy p = Psa(eps);
     ResearchSelection r;
@@ -245,7 +245,7 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   g.group_blocks = 0;
   EXPECT_FALSE(g.Validate().ok());
   EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
-  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.95,G=4,min_blocks=24)");
+  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.9,G=4,min_blocks=24)");
   AttentionPolicy m = Psa(0.9f);
   ResearchSelection r;
   r.tail = ResearchSelection::Tail::kMinSeen;

@@ -56,7 +56,7 @@ std::vector<double> BlockMasses(const KvCache& kv, const std::vector<float>& q, 
 // The candidate blocks (all but the first and the last of a cache of full
 // blocks) in the order `rank` takes them for a one-head query.
 std::vector<int> CandidatesInOrder(const KvCache& kv, const std::vector<float>& q, float scale,
-                                   AttentionPolicy::Rank rank = AttentionPolicy::Rank::kEstimate);
+                                   AttentionPolicy::Rank rank);
 
 }  // namespace psa::testing
 

@@ -53,7 +53,7 @@ enum class DecodeMode { kDense, kTopK, kPsa };
 // The selection options of AttentionPolicy (common/attention_policy.h),
 // same meaning and defaults.
 struct Selection {
-  float epsilon = 0.95f;
+  float epsilon = 0.9f;
   int group_blocks = 4;
   int min_blocks = 24;
   bool certified = false;
@@ -61,7 +61,7 @@ struct Selection {
   int top_k = 64;
   int sink_blocks = 1;
   int local_blocks = 1;
-  bool rank_by_bound = false;  // AttentionPolicy::Rank::kBound
+  bool rank_by_bound = true;  // AttentionPolicy::ranking(): psa's default; top-k's is false
 };
 
 // Candidates of the ordered modes and of RunBlockScores. Candidate c of
