@@ -1,9 +1,9 @@
 // The score sparse attention ranks a GQA group's candidate blocks by
 // (AttentionPolicy::rank), from the blocks' 8-bit key boxes (BlockBounds):
-//  - kBound (Quest's): the group's largest box upper bound. One outlying key
+//  - kBound (Quest's; psa's default): the group's largest box upper bound. One outlying key
 //    widens a box in its dimensions, and the bound then ranks the block as if
 //    every key sat at the box's far corner.
-//  - kEstimate (the default): head g's estimate of block c's log-mass,
+//  - kEstimate (top-k's default): head g's estimate of block c's log-mass,
 //    r_gc = PsaRankScore(centre, bound) (the centre score plus 0.4 of the
 //    width term), made head g's share of its candidates' estimated mass,
 //    exp(r_gc) / sum_c' exp(r_gc'); the group's score of c is the log of
