@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "api/resume_auth.h"
 #include "compute_worker/model/llama_model.h"
 #include "compute_worker/model/tokenizer.h"
@@ -190,6 +191,12 @@ TEST(PromptQueueTest, SmallPromptsPassALargeBacklog) {
     }).ok());
   }
   // One thread holds a large prompt; the other stays free for small ones.
+  // (Wait for the large one to start: else the small one may run first and
+  // the count below is read before any large prompt began.)
+  for (int i = 0; i < 1000 && large_started.load() == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(large_started.load(), 1);
   absl::Notification small_ran;
   ASSERT_TRUE(queue.Post(100, [&] { small_ran.Notify(); }).ok());
   EXPECT_TRUE(small_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
