@@ -227,13 +227,14 @@ int main(int argc, char** argv) {
               "vs dense", "KV frac", "overhead");
 
   const std::string rank_flag = absl::GetFlag(FLAGS_rank);
-  const absl::StatusOr<AttentionPolicy> ranked =
-      rank_flag.empty() ? AttentionPolicy{} : AttentionPolicy::Parse("psa:rank=" + rank_flag);
+  const absl::StatusOr<AttentionPolicy::Rank> ranked =
+      rank_flag.empty() ? AttentionPolicy::Rank::kKindDefault
+                        : AttentionPolicy::ParseRank(rank_flag);
   if (!ranked.ok()) {
     std::fprintf(stderr, "--rank: %s\n", std::string(ranked.status().message()).c_str());
     return 1;
   }
-  const AttentionPolicy::Rank rank = ranked->rank;
+  const AttentionPolicy::Rank rank = *ranked;
   for (int ctx : contexts) {
     // The batch: the cache and threads - 1 copies of it (same content,
     // other memory: every thread reads its own sequence from memory).

@@ -257,9 +257,9 @@ int main(int argc, char** argv) {
   std::vector<AttentionPolicy::Rank> ranks;
   if (absl::GetFlag(FLAGS_ranks).empty()) ranks.push_back(AttentionPolicy::Rank::kKindDefault);
   for (const std::string& r : SplitList(absl::GetFlag(FLAGS_ranks))) {
-    absl::StatusOr<AttentionPolicy> p = AttentionPolicy::Parse("topk:rank=" + r);
-    if (!p.ok()) Die("--ranks: " + std::string(p.status().message()));
-    ranks.push_back(p->rank);
+    absl::StatusOr<AttentionPolicy::Rank> rank = AttentionPolicy::ParseRank(r);
+    if (!rank.ok()) Die("--ranks: " + std::string(rank.status().message()));
+    ranks.push_back(*rank);
   }
   if (ranks.empty()) Die("--ranks needs at least one ranking");
   {

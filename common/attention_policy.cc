@@ -14,10 +14,9 @@ namespace {
 // ",rank=X" where the ranking is not the kind's default, then
 // ",sink=N,local=N" where they differ from the defaults.
 std::string ForcedBlocks(const AttentionPolicy& p) {
-  AttentionPolicy d;
-  d.kind = p.kind;
+  const AttentionPolicy d;
   const AttentionPolicy::Rank r = p.ranking();
-  return absl::StrCat(r == d.ranking() ? ""
+  return absl::StrCat(r == AttentionPolicy::DefaultRank(p.kind) ? ""
                       : r == AttentionPolicy::Rank::kBound ? ",rank=bound"
                                                            : ",rank=estimate",
                       p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
@@ -135,9 +134,9 @@ absl::Status ApplyOption(absl::string_view spec, absl::string_view opt, Attentio
   }
   const absl::string_view name = opt.substr(0, eq), value = opt.substr(eq + 1);
   if (name == "rank") {
-    if (value == "estimate") p->rank = AttentionPolicy::Rank::kEstimate;
-    else if (value == "bound") p->rank = AttentionPolicy::Rank::kBound;
-    else return Bad(spec, absl::StrCat("rank must be estimate or bound, got \"", value, "\""));
+    absl::StatusOr<AttentionPolicy::Rank> rank = AttentionPolicy::ParseRank(value);
+    if (!rank.ok()) return Bad(spec, rank.status().message());
+    p->rank = *rank;
     return absl::OkStatus();
   }
   bool ok;
@@ -218,6 +217,13 @@ absl::StatusOr<std::vector<AttentionPolicy>> AttentionPolicy::ParseList(
   if (out.empty()) return Bad(specs, "no policy given");
   if (texts != nullptr) *texts = std::move(groups);
   return out;
+}
+
+absl::StatusOr<AttentionPolicy::Rank> AttentionPolicy::ParseRank(absl::string_view name) {
+  if (name == "estimate") return Rank::kEstimate;
+  if (name == "bound") return Rank::kBound;
+  return absl::InvalidArgumentError(
+      absl::StrCat("rank must be estimate or bound, got \"", name, "\""));
 }
 
 bool AttentionPolicy::operator==(const AttentionPolicy& o) const {

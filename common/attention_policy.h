@@ -55,10 +55,10 @@ struct AttentionPolicy {
   // 0.5B, 1.1-1.3x more blocks at equal KL). ranking() says which applies.
   enum class Rank { kKindDefault, kEstimate, kBound };
   Rank rank = Rank::kKindDefault;
-  Rank ranking() const {
-    if (rank != Rank::kKindDefault) return rank;
-    return kind == Kind::kTopK ? Rank::kEstimate : Rank::kBound;
-  }
+  static Rank DefaultRank(Kind k) { return k == Kind::kTopK ? Rank::kEstimate : Rank::kBound; }
+  Rank ranking() const { return rank != Rank::kKindDefault ? rank : DefaultRank(kind); }
+  // "estimate" or "bound"; INVALID_ARGUMENT naming the value otherwise.
+  static absl::StatusOr<Rank> ParseRank(absl::string_view name);
   // Prefill rows of a sequence, at most this many in a pass, select as
   // decode steps do instead of reading every block: the question after a
   // stored document then reads (and, through a pool, fetches) what decode
