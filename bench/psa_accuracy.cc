@@ -88,10 +88,9 @@ ABSL_FLAG(std::string, split, "all",
 ABSL_FLAG(int, needle_depths, 5, "Needle depths per context (0%..100%); 0 skips the probe.");
 ABSL_FLAG(int, threads, 0, "CPU threads (0: all).");
 ABSL_FLAG(bool, fast_prefill, false,
-          "Prefill with the AVX-512 tile GEMM and the tiled prefill attention (off in serving: "
-          "their rounding depends on the batch). Every policy starts from the same prefilled "
-          "cache and decodes one row at a time, so the comparison stays like for like; the "
-          "prefills take about half the time.");
+          "Prefill with the tiled prefill attention (off in serving: its rounding differs "
+          "from the paged attention's). Every policy starts from the same prefilled cache and "
+          "decodes one row at a time, so the comparison stays like for like.");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
 ABSL_FLAG(std::string, layers_csv, "", "Write PSA's per-layer KV fraction to this CSV file.");
 ABSL_FLAG(std::string, dump_dir, "",
@@ -166,7 +165,6 @@ int main(int argc, char** argv) {
       "  psa_accuracy --model M.gguf [--contexts 2048,4096,8192] [--csv out.csv]");
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) Die("--model is required");
-  SetTileGemmEnabled(absl::GetFlag(FLAGS_fast_prefill));
   SetTiledPrefillAttentionEnabled(absl::GetFlag(FLAGS_fast_prefill));
   auto model_or = LlamaModel::Load(path);
   if (!model_or.ok()) Die(std::string(model_or.status().message()));

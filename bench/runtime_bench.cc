@@ -41,8 +41,11 @@ ABSL_FLAG(int, reps, 3,
           "--decode_tokens steps continuing the same sequences.");
 ABSL_FLAG(bool, json, false, "Print one JSON object instead of a table.");
 ABSL_FLAG(bool, fast_prefill, false,
-          "Prefill with the AVX-512 tile GEMM and the tiled prefill attention, both off in "
-          "serving (outputs would depend on batch composition; see matmul.h).");
+          "Prefill with the tiled prefill attention, off in serving (its rounding differs "
+          "from the paged attention's; see prefill_attention.h).");
+ABSL_FLAG(bool, tile_gemm, true,
+          "Batches of 16+ rows through the AVX-512 tile GEMM, as served (kquant_gemm.h); "
+          "--notile_gemm measures the per-row kernels alone.");
 ABSL_FLAG(bool, step_times, false,
           "Print every timed decode step's milliseconds to stderr (one line per "
           "configuration and repetition), e.g. to see one-off costs of the first steps.");
@@ -107,7 +110,7 @@ int main(int argc, char** argv) {
   const std::vector<int> contexts = ParseList(absl::GetFlag(FLAGS_contexts));
   const std::vector<int> batches = ParseList(absl::GetFlag(FLAGS_batches));
   const int n_decode = absl::GetFlag(FLAGS_decode_tokens);
-  psa::SetTileGemmEnabled(absl::GetFlag(FLAGS_fast_prefill));
+  psa::SetTileGemmEnabled(absl::GetFlag(FLAGS_tile_gemm));
   psa::SetTiledPrefillAttentionEnabled(absl::GetFlag(FLAGS_fast_prefill));
   const bool json = absl::GetFlag(FLAGS_json);
   const bool step_times = absl::GetFlag(FLAGS_step_times);

@@ -53,23 +53,31 @@ template <int N>
 void AvxQ5_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
   const auto* w = reinterpret_cast<const BlockQ5_0*>(w_row);
   const BlockQ8_0* x[N];
-  __m256 acc[N];
-  for (int t = 0; t < N; ++t) {
-    x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
-    acc[t] = _mm256_setzero_ps();
-  }
+  for (int t = 0; t < N; ++t) x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+  // code - 16 is the nibble where the fifth bit is set and nibble - 16,
+  // i.e. nibble | 0xF0 as a signed byte, where it is clear.
   const __m256i top = _mm256_set1_epi8(static_cast<char>(0xF0));
+  auto codes = [&](int b) {
+    return _mm256_or_si256(UnpackNibbles(w[b].qs),
+                           _mm256_andnot_si256(BitsToBytes(LoadQh(w[b].qh)), top));
+  };
+#if defined(PSA_TILE_GEMM)  // the tile GEMM's arithmetic (kquant_gemm.h)
+  simd::TileBlockRow<N, false>(
+      nb, codes, [&](__m256i q, int t, int b) { return DotS8S8(q, Load256(x[t][b].qs)); },
+      [&](int b) { return Fp16ToFp32(w[b].d); },
+      [&](int t, int b) { return Fp16ToFp32(x[t][b].d); }, out);
+#else
+  __m256 acc[N];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
   for (int b = 0; b < nb; ++b) {
-    // code - 16 is the nibble where the fifth bit is set and nibble - 16,
-    // i.e. nibble | 0xF0 as a signed byte, where it is clear.
-    const __m256i q = _mm256_or_si256(UnpackNibbles(w[b].qs),
-                                      _mm256_andnot_si256(BitsToBytes(LoadQh(w[b].qh)), top));
+    const __m256i q = codes(b);
     for (int t = 0; t < N; ++t) {
       const __m256 p = _mm256_cvtepi32_ps(DotS8S8(q, Load256(x[t][b].qs)));
       acc[t] = _mm256_fmadd_ps(Fp16Pair(w[b].d, x[t][b].d), p, acc[t]);
     }
   }
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+#endif
 }
 
 template <int N>
@@ -104,11 +112,13 @@ template <int N, bool kFifthBit, typename Block>
 void AvxAffineK(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
   const auto* w = reinterpret_cast<const Block*>(w_row);
   const BlockQ8_K* x[N];
+#if defined(PSA_TILE_GEMM)
+  simd::TileSuperBlockSums<N> tile;  // the tile GEMM's arithmetic (kquant_gemm.h)
+#else
   __m256 acc[N];
-  for (int t = 0; t < N; ++t) {
-    x[t] = reinterpret_cast<const BlockQ8_K*>(x_rows[t]);
-    acc[t] = _mm256_setzero_ps();
-  }
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+#endif
+  for (int t = 0; t < N; ++t) x[t] = reinterpret_cast<const BlockQ8_K*>(x_rows[t]);
   const __m256i low4 = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
   // Bytes 8,8,9,9,...,15,15: each sub-block's minimum for its two bsums.
   const __m128i pairs = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
@@ -142,6 +152,16 @@ void AvxAffineK(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, floa
       }
     }
     const float d = Fp16ToFp32(w[b].d), dmin = Fp16ToFp32(w[b].dmin);
+#if defined(PSA_TILE_GEMM)
+    __m256i total[N], imin[N];
+    float dx[N];
+    for (int t = 0; t < N; ++t) {
+      imin[t] = _mm256_madd_epi16(Load256(x[t][b].bsums), mins16);
+      total[t] = _mm256_add_epi32(isum[t], isum_odd[t]);
+      dx[t] = x[t][b].d;
+    }
+    tile.Add(total, imin, d, dmin, dx);
+#else
     for (int t = 0; t < N; ++t) {
       const __m256i imin = _mm256_madd_epi16(Load256(x[t][b].bsums), mins16);
       const float dx = x[t][b].d;
@@ -149,8 +169,13 @@ void AvxAffineK(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, floa
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(total), acc[t]);
       acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(imin), acc[t]);
     }
+#endif
   }
+#if defined(PSA_TILE_GEMM)
+  tile.Finish(out);
+#else
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+#endif
 }
 
 // Q6_K: codes are used as unsigned 0..63 and the offset 32 comes back as
@@ -159,11 +184,13 @@ template <int N>
 void AvxQ6_K(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
   const auto* w = reinterpret_cast<const BlockQ6_K*>(w_row);
   const BlockQ8_K* x[N];
+#if defined(PSA_TILE_GEMM)
+  simd::TileSuperBlockSums<N> tile;  // the tile GEMM's arithmetic (kquant_gemm.h)
+#else
   __m256 acc[N];
-  for (int t = 0; t < N; ++t) {
-    x[t] = reinterpret_cast<const BlockQ8_K*>(x_rows[t]);
-    acc[t] = _mm256_setzero_ps();
-  }
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+#endif
+  for (int t = 0; t < N; ++t) x[t] = reinterpret_cast<const BlockQ8_K*>(x_rows[t]);
   const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
   for (int b = 0; b < nb; ++b) {
     const int8_t* sc = w[b].scales;
@@ -201,14 +228,30 @@ void AvxQ6_K(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* 
       }
     }
     const float d = Fp16ToFp32(w[b].d);
+#if defined(PSA_TILE_GEMM)
+    // The tile keeps the codes unsigned: d * sum - 32 d * offset.
+    __m256i unsigned_sum[N], offset[N];
+    float dx[N];
+    for (int t = 0; t < N; ++t) {
+      offset[t] = _mm256_madd_epi16(Load256(x[t][b].bsums), sc16);
+      unsigned_sum[t] = _mm256_add_epi32(isum[t], isum_odd[t]);
+      dx[t] = x[t][b].d;
+    }
+    tile.Add(unsigned_sum, offset, d, 32 * d, dx);
+#else
     for (int t = 0; t < N; ++t) {
       const __m256i offset = _mm256_madd_epi16(Load256(x[t][b].bsums), sc16);
       const __m256i total = _mm256_sub_epi32(_mm256_add_epi32(isum[t], isum_odd[t]),
                                              _mm256_slli_epi32(offset, 5));
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t][b].d), _mm256_cvtepi32_ps(total), acc[t]);
     }
+#endif
   }
+#if defined(PSA_TILE_GEMM)
+  tile.Finish(out);
+#else
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+#endif
 }
 
 #else

@@ -16,9 +16,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VNNI__)
-#define PSA_TILE_GEMM 1
+#if defined(PSA_TILE_GEMM)
 #include <immintrin.h>
 #endif
 
@@ -219,11 +217,15 @@ void UnpackQ8Family(const uint8_t* w, size_t row_bytes, int b0, int nblk, TileWe
 }
 
 // xs: the code sums (kOffset > 0) or, for Q8_1 activations, the float sums.
+// Block b goes into partial sum b % 4 (b0 is a multiple of 8), as the row
+// kernels do it (quant_simd.h, TileBlockSums).
 template <int TT, int kOffset, typename XBlock, typename Sum>
 inline void TokensQ8(const TileWeights& tw, int nblk, const XBlock* const* x,
-                     const float* const* xd, const Sum* const* xs, float (*acc)[kTileRows]) {
-  __m512 a[TT];
-  for (int t = 0; t < TT; ++t) a[t] = _mm512_load_ps(acc[t]);
+                     const float* const* xd, const Sum* const* xs, float (*acc)[4][kTileRows]) {
+  __m512 a[TT][4];
+  for (int t = 0; t < TT; ++t) {
+    for (int j = 0; j < 4; ++j) a[t][j] = _mm512_load_ps(acc[t][j]);
+  }
   for (int i = 0; i < nblk; ++i) {
     __m512i s[TT];
     for (int t = 0; t < TT; ++t) {
@@ -240,16 +242,19 @@ inline void TokensQ8(const TileWeights& tw, int nblk, const XBlock* const* x,
       }
     }
     const __m512 dw = _mm512_load_ps(tw.dblk[i]);
+    const int j = i % 4;
     for (int t = 0; t < TT; ++t) {
-      a[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][i])),
-                             a[t]);
+      a[t][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]),
+                                _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][i])), a[t][j]);
     }
     if constexpr (kOffset == 0) {
       const __m512 mw = _mm512_load_ps(tw.mblk[i]);
-      for (int t = 0; t < TT; ++t) a[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t][i]), a[t]);
+      for (int t = 0; t < TT; ++t) a[t][j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t][i]), a[t][j]);
     }
   }
-  for (int t = 0; t < TT; ++t) _mm512_store_ps(acc[t], a[t]);
+  for (int t = 0; t < TT; ++t) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(acc[t][j], a[t][j]);
+  }
 }
 
 template <GgmlType kType, int kOffset, typename XBlock = BlockQ8_0>
@@ -257,7 +262,7 @@ void GemmQ8Family(const uint8_t* w, size_t w_row_bytes, const uint8_t* x, size_t
                   int n, int64_t cols, const TileActivations& side, float* y, int64_t ldy) {
   const int nb = static_cast<int>(cols / kQK);
   TileWeights tw;
-  alignas(64) float acc[kTokenBlock][kTileRows];
+  alignas(64) float acc[kTokenBlock][4][kTileRows];  // partial sums by block % 4
   auto blocks = [&](int t) { return reinterpret_cast<const XBlock*>(x + t * x_row_bytes); };
   using Sum = std::conditional_t<kOffset == 0, float, int32_t>;
   const Sum* sums;
@@ -293,7 +298,11 @@ void GemmQ8Family(const uint8_t* w, size_t w_row_bytes, const uint8_t* x, size_t
         TokensQ8<1, kOffset>(tw, nblk, xb, xd, xs, acc + t);
       }
     }
-    for (int t = 0; t < tb; ++t) _mm512_storeu_ps(y + (t0 + t) * ldy, _mm512_load_ps(acc[t]));
+    for (int t = 0; t < tb; ++t) {
+      const __m512 p01 = _mm512_add_ps(_mm512_load_ps(acc[t][0]), _mm512_load_ps(acc[t][1]));
+      const __m512 p23 = _mm512_add_ps(_mm512_load_ps(acc[t][2]), _mm512_load_ps(acc[t][3]));
+      _mm512_storeu_ps(y + (t0 + t) * ldy, _mm512_add_ps(p01, p23));
+    }
   }
 }
 

@@ -8,12 +8,21 @@
 // is row r), so one VNNI vpdpbusd with a broadcast group of 4 activation
 // bytes does 64 products for 16 rows; a sub-block's scales are applied once
 // per 32 (Q4_K and the 32-element types) or 16 (Q6_K) elements. The
-// unpacking is shared by a block of tokens. Built where the compiler targets AVX-512 VNNI (-march=native on
-// such a CPU); elsewhere TileGemmSupports is false and MatMul keeps the
-// per-row kernels. Results equal those kernels up to float rounding (the
-// integer sums are exact; the float accumulation order differs).
+// unpacking is shared by a block of tokens. Built where the compiler targets
+// AVX-512 VNNI (-march=native on such a CPU: PSA_TILE_GEMM); elsewhere
+// TileGemmSupports is false and MatMul keeps the per-row kernels.
+//
+// Results equal the per-row kernels bit for bit: the integer sums are exact
+// in both, and where the tile is built the row kernels finish every block
+// with the tile's float step (quant_simd.h, TileStep*), one lane of it. So a
+// token's result does not depend on how many tokens share its MatMul.
 #ifndef PSA_COMPUTE_WORKER_KERNELS_KQUANT_GEMM_H_
 #define PSA_COMPUTE_WORKER_KERNELS_KQUANT_GEMM_H_
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define PSA_TILE_GEMM 1
+#endif
 
 #include <cstddef>
 #include <cstdint>

@@ -28,10 +28,22 @@ template <int N>
 void DotQ4_1xQ8_1(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
   const auto* w = reinterpret_cast<const BlockQ4_1*>(w_row);
   const BlockQ8_1* x[N];
+  for (int t = 0; t < N; ++t) x[t] = reinterpret_cast<const BlockQ8_1*>(x_rows[t]);
+  auto load = [&](int t, int b) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
+  };
+#if defined(PSA_TILE_GEMM)  // the tile GEMM's arithmetic (kquant_gemm.h)
+  simd::TileBlockRow<N, true>(
+      nb, [&](int b) { return UnpackNibbles(w[b].qs); },
+      [&](__m256i q, int t, int b) { return DotU8S8(q, load(t, b)); },
+      [&](int b) { return Fp16ToFp32(w[b].d); },
+      [&](int t, int b) { return Fp16ToFp32(x[t][b].d); }, out,
+      [&](int b) { return Fp16ToFp32(w[b].m); },
+      [&](int t, int b) { return Fp16ToFp32(x[t][b].s); });
+#else
   __m256 acc[N];
   float mins[N];
   for (int t = 0; t < N; ++t) {
-    x[t] = reinterpret_cast<const BlockQ8_1*>(x_rows[t]);
     acc[t] = _mm256_setzero_ps();
     mins[t] = 0;
   }
@@ -39,13 +51,13 @@ void DotQ4_1xQ8_1(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, fl
     const __m256i q4 = UnpackNibbles(w[b].qs);
     const float dw = Fp16ToFp32(w[b].d), mw = Fp16ToFp32(w[b].m);
     for (int t = 0; t < N; ++t) {
-      const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
-      const __m256 p = _mm256_cvtepi32_ps(DotU8S8(q4, q8));
+      const __m256 p = _mm256_cvtepi32_ps(DotU8S8(q4, load(t, b)));
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * Fp16ToFp32(x[t][b].d)), p, acc[t]);
       mins[t] += mw * Fp16ToFp32(x[t][b].s);
     }
   }
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]) + mins[t];
+#endif
 }
 
 template <int N>
@@ -73,21 +85,31 @@ template <int N>
 void DotQ8_0xQ8_0(const uint8_t* w_row, const uint8_t* const* x_rows, int nb, float* out) {
   const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
   const BlockQ8_0* x[N];
+  for (int t = 0; t < N; ++t) x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
+  // |w| . (x with w's sign): unsigned x signed.
+  auto dot = [&](__m256i qw, int t, int b) {
+    const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
+    return DotU8S8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(q8, qw));
+  };
+  auto codes = [&](int b) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
+  };
+#if defined(PSA_TILE_GEMM)  // the tile GEMM's arithmetic (kquant_gemm.h)
+  simd::TileBlockRow<N, false>(
+      nb, codes, dot, [&](int b) { return Fp16ToFp32(w[b].d); },
+      [&](int t, int b) { return Fp16ToFp32(x[t][b].d); }, out);
+#else
   __m256 acc[N];
-  for (int t = 0; t < N; ++t) {
-    x[t] = reinterpret_cast<const BlockQ8_0*>(x_rows[t]);
-    acc[t] = _mm256_setzero_ps();
-  }
+  for (__m256& a : acc) a = _mm256_setzero_ps();
   for (int b = 0; b < nb; ++b) {
-    const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
-    const __m256i ax = _mm256_sign_epi8(qw, qw);
+    const __m256i qw = codes(b);
     for (int t = 0; t < N; ++t) {
-      const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t][b].qs));
-      const __m256 p = _mm256_cvtepi32_ps(DotU8S8(ax, _mm256_sign_epi8(q8, qw)));
+      const __m256 p = _mm256_cvtepi32_ps(dot(qw, t, b));
       acc[t] = _mm256_fmadd_ps(Fp16Pair(w[b].d, x[t][b].d), p, acc[t]);
     }
   }
   for (int t = 0; t < N; ++t) out[t] = HorizontalSum(acc[t]);
+#endif
 }
 
 #else  // scalar fallback
@@ -171,7 +193,7 @@ void DotRows(GgmlType type, const uint8_t* w_row, const uint8_t* const* x_rows, 
 // Fewest tokens for which the tile GEMM's unpacking pays off.
 constexpr int kTileMinTokens = 16;
 
-std::atomic<bool> tile_gemm_enabled{false};
+std::atomic<bool> tile_gemm_enabled{true};
 
 }  // namespace
 

@@ -42,12 +42,12 @@ void MatMul(const WeightMatrix& w, const PackedActivations& x, float* y, int64_t
 // (exposed for tests against a float reference).
 float DotRow(GgmlType weight_type, const uint8_t* w_row, const uint8_t* x_row, int64_t cols);
 
-// The AVX-512 tile GEMM for batches of 16 rows or more (kquant_gemm.h), off
-// by default: its float rounding differs from the per-row kernels', so with
-// it a token's result depends on how many rows share its pass (a decode step
-// batched with a prompt chunk, a prompt tail resumed after a failover) and
-// outputs stop being reproducible. For measurements and offline prefill.
-// Process-wide; thread-safe.
+// The AVX-512 tile GEMM for batches of 16 rows or more (kquant_gemm.h), on
+// by default where built. Its results equal the per-row kernels' bit for bit
+// (they end each block with its float step), so a token's result does not
+// depend on how many rows share its pass (a decode step batched with a
+// prompt chunk, a prompt tail resumed after a failover). Off measures the
+// per-row kernels alone. Process-wide; thread-safe.
 void SetTileGemmEnabled(bool on);
 bool TileGemmEnabled();
 
