@@ -8,8 +8,10 @@
 //            icorr[r] = sum_i dpwssd(corr[i][r], bsums pair i), then
 //            y[r] += dx * (d[r] * isum[r] - dcorr[r] * icorr[r]).
 // Q5_0 / Q8_0 / Q4_1 use the same layout for groups of 8 blocks of 32 with
-// per-block float scales (UnpackQ8Family below). Four tokens go together:
-// four independent dpbusd chains per weight load.
+// per-block float scales (UnpackQ8Family below); block b's term goes into
+// partial sum b % 4 and y[r] = (p0 + p1) + (p2 + p3), the order the row
+// kernels can follow with four blocks per vector (quant_simd.h). Four tokens
+// go together: four independent dpbusd chains per weight load.
 #include "compute_worker/kernels/kquant_gemm.h"
 
 #include <algorithm>
