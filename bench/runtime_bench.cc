@@ -40,9 +40,9 @@ ABSL_FLAG(int, reps, 3,
           "copied to every sequence, one untimed decode step runs, then --reps runs of "
           "--decode_tokens steps continuing the same sequences.");
 ABSL_FLAG(bool, json, false, "Print one JSON object instead of a table.");
-ABSL_FLAG(bool, fast_prefill, false,
-          "Prefill with the tiled prefill attention, off in serving (its rounding differs "
-          "from the paged attention's; see prefill_attention.h).");
+ABSL_FLAG(bool, fast_prefill, true,
+          "Prompt chunks through the tiled prefill attention, as served "
+          "(prefill_attention.h); --nofast_prefill measures the row-at-a-time path.");
 ABSL_FLAG(bool, tile_gemm, true,
           "Batches of 16+ rows through the AVX-512 tile GEMM, as served (kquant_gemm.h); "
           "--notile_gemm measures the per-row kernels alone.");

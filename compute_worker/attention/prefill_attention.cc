@@ -194,7 +194,7 @@ void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& tas
         const __m512 vscale = _mm512_set1_ps(shape.scale);
         for (int i = 0; i < nr; ++i) {
           const int n_i = n_min + i;
-          if (n_i <= t0) break;
+          if (n_i <= t0) continue;  // rows ascend in n_i: later ones may reach t0
           const int lim = std::min(t1, n_i), full = std::min(lim, n_i / 16 * 16);
           const float* qs[4];
           for (int g = 0; g < G; ++g) qs[g] = Q(i, g);
@@ -217,7 +217,7 @@ void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& tas
       ConvertRows(keys, t0, t1, kf.data());
       for (int i = 0; i < nr; ++i) {
         const int n_i = n_min + i;
-        if (n_i <= t0) break;
+        if (n_i <= t0) continue;  // rows ascend in n_i: later ones may reach t0
         const int lim = std::min(t1, n_i);
         for (int g = 0; g < G; ++g) {
           float* s = S(i, g) + t0;
@@ -256,7 +256,7 @@ void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& tas
       ConvertRows(values, t0, t1, vf.data());
       for (int i = 0; i < nr; ++i) {
         const int n_i = n_min + i;
-        if (n_i <= t0) break;
+        if (n_i <= t0) continue;  // rows ascend in n_i: later ones may reach t0
         const int lim = std::min(t1, n_i);
         for (int g = 0; g < G; ++g) {
           float* s = S(i, g) + t0;
@@ -284,7 +284,7 @@ void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& tas
 }
 
 namespace {
-std::atomic<bool> tiled_prefill_enabled{false};
+std::atomic<bool> tiled_prefill_enabled{true};
 }  // namespace
 
 void SetTiledPrefillAttentionEnabled(bool on) { tiled_prefill_enabled.store(on); }

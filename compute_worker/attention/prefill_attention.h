@@ -9,10 +9,10 @@
 // exp-and-sum (double) and normalise-and-round-to-fp16 of the
 // probabilities, and the value sums accumulated key by key in order. So
 // chunked prefill, stepwise decode and resumed prompts stay identical.
-// Measured otherwise (2026-12-06): through a block pool, ctest's
-// ChaosTest.EveryStreamEqualsItsSoloRunThroughRepeatsAndKills gets other
-// first tokens with it than without, so DenseAttention uses it only when
-// enabled (off by default) until that is found.
+// (Until 2026-12-07 a chunk whose first rows end before a 128-key tile and
+// whose later rows reach into it skipped those later rows' keys there: the
+// chaos test's concurrent prompts, chunked unlike their solo runs, caught
+// it; prefill_attention_test now starts chunks across the tiles.)
 #ifndef PSA_COMPUTE_WORKER_ATTENTION_PREFILL_ATTENTION_H_
 #define PSA_COMPUTE_WORKER_ATTENTION_PREFILL_ATTENTION_H_
 
@@ -27,8 +27,8 @@ namespace psa {
 void TiledPrefillAttention(const AttentionShape& shape, const AttentionTask& task,
                            const KvRows& keys, const KvRows& values);
 
-// Whether DenseAttention sends prompt chunks here (default off, see above).
-// Process-wide; thread-safe.
+// Whether DenseAttention sends prompt chunks here (default on; off measures
+// the row-at-a-time path). Process-wide; thread-safe.
 void SetTiledPrefillAttentionEnabled(bool on);
 bool TiledPrefillAttentionEnabled();
 

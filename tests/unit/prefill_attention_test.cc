@@ -92,7 +92,10 @@ TEST_P(PrefillAttentionTest, MatchesReferenceAndTheRowByRowPath) {
     }
   }
 
-  for (int pos0 : {0, 1, 37, L - 40}) {
+  // Chunks starting everywhere (every 5th position), so that many straddle
+  // the kernel's 128-key tiles: rows whose keys end before a tile and rows
+  // that reach into it in one chunk (which it once got wrong).
+  for (int pos0 = 0; pos0 < L; pos0 += pos0 < 300 ? 5 : 97) {
     for (int n = 1; n <= 40 && pos0 + n <= L; ++n) {
       const std::vector<float> out = RunRows(shape, kv, q, pos0, n);
       const size_t base = static_cast<size_t>(pos0) * G * d;
@@ -115,7 +118,7 @@ INSTANTIATE_TEST_SUITE_P(
                       // Blocks of 24: 16-key chunks straddle pages.
                       Case{64, 3, 24, 200}, Case{128, 6, 24, 200},
                       // Long enough for several row tiles in one task.
-                      Case{64, 7, 16, 2100}, Case{128, 6, 32, 1500}),
+                      Case{64, 7, 16, 2100}, Case{128, 6, 32, 1500}, Case{64, 3, 16, 700}),
     [](const auto& info) {
       return "d" + std::to_string(info.param.dim) + "_g" + std::to_string(info.param.group) +
              "_b" + std::to_string(info.param.block) + "_n" + std::to_string(info.param.length);
