@@ -157,6 +157,54 @@ void AccumulateValues64(const KvSource& values, int block_size, const float* inv
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * 64 + 16 * j, acc[g][j]);
 }
 
+// Scores and values 16 keys at a time for the groups and head dims
+// Scores64 / AccumulateValues64 do not take (head dim 128, groups of 5-8:
+// the Qwen2 models), bit-equal to DotF32 and AxpyF32 per key: a block's 16
+// key rows are converted once and dotted with every head (DotF32x16, no
+// reduction per key), and the value rows go into register accumulators
+// (AccumulateHeads) instead of a load and store of the output per key and
+// head. Needs blocks of a multiple of 16 rows.
+template <int D>
+int ScoresByBlock(const KvRows& rows, const float* q16, int group, int n, float scale,
+                  float* scores, int stride) {
+  const int full = n / 16 * 16;
+  alignas(64) float kf[16 * D];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int t = 0; t < full; t += 16) {
+    if (t % rows.block_size == 0) {
+      const int pf = t + kPrefetchBlocks * rows.block_size;
+      if (pf < n) PrefetchPage(rows, pf / rows.block_size);
+    }
+    Fp16RowToFp32(rows.row(t), kf, 16 * D);
+    for (int g = 0; g < group; ++g) {
+      __m512 q[D / 16];
+      for (int c = 0; c < D / 16; ++c) q[c] = _mm512_loadu_ps(q16 + g * D + 16 * c);
+      _mm512_storeu_ps(scores + static_cast<size_t>(g) * stride + t,
+                       _mm512_mul_ps(DotF32x16<D>(q, kf), vscale));
+    }
+  }
+  return full;
+}
+
+// out[g] = sum_t p[g][t] v_t over keys [0, n) (p already probabilities).
+template <int D>
+void ValuesByBlock(const KvRows& rows, int group, const float* p, int stride, int n,
+                   float* out) {
+  alignas(64) float vf[16 * D];
+  const float* pp[kMaxGqaGroup];
+  float* op[kMaxGqaGroup];
+  for (int g = 0; g < group; ++g) {
+    op[g] = out + g * D;
+    std::fill(op[g], op[g] + D, 0.0f);
+  }
+  for (int t = 0; t < n; t += 16) {
+    const int m = std::min(16, n - t);  // within a block: block_size % 16 == 0
+    Fp16RowToFp32(rows.row(t), vf, m * D);
+    for (int g = 0; g < group; ++g) pp[g] = p + static_cast<size_t>(g) * stride + t;
+    AccumulateHeads<D>(vf, m, pp, op, group);
+  }
+}
+
 #endif
 
 // Query rows [0, n_q) of the task; row i attends to keys [0, q_pos0 + i].
@@ -181,8 +229,15 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
     }
     int t = 0;
 #if defined(__AVX512F__)
+    const bool by_block = keys.block_size % 16 == 0 && (d == 128 || (d == 64 && group > 4));
     if (d == 64 && keys.block_size % 16 == 0) {
       t = Scores64(ksrc, q16.data(), group, n_keys, shape.scale, scores.data(), n_keys_max);
+    }
+    if (by_block) {
+      t = d == 64 ? ScoresByBlock<64>(keys, q16.data(), group, n_keys, shape.scale,
+                                      scores.data(), n_keys_max)
+                  : ScoresByBlock<128>(keys, q16.data(), group, n_keys, shape.scale,
+                                       scores.data(), n_keys_max);
     }
 #endif
     for (; t < n_keys; ++t) {
@@ -211,6 +266,16 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
     for (int g = 0; g < group; ++g) {
       ScaleRoundToFp16(inv[g], &scores[static_cast<size_t>(g) * n_keys_max], n_keys);
     }
+#if defined(__AVX512F__)
+    if (by_block) {
+      if (d == 64) {
+        ValuesByBlock<64>(values, group, scores.data(), n_keys_max, n_keys, out0);
+      } else {
+        ValuesByBlock<128>(values, group, scores.data(), n_keys_max, n_keys, out0);
+      }
+      continue;
+    }
+#endif
     std::fill(out0, out0 + group * d, 0.0f);
     for (int t = 0; t < n_keys; ++t) {
       const float* v = vsrc.Row(t, row.data());

@@ -42,48 +42,6 @@ void ConvertRows(const KvRows& rows, int t0, int t1, float* dst) {
 }
 
 #if defined(__AVX512F__)
-// Lane j = _mm512_reduce_add_ps(v[j]), bit for bit: GCC's tree adds lanes
-// i and i + 8, then i and i + 4 (of those 8), then 0 + 2 and 1 + 3, then
-// the two. Done for 16 vectors at once with shuffles.
-__attribute__((always_inline)) inline __m512 ReduceAddEach16(const __m512 (&v)[16]) {
-  __m512 s[8];  // s[m]: lanes 0-7 a_i + a_{i+8} of v[2m], 8-15 those of v[2m+1]
-  for (int m = 0; m < 8; ++m) {
-    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0xEE));
-  }
-  __m512 t[4];  // t[p] quad k: s_j + s_{j+4} (j < 4) of v[4p + k]
-  for (int p = 0; p < 4; ++p) {
-    t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0x88),
-                         _mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0xDD));
-  }
-  __m512 u[2];  // u[h] quad k: [t0+t2, t1+t3 of v[8h + k], the same of v[8h + 4 + k]]
-  for (int h = 0; h < 2; ++h) {
-    const __m512d a = _mm512_castps_pd(t[2 * h]), b = _mm512_castps_pd(t[2 * h + 1]);
-    u[h] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // r quad k: [v[k], v[4 + k], v[8 + k], v[12 + k]]
-  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // Lane j = v[j] sits at lane 4 (j % 4) + j / 4.
-  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(idx, r);
-}
-
-// Lane j: DotF32(q, k + j * D, D) bit for bit (one FMA chain per key, then
-// its reduction), for 16 fp32 rows of D values.
-template <int D>
-__attribute__((always_inline)) inline __m512 DotF32x16(const __m512 (&q)[D / 16], const float* k) {
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) {
-    acc[j] = _mm512_setzero_ps();
-    for (int c = 0; c < D / 16; ++c) {
-      acc[j] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k + j * D + 16 * c), acc[j]);
-    }
-  }
-  return ReduceAddEach16(acc);
-}
-
 // s[t] = scale * DotF32(q, k_t) for keys [0, n) of kf (zero-padded to a
 // multiple of 16 rows).
 template <int D>
@@ -97,44 +55,6 @@ void ScoresF32(const float* q16, const float* kf, int n, float scale, float* s) 
   }
 }
 
-// out[h] = sum_t p[h][t] v_t, continued from out[h] for keys in order, kH
-// heads sharing each value row (fp32, rows of D).
-template <int D, int kH>
-void AccumulateTile(const float* v, int n, const float* const* p, float* const* out) {
-  constexpr int C = D / 16;
-  __m512 acc[kH][C];
-  for (int h = 0; h < kH; ++h)
-    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_loadu_ps(out[h] + 16 * c);
-  for (int t = 0; t < n; ++t, v += D) {
-    __m512 pt[kH];
-    for (int h = 0; h < kH; ++h) pt[h] = _mm512_set1_ps(p[h][t]);
-    for (int c = 0; c < C; ++c) {
-      const __m512 vv = _mm512_loadu_ps(v + 16 * c);
-      for (int h = 0; h < kH; ++h) acc[h][c] = _mm512_fmadd_ps(pt[h], vv, acc[h][c]);
-    }
-  }
-  for (int h = 0; h < kH; ++h)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[h] + 16 * c, acc[h][c]);
-}
-
-template <int D>
-void AccumulateHeads(const float* v, int n, const float* const* p, float* const* out, int heads) {
-  constexpr int kMax = D == 64 ? 4 : 3;  // accumulators stay in registers
-  while (heads > 0) {
-    // Even chunks (7 = 4 + 3, 6 = 3 + 3).
-    const int chunks = (heads + kMax - 1) / kMax;
-    const int h = (heads + chunks - 1) / chunks;
-    switch (h) {
-      case 1: AccumulateTile<D, 1>(v, n, p, out); break;
-      case 2: AccumulateTile<D, 2>(v, n, p, out); break;
-      case 3: AccumulateTile<D, 3>(v, n, p, out); break;
-      default: AccumulateTile<D, kMax>(v, n, p, out); break;
-    }
-    p += h;
-    out += h;
-    heads -= h;
-  }
-}
 #endif
 
 }  // namespace
