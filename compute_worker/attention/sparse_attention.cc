@@ -170,9 +170,13 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     reader.Page(b);
     const int t0 = b * B, t1 = std::min(n_keys, t0 + B);
     const int n = t1 - t0;
-    const bool fast = kBlockKernels && d == 64 && n == 16;  // a full block of 16 rows
+    // A full block of 16 rows: the block kernels.
+    const bool fast = kBlockKernels && d == 64 && n == 16;
+    const bool fast128 = kBlockKernels && d == 128 && n == 16;
     if (fast) {
       BlockScores16x64(keys.row(t0), qs, heads.data(), group, shape.scale, scores.data(), B);
+    } else if (fast128) {
+      BlockScores16x128(keys.row(t0), qs, heads.data(), group, shape.scale, scores.data(), B);
     } else {
       for (int t = t0; t < t1; ++t) {
         Fp16RowToFp32(keys.row(t), krow.data(), d);
@@ -212,6 +216,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     }
     if (fast) {
       BlockValues16x64(values.row(t0), scores.data(), B, heads.data(), group);
+      return;
+    }
+    if (fast128) {
+      BlockValues16x128(values.row(t0), scores.data(), B, heads.data(), group);
       return;
     }
     for (int t = t0; t < t1; ++t) {

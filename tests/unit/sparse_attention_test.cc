@@ -57,6 +57,29 @@ TEST(SparseAttentionTest, FullBudgetEqualsDenseForManyShapes) {
   }
 }
 
+// Head dim 128 and groups past 4 (the Qwen2 models), where both engines
+// take their 16-keys-at-a-time kernels on full blocks and the per-key path
+// on partial ones.
+TEST(SparseAttentionTest, FullBudgetEqualsDenseAtHeadDim128) {
+  constexpr int kDim = 128;
+  DenseAttention dense;
+  SparseAttention psa1(Psa(1.0f)), topk_all(TopK(1 << 20));
+  for (int group : {1, 6, 7}) {
+    const AttentionShape shape{2 * group, 2, kDim, 0.088f};
+    for (int length : {1, 17, 64, 257}) {
+      KvCache kv = RandomCache(2, length, 16, length * 7 + group, {}, {}, kDim);
+      const auto q = RandomQuery(group, length + group, 1.0f, kDim);
+      for (int kv_head : {0, 1}) {
+        const Output ref = Attend(dense, shape, kv, q, kv_head);
+        for (const SparseAttention* b : {&psa1, &topk_all}) {
+          EXPECT_LT(RelErr(Attend(*b, shape, kv, q, kv_head).out, ref.out), kSameAsDense)
+              << b->policy().ToString() << " group " << group << " length " << length;
+        }
+      }
+    }
+  }
+}
+
 TEST(SparseAttentionTest, PsaStopsEarlyOnPeakedAttentionAndKeepsItsPromise) {
   const int length = 1024, block = 16;
   std::vector<float> dir(kHeadDim);

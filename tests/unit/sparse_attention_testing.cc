@@ -10,15 +10,15 @@
 namespace psa::testing {
 
 KvCache RandomCache(int n_head_kv, int length, int block, uint32_t seed,
-                    const std::vector<int>& hot, const std::vector<float>& dir) {
-  KvCache kv(1, n_head_kv, kHeadDim, block);
+                    const std::vector<int>& hot, const std::vector<float>& dir, int head_dim) {
+  KvCache kv(1, n_head_kv, head_dim, block);
   kv.Reserve(length);
   std::mt19937 rng(seed);
   std::normal_distribution<float> n(0.0f, 1.0f);
   for (int h = 0; h < n_head_kv; ++h) {
     for (int t = 0; t < length; ++t) {
       const bool is_hot = std::find(hot.begin(), hot.end(), t / block) != hot.end();
-      for (int i = 0; i < kHeadDim; ++i) {
+      for (int i = 0; i < head_dim; ++i) {
         const float k = n(rng) + (is_hot ? 6.0f * dir[i] : 0.0f);
         const float v = is_hot ? 1.0f + 0.1f * n(rng) : n(rng);
         kv.KeySlot(0, h, t)[i] = Fp32ToFp16(k);
@@ -77,10 +77,10 @@ double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
   return std::sqrt(num / den);
 }
 
-std::vector<float> RandomQuery(int heads, uint32_t seed, float scale) {
+std::vector<float> RandomQuery(int heads, uint32_t seed, float scale, int head_dim) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> n(0.0f, scale);
-  std::vector<float> q(heads * kHeadDim);
+  std::vector<float> q(heads * head_dim);
   for (float& x : q) x = n(rng);
   return q;
 }

@@ -22,7 +22,8 @@ constexpr double kSameAsDense = 2e-3;
 // with `dir` (so a query along dir concentrates its attention there) and
 // all-ones values (so the right answer is easy to tell from noise).
 KvCache RandomCache(int n_head_kv, int length, int block, uint32_t seed,
-                    const std::vector<int>& hot = {}, const std::vector<float>& dir = {});
+                    const std::vector<int>& hot = {}, const std::vector<float>& dir = {},
+                    int head_dim = kHeadDim);
 
 struct Output {
   std::vector<float> out;
@@ -42,7 +43,8 @@ std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionSh
 
 double RelErr(const std::vector<float>& a, const std::vector<float>& ref);
 
-std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f);
+std::vector<float> RandomQuery(int heads, uint32_t seed, float scale = 1.0f,
+                               int head_dim = kHeadDim);
 
 // Plain PSA: no budget floor, the default tail estimate.
 AttentionPolicy Psa(float eps, bool certified = false);
