@@ -39,6 +39,9 @@ ABSL_FLAG(std::string, rank, "",
           "How top-k and PSA rank blocks: estimate or bound (Quest's); empty: each kind's "
           "default (top-k the estimate, PSA the bound).");
 ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
+ABSL_FLAG(std::string, shape, "smollm2",
+          "Attention shape of one layer: smollm2 (3 KV heads, groups of 3, head dim 64) or "
+          "qwen2.5-1.5b (2 KV heads, groups of 6, head dim 128).");
 ABSL_FLAG(int, threads, 1,
           "Threads: a decode step of this many sequences (copies of one cache), measured "
           "against the read bandwidth of as many cores (0: every core).");
@@ -47,7 +50,9 @@ namespace psa {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int kKvHeads = 3, kGroup = 3, kDim = 64, kBlock = 16;
+constexpr int kBlock = 16;
+// The layer's shape (--shape), set once in main.
+int kKvHeads = 3, kGroup = 3, kDim = 64;
 
 // Best-of-reps seconds of fn().
 template <typename Fn>
@@ -146,6 +151,14 @@ int main(int argc, char** argv) {
   psa::ParseFlags(
       argc, argv,
       "Decode-attention kernel benchmark: one thread, or a step of --threads sequences.");
+  const std::string shape_name = absl::GetFlag(FLAGS_shape);
+  if (shape_name == "qwen2.5-1.5b") {
+    kKvHeads = 2, kGroup = 6, kDim = 128;
+  } else if (shape_name != "smollm2") {
+    std::fprintf(stderr, "error: --shape must be smollm2 or qwen2.5-1.5b, not '%s'\n",
+                 shape_name.c_str());
+    return 2;
+  }
   const int reps = absl::GetFlag(FLAGS_reps);
   const int threads =
       absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : omp_get_num_procs();
@@ -168,7 +181,8 @@ int main(int argc, char** argv) {
 
   std::vector<float> dir(kDim);
   for (int i = 0; i < kDim; ++i) dir[i] = (i % 3 ? 1.0f : -1.0f) / 8.0f;
-  const AttentionShape shape{kKvHeads * kGroup, kKvHeads, kDim, 0.125f};
+  const AttentionShape shape{kKvHeads * kGroup, kKvHeads, kDim,
+                             1.0f / std::sqrt(static_cast<float>(kDim))};
   std::vector<float> q(kGroup * kDim);
   std::mt19937 rng(7);
   std::normal_distribution<float> n(0.0f, 0.3f);
