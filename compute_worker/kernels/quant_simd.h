@@ -1,6 +1,8 @@
 // Integer SIMD helpers shared by the quantised dot kernels (matmul.cc,
 // kquant_dot.cc): u8 x s8 dot products (VNNI where the build has it),
-// nibble and bit unpacking, horizontal sums. AVX2 builds only; stateless.
+// nibble and bit unpacking, horizontal sums, and where the tile GEMM is
+// built the float accumulation in its arithmetic (TileBlockRow,
+// TileSuperBlockSums). AVX2 builds only; stateless.
 #ifndef PSA_COMPUTE_WORKER_KERNELS_QUANT_SIMD_H_
 #define PSA_COMPUTE_WORKER_KERNELS_QUANT_SIMD_H_
 
