@@ -40,9 +40,11 @@ def main() -> int:
     def series(r):  # one curve per policy family: the swept parameter varies along it
         # Options as AttentionPolicy::ToString() names them (",min" is not ",min_blocks=").
         has = lambda option: re.search(option + r"[,)]", r["policy"]) is not None
-        # Other rankings (rank=bound; psa_accuracy --oracle, --normalized_rank) are their own curves.
+        # Other rankings (rank= other than the kind's default; psa_accuracy --oracle,
+        # --normalized_rank) are their own curves.
         suffix = (", oracle ranking" if has(",oracle") else ", normalized rank" if has(",norm")
-                  else ", bound ranking" if has(",rank=bound") else "")
+                  else ", bound ranking" if has(",rank=bound")
+                  else ", estimate ranking" if has(",rank=estimate") else "")
         if r["kind"] != "psa":
             return r["kind"] + suffix
         return ("psa, certified" if has(",certified") else
@@ -63,7 +65,7 @@ def main() -> int:
                             ("topk", "s--"), ("psa, oracle ranking", "o:"),
                             ("topk, oracle ranking", "s:"), ("psa, normalized rank", "P-."),
                             ("topk, normalized rank", "X-."), ("psa, bound ranking", "^-"),
-                            ("topk, bound ranking", "v--")):
+                            ("topk, bound ranking", "v--"), ("psa, estimate ranking", "D-")):
             pts = sorted(by_ctx[ctx][kind])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)
