@@ -230,14 +230,13 @@ void RowAttention(const AttentionShape& shape, const AttentionTask& task, const 
     int t = 0;
 #if defined(__AVX512F__)
     const bool by_block = keys.block_size % 16 == 0 && (d == 128 || (d == 64 && group > 4));
-    if (d == 64 && keys.block_size % 16 == 0) {
-      t = Scores64(ksrc, q16.data(), group, n_keys, shape.scale, scores.data(), n_keys_max);
-    }
     if (by_block) {
       t = d == 64 ? ScoresByBlock<64>(keys, q16.data(), group, n_keys, shape.scale,
                                       scores.data(), n_keys_max)
                   : ScoresByBlock<128>(keys, q16.data(), group, n_keys, shape.scale,
                                        scores.data(), n_keys_max);
+    } else if (d == 64 && keys.block_size % 16 == 0) {
+      t = Scores64(ksrc, q16.data(), group, n_keys, shape.scale, scores.data(), n_keys_max);
     }
 #endif
     for (; t < n_keys; ++t) {
