@@ -4,6 +4,8 @@
 // trust another CA; the router refuses gRPC calls and HTTP requests without
 // a valid key and picks up a changed keys file without a restart; HTTPS on
 // the router serves the same API.
+#include <unistd.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -26,10 +28,11 @@ namespace {
 using ::psa::testing::ServerProcess;
 
 // A CA, a server certificate for 127.0.0.1 and a client certificate signed
-// by it, and a second, unrelated CA.
+// by it, and a second, unrelated CA. In a folder of this process's own:
+// ctest runs the tests of this file in parallel, each a process.
 class Certificates {
  public:
-  Certificates() : dir_(absl::StrCat(::testing::TempDir(), "/certs")) {
+  Certificates() : dir_(absl::StrCat(::testing::TempDir(), "/certs_", getpid())) {
     const std::string d = dir_;
     const std::string script = absl::StrCat(
         "set -e; rm -rf ", d, "; mkdir -p ", d, "; cd ", d, "\n",
