@@ -70,6 +70,10 @@ ABSL_FLAG(bool, normalized_rank, false,
 ABSL_FLAG(std::string, ranks, "",
           "Rankings to sweep every PSA and top-k policy with (AttentionPolicy::rank): "
           "estimate, bound (Quest's), or both: estimate,bound; empty: each kind's default.");
+ABSL_FLAG(bool, box_centre_stop, false,
+          "Also sweep PSA with the stop weighing blocks by their key box's centre score "
+          "instead of their mean key's, as served before 2026-12-07 "
+          "(ResearchSelection::box_centre_stop, ',boxstop').");
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
@@ -230,6 +234,11 @@ int main(int argc, char** argv) {
       policies.push_back({m, {}});
     }
     if (absl::GetFlag(FLAGS_mean_estimate)) policies.push_back({p, with_tail(Tail::kLastGroupMean)});
+    if (absl::GetFlag(FLAGS_box_centre_stop)) {
+      ResearchSelection r;
+      r.box_centre_stop = true;
+      policies.push_back({p, r});
+    }
     if (absl::GetFlag(FLAGS_paper_estimate)) policies.push_back({p, with_tail(Tail::kMinSeen)});
     if (absl::GetFlag(FLAGS_oracle)) policies.push_back({p, with_oracle(true, true)});
     if (absl::GetFlag(FLAGS_normalized_rank)) policies.push_back({p, normalized()});

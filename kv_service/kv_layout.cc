@@ -53,7 +53,7 @@ uint64_t KvBlockDataBytes(const psa::v1::KvLayout& l) {
 }
 
 uint64_t KvBlockMetadataBytes(const psa::v1::KvLayout& l) {
-  return 2ull * l.num_kv_heads() * l.head_dim() * KvDtypeBytes(l.dtype());
+  return 3ull * l.num_kv_heads() * l.head_dim() * KvDtypeBytes(l.dtype());
 }
 
 }  // namespace psa

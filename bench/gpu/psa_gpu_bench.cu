@@ -136,7 +136,7 @@ struct Pool {
   size_t n_pages = 0, page_elems = 0;
   uint16_t* mem = nullptr;
   uint16_t** pages = nullptr;  // [logical page]
-  uint16_t *kmax = nullptr, *kmin = nullptr;
+  uint16_t *kmax = nullptr, *kmin = nullptr, *kmean = nullptr;
   int* table = nullptr;  // [s * n_head_kv + h] = (s * n_head_kv + h) * max_blocks
   int* seq_len = nullptr;
   float* q = nullptr;
@@ -148,6 +148,7 @@ struct Pool {
     CK(cudaMalloc(&mem, n_pages * page_elems * sizeof(uint16_t)));
     CK(cudaMalloc(&kmax, n_pages * m.head_dim * sizeof(uint16_t)));
     CK(cudaMalloc(&kmin, n_pages * m.head_dim * sizeof(uint16_t)));
+    CK(cudaMalloc(&kmean, n_pages * m.head_dim * sizeof(uint16_t)));
     // Pages scattered over the pool, as a block pool would hold them.
     std::vector<uint32_t> perm(n_pages);
     std::iota(perm.begin(), perm.end(), 0u);
@@ -165,7 +166,7 @@ struct Pool {
   }
   ~Pool() {
     for (void* p : {static_cast<void*>(mem), static_cast<void*>(kmax), static_cast<void*>(kmin),
-                    static_cast<void*>(pages), static_cast<void*>(table),
+                    static_cast<void*>(kmean), static_cast<void*>(pages), static_cast<void*>(table),
                     static_cast<void*>(seq_len), static_cast<void*>(q)}) {
       cudaFree(p);
     }
@@ -178,7 +179,7 @@ struct Pool {
     FillQueries<<<1024, 256>>>(q, max_seq, shape.n_head, shape.n_head_kv, shape.head_dim, seed);
     CK(cudaGetLastError());
     SetBatch(max_seq, max_blocks * psa::cuda::kPageRows);
-    CK(psa::cuda::RunBlockMinMax(View(max_seq), max_blocks, kmax, kmin, nullptr));
+    CK(psa::cuda::RunBlockMetadata(View(max_seq), max_blocks, kmax, kmin, kmean, nullptr));
     CK(cudaDeviceSynchronize());
   }
   // The first n_seq sequences, each `ctx` positions long.
@@ -196,6 +197,7 @@ struct Pool {
     v.seq_len = seq_len;
     v.kmax = kmax;
     v.kmin = kmin;
+    v.kmean = kmean;
     return v;
   }
 };

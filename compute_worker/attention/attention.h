@@ -44,6 +44,9 @@ struct AttentionTask {
   // Rows the sequence has in this forward pass (1 when decoding); its tasks
   // may each hold a part of them.
   int entry_rows = 1;
+  // The rows are prompt rows (BatchEntry::prompt), however few: sparse
+  // policies attend them as prefill, not as decode steps.
+  bool prefill = false;
   // Query head g of the group, row i: q + i * q_stride + g * head_dim
   // (RoPE applied); outputs likewise.
   const float* q = nullptr;

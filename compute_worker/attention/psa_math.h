@@ -1,7 +1,7 @@
 // The math block-sparse decode attention shares between the CPU engine
 // (g++) and the CUDA kernels (nvcc, attention/cuda/): which blocks are
 // candidates, block bounds and centre scores from per-dimension key
-// min / max, the online-softmax merge, and the PSA stop rule's unseen-mass
+// min / max, mean-key scores, the online-softmax merge, and the PSA stop rule's unseen-mass
 // estimates and decision. Header-only, no dependencies beyond <cmath>:
 // every function is __host__ __device__ under nvcc (PSA_HD), plain inline
 // otherwise. Stateless; thread-safe.
@@ -98,6 +98,14 @@ PSA_HD float PsaCentreScore(const float* q, const float* kmax, const float* kmin
   for (int i = 0; i < d; ++i) s += PsaCentreTerm(q[i], kmax[i], kmin[i]);
   return scale * s;
 }
+// scale * q . (the block's mean key): its typical score, what the stop
+// weighs an unseen block by. Nearer a block's log-mass than the centre
+// score where a few keys stretch the box (docs/attention.md, "Stop rules").
+PSA_HD float PsaMeanScore(const float* q, const float* kmean, int d, float scale) {
+  float s = 0;
+  for (int i = 0; i < d; ++i) s += q[i] * kmean[i];
+  return scale * s;
+}
 
 // A head's rank estimate of a block's log-mass (AttentionPolicy::Rank's
 // kEstimate): its centre score plus 0.4 of the box's width term (the bound
@@ -148,7 +156,7 @@ PSA_HD void PsaMergeStates(float ma, double la, float mb, double lb, float* m, d
 // ---- The PSA stop rule (StopRule) ----
 // A head stops once P = AS_acc / (AS_acc + unseen) >= epsilon, after at
 // least min_blocks blocks. The weighted estimators weigh candidate c by
-// w_c = exp(x_c - X) (x_c its centre score or bound, X the head's largest),
+// w_c = exp(x_c - X) (x_c its mean-key score or bound, X the head's largest),
 // W the total, seen_w the weight of the candidates attended.
 
 // The unseen candidates' weight; never negative.
@@ -156,10 +164,10 @@ PSA_HD double PsaUnseenWeight(double w_total, double seen_w) {
   const double u = w_total - seen_w;
   return 0.0 < u ? u : 0.0;
 }
-// Centre (the served default): the unseen blocks hold their share of the
-// centre estimates, scaled by what the attended ones held against theirs
+// Estimate (the served default): the unseen blocks hold their share of the
+// mean-key estimates, scaled by what the attended ones held against theirs
 // (seen_sum: their exp-sum in the running scale). INFINITY while unknown.
-PSA_HD double PsaUnseenCentre(double w_unseen, double seen_w, double seen_sum) {
+PSA_HD double PsaUnseenEstimate(double w_unseen, double seen_w, double seen_sum) {
   return seen_w <= 0 ? INFINITY : w_unseen * (seen_sum / seen_w);
 }
 // Certified: each unseen block's mass is at most factor * exp(bound), in

@@ -26,10 +26,11 @@ void EstimateGroupScores(const float* ub, const float* centre, int group, int n,
 }
 
 void RankScores(const BlockBounds& bounds, AttentionPolicy::Rank rank, const float* const* qs,
-                int group, float scale, int first, int n, float* ub, float* centre, float* gscore) {
+                int group, float scale, int first, int n, float* ub, float* centre, float* gscore,
+                float* mean) {
   if (n <= 0) return;
   if (rank == AttentionPolicy::Rank::kBound) {
-    bounds.Score(qs, group, scale, first, first + n, ub, n, gscore, centre);
+    bounds.Score(qs, group, scale, first, first + n, ub, n, gscore, centre, mean);
     return;
   }
   thread_local std::vector<float> own_ub, own_centre, r;
@@ -37,7 +38,7 @@ void RankScores(const BlockBounds& bounds, AttentionPolicy::Rank rank, const flo
   if (ub == nullptr) ub = (own_ub.resize(all), own_ub.data());
   if (centre == nullptr) centre = (own_centre.resize(all), own_centre.data());
   r.resize(n);
-  bounds.Score(qs, group, scale, first, first + n, ub, n, gscore, centre);
+  bounds.Score(qs, group, scale, first, first + n, ub, n, gscore, centre, mean);
   EstimateGroupScores(ub, centre, group, n, r.data(), gscore);
 }
 

@@ -20,10 +20,12 @@
 namespace psa {
 
 // For candidates c of blocks [first, first + n) and heads g < group:
-// gscore[c] = the rank score; ub[g * n + c] = the head's box bound and
-// centre[g * n + c] its centre score (BlockBounds::Score's) unless null.
+// gscore[c] = the rank score; ub[g * n + c] = the head's box bound,
+// centre[g * n + c] its centre score and mean[g * n + c] its mean-key score
+// (BlockBounds::Score's) unless null.
 void RankScores(const BlockBounds& bounds, AttentionPolicy::Rank rank, const float* const* qs,
-                int group, float scale, int first, int n, float* ub, float* centre, float* gscore);
+                int group, float scale, int first, int n, float* ub, float* centre, float* gscore,
+                float* mean = nullptr);
 
 // kEstimate's group scores from the heads' bounds and centre scores
 // ([group][n] each); r: scratch of n floats.

@@ -29,7 +29,7 @@ std::string_view SparseAttention::name() const {
 }
 
 void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
-  if (task.entry_rows > 1) {  // prefill
+  if (task.prefill) {
     // Rows whose selection would read every block anyway go dense too
     // (its many-row kernel is faster): a short context.
     const int B = task.kv->block_size();
@@ -50,7 +50,7 @@ void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task
 std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape& shape,
                                                             const AttentionTask& task) const {
   KvCache& kv = *task.kv;
-  if (!kv.paged() || task.entry_rows != 1 || task.n_q != 1) return nullptr;
+  if (!kv.paged() || task.prefill || task.n_q != 1) return nullptr;
   const int group = shape.group();
   const BlockLayout lay = LayoutOf(kv, task.q_pos0 + 1, policy_);
   const int n_cand = lay.n_cand();
@@ -102,9 +102,12 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const bool topk = policy_.kind == AttentionPolicy::Kind::kTopK;
   const bool exact_rank = research_.oracle_rank && !kv.paged();
   const bool exact_stop = !topk && research_.oracle_stop && !kv.paged();
-  thread_local std::vector<float> scratch_ub, scratch_g, centre;  // centre: [group][candidate]
+  // The stop's estimate scores: [group][candidate], each block's mean-key
+  // score (the box centre's for the research variant).
+  thread_local std::vector<float> scratch_ub, scratch_g, estimate;
   StopRule stop(policy_, research_.tail, exact_stop);
-  if (stop.wants_centre()) centre.resize(ub.size());
+  if (stop.wants_estimate()) estimate.resize(ub.size());
+  const bool box_centre = research_.box_centre_stop;
   if (exact_rank || exact_stop) {
     scratch_ub.resize(ub.size());
     scratch_g.resize(n_cand);
@@ -116,8 +119,10 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     if (norm_rank) bounds = exact_stop ? scratch_ub.data() : ub.data();
     RankScores(kv.KeyBounds(task.layer, task.kv_head),
                norm_rank ? AttentionPolicy::Rank::kBound : policy_.ranking(), qs, group, shape.scale,
-               sink, n_cand, bounds, stop.wants_centre() ? centre.data() : nullptr,
-               exact_rank ? scratch_g.data() : gscore.data());
+               sink, n_cand, bounds,
+               stop.wants_estimate() && box_centre ? estimate.data() : nullptr,
+               exact_rank ? scratch_g.data() : gscore.data(),
+               stop.wants_estimate() && !box_centre ? estimate.data() : nullptr);
     if (norm_rank) NormalizedGroupScores(bounds, group, n_cand, gscore.data());
   }
   if (exact_rank || exact_stop) {
@@ -145,8 +150,8 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   if (topk) ensure_sorted(take);  // PSA ranks lazily: most heads stop early
 
   // The weighted stops weigh each candidate by its bound (the exact
-  // log-mass for the exact stop) or its centre score.
-  if (stop.weighted()) stop.Weigh(stop.centre() ? centre.data() : ub.data(), group, n_cand);
+  // log-mass for the exact stop) or its estimate score.
+  if (stop.weighted()) stop.Weigh(stop.estimate() ? estimate.data() : ub.data(), group, n_cand);
 
   thread_local std::vector<HeadState> heads;
   heads.resize(group);
@@ -298,7 +303,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
           h.active = policy_.share_reads;
           continue;
         }
-        if (paged && stop.centre() && std::isfinite(unseen)) {
+        if (paged && stop.estimate() && std::isfinite(unseen)) {
           // The same estimate says how far this head will read: the next
           // blocks in order, each worth its weight times actual/estimate,
           // until eps of (AS_acc + unseen) is held. Fetch that far in one

@@ -16,7 +16,7 @@ StopRule::StopRule(const AttentionPolicy& p, ResearchSelection::Tail tail, bool 
       certified_(p.kind == AttentionPolicy::Kind::kPsa && (p.certified || exact_stop)),
       calibrated_(p.kind == AttentionPolicy::Kind::kPsa && !certified_ &&
                   tail == ResearchSelection::Tail::kCalibratedBound),
-      centre_(p.kind == AttentionPolicy::Kind::kPsa && !certified_ &&
+      estimate_(p.kind == AttentionPolicy::Kind::kPsa && !certified_ &&
               tail == ResearchSelection::Tail::kServed) {}
 
 void StopRule::Weigh(float* x, int group, int n_cand) {
@@ -30,7 +30,7 @@ void StopRule::Weigh(float* x, int group, int n_cand) {
 }
 
 double StopRule::Unseen(const HeadState& h, int g, int left, int B) const {
-  if (certified_ || calibrated_ || centre_) {
+  if (certified_ || calibrated_ || estimate_) {
     // The estimates are psa_math.h's, shared with the CUDA kernels.
     const double w_unseen = PsaUnseenWeight(w_total_[g], h.seen_w);
     if (certified_) {
@@ -43,9 +43,9 @@ double StopRule::Unseen(const HeadState& h, int g, int left, int B) const {
       // the latest iteration's blocks (actual / bound).
       return PsaUnseenCalibrated(w_unseen, h.group_w, h.group_sum);
     }
-    // Centre: the unseen blocks hold their share of the centre estimates,
+    // Estimate: the unseen blocks hold their share of the estimates,
     // scaled by the mass the attended blocks turned out to hold.
-    return PsaUnseenCentre(w_unseen, h.seen_w, h.seen_sum);
+    return PsaUnseenEstimate(w_unseen, h.seen_w, h.seen_sum);
   }
   if (tail_ == ResearchSelection::Tail::kMinSeen) {
     return std::isinf(h.as_min) ? INFINITY : h.as_min * left;

@@ -2,14 +2,17 @@
 // stops once P = AS_acc / (AS_acc + unseen) reaches epsilon; the rule is
 // how the mass of the candidates not yet attended ("unseen") is sized, as
 // the policy's `certified` and, for research, ResearchSelection::Tail choose:
-//  - centre (served default): each unseen block's share of the centre
-//    estimates, scaled by what the attended blocks held against theirs;
+//  - estimate (served default): each unseen block's share of the mean-key
+//    estimates exp(q.mean), scaled by what the attended blocks held against
+//    theirs (ResearchSelection::box_centre_stop: the box centre's instead,
+//    served before 2026-12-07);
 //  - certified: the unseen blocks' upper bounds (P is then guaranteed);
 //  - research variants (ResearchSelection::Tail): calibrated (the unseen
 //    bounds scaled by the latest iteration's actual / bound), min-seen (the
 //    paper) and last-group-mean (block counts times a seen block's mass).
-// The weighted rules (centre, certified, calibrated) weigh candidate c by
-// w_c = exp(x_c - X) — x its centre score or bound, X the head's largest —
+// The weighted rules (estimate, certified, calibrated) weigh candidate c by
+// w_c = exp(x_c - X) — x its mean-key (or centre) score or bound, X the
+// head's largest —
 // so the unseen weight is the total minus that attended.
 // One per step and task; not thread-safe.
 #ifndef PSA_COMPUTE_WORKER_ATTENTION_STOP_RULE_H_
@@ -31,14 +34,15 @@ class StopRule {
   // log-mass, hence no factor B).
   StopRule(const AttentionPolicy& p, ResearchSelection::Tail tail, bool exact_stop);
 
-  // What BlockBounds::Score must fill for it: per-head bounds, centre scores.
+  // What BlockBounds::Score must fill for it: per-head bounds, estimate
+  // scores (mean-key or centre, as the caller's research variant says).
   bool wants_bounds() const { return (certified_ || calibrated_) && !exact_; }
-  bool wants_centre() const { return centre_; }
-  bool weighted() const { return certified_ || calibrated_ || centre_; }
-  bool centre() const { return centre_; }
+  bool wants_estimate() const { return estimate_; }
+  bool weighted() const { return certified_ || calibrated_ || estimate_; }
+  bool estimate() const { return estimate_; }
 
   // Weighted rules: x is [group][n_cand] of bounds, exact log-masses or
-  // centre scores; they become the weights, in place (x is not read again).
+  // estimate scores; they become the weights, in place (x is not read again).
   void Weigh(float* x, int group, int n_cand);
   float weight(int g, int c) const { return w_[static_cast<size_t>(g) * n_cand_ + c]; }
   const float* weights(int g) const { return w_ + static_cast<size_t>(g) * n_cand_; }
@@ -49,7 +53,7 @@ class StopRule {
 
  private:
   ResearchSelection::Tail tail_;
-  bool exact_, certified_, calibrated_, centre_;
+  bool exact_, certified_, calibrated_, estimate_;
   float* w_ = nullptr;
   int n_cand_ = 0;
   double w_total_[kMaxGqaGroup];

@@ -20,6 +20,7 @@ KvCache::KvCache(int n_layer, int n_head_kv, int head_dim, int block_size)
       slab_cursors_(pages_.size()),
       kmax_(n_layer),
       kmin_(n_layer),
+      kmean_(n_layer),
       bounds_(static_cast<size_t>(n_layer) * n_head_kv, BlockBounds(head_dim)),
       read_hint_(static_cast<size_t>(n_layer) * n_head_kv, 0) {}
 
@@ -73,6 +74,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   pages_.assign(static_cast<size_t>(n_layer_) * n_head_kv_, {});
   kmax_.assign(n_layer_, {});
   kmin_.assign(n_layer_, {});
+  kmean_.assign(n_layer_, {});
   bounds_.assign(pages_.size(), BlockBounds(head_dim_));
   slabs_.clear();
   slab_cursors_.assign(pages_.size(), SlabCursor{});
@@ -85,6 +87,7 @@ KvCache& KvCache::operator=(const KvCache& other) {
   GrowTables(other.table_blocks_);
   kmax_ = other.kmax_;
   kmin_ = other.kmin_;
+  kmean_ = other.kmean_;
   bounds_ = other.bounds_;
   length_ = other.length_;
   for (int l = 0; l < n_layer_; ++l) AllocatePrivateBlocks(l, blocks);
@@ -102,7 +105,7 @@ void KvCache::GrowTables(int blocks) {
   const int new_blocks = std::max(blocks, std::max(4, table_blocks_ * 2));
   const size_t row = head_dim_;
   for (int l = 0; l < n_layer_; ++l) {
-    for (auto* meta : {&kmax_[l], &kmin_[l]}) {
+    for (auto* meta : {&kmax_[l], &kmin_[l], &kmean_[l]}) {
       std::vector<uint16_t> grown(static_cast<size_t>(n_head_kv_) * new_blocks * row);
       for (int h = 0; h < n_head_kv_ && full_blocks() > 0; ++h) {
         std::memcpy(grown.data() + h * new_blocks * row, meta->data() + h * table_blocks_ * row,
@@ -205,31 +208,36 @@ void KvCache::AllocatePooledPage(size_t t, int b) {
 void KvCache::Commit(int n) {
   const int first = full_blocks(), last = n / block_size_;
   length_ = n;
-  std::vector<float> key(head_dim_), mx(head_dim_), mn(head_dim_);
+  std::vector<float> key(head_dim_), mx(head_dim_), mn(head_dim_), sum(head_dim_);
   for (int l = 0; l < n_layer_; ++l) {
     for (int h = 0; h < n_head_kv_; ++h) {
       const KvRows keys = Keys(l, h);  // blocks [first, last) are private: just written
       for (int b = first; b < last; ++b) {
         std::fill(mx.begin(), mx.end(), -INFINITY);
         std::fill(mn.begin(), mn.end(), INFINITY);
+        std::fill(sum.begin(), sum.end(), 0.0f);
         for (int t = b * block_size_; t < (b + 1) * block_size_; ++t) {
           DequantizeRow(GgmlType::kF16, keys.row(t), key.data(), head_dim_);
           for (int d = 0; d < head_dim_; ++d) {
             mx[d] = std::max(mx[d], key[d]);
             mn[d] = std::min(mn[d], key[d]);
+            sum[d] += key[d];
           }
         }
+        for (int d = 0; d < head_dim_; ++d) sum[d] /= static_cast<float>(block_size_);
         const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * head_dim_;
         QuantizeRow(GgmlType::kF16, mx.data(), kmax_[l].data() + at, head_dim_);  // exact
         QuantizeRow(GgmlType::kF16, mn.data(), kmin_[l].data() + at, head_dim_);
-        bounds_[PageTable(l, h)].Set(b, kmax_[l].data() + at, kmin_[l].data() + at);
+        QuantizeRow(GgmlType::kF16, sum.data(), kmean_[l].data() + at, head_dim_);
+        bounds_[PageTable(l, h)].Set(b, kmax_[l].data() + at, kmin_[l].data() + at,
+                                     kmean_[l].data() + at);
       }
     }
   }
 }
 
 size_t KvCache::bytes() const {
-  const size_t meta = static_cast<size_t>(2) * n_layer_ * n_head_kv_ * table_blocks_ * head_dim_;
+  const size_t meta = static_cast<size_t>(3) * n_layer_ * n_head_kv_ * table_blocks_ * head_dim_;
   size_t pages = 0;
   if (!paged()) {
     pages = pages_.size() * static_cast<size_t>(capacity_ / block_size_);
@@ -270,7 +278,7 @@ absl::Status KvCache::AdoptStored(const std::string& sequence_id, int n_blocks,
   if (!paged() || length_ != 0) {
     return absl::FailedPreconditionError("AdoptStored needs an empty pool-backed cache");
   }
-  const size_t record = static_cast<size_t>(n_head_kv_) * 2 * head_dim_ * sizeof(uint16_t);
+  const size_t record = static_cast<size_t>(n_head_kv_) * 3 * head_dim_ * sizeof(uint16_t);
   if (n_blocks <= 0 || static_cast<int>(layer_metadata.size()) != n_layer_) {
     return absl::InvalidArgumentError(
         absl::StrCat("expected metadata of ", n_layer_, " layers, got ", layer_metadata.size()));
@@ -287,11 +295,12 @@ absl::Status KvCache::AdoptStored(const std::string& sequence_id, int n_blocks,
     const auto* src = reinterpret_cast<const uint16_t*>(layer_metadata[l].data());
     for (int b = 0; b < n_blocks; ++b) {
       for (int h = 0; h < n_head_kv_; ++h) {
-        const uint16_t* rec = src + (static_cast<size_t>(b) * n_head_kv_ + h) * 2 * d;
+        const uint16_t* rec = src + (static_cast<size_t>(b) * n_head_kv_ + h) * 3 * d;
         const size_t at = (static_cast<size_t>(h) * table_blocks_ + b) * d;
         std::memcpy(kmax_[l].data() + at, rec, d * sizeof(uint16_t));
         std::memcpy(kmin_[l].data() + at, rec + d, d * sizeof(uint16_t));
-        bounds_[PageTable(l, h)].Set(b, rec, rec + d);
+        std::memcpy(kmean_[l].data() + at, rec + 2 * d, d * sizeof(uint16_t));
+        bounds_[PageTable(l, h)].Set(b, rec, rec + d, rec + 2 * d);
       }
     }
   }

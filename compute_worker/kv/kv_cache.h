@@ -3,9 +3,9 @@
 // as K[block_size][head_dim] then V[block_size][head_dim] (fp16). The pages
 // of one (layer, block), heads in order, are the KV service's block format,
 // so blocks move between the two without reshaping. Every full block
-// carries metadata per KV head — the per-dimension max and min of its keys
-// — from which the sparse attention policies estimate a block's criticality
-// without reading its keys.
+// carries metadata per KV head — the per-dimension max, min and mean of its
+// keys — from which the sparse attention policies estimate a block's
+// criticality without reading its keys.
 //
 // Two ways to hold pages:
 //  - private memory (the default): every page is resident, always;
@@ -94,14 +94,19 @@ class KvCache {
     return KvRows{pages_[PageTable(layer, head)].data(),
                   static_cast<size_t>(block_size_) * head_dim_, block_size_, head_dim_};
   }
-  // Per-dimension max / min of the keys of full block b of (layer, head),
-  // fp16: the keys are fp16, so their extremes are exact and the metadata
-  // costs 1/16 of the block's K+V bytes.
+  // Per-dimension max / min / mean of the keys of full block b of (layer,
+  // head), fp16: the keys are fp16, so their extremes are exact; the mean
+  // is their float sum in row order over block_size, rounded (the same on
+  // every path that computes it). The metadata costs 3/32 of the block's
+  // K+V bytes.
   const uint16_t* KeyMax(int layer, int head, int b) const {
     return kmax_[layer].data() + (static_cast<size_t>(head) * table_blocks_ + b) * head_dim_;
   }
   const uint16_t* KeyMin(int layer, int head, int b) const {
     return kmin_[layer].data() + (static_cast<size_t>(head) * table_blocks_ + b) * head_dim_;
+  }
+  const uint16_t* KeyMean(int layer, int head, int b) const {
+    return kmean_[layer].data() + (static_cast<size_t>(head) * table_blocks_ + b) * head_dim_;
   }
   // The same metadata in 8 bits, for scoring blocks (see BlockBounds).
   const BlockBounds& KeyBounds(int layer, int head) const { return bounds_[PageTable(layer, head)]; }
@@ -122,8 +127,8 @@ class KvCache {
   int durable_blocks() const { return durable_blocks_; }
   // Pool-backed, empty cache: takes blocks [0, n_blocks) as stored under
   // `sequence_id` without fetching them; layer_metadata[l] holds the KV
-  // service's metadata records of layer l (per block: per head, key max
-  // then key min, head_dim fp16 each).
+  // service's metadata records of layer l (per block: per head, key max,
+  // key min, key mean, head_dim fp16 each).
   absl::Status AdoptStored(const std::string& sequence_id, int n_blocks,
                            const std::vector<std::string>& layer_metadata);
   // Blocks the last decode step's attention read for (layer, KV head):
@@ -178,7 +183,7 @@ class KvCache {
     bool huge = false;
   };
   std::vector<SlabCursor> slab_cursors_;
-  std::vector<std::vector<uint16_t>> kmax_, kmin_;  // per layer: [head][table_blocks][dim]
+  std::vector<std::vector<uint16_t>> kmax_, kmin_, kmean_;  // per layer: [head][table_blocks][dim]
   std::vector<BlockBounds> bounds_;                 // [layer * n_head_kv + head]
 
   std::vector<int> read_hint_;  // [layer * n_head_kv + head]

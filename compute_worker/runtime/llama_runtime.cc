@@ -148,6 +148,7 @@ absl::Status LlamaRuntime::Forward(absl::Span<const BatchEntry> batch, std::vect
       part.want_logits = b.want_logits && consumed[e] == b.tokens.size();
       part.attention = b.attention;
       part.stats = consumed[e] == b.tokens.size() ? b.stats : nullptr;
+      part.prompt = b.prompt || b.tokens.size() > 1;  // a pass may leave one row of a prompt
       pass.push_back(part);
       budget -= static_cast<int>(take);
       // A sequence can appear only once per pass: its next chunk needs this
@@ -164,6 +165,7 @@ absl::Status LlamaRuntime::Prefill(KvCache* kv, absl::Span<const TokenId> tokens
   BatchEntry e;
   e.kv = kv;
   e.tokens = tokens;
+  e.prompt = true;
   return Forward({&e, 1}, logits);
 }
 
@@ -293,6 +295,7 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       t.q_pos0 = row_pos[it.row0];
       t.n_q = it.n_q;
       t.entry_rows = static_cast<int>(b.tokens.size());
+      t.prefill = b.prompt || b.tokens.size() > 1;
       const size_t head0 = static_cast<size_t>(it.kv_head) * group * D;
       t.q = &q_[static_cast<size_t>(it.row0) * E + head0];
       t.q_stride = E;

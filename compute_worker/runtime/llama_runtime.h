@@ -38,6 +38,12 @@ struct BatchEntry {
   // If set, resized to n_layer * n_head and filled with what each (layer,
   // query head) did for the entry's last token.
   std::vector<HeadStepStats>* stats = nullptr;
+  // Prompt rows: attended as prompt rows (AttentionTask::prefill) however
+  // few. An entry of several rows always is; one row without this is a
+  // decode step. A prompt's last chunk can be one row (a prefix hit, a
+  // token budget, a pass boundary), and sparse policies attend prompt and
+  // decode rows differently: the output must not depend on the chunking.
+  bool prompt = false;
 };
 
 class LlamaRuntime {

@@ -196,7 +196,8 @@ bool BatchScheduler::Step() {
     // A replay's last token is sampled already (`next`): no logits wanted.
     const bool logits = chunk == left && seq->replay.empty();
     batch.push_back(BatchEntry{&seq->kv, {context.data() + seq->prefilled, chunk}, logits,
-                               seq->attention.get(), nullptr});
+                               seq->attention.get(), nullptr,
+                               /*prompt=*/seq->prefilled < seq->decode_from()});
     owners.push_back(seq.get());
     budget -= chunk;
   }

@@ -312,6 +312,7 @@ void PrefixStore::Export(const KvCache& kv, int first, int last,
       for (int h = 0; h < heads; ++h) {
         meta->append(reinterpret_cast<const char*>(kv.KeyMax(layer, h, b)), d * 2);
         meta->append(reinterpret_cast<const char*>(kv.KeyMin(layer, h, b)), d * 2);
+        meta->append(reinterpret_cast<const char*>(kv.KeyMean(layer, h, b)), d * 2);
       }
       out->push_back(std::move(block));
     }

@@ -121,7 +121,8 @@ DeviceBatch Upload(const Batch& b) {
       pages += n_blocks;
     }
   }
-  std::vector<uint16_t> pool(pages * page_elems), kmax(pages * d), kmin(pages * d);
+  std::vector<uint16_t> pool(pages * page_elems), kmax(pages * d), kmin(pages * d),
+      kmean(pages * d);
   for (int s = 0; s < n_seq; ++s) {
     const KvCache& kv = *b.caches[s];
     const int n_blocks = (kv.length() + kv.block_size() - 1) / kv.block_size();
@@ -132,6 +133,7 @@ DeviceBatch Upload(const Batch& b) {
         if (blk < kv.full_blocks()) {
           std::copy_n(kv.KeyMax(0, h, blk), d, kmax.begin() + at * d);
           std::copy_n(kv.KeyMin(0, h, blk), d, kmin.begin() + at * d);
+          std::copy_n(kv.KeyMean(0, h, blk), d, kmean.begin() + at * d);
         }
       }
     }
@@ -140,6 +142,7 @@ DeviceBatch Upload(const Batch& b) {
   dev.pool = ToDevice(pool);
   dev.kmax = ToDevice(kmax);
   dev.kmin = ToDevice(kmin);
+  dev.kmean = ToDevice(kmean);
   std::vector<const uint16_t*> page_ptrs(pages);
   for (size_t i = 0; i < pages; ++i) page_ptrs[i] = dev.pool.get() + i * page_elems;
   dev.pages = ToDevice(page_ptrs);
@@ -154,6 +157,7 @@ DeviceBatch Upload(const Batch& b) {
   dev.view.seq_len = dev.seq_len.get();
   dev.view.kmax = dev.kmax.get();
   dev.view.kmin = dev.kmin.get();
+  dev.view.kmean = dev.kmean.get();
   return dev;
 }
 
@@ -171,14 +175,15 @@ HostCandidates CpuSelection(const Batch& b, const AttentionPolicy& p) {
       for (int g = 0; g < group; ++g) {
         qs[g] = b.q.data() + ((s * b.shape.n_head()) + h * group + g) * static_cast<size_t>(d);
       }
-      std::vector<float> ub(static_cast<size_t>(group) * n), centre(ub.size()), gscore(n);
+      std::vector<float> ub(static_cast<size_t>(group) * n), centre(ub.size()), mean(ub.size()),
+          gscore(n);
       RankScores(kv.KeyBounds(0, h), p.ranking(), qs, group, b.shape.scale(), lay.sink, n, ub.data(),
-                 centre.data(), gscore.data());
+                 centre.data(), gscore.data(), mean.data());
       BlockRanking ranking;
       ranking.Reset(gscore.data(), n);
       ranking.Extend(n);
       c.order.insert(c.order.end(), ranking.order().begin(), ranking.order().end());
-      const std::vector<float>& x = p.certified ? ub : centre;
+      const std::vector<float>& x = p.certified ? ub : mean;
       c.stop_x.insert(c.stop_x.end(), x.begin(), x.end());
       total += n;
       c.max_n_cand = std::max(c.max_n_cand, n);

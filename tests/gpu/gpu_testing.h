@@ -67,7 +67,7 @@ Batch MakeBatch(const Shape& shape, const std::vector<int>& lengths, uint32_t se
 
 // The batch in the kernels' layout (device memory).
 struct DeviceBatch {
-  DeviceArray<uint16_t> pool, kmax, kmin;
+  DeviceArray<uint16_t> pool, kmax, kmin, kmean;
   DeviceArray<const uint16_t*> pages;
   DeviceArray<int> table, seq_len;
   DeviceArray<float> q;

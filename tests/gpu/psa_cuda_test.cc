@@ -181,35 +181,52 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
     auto begin = gpu_testing::ToDevice(cand.begin);
     auto ub = gpu_testing::DeviceZeros<float>(total * group);
     auto centre = gpu_testing::DeviceZeros<float>(total * group);
+    auto mean = gpu_testing::DeviceZeros<float>(total * group);
     auto gscore = gpu_testing::DeviceZeros<float>(total);
     auto estimate = gpu_testing::DeviceZeros<float>(total);
     // The rank estimate needs the heads' scores.
     EXPECT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
                                    gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
-                                   cand.max_n_cand, nullptr, centre.get(), estimate.get(), nullptr),
+                                   cand.max_n_cand, nullptr, centre.get(), nullptr, estimate.get(),
+                                   nullptr),
               cudaErrorInvalidValue);
     ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
                                    gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
-                                   cand.max_n_cand, ub.get(), centre.get(), estimate.get(), nullptr),
+                                   cand.max_n_cand, ub.get(), centre.get(), mean.get(),
+                                   estimate.get(), nullptr),
               cudaSuccess);
     p.rank = AttentionPolicy::Rank::kBound;
     ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), gpu_testing::ToSelection(p),
                                    dev.q.get(), begin.get(), cand.max_n_cand, ub.get(),
-                                   centre.get(), gscore.get(), nullptr),
+                                   centre.get(), nullptr, gscore.get(), nullptr),
               cudaSuccess);
+    // Mean scores need the mean keys.
+    cuda::PagedKv no_mean = dev.view;
+    no_mean.kmean = nullptr;
+    EXPECT_EQ(cuda::RunBlockScores(no_mean, shape.n_head(), shape.scale(), gpu_testing::ToSelection(p),
+                                   dev.q.get(), begin.get(), cand.max_n_cand, ub.get(),
+                                   centre.get(), mean.get(), gscore.get(), nullptr),
+              cudaErrorInvalidValue);
     // The metadata recomputed from the pages.
     auto kmax = gpu_testing::DeviceZeros<uint16_t>(dev.kmax.n);
     auto kmin = gpu_testing::DeviceZeros<uint16_t>(dev.kmin.n);
-    ASSERT_EQ(cuda::RunBlockMinMax(dev.view, b.max_len / 16, kmax.get(), kmin.get(), nullptr),
+    auto kmean = gpu_testing::DeviceZeros<uint16_t>(dev.kmean.n);
+    ASSERT_EQ(cuda::RunBlockMetadata(dev.view, b.max_len / 16, kmax.get(), kmin.get(), kmean.get(),
+                                     nullptr),
               cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const auto ub_h = gpu_testing::ToHost(ub), centre_h = gpu_testing::ToHost(centre);
+    const auto mean_h = gpu_testing::ToHost(mean);
     const auto gscore_h = gpu_testing::ToHost(gscore), estimate_h = gpu_testing::ToHost(estimate);
     const auto kmax_h = gpu_testing::ToHost(kmax), kmin_h = gpu_testing::ToHost(kmin);
+    const auto kmean_h = gpu_testing::ToHost(kmean);
     const auto kmax_ref = gpu_testing::ToHost(dev.kmax), kmin_ref = gpu_testing::ToHost(dev.kmin);
+    const auto kmean_ref = gpu_testing::ToHost(dev.kmean);
     for (size_t i = 0; i < kmax_ref.size(); ++i) {  // -0 and +0 compare equal
       ASSERT_EQ(Fp16ToFp32(kmax_h[i]), Fp16ToFp32(kmax_ref[i])) << "kmax element " << i;
       ASSERT_EQ(Fp16ToFp32(kmin_h[i]), Fp16ToFp32(kmin_ref[i])) << "kmin element " << i;
+      // The mean bit for bit as the CPU cache computes it.
+      ASSERT_EQ(Fp16ToFp32(kmean_h[i]), Fp16ToFp32(kmean_ref[i])) << "kmean element " << i;
     }
     for (size_t s = 0; s < b.caches.size(); ++s) {
       const KvCache& kv = *b.caches[s];
@@ -218,10 +235,11 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
       for (int h = 0; h < shape.n_head_kv; ++h) {
         const int base = cand.begin[s * shape.n_head_kv + h];
         for (int c = 0; c < lay.n_cand(); ++c) {
-          std::vector<float> hi(d), lo(d);
+          std::vector<float> hi(d), lo(d), mu(d);
           for (int i = 0; i < d; ++i) {
             hi[i] = Fp16ToFp32(kv.KeyMax(0, h, lay.sink + c)[i]);
             lo[i] = Fp16ToFp32(kv.KeyMin(0, h, lay.sink + c)[i]);
+            mu[i] = Fp16ToFp32(kv.KeyMean(0, h, lay.sink + c)[i]);
           }
           float best = -INFINITY;
           for (int g = 0; g < group; ++g) {
@@ -231,6 +249,8 @@ TEST(PsaCudaTest, BlockScoresAndMetadataMatchTheSharedMath) {
             const float m = PsaCentreScore(q, hi.data(), lo.data(), d, shape.scale());
             ASSERT_NEAR(ub_h[at], u, 1e-4f * (1 + std::fabs(u))) << "candidate " << c;
             ASSERT_NEAR(centre_h[at], m, 1e-4f * (1 + std::fabs(m))) << "candidate " << c;
+            const float mk = PsaMeanScore(q, mu.data(), d, shape.scale());
+            ASSERT_NEAR(mean_h[at], mk, 1e-4f * (1 + std::fabs(mk))) << "candidate " << c;
             best = std::max(best, ub_h[at]);
           }
           ASSERT_EQ(gscore_h[base + c], best);
@@ -297,7 +317,8 @@ TEST(PsaCudaTest, BlockOrderEqualsTheCpuRanking) {
     auto centre = gpu_testing::DeviceZeros<float>(cand.order.size() * shape.group);
     ASSERT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(),
                                    gpu_testing::ToSelection(p), dev.q.get(), begin.get(),
-                                   cand.max_n_cand, ub.get(), centre.get(), gscore.get(), nullptr),
+                                   cand.max_n_cand, ub.get(), centre.get(), nullptr, gscore.get(),
+                                   nullptr),
               cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     check(dev.view, p, cand.begin, cand.max_n_cand, gpu_testing::ToHost(gscore), kLengths);
@@ -480,8 +501,9 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
     const std::vector<uint16_t> pool_ref = gpu_testing::ToHost(dev.pool);
     const std::vector<uint16_t> kmax_ref = gpu_testing::ToHost(dev.kmax);
     const std::vector<uint16_t> kmin_ref = gpu_testing::ToHost(dev.kmin);
+    const std::vector<uint16_t> kmean_ref = gpu_testing::ToHost(dev.kmean);
     const size_t page_elems = b.caches[0]->page_elements();
-    std::vector<uint16_t> pool = pool_ref, kmax = kmax_ref, kmin = kmin_ref;
+    std::vector<uint16_t> pool = pool_ref, kmax = kmax_ref, kmin = kmin_ref, kmean = kmean_ref;
     std::vector<int> pos, table;
     std::vector<float> k(static_cast<size_t>(n_seq) * hkv * d), v(k.size());
     int pages = 0;
@@ -498,7 +520,7 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
           v[(static_cast<size_t>(s) * hkv + h) * d + i] = Fp16ToFp32(src[(16 + row) * d + i]);
           pool[page * page_elems + row * d + i] = 0;  // taken out
           pool[page * page_elems + (16 + row) * d + i] = 0;
-          if (row == 15) kmax[page * d + i] = kmin[page * d + i] = 0;
+          if (row == 15) kmax[page * d + i] = kmin[page * d + i] = kmean[page * d + i] = 0;
         }
         pages += (kv.length() + 15) / 16;
       }
@@ -509,6 +531,8 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
               cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dev.kmin.get(), kmin.data(), kmin.size() * 2, cudaMemcpyHostToDevice),
               cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dev.kmean.get(), kmean.data(), kmean.size() * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
     auto host_copy = gpu_testing::ToDevice(pool);  // the write-through copy
     std::vector<const uint16_t*> host_ptrs(dev.pages.n);
     for (size_t i = 0; i < host_ptrs.size(); ++i) host_ptrs[i] = host_copy.get() + i * page_elems;
@@ -516,16 +540,18 @@ TEST(PsaCudaTest, AppendWritesRowsAndMetadataAsTheCpuCache) {
     auto pos_d = gpu_testing::ToDevice(pos);
     auto k_d = gpu_testing::ToDevice(k), v_d = gpu_testing::ToDevice(v);
     ASSERT_EQ(cuda::RunAppend(dev.view, host_table.get(), pos_d.get(), k_d.get(), v_d.get(),
-                              dev.kmax.get(), dev.kmin.get(), nullptr),
+                              dev.kmax.get(), dev.kmin.get(), dev.kmean.get(), nullptr),
               cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(gpu_testing::ToHost(dev.pool), pool_ref);
     EXPECT_EQ(gpu_testing::ToHost(host_copy), pool_ref);
     const std::vector<uint16_t> kmax_got = gpu_testing::ToHost(dev.kmax);
     const std::vector<uint16_t> kmin_got = gpu_testing::ToHost(dev.kmin);
+    const std::vector<uint16_t> kmean_got = gpu_testing::ToHost(dev.kmean);
     for (size_t i = 0; i < kmax_ref.size(); ++i) {  // -0 and +0 compare equal
       ASSERT_EQ(Fp16ToFp32(kmax_got[i]), Fp16ToFp32(kmax_ref[i])) << "kmax element " << i;
       ASSERT_EQ(Fp16ToFp32(kmin_got[i]), Fp16ToFp32(kmin_ref[i])) << "kmin element " << i;
+      ASSERT_EQ(Fp16ToFp32(kmean_got[i]), Fp16ToFp32(kmean_ref[i])) << "kmean element " << i;
     }
   }
 }
@@ -546,7 +572,7 @@ TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
   const size_t total = cand.order.size(), heads = static_cast<size_t>(n_seq) * shape.n_head();
   auto begin = gpu_testing::ToDevice(cand.begin);
   auto ub = gpu_testing::DeviceZeros<float>(total * shape.group);
-  auto centre = gpu_testing::DeviceZeros<float>(total * shape.group);
+  auto mean = gpu_testing::DeviceZeros<float>(total * shape.group);
   auto gscore = gpu_testing::DeviceZeros<float>(total);
   auto order = gpu_testing::DeviceZeros<int>(total);
   auto order_work = gpu_testing::DeviceZeros<float>(
@@ -564,12 +590,12 @@ TEST(PsaCudaTest, AStepIsCapturedAsACudaGraph) {
   cuda::Candidates c;
   c.begin = begin.get();
   c.order = order.get();
-  c.stop_x = centre.get();
+  c.stop_x = mean.get();
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   auto step = [&] {
     EXPECT_EQ(cuda::RunBlockScores(dev.view, shape.n_head(), shape.scale(), sel, dev.q.get(),
-                                   begin.get(), cand.max_n_cand, ub.get(), centre.get(),
+                                   begin.get(), cand.max_n_cand, ub.get(), nullptr, mean.get(),
                                    gscore.get(), stream),
               cudaSuccess);
     EXPECT_EQ(cuda::RunBlockOrder(dev.view, sel, begin.get(), cand.max_n_cand, gscore.get(),

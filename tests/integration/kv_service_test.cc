@@ -77,9 +77,9 @@ TEST(KvServiceTest, RoundTripIsBitExactWithManyFetchesOutstanding) {
   ASSERT_EQ(meta->size(), 30u);
   EXPECT_EQ((*meta)[3].num_blocks(), 200u);
   EXPECT_EQ((*meta)[4].num_blocks(), 0u);
-  // 768 bytes of metadata per block: 3 heads x (max, min) x 64 dims x fp16.
-  EXPECT_EQ((*meta)[3].metadata().size(), 200u * 768);
-  EXPECT_TRUE((*meta)[3].metadata().substr(7 * 768, 768) ==
+  // 1152 bytes of metadata per block: 3 heads x (max, min, mean) x 64 dims x fp16.
+  EXPECT_EQ((*meta)[3].metadata().size(), 200u * 1152);
+  EXPECT_TRUE((*meta)[3].metadata().substr(7 * 1152, 1152) ==
               MakeBlock(layout, 3, 7, 42).metadata());
 
   // Reopening reports what is stored; a different layout is refused.
@@ -302,9 +302,9 @@ TEST(KvServiceTest, ConcurrentWritersAndReaders) {
 }
 
 TEST(KvServiceTest, EvictionUnderPressureNeverTakesALeasedSequence) {
-  // 12 KiB + 384 B per block; 1 MiB holds ~84 blocks: 40-block sequences
-  // force evictions from the third one on.
-  auto shard = StartShard({"--capacity=1MiB"});
+  // 12 KiB + 1152 B per block; 1200 KiB holds ~91 blocks: 40-block
+  // sequences force evictions from the third one on.
+  auto shard = StartShard({"--capacity=1200KiB"});
   auto client = ClientFor({shard->address()});
   const psa::v1::KvLayout layout = ModelLayout();
   ASSERT_TRUE(client->Open("pinned", layout).ok());

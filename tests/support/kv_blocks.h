@@ -10,7 +10,7 @@
 namespace psa::testing {
 
 // A small layout: 2 layers, 2 KV heads, head dim 8, blocks of 4, fp16
-// (data 256 bytes, metadata 64 bytes per block).
+// (data 256 bytes, metadata 96 bytes per block).
 inline psa::v1::KvLayout SmallLayout(const std::string& model_id = "test-model") {
   psa::v1::KvLayout l;
   l.set_model_id(model_id);
@@ -55,7 +55,7 @@ inline psa::v1::KvBlock MakeBlock(const psa::v1::KvLayout& l, uint32_t layer, ui
   b.set_index(index);
   const uint64_t key = seed * 1000003 + layer * 4099 + index;
   b.set_data(PatternBytes(key, 2ull * l.num_kv_heads() * l.block_size() * l.head_dim() * elem));
-  b.set_metadata(PatternBytes(~key, 2ull * l.num_kv_heads() * l.head_dim() * elem));
+  b.set_metadata(PatternBytes(~key, 3ull * l.num_kv_heads() * l.head_dim() * elem));
   return b;
 }
 

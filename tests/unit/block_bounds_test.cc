@@ -1,6 +1,7 @@
 // BlockBounds: the 8-bit box bound is still an upper bound of every key's
 // score (the certified stop relies on it), stays close to the exact fp16
-// box bound, and writes exactly the requested range.
+// box bound, the 8-bit mean-key score close to the exact one, and it writes
+// exactly the requested range.
 #include "compute_worker/kv/block_bounds.h"
 
 #include <algorithm>
@@ -17,11 +18,11 @@ namespace {
 constexpr float kSentinel = 12345.0f;
 
 // n blocks of 16 random keys (a per-block offset and spread, so the boxes
-// differ in centre and width), their fp16 max/min, and the table.
+// differ in centre and width), their fp16 max/min/mean, and the table.
 struct Blocks {
   int d;
   std::vector<std::vector<float>> keys;  // [block][16 * d], fp16-exact
-  std::vector<uint16_t> kmax, kmin;      // [block][d]
+  std::vector<uint16_t> kmax, kmin, kmean;  // [block][d]
   BlockBounds table;
   Blocks(int n, int dim, uint32_t seed) : d(dim), table(dim) {
     std::mt19937 rng(seed);
@@ -30,6 +31,7 @@ struct Blocks {
     table.Reserve(n);
     kmax.resize(static_cast<size_t>(n) * d);
     kmin.resize(kmax.size());
+    kmean.resize(kmax.size());
     for (int b = 0; b < n; ++b) {
       const float spread = b % 7 == 0 ? 0.0f : u(rng);  // some zero-width boxes
       std::vector<float> offset(d);
@@ -39,16 +41,19 @@ struct Blocks {
         for (int i = 0; i < d; ++i)
           k[t * d + i] = Fp16ToFp32(Fp32ToFp16(offset[i] + spread * g(rng)));
       for (int i = 0; i < d; ++i) {
-        float hi = -INFINITY, lo = INFINITY;
+        float hi = -INFINITY, lo = INFINITY, sum = 0;
         for (int t = 0; t < 16; ++t) {
           hi = std::max(hi, k[t * d + i]);
           lo = std::min(lo, k[t * d + i]);
+          sum += k[t * d + i];
         }
         kmax[static_cast<size_t>(b) * d + i] = Fp32ToFp16(hi);
         kmin[static_cast<size_t>(b) * d + i] = Fp32ToFp16(lo);
+        kmean[static_cast<size_t>(b) * d + i] = Fp32ToFp16(sum / 16);
       }
       keys.push_back(k);
-      table.Set(b, &kmax[static_cast<size_t>(b) * d], &kmin[static_cast<size_t>(b) * d]);
+      const size_t at = static_cast<size_t>(b) * d;
+      table.Set(b, &kmax[at], &kmin[at], &kmean[at]);
     }
   }
   // scale * max over the fp16 box of q.k, in double.
@@ -81,6 +86,7 @@ struct Blocks {
     }
     return s * scale;
   }
+  double Mean(int b, int i) const { return Fp16ToFp32(kmean[static_cast<size_t>(b) * d + i]); }
   double Hi(int b, int i) const { return Fp16ToFp32(kmax[static_cast<size_t>(b) * d + i]); }
   double Lo(int b, int i) const { return Fp16ToFp32(kmin[static_cast<size_t>(b) * d + i]); }
 };
@@ -127,6 +133,51 @@ TEST(BlockBoundsTest, BoundsEveryKeyAndTheBoxWithinAFewPercent) {
   }
 }
 
+TEST(BlockBoundsTest, MeanKeyScoresWithinTheirRounding) {
+  for (int d : {64, 128, 10}) {
+    for (int group : {1, 3, 4, 7}) {  // 4 and 7: more heads than one pass with the mean
+      const int n = 45;
+      Blocks blocks(n, d, 7 * d + group);
+      std::mt19937 rng(d * group);
+      std::normal_distribution<float> g(0.0f, 1.0f);
+      std::vector<std::vector<float>> q(group, std::vector<float>(d));
+      for (auto& qh : q) {
+        for (float& x : qh) x = g(rng);
+      }
+      const float* qs[8];
+      for (int h = 0; h < group; ++h) qs[h] = q[h].data();
+      const float scale = 0.125f;
+      std::vector<float> ub(static_cast<size_t>(group) * n), gscore(n), centre(ub.size()),
+          mean(ub.size());
+      blocks.table.Score(qs, group, scale, 0, n, ub.data(), n, gscore.data(), centre.data(),
+                         mean.data());
+      // The same bounds and centre scores as without the mean.
+      std::vector<float> ub2(ub.size()), gscore2(n), centre2(ub.size());
+      blocks.table.Score(qs, group, scale, 0, n, ub2.data(), n, gscore2.data(), centre2.data());
+      EXPECT_EQ(ub, ub2);
+      EXPECT_EQ(gscore, gscore2);
+      EXPECT_EQ(centre, centre2);
+      for (int b = 0; b < n; ++b) {
+        double mmax = 0;
+        for (int i = 0; i < d; ++i) mmax = std::max(mmax, std::fabs(blocks.Mean(b, i)));
+        for (int h = 0; h < group; ++h) {
+          double exact = 0, qmax = 0, l1q = 0, l1m = 0;
+          for (int i = 0; i < d; ++i) {
+            exact += qs[h][i] * blocks.Mean(b, i);
+            qmax = std::max(qmax, std::fabs(static_cast<double>(qs[h][i])));
+            l1q += std::fabs(qs[h][i]);
+            l1m += std::fabs(blocks.Mean(b, i));
+          }
+          // Each side off by <= half its 8-bit step per dim.
+          const double allow = (qmax / 254 * (l1m + mmax / 254 * d) + mmax / 254 * l1q) * scale;
+          EXPECT_NEAR(mean[static_cast<size_t>(h) * n + b], exact * scale, allow + 1e-6)
+              << "d " << d << " block " << b << " head " << h;
+        }
+      }
+    }
+  }
+}
+
 TEST(BlockBoundsTest, ScoresExactlyTheRangeAsked) {
   const int n = 50, group = 3;
   Blocks blocks(n, 64, 9);
@@ -165,7 +216,7 @@ TEST(BlockBoundsTest, CentreRoundingIsCoveredByTheRadius) {
   k[0] = Fp32ToFp16(127.0f);
   BlockBounds table(64);
   table.Reserve(1);
-  table.Set(0, k.data(), k.data());
+  table.Set(0, k.data(), k.data(), k.data());
   std::vector<float> q(64, 1.0f);
   q[0] = 0.0f;
   double exact = 0;

@@ -60,7 +60,7 @@ TEST_F(BlockStoreTest, RoundTripIsBitExactInRequestedOrder) {
   std::vector<uint32_t> counts;
   ASSERT_TRUE(store_.ReadMetadata("s", &meta, &counts).ok());
   EXPECT_THAT(counts, ::testing::ElementsAre(5, 5));
-  EXPECT_EQ(meta[0].substr(3 * 64, 64), MakeBlock(layout_, 0, 3, 7).metadata());
+  EXPECT_EQ(meta[0].substr(3 * 96, 96), MakeBlock(layout_, 0, 3, 7).metadata());
 }
 
 TEST_F(BlockStoreTest, OpenChecksLayout) {
@@ -105,7 +105,7 @@ TEST_F(BlockStoreTest, BadWritesChangeNothing) {
   short_data.mutable_data()->pop_back();
   s = store_.Write("s", {View(short_data)}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr("needs 256 and 64"));
+  EXPECT_THAT(s.message(), HasSubstr("needs 256 and 96"));
 
   auto bad_layer = MakeBlock(layout_, 0, 2, 1);
   bad_layer.set_layer(2);
@@ -151,21 +151,21 @@ TEST_F(BlockStoreTest, IdenticalBlocksAreStoredOnceAndFreedWithTheLastReference)
   BlockStoreStats s = store_.Stats();
   EXPECT_EQ(s.blocks, 12u);
   EXPECT_EQ(s.unique_blocks, 6u);
-  EXPECT_EQ(s.bytes_stored, 6u * (256 + 64));
+  EXPECT_EQ(s.bytes_stored, 6u * (256 + 96));
   EXPECT_EQ(*store_.Release("a"), 0u);  // still referenced by b
-  EXPECT_EQ(store_.Stats().bytes_stored, 6u * (256 + 64));
+  EXPECT_EQ(store_.Stats().bytes_stored, 6u * (256 + 96));
   std::string out;
   uint64_t bb;
   ASSERT_TRUE(store_.Read("b", 0, {2}, kNoLimit, &out, &bb).ok());
   EXPECT_EQ(out, MakeBlock(layout_, 0, 2, 5).data());
-  EXPECT_EQ(*store_.Release("b"), 6u * (256 + 64));
+  EXPECT_EQ(*store_.Release("b"), 6u * (256 + 96));
   EXPECT_EQ(store_.Stats().bytes_stored, 0u);
   EXPECT_EQ(store_.Release("b").status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(BlockStoreTest, EvictsLeastRecentlyUsedButNeverLeased) {
-  // Room for 3 sequences of 2x2 blocks (1280 bytes each).
-  BlockStore store(BlockStore::Options{3 * 1280});
+  // Room for 3 sequences of 2x2 blocks (1408 bytes each).
+  BlockStore store(BlockStore::Options{3 * 1408});
   for (const char* id : {"old", "leased", "mid"}) {
     OpenSeq(id, &store);
     ASSERT_TRUE(WriteAll(id, 2, id[0], &store).ok());
@@ -198,7 +198,7 @@ absl::Time fake_now = absl::UnixEpoch();
 absl::Time FakeNow() { return fake_now; }
 
 TEST_F(BlockStoreTest, LeasesExpireRenewAndEnd) {
-  BlockStore store(BlockStore::Options{2 * 1280, &FakeNow});
+  BlockStore store(BlockStore::Options{2 * 1408, &FakeNow});
   OpenSeq("a", &store);
   ASSERT_TRUE(WriteAll("a", 2, 1, &store).ok());
   absl::StatusOr<LeaseResult> lease = store.Lease("a", 0, absl::Seconds(10));
@@ -288,7 +288,7 @@ TEST_F(BlockStoreTest, LinkedSequencesShareAPrefixByReference) {
             absl::StatusCode::kOutOfRange);
   // The link outlives its source; it can grow on its own.
   ASSERT_TRUE(store_.Release("doc").ok());
-  EXPECT_EQ(store_.Stats().bytes_stored, 6u * (256 + 64));
+  EXPECT_EQ(store_.Stats().bytes_stored, 6u * (256 + 96));
   auto b3 = MakeBlock(layout_, 0, 3, 9);
   EXPECT_TRUE(store_.Write("doc/3", {View(b3)}).ok());
   // Opening an existing link again changes nothing.

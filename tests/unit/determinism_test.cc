@@ -79,6 +79,37 @@ TEST_F(DeterminismTest, AResumedGenerationContinuesAsTheUninterruptedOne) {
 // builds equals, bit for bit, the one the decode steps built, and differs
 // from a prefill of the same tokens (the old resume path), whose rows are
 // attended densely.
+// A prompt's rows are prompt rows however the prompt is cut: a last chunk
+// of one row (after a prefix hit, at a token budget or a pass boundary) is
+// attended as the one-pass prefill attends it, not as a decode step.
+TEST_F(DeterminismTest, APromptEndingInAOneRowChunkEqualsItsOnePassPrefill) {
+  const AttentionPolicy policy = *AttentionPolicy::Parse("psa:eps=0.5,min_blocks=2");
+  const std::vector<TokenId> tokens = Tokens(1000, model_->hparams().n_vocab, 9);
+  const absl::Span<const TokenId> all(tokens);
+  LlamaRuntime rt(*model_, RuntimeOptions{}, MakeAttention(policy));
+  std::vector<float> one_pass, got;
+  KvCache a = rt.NewCache();
+  ASSERT_TRUE(rt.Prefill(&a, all, &one_pass).ok());
+  // Prefill() of the last row alone.
+  KvCache b = rt.NewCache();
+  ASSERT_TRUE(rt.Prefill(&b, all.subspan(0, 999), &got).ok());
+  ASSERT_TRUE(rt.Prefill(&b, all.subspan(999), &got).ok());
+  EXPECT_EQ(got, one_pass);
+  // Passes of 333 rows: the last pass holds one row of the prompt.
+  RuntimeOptions small;
+  small.max_batch_tokens = 333;
+  LlamaRuntime rt333(*model_, small, MakeAttention(policy));
+  KvCache c = rt333.NewCache();
+  ASSERT_TRUE(rt333.Prefill(&c, all, &got).ok());
+  EXPECT_EQ(got, one_pass);
+  // The same row as a decode step differs (else the test could not tell).
+  KvCache d = rt.NewCache();
+  ASSERT_TRUE(rt.Prefill(&d, all.subspan(0, 999), &got).ok());
+  BatchEntry step{&d, all.subspan(999, 1), true, nullptr, nullptr};
+  ASSERT_TRUE(rt.Forward({&step, 1}, &got).ok());
+  EXPECT_NE(got, one_pass);
+}
+
 TEST_F(DeterminismTest, ResumedRowsAreRecomputedAsTheDecodeStepsThatMadeThem) {
   const AttentionPolicy policy = *AttentionPolicy::Parse("topk:k=4");
   const std::unique_ptr<AttentionBackend> backend = MakeAttention(policy);

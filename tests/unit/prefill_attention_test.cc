@@ -36,6 +36,7 @@ std::vector<float> RunRows(const AttentionShape& shape, KvCache& kv, const std::
   t.q_pos0 = pos0;
   t.n_q = n;
   t.entry_rows = n;
+  t.prefill = true;
   t.q = q.data() + static_cast<size_t>(pos0) * G * d;
   t.q_stride = G * d;
   t.out = out.data();

@@ -75,15 +75,16 @@ TEST(PsaMathTest, TheCpusEightBitBoundIsNeverBelowTheExactBoxBound) {
   bounds.Reserve(kBlocks);
   std::vector<float> hi(kBlocks * kD), lo(kBlocks * kD);
   for (int b = 0; b < kBlocks; ++b) {
-    std::vector<uint16_t> mx(kD), mn(kD);
+    std::vector<uint16_t> mx(kD), mn(kD), me(kD);
     for (int i = 0; i < kD; ++i) {
       const float a = RoundFp16(n(rng) + 0.3f * b / kBlocks), c = RoundFp16(n(rng));
       hi[b * kD + i] = std::max(a, c);
       lo[b * kD + i] = std::min(a, c);
       mx[i] = Fp32ToFp16(hi[b * kD + i]);
       mn[i] = Fp32ToFp16(lo[b * kD + i]);
+      me[i] = Fp32ToFp16(0.5f * (a + c));
     }
-    bounds.Set(b, mx.data(), mn.data());
+    bounds.Set(b, mx.data(), mn.data(), me.data());
   }
   std::vector<float> q(kGroup * kD);
   for (float& x : q) x = n(rng);
@@ -195,7 +196,7 @@ TEST(PsaMathTest, UnseenEstimatesMatchStopRuleAndHandComputation) {
 
   for (bool certified : {false, true}) {
     StopRule rule(PsaPolicy(certified), ResearchSelection::Tail::kServed, false);
-    EXPECT_EQ(rule.centre(), !certified);
+    EXPECT_EQ(rule.estimate(), !certified);
     std::vector<float> w = x;
     rule.Weigh(w.data(), 2, kCand);
     HeadState h;
@@ -214,7 +215,7 @@ TEST(PsaMathTest, UnseenEstimatesMatchStopRuleAndHandComputation) {
     for (int c = 0; c < kCand; ++c) w_total += rule.weight(0, c);
     const double u = PsaUnseenWeight(w_total, h.seen_w);
     const double shared = certified ? PsaUnseenCertified(u, kB, x_max0, h.m)
-                                    : PsaUnseenCentre(u, h.seen_w, h.seen_sum);
+                                    : PsaUnseenEstimate(u, h.seen_w, h.seen_sum);
     EXPECT_NEAR(shared, got, 1e-9 * got);
     // Head 1: every weight is 1.
     HeadState h1;
@@ -225,11 +226,11 @@ TEST(PsaMathTest, UnseenEstimatesMatchStopRuleAndHandComputation) {
     EXPECT_NEAR(rule.Unseen(h1, 1, 3, kB), certified ? kB * 3.0 : 3.0, 1e-6);
   }
   // Nothing attended yet: the centre estimate is unknown, P is 0.
-  EXPECT_EQ(PsaUnseenCentre(3.0, 0.0, 0.0), INFINITY);
+  EXPECT_EQ(PsaUnseenEstimate(3.0, 0.0, 0.0), INFINITY);
   EXPECT_EQ(PsaCaptured(5.0, INFINITY), 0.0);
   // Attended more than the total (rounding): never a negative unseen mass.
   EXPECT_EQ(PsaUnseenWeight(1.0, 1.0 + 1e-12), 0.0);
-  EXPECT_EQ(PsaCaptured(5.0, PsaUnseenCentre(0.0, 1.0, 5.0)), 1.0);
+  EXPECT_EQ(PsaCaptured(5.0, PsaUnseenEstimate(0.0, 1.0, 5.0)), 1.0);
   // The decision: P >= epsilon (a float), after min_blocks.
   EXPECT_TRUE(PsaStops(PsaCaptured(9.0, 1.0), 0.9f));
   EXPECT_FALSE(PsaStops(PsaCaptured(8.9, 1.1), 0.9f));

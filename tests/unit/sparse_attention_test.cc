@@ -155,15 +155,18 @@ TEST(SparseAttentionTest, AStoppedHeadAttendsWhatItsGroupReadsOnFor) {
   EXPECT_EQ(head(shared.out, 1), head(solo.out, 1));
 }
 
-TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
+TEST(SparseAttentionTest, TheEstimateTracksTheTrueCapturedMass) {
   // One query head, one block per iteration, no floor: the blocks touched
-  // are the forced ones (first and last) plus a prefix of the bound's
+  // are the forced ones (first and last) plus a prefix of the ranking's
   // order, so the test can tell the true captured fraction at the stop.
-  // The bound's order: on these keys (every block alike, pure noise) the
-  // estimate's order takes the blocks whose centre scores came out highest
-  // by chance, and the stop, calibrated on them, stops short (true 0.30 at
-  // eps 0.5); on real keys it stops within 0.04 of the exact stop
-  // (docs/attention.md, "Ranking").
+  // Every block alike, pure noise: the worst case for the mean key, which
+  // then says little about a block's mass (the mean of 16 noise keys is
+  // near the others'), so the served stop leans on the mass seen and stops
+  // late rather than short. The box centre's stop under the estimate's
+  // order stops short: the order took the blocks whose centre scores came
+  // out highest by chance and the stop, calibrated on them, thinks the
+  // rest hold less (true 0.30 at eps 0.5) — the winner's curse the mean
+  // key removes.
   const int length = 2048, block = 16, blocks = length / block;
   KvCache kv = RandomCache(1, length, block, 17);
   const AttentionShape shape{1, 1, kHeadDim, 0.125f};
@@ -171,31 +174,41 @@ TEST(SparseAttentionTest, TheCentreEstimateTracksTheTrueCapturedMass) {
   const std::vector<double> mass = BlockMasses(kv, q, 0.125f);
   double total = 0;
   for (double m : mass) total += m;
-  const std::vector<int> in_order =
-      CandidatesInOrder(kv, q, 0.125f, AttentionPolicy::Rank::kBound);
-  auto true_captured = [&](int touched) {
-    double m = mass[0] + mass[blocks - 1];
-    for (int k = 0; k < touched - 2; ++k) m += mass[in_order[k]];
-    return m / total;
-  };
-  double worst_centre = 0, worst_mean = 0;
-  for (float eps : {0.5f, 0.7f, 0.9f}) {
-    AttentionPolicy p = Psa(eps);
-    p.group_blocks = 1;
-    p.rank = AttentionPolicy::Rank::kBound;
-    const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
-    ASSERT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;  // it did stop
-    const double c = true_captured(o.stats[0].blocks_touched);
-    EXPECT_NEAR(c, eps, 0.1) << "eps " << eps;  // it stopped about where it should
-    worst_centre = std::max(worst_centre, std::fabs(c - eps));
-    ResearchSelection mean;
-    mean.tail = ResearchSelection::Tail::kLastGroupMean;
-    const Output m = Attend(SparseAttention(p, mean), shape, kv, q, 0);
-    worst_mean = std::max(worst_mean, std::fabs(true_captured(m.stats[0].blocks_touched) - eps));
+  for (AttentionPolicy::Rank rank : {AttentionPolicy::Rank::kBound, AttentionPolicy::Rank::kEstimate}) {
+    const std::vector<int> in_order = CandidatesInOrder(kv, q, 0.125f, rank);
+    auto true_captured = [&](const Output& o) {
+      double m = mass[0] + mass[blocks - 1];
+      for (int k = 0; k < o.stats[0].blocks_touched - 2; ++k) m += mass[in_order[k]];
+      return m / total;
+    };
+    double worst_served = 0, worst_box = 0, worst_mean = 0;
+    for (float eps : {0.5f, 0.7f, 0.9f}) {
+      AttentionPolicy p = Psa(eps);
+      p.group_blocks = 1;
+      p.rank = rank;
+      const Output o = Attend(SparseAttention(p), shape, kv, q, 0);
+      ASSERT_LT(o.stats[0].blocks_touched, blocks) << "eps " << eps;  // it did stop
+      const double c = true_captured(o);
+      // Never short by more than a little, at most 0.15 late.
+      EXPECT_GE(c, eps - 0.03) << "eps " << eps;
+      EXPECT_LE(c, eps + 0.15) << "eps " << eps;
+      worst_served = std::max(worst_served, eps - c);
+      ResearchSelection box;
+      box.box_centre_stop = true;
+      worst_box = std::max(worst_box, eps - true_captured(Attend(SparseAttention(p, box), shape, kv, q, 0)));
+      ResearchSelection mean;
+      mean.tail = ResearchSelection::Tail::kLastGroupMean;
+      worst_mean = std::max(worst_mean, eps - true_captured(Attend(SparseAttention(p, mean), shape, kv, q, 0)));
+    }
+    // The last-iteration mean stops far short here (it takes the latest
+    // blocks' mass for every unseen block's: 0.28 at 0.5), and so does the
+    // box centre under the estimate's order.
+    EXPECT_GT(worst_mean, 0.15);
+    if (rank == AttentionPolicy::Rank::kEstimate) {
+      EXPECT_GT(worst_box, 0.15);
+    }
+    EXPECT_LT(worst_served, 0.03);
   }
-  // Closer than the last-iteration mean, which stops far short here (it
-  // takes the latest blocks' mass for every unseen block's: 0.28 at 0.5).
-  EXPECT_LT(worst_centre, worst_mean);
 }
 
 TEST(SparseAttentionTest, TopKTouchesExactlyKBlocksAndFindsTheHotOnes) {

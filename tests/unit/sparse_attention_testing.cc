@@ -59,6 +59,7 @@ std::vector<float> AttendRows(const AttentionBackend& backend, const AttentionSh
   t.q_pos0 = (end < 0 ? kv.length() : end) - rows;
   t.n_q = rows;
   t.entry_rows = entry_rows;
+  t.prefill = true;
   t.q = q;
   t.q_stride = width;
   t.out = out.data();

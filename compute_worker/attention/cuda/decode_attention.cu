@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
             const double w_unseen = PsaUnseenWeight(sh.w_total[g], t.seen_w);
             const double unseen = sel.certified
                                       ? PsaUnseenCertified(w_unseen, kPageRows, sh.x_max[g], t.m)
-                                      : PsaUnseenCentre(w_unseen, t.seen_w, t.seen_sum);
+                                      : PsaUnseenEstimate(w_unseen, t.seen_w, t.seen_sum);
             const double p = PsaCaptured(t.l, unseen);
             if (PsaStops(p, sel.epsilon)) {
               sh.captured[g] = static_cast<float>(p);

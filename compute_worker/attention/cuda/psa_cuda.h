@@ -42,10 +42,11 @@ struct PagedKv {
   const uint16_t* const* pages = nullptr;
   const int* table = nullptr;    // [n_seq * n_head_kv]
   const int* seq_len = nullptr;  // [n_seq] positions attended (the query's + 1)
-  // Per-dimension key max / min of block b (head_dim fp16 each) at
+  // Per-dimension key max / min / mean of block b (head_dim fp16 each) at
   // [(table[s * n_head_kv + h] + b) * head_dim]; valid for full blocks.
   const uint16_t* kmax = nullptr;
   const uint16_t* kmin = nullptr;
+  const uint16_t* kmean = nullptr;
 };
 
 enum class DecodeMode { kDense, kTopK, kPsa };
@@ -74,7 +75,7 @@ struct Candidates {
   // [0, n_cand) (top-k reads only its first k - forced).
   const int* order = nullptr;
   // PSA's stop weights' scores, [group][n_cand] from begin * group: head
-  // g's centre score of candidate c (its bound with `certified`).
+  // g's mean-key score of candidate c (its bound with `certified`).
   const float* stop_x = nullptr;
 };
 
@@ -115,7 +116,8 @@ cudaError_t RunDecode(const DecodePlan& plan, const PagedKv& kv, const float* q,
 
 // Block scores of every candidate: for head g of (s, h) and candidate c,
 // ub[(begin * group) + g * n_cand + c] = scale * sum_i max(q_i kmax_i,
-// q_i kmin_i) (PsaBoxBound) and centre[same] = PsaCentreScore;
+// q_i kmin_i) (PsaBoxBound), centre[same] = PsaCentreScore and mean[same]
+// = PsaMeanScore (the stop's scores, Candidates::stop_x);
 // gscore[begin + c] = the rank score (compute_worker/attention/
 // rank_scores.h): with sel.rank_by_bound the max over the group's ub, else
 // the rank estimate (log of the sum of the heads' shares of their
@@ -124,7 +126,7 @@ cudaError_t RunDecode(const DecodePlan& plan, const PagedKv& kv, const float* q,
 // max_n_cand: the largest n_cand in the batch (the grid's size).
 cudaError_t RunBlockScores(const PagedKv& kv, int n_head, float scale, const Selection& sel,
                            const float* q, const int* cand_begin, int max_n_cand, float* ub,
-                           float* centre, float* gscore, cudaStream_t stream);
+                           float* centre, float* mean, float* gscore, cudaStream_t stream);
 
 // The candidates' order as the CPU engine takes them (BlockRanking, one key
 // per candidate: PsaOrderKey): order[begin + k] = the k-th candidate of
@@ -142,20 +144,22 @@ cudaError_t RunBlockOrder(const PagedKv& kv, const Selection& sel, const int* ca
 // v [n_seq][n_head_kv][head_dim] fp32 (RoPE applied to k), rounded to fp16
 // (as the CPU cache stores them) into row pos[s] % 16 of page
 // table + pos[s] / 16. A row that completes its block also writes the
-// block's kmax / kmin (laid out as PagedKv's, as RunBlockMinMax computes
-// them). The pages are written through kv.pages and, where `host_pages`
+// block's kmax / kmin / kmean (laid out as PagedKv's, as RunBlockMetadata
+// computes them). The pages are written through kv.pages and, where `host_pages`
 // (optional, [same page ids]) names another copy, through it too: a
 // GpuPagePool's resident page and its host page stay equal. Does not move
 // seq_len: the caller's next step attends pos[s] + 1 positions.
 cudaError_t RunAppend(const PagedKv& kv, const uint16_t* const* host_pages, const int* pos,
                       const float* k, const float* v, uint16_t* kmax, uint16_t* kmin,
-                      cudaStream_t stream);
+                      uint16_t* kmean, cudaStream_t stream);
 
-// The metadata of every full block from its page: kmax / kmin (laid out as
-// PagedKv's) = the per-dimension max / min of its 16 keys. max_blocks:
-// the most full blocks of any sequence.
-cudaError_t RunBlockMinMax(const PagedKv& kv, int max_blocks, uint16_t* kmax, uint16_t* kmin,
-                           cudaStream_t stream);
+// The metadata of every full block from its page: kmax / kmin / kmean
+// (laid out as PagedKv's) = the per-dimension max / min of its 16 keys and
+// their mean (the float sum in row order over 16, rounded to nearest: as
+// KvCache computes it, bit for bit). max_blocks: the most full blocks of
+// any sequence.
+cudaError_t RunBlockMetadata(const PagedKv& kv, int max_blocks, uint16_t* kmax, uint16_t* kmin,
+                             uint16_t* kmean, cudaStream_t stream);
 
 }  // namespace psa::cuda
 

@@ -26,6 +26,11 @@ std::string ResearchSelection::Suffix(AttentionPolicy::Kind kind) const {
   }
   if (kind == AttentionPolicy::Kind::kTopK) return oracle_rank ? ",oracle" : "";
   if (kind != AttentionPolicy::Kind::kPsa) return "";
+  if (box_centre_stop && !oracle_stop) {
+    ResearchSelection rest = *this;
+    rest.box_centre_stop = false;
+    return rest.Suffix(kind) + ",boxstop";
+  }
   if (oracle_rank && oracle_stop) return ",oracle";
   if (oracle_rank) return ",oracle-rank";
   if (oracle_stop) return ",oracle-stop";

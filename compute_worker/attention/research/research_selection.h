@@ -7,6 +7,9 @@
 //    kLastGroupMean (N_left times the latest iteration's mean block mass;
 //    the default before 2026-11-30), kCalibratedBound (the unseen bounds
 //    scaled by the latest iteration's actual / bound);
+//  - box_centre_stop: the served stop with each block weighted by its key
+//    box's centre score instead of its mean key's (",boxstop"), as served
+//    before 2026-12-07;
 //  - oracles, the ceiling a ranking or a stop could reach: oracle_rank
 //    orders blocks by their exact attention mass, oracle_stop stops psa on
 //    the exact captured mass. Both score every key (more work than dense);
@@ -31,8 +34,11 @@ struct ResearchSelection {
   // raw bound ub_g(c), so a diffuse head's best blocks are not drowned by a
   // peaked head's (",norm").
   bool normalized_rank = false;
+  // The estimate stop's weights from the box centre (psa only).
+  bool box_centre_stop = false;
 
   // What AttentionPolicy::ToString() prints for it: ",min", ",mean", ",cal",
+  // ",boxstop",
   // ",oracle" (rank and, for psa, stop), ",oracle-rank", ",oracle-stop";
   // "" when it is the served selection.
   std::string Suffix(AttentionPolicy::Kind kind) const;

@@ -46,6 +46,8 @@ void Launch(dim3 grid, dim3 block, const std::function<void()>& body);
   ::psa_emu::Launch(grid, block, [&] { kernel(__VA_ARGS__); })
 
 inline void __syncthreads() { ::psa_emu::SyncThreads(); }
+// An IEEE single add, never fused (g++ contracts only multiply-adds).
+inline float __fadd_rn(float a, float b) { return a + b; }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
