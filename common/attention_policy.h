@@ -24,8 +24,8 @@ struct AttentionPolicy {
   int group_blocks = 4;    // psa: blocks per progressive iteration (G)
   bool certified = false;  // psa: stop on the guaranteed bound
   // psa, uncertified: the unseen blocks' mass is estimated from their
-  // centre scores B*exp(c_j) (c_j: q . the centre of block j's key box),
-  // scaled by the mass the attended blocks held against theirs (StopRule).
+  // mean-key scores exp(q . mu_j) (mu_j: block j's mean key), scaled by the
+  // mass the attended blocks held against theirs (StopRule).
   // Other estimators are research variants (attention/research/).
   int min_blocks = 24;     // psa: no head stops before attending this many blocks
   // psa, GQA: a head that has stopped still attends the blocks its group
