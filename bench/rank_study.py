@@ -26,56 +26,28 @@ log of the sum of each head's share exp(s_gc) / sum_c' exp(s_gc').
 Needs numpy.
 """
 import argparse
-import sys
 
 import numpy as np
 
-
-def lse(x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+import kv_dump
+from kv_dump import lse
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dump_dir")
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--layers", type=int, required=True)
-    ap.add_argument("--kv-heads", type=int, required=True)
-    ap.add_argument("--group", type=int, required=True, help="query heads per KV head")
-    ap.add_argument("--head-dim", type=int, required=True)
+    kv_dump.add_arguments(ap)
     ap.add_argument("--widths", default="0.1,0.2,0.3,0.5")
     ap.add_argument("--every", type=int, default=4, help="use every N-th task")
     a = ap.parse_args()
-    L, H, G, D, B = a.layers, a.kv_heads, a.group, a.head_dim, 16
-    keys = np.fromfile(f"{a.dump_dir}/keys_{a.context}.bin", dtype=np.float16)
-    keys = keys.astype(np.float32).reshape(L, H, -1, D)
-    raw = open(f"{a.dump_dir}/queries.bin", "rb").read()
-    rec = 16 + G * D * 4
-    if len(raw) % rec:
-        sys.exit(f"queries.bin is not a whole number of {rec}-byte records: wrong --group or --head-dim?")
-    scale = 1 / np.sqrt(D)
     budgets = (0.05, 0.10, 0.20)
     sums = {}
-    for i in range(0, len(raw) // rec, a.every):
-        ctx, l, h, n = np.frombuffer(raw, dtype=np.int32, count=4, offset=i * rec)
-        if ctx != a.context:
-            continue
-        q = np.frombuffer(raw, dtype=np.float32, count=G * D, offset=i * rec + 16).reshape(G, D)
-        nb = n // B
-        kb = keys[l, h, : nb * B].reshape(nb, B, D)
-        exact = lse(np.einsum("gd,cbd->gcb", q, kb) * scale, 2)  # [G][block] log-mass
-        rest = keys[l, h, nb * B : n] @ q.T * scale
-        total = np.logaddexp(lse(exact, 1), lse(rest.T, 1)) if rest.size else lse(exact, 1)
-        forced = np.exp(exact[:, 0] - total) + np.exp(exact[:, nb - 1] - total)
-        if rest.size:
-            forced += np.exp(lse(rest.T, 1) - total)
-        share = np.exp(exact[:, 1 : nb - 1] - total[:, None])
-        kc = kb[1 : nb - 1]
+    for t in kv_dump.tasks(a, a.every):
+        q, kc, scale, share, forced = t["q"], t["kc"], t["scale"], t["share"], t["forced"]
+        nb = t["n_blocks"] - (t["n_forced"] - 2)  # full blocks
         hi, lo = kc.max(1), kc.min(1)
         cs, ws = q @ ((hi + lo) / 2).T * scale, np.abs(q) @ ((hi - lo) / 2).T * scale
         scores = {"bound": cs + ws, "centre": cs, "mean": q @ kc.mean(1).T * scale,
-                  "oracle": exact[:, 1 : nb - 1]}
+                  "oracle": t["exact"]}
         for w in a.widths.split(","):
             scores[f"width{w}"] = cs + float(w) * ws
         for name, s in scores.items():

@@ -35,55 +35,28 @@ constant, and the correlation).
 Needs numpy.
 """
 import argparse
-import sys
 
 import numpy as np
 
-B = 16
+import kv_dump
+from kv_dump import B, lse
+
 WIDTH = 0.4  # psa_math.h kPsaRankWidth
 
 
-def lse(x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
 def tasks(a):
-    L, H, G, D = a.layers, a.kv_heads, a.group, a.head_dim
-    keys = np.fromfile(f"{a.dump_dir}/keys_{a.context}.bin", dtype=np.float16)
-    keys = keys.astype(np.float32).reshape(L, H, -1, D)
-    raw = open(f"{a.dump_dir}/queries.bin", "rb").read()
-    rec = 16 + G * D * 4
-    if len(raw) % rec:
-        sys.exit(f"queries.bin is not a whole number of {rec}-byte records: wrong --group or --head-dim?")
-    scale = 1 / np.sqrt(D)
-    for i in range(0, len(raw) // rec, a.every):
-        ctx, l, h, n = np.frombuffer(raw, dtype=np.int32, count=4, offset=i * rec)
-        if ctx != a.context:
-            continue
-        q = np.frombuffer(raw, dtype=np.float32, count=G * D, offset=i * rec + 16).reshape(G, D)
-        nb = n // B
-        kb = keys[l, h, : nb * B].reshape(nb, B, D)
-        exact = lse(np.einsum("gd,cbd->gcb", q, kb) * scale, 2)  # [G][block] log-mass
-        rest = keys[l, h, nb * B : n] @ q.T * scale
-        total = np.logaddexp(lse(exact, 1), lse(rest.T, 1)) if rest.size else lse(exact, 1)
-        forced = np.exp(exact[:, 0] - total) + np.exp(exact[:, nb - 1] - total)
-        if rest.size:
-            forced += np.exp(lse(rest.T, 1) - total)
-        share = np.exp(exact[:, 1 : nb - 1] - total[:, None])  # [G][cand]
-        kc = kb[1 : nb - 1]
+    for t in kv_dump.tasks(a, a.every):
+        q, kc, scale = t["q"], t["kc"], t["scale"]
         hi, lo = kc.max(1), kc.min(1)
         cs = q @ ((hi + lo) / 2).T * scale
         ws = np.abs(q) @ ((hi - lo) / 2).T * scale
-        n_forced = 2 + (1 if rest.size else 0)
         # The block's mass if its keys were spread evenly over the box:
         # log E exp(s) = q.c + sum_i log(sinh(a_i) / a_i), a_i = scale |q_i| w_i.
-        a_ = np.abs(q)[:, None, :] * ((hi - lo) / 2)[None] * scale  # [G][cand][D]
-        a_ = np.maximum(a_, 1e-6)
+        a_ = np.maximum(np.abs(q)[:, None, :] * ((hi - lo) / 2)[None] * scale, 1e-6)  # [G][cand][D]
         lsinh = np.where(a_ > 20, a_ - np.log(2 * a_), np.log(np.sinh(np.minimum(a_, 20)) / a_))
-        yield dict(layer=int(l), share=share, forced=forced, centre=cs, rank=cs + WIDTH * ws,
-                   bound=cs + ws, box=cs + lsinh.sum(2) + np.log(B), mean=q @ kc.mean(1).T * scale + np.log(B),
-                   exact=exact[:, 1 : nb - 1], n_blocks=nb + (1 if rest.size else 0), n_forced=n_forced)
+        t.update(centre=cs, rank=cs + WIDTH * ws, bound=cs + ws, box=cs + lsinh.sum(2) + np.log(B),
+                 mean=q @ kc.mean(1).T * scale + np.log(B))
+        yield t
 
 
 def group_order(t, ranking):
@@ -139,12 +112,7 @@ def prefix_stop(t, order, rule, eps, G, min_blocks):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dump_dir")
-    ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--layers", type=int, required=True)
-    ap.add_argument("--kv-heads", type=int, required=True)
-    ap.add_argument("--group", type=int, required=True, help="query heads per KV head")
-    ap.add_argument("--head-dim", type=int, required=True)
+    kv_dump.add_arguments(ap, context=16384)
     ap.add_argument("--every", type=int, default=2, help="use every N-th task")
     ap.add_argument("--epsilons", default="0.6,0.7,0.8,0.9")
     ap.add_argument("--rules", default="mean,centre,oracle")
