@@ -249,7 +249,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   // (min_blocks) makes certain, and as many as the last step read (budgets
   // change little between steps); then, before each iteration, candidates
   // for the next iteration (blocks come in descending criticality, so the
-  // next ones are the likeliest to be read) and, with the centre estimate,
+  // next ones are the likeliest to be read) and, with the stop's estimate,
   // every block up to where it predicts the heads will stop. Overshooting
   // costs transfers and pool room, so the window stays tight.
   const int G = topk ? std::max(1, take) : policy_.group_blocks;
@@ -280,7 +280,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
   const bool can_stop = !topk && policy_.epsilon < 1.0f;
   for (int it = 1;; ++it) {
     int deciding = 0;
-    int predicted = 0;  // with a pool: where the centre estimate expects the group to stop
+    int predicted = 0;  // with a pool: where the stop's estimate expects the group to stop
     for (int g = 0; g < group; ++g) {
       HeadState& h = heads[g];
       if (!h.deciding) continue;

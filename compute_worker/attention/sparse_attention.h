@@ -13,7 +13,7 @@
 //  - psa:  blocks in descending score, G per iteration, merged by online
 //    softmax; each query head stops on its own once the captured fraction
 //    P_acc = AS_acc / (AS_acc + unseen) reaches epsilon, the unseen mass
-//    estimated as StopRule says (centre scores). With `certified`, it is bounded
+//    estimated as StopRule says (mean-key scores). With `certified`, it is bounded
 //    by sum_j B * exp(ub_j - m), so P_acc is a guaranteed lower bound on the
 //    captured fraction. The group reads the union of its heads' budgets.
 //    Through a block pool, blocks that would have to be fetched rank

@@ -42,7 +42,9 @@ struct BatchEntry {
   // few. An entry of several rows always is; one row without this is a
   // decode step. A prompt's last chunk can be one row (a prefix hit, a
   // token budget, a pass boundary), and sparse policies attend prompt and
-  // decode rows differently: the output must not depend on the chunking.
+  // decode rows differently: the output must not depend on the chunking
+  // (with sparse_prefill_rows 0, the default; above it, how many prompt
+  // rows share a pass decides how they are attended).
   bool prompt = false;
 };
 

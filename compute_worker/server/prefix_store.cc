@@ -104,7 +104,9 @@ std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, i
                                                   const CacheContents& c, int n_blocks) {
   std::vector<std::string> out;
   const absl::Span<const TokenId> tokens = c.tokens;
-  std::string h = Sha256(absl::StrCat("psa-prefix-v1/", model_id, "/", block_size), "");
+  // v2 (2026-12-07): block metadata records gained the mean key, and PSA's
+  // stop changed with it; workers of either side never share a sequence.
+  std::string h = Sha256(absl::StrCat("psa-prefix-v2/", model_id, "/", block_size), "");
   // A salted chain starts elsewhere: unsalted names stay as they were.
   if (!c.salt.empty()) h = Sha256(h, absl::StrCat("salt/", c.salt));
   for (int b = 0; b < n_blocks; ++b) {

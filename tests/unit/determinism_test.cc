@@ -75,10 +75,6 @@ TEST_F(DeterminismTest, AResumedGenerationContinuesAsTheUninterruptedOne) {
   }
 }
 
-// What makes the difference: under a sparse policy the cache a resume
-// builds equals, bit for bit, the one the decode steps built, and differs
-// from a prefill of the same tokens (the old resume path), whose rows are
-// attended densely.
 // A prompt's rows are prompt rows however the prompt is cut: a last chunk
 // of one row (after a prefix hit, at a token budget or a pass boundary) is
 // attended as the one-pass prefill attends it, not as a decode step.
@@ -110,6 +106,10 @@ TEST_F(DeterminismTest, APromptEndingInAOneRowChunkEqualsItsOnePassPrefill) {
   EXPECT_NE(got, one_pass);
 }
 
+// What makes the difference: under a sparse policy the cache a resume
+// builds equals, bit for bit, the one the decode steps built, and differs
+// from a prefill of the same tokens (the old resume path), whose rows are
+// attended densely.
 TEST_F(DeterminismTest, ResumedRowsAreRecomputedAsTheDecodeStepsThatMadeThem) {
   const AttentionPolicy policy = *AttentionPolicy::Parse("topk:k=4");
   const std::unique_ptr<AttentionBackend> backend = MakeAttention(policy);

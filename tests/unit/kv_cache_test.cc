@@ -1,14 +1,17 @@
 // KvCache growth in private memory: contents survive every growth, pages
 // never overlap, copies are equal, and the tables cross into new huge pages
-// at different positions (not all in one decode step).
+// at different positions (not all in one decode step); each full block's
+// metadata is its keys' max, min and mean, through growth and copies.
 #include "compute_worker/kv/kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <set>
 #include <vector>
 
 #include "compute_worker/kv/page_slab.h"
+#include "compute_worker/model/ggml_types.h"
 #include "gtest/gtest.h"
 
 namespace psa {
@@ -97,6 +100,44 @@ TEST(KvCacheTest, OneLargeReserveThenCopy) {
   copy.Reserve(n + 1);  // the copy grows on its own
   ExpectRows(copy, n);
   ExpectRows(kv, n);
+}
+
+TEST(KvCacheTest, BlockMetadataIsTheKeysMaxMinAndMeanThroughGrowthAndCopies) {
+  const int n = 700;  // growth on the way; the last block partial
+  KvCache kv(1, kHeads, kDim, kBlock);
+  auto key = [](int h, int pos, int i) {  // spread both ways, fp16-exact
+    return Fp16ToFp32(Fp32ToFp16(static_cast<float>((h * 131 + pos * 71 + i * 37) % 199) / 17.0f - 5.5f));
+  };
+  for (int pos = 0; pos < n; ++pos) {
+    kv.Reserve(pos + 1);
+    for (int h = 0; h < kHeads; ++h) {
+      for (int i = 0; i < kDim; ++i) kv.KeySlot(0, h, pos)[i] = Fp32ToFp16(key(h, pos, i));
+    }
+    kv.Commit(pos + 1);
+  }
+  ASSERT_EQ(kv.full_blocks(), n / kBlock);
+  auto expect_metadata = [&](const KvCache& c) {
+    for (int h = 0; h < kHeads; ++h) {
+      for (int b = 0; b < n / kBlock; ++b) {
+        for (int i = 0; i < kDim; ++i) {
+          float hi = -INFINITY, lo = INFINITY, sum = 0;
+          for (int t = 0; t < kBlock; ++t) {  // in row order, as the cache and the GPU sum
+            const float x = key(h, b * kBlock + t, i);
+            hi = std::max(hi, x);
+            lo = std::min(lo, x);
+            sum += x;
+          }
+          ASSERT_EQ(c.KeyMax(0, h, b)[i], Fp32ToFp16(hi)) << "head " << h << " block " << b;
+          ASSERT_EQ(c.KeyMin(0, h, b)[i], Fp32ToFp16(lo)) << "head " << h << " block " << b;
+          ASSERT_EQ(c.KeyMean(0, h, b)[i], Fp32ToFp16(sum / kBlock)) << "head " << h << " block " << b;
+        }
+      }
+    }
+  };
+  expect_metadata(kv);
+  KvCache copy = kv;
+  copy.Reserve(4 * n);  // the copy's tables grow on their own
+  expect_metadata(copy);
 }
 
 }  // namespace

@@ -56,6 +56,10 @@ cudaError_t RunAppend(const PagedKv& kv, const uint16_t* const* host_pages, cons
                       uint16_t* kmean, cudaStream_t stream) {
   if (kv.n_seq <= 0 || kv.n_head_kv <= 0) return cudaSuccess;
   if (pos == nullptr || k == nullptr || v == nullptr) return cudaErrorInvalidValue;
+  // The metadata comes whole or not at all.
+  if ((kmax == nullptr) != (kmin == nullptr) || (kmax == nullptr) != (kmean == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const dim3 grid(kv.n_head_kv, kv.n_seq);
   if (kv.head_dim == 64) {
     PSA_LAUNCH(AppendKernel<64>, grid, dim3(64), stream, kv, host_pages, pos, k, v, kmax, kmin,

@@ -14,11 +14,11 @@
 //    whole GQA group: the sinks and newest blocks first, then the candidates
 //    in a given order, `group_blocks` per iteration, merged by online
 //    softmax; top-k takes the first k - forced of the order, PSA stops each
-//    head with the CPU engine's rule (psa_math.h: centre estimate by
-//    default, certified as an option; min_blocks; share_reads), evaluated
+//    head with the CPU engine's rule (psa_math.h: the mean-key estimate
+//    by default, certified as an option; min_blocks; share_reads), evaluated
 //    on the device. Per head: blocks attended, iterations, captured mass.
 //  - The order: RunBlockScores computes the block scores on the device from
-//    per-block key min / max, RunBlockOrder sorts them into the CPU
+//    per-block key max / min / mean, RunBlockOrder sorts them into the CPU
 //    engine's order (or the caller gives one).
 // Thread-compatible: concurrent calls on different streams and buffers.
 #ifndef PSA_COMPUTE_WORKER_ATTENTION_CUDA_PSA_CUDA_H_
@@ -145,7 +145,8 @@ cudaError_t RunBlockOrder(const PagedKv& kv, const Selection& sel, const int* ca
 // (as the CPU cache stores them) into row pos[s] % 16 of page
 // table + pos[s] / 16. A row that completes its block also writes the
 // block's kmax / kmin / kmean (laid out as PagedKv's, as RunBlockMetadata
-// computes them). The pages are written through kv.pages and, where `host_pages`
+// computes them; all three null: no metadata, some null:
+// cudaErrorInvalidValue). The pages are written through kv.pages and, where `host_pages`
 // (optional, [same page ids]) names another copy, through it too: a
 // GpuPagePool's resident page and its host page stay equal. Does not move
 // seq_len: the caller's next step attends pos[s] + 1 positions.

@@ -2,7 +2,7 @@
 // policy syntax and the wire cannot name them; only bench/psa_accuracy and
 // tests construct them (SparseAttention's second constructor argument).
 // They measure what the served choices are worth (docs/attention.md):
-//  - tail estimators the centre estimate superseded: kMinSeen (AS_min *
+//  - tail estimators the served estimate superseded: kMinSeen (AS_min *
 //    N_left, the PSA paper's; one near-empty block stops a head early),
 //    kLastGroupMean (N_left times the latest iteration's mean block mass;
 //    the default before 2026-11-30), kCalibratedBound (the unseen bounds
