@@ -121,7 +121,7 @@ class QueryRecorder : public AttentionBackend {
   std::string_view name() const override { return "dense"; }
   void Run(const AttentionShape& shape, const AttentionTask& task) const override {
     dense_.Run(shape, task);
-    if (task.n_q != 1) return;
+    if (task.n_q != 1 || task.prefill) return;
     const int32_t head[4] = {context_, task.layer, task.kv_head, task.q_pos0 + 1};
     std::lock_guard<std::mutex> lock(mu_);
     std::fwrite(head, sizeof(head), 1, f_);

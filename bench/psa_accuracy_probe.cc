@@ -9,7 +9,7 @@ namespace psa {
 void ProbedAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
   inner_->Run(shape, task);
   // Through a pool, dense would fetch every page and change what is resident.
-  if (task.n_q != 1 || task.kv->paged()) return;
+  if (task.n_q != 1 || task.prefill || task.kv->paged()) return;
   const int n = shape.group() * shape.head_dim;
   std::vector<float> ref(n);
   AttentionTask t = task;

@@ -26,7 +26,7 @@ std::string ResearchSelection::Suffix(AttentionPolicy::Kind kind) const {
   }
   if (kind == AttentionPolicy::Kind::kTopK) return oracle_rank ? ",oracle" : "";
   if (kind != AttentionPolicy::Kind::kPsa) return "";
-  if (box_centre_stop && !oracle_stop) {
+  if (box_centre_stop && !oracle_stop && tail == Tail::kServed) {
     ResearchSelection rest = *this;
     rest.box_centre_stop = false;
     return rest.Suffix(kind) + ",boxstop";
