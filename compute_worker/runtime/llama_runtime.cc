@@ -148,7 +148,8 @@ absl::Status LlamaRuntime::Forward(absl::Span<const BatchEntry> batch, std::vect
       part.want_logits = b.want_logits && consumed[e] == b.tokens.size();
       part.attention = b.attention;
       part.stats = consumed[e] == b.tokens.size() ? b.stats : nullptr;
-      part.prompt = b.prompt || b.tokens.size() > 1;  // a pass may leave one row of a prompt
+      // Prompt rows stay prompt rows in every part: a pass may leave one row.
+      part.prompt = b.prompt || b.tokens.size() > 1;
       pass.push_back(part);
       budget -= static_cast<int>(take);
       // A sequence can appear only once per pass: its next chunk needs this
@@ -295,7 +296,7 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       t.q_pos0 = row_pos[it.row0];
       t.n_q = it.n_q;
       t.entry_rows = static_cast<int>(b.tokens.size());
-      t.prefill = b.prompt || b.tokens.size() > 1;
+      t.prefill = b.prompt;  // Forward() set it on every part
       const size_t head0 = static_cast<size_t>(it.kv_head) * group * D;
       t.q = &q_[static_cast<size_t>(it.row0) * E + head0];
       t.q_stride = E;
