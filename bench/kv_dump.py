@@ -51,7 +51,7 @@ def tasks(a, every):
         forced = np.exp(exact[:, 0] - total) + np.exp(exact[:, nb - 1] - total)
         if rest.size:
             forced += np.exp(lse(rest.T, 1) - total)
-        yield dict(layer=int(l), q=q, scale=scale, kc=kb[1 : nb - 1],
+        yield dict(layer=int(l), kv_head=int(h), n_keys=int(n), q=q, scale=scale, kc=kb[1 : nb - 1],
                    share=np.exp(exact[:, 1 : nb - 1] - total[:, None]), exact=exact[:, 1 : nb - 1],
                    forced=forced, n_blocks=nb + (1 if rest.size else 0),
                    n_forced=2 + (1 if rest.size else 0))

@@ -38,6 +38,9 @@
 #include "compute_worker/attention/prefill_attention.h"
 #include "compute_worker/attention/sparse_attention.h"
 #include "compute_worker/kernels/matmul.h"
+#include "compute_worker/model/model_registry.h"
+#include "compute_worker/runtime/retrieval_heads.h"
+#include "common/sha256.h"
 
 ABSL_FLAG(std::string, model, "",
           "GGUF model file or registered name (scripts/fetch_model.sh --list) (required).");
@@ -47,6 +50,8 @@ ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context (and window).
 ABSL_FLAG(int, windows, 1,
           "Windows of text per context length, spread evenly over the haystack: each is "
           "prefilled and decoded for --steps; a policy's figures sum over them.");
+ABSL_FLAG(int, only_window, 0,
+          "> 0: run only this window (1-based) of --windows, e.g. to --dump_dir it.");
 ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
 ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
 ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
@@ -74,6 +79,10 @@ ABSL_FLAG(bool, box_centre_stop, false,
           "Also sweep PSA with the stop weighing blocks by their key box's centre score "
           "instead of their mean key's, as served before 2026-12-07 "
           "(ResearchSelection::box_centre_stop, ',boxstop').");
+ABSL_FLAG(std::string, retrieval_heads, "registry", psa::kRetrievalHeadsFlagHelp);
+ABSL_FLAG(bool, without_retrieval, false,
+          "Also sweep every sparse policy with the retrieval heads selecting as the others "
+          "(policy option 'noretrieval').");
 ABSL_FLAG(bool, oracle_parts, false,
           "Also sweep PSA with each oracle part alone: the exact ranking with the served stop "
           "(',oracle-rank'), and the bound ranking with the exact stop (',oracle-stop').");
@@ -95,6 +104,8 @@ ABSL_FLAG(bool, fast_prefill, true,
           "Prefill with the tiled prefill attention, as served (bit-equal to the "
           "row-at-a-time path, --nofast_prefill, and several times faster).");
 ABSL_FLAG(std::string, csv, "", "Write per-(context, policy) results to this CSV file.");
+ABSL_FLAG(std::string, steps_csv, "",
+          "Write every policy's KL against dense at each decode step to this CSV file.");
 ABSL_FLAG(std::string, layers_csv, "", "Write PSA's per-layer KV fraction to this CSV file.");
 ABSL_FLAG(std::string, dump_dir, "",
           "Research: write the dense trajectory's decode queries (queries.bin: per task int32 "
@@ -183,6 +194,8 @@ int main(int argc, char** argv) {
   const int steps = absl::GetFlag(FLAGS_steps);
   const int windows = absl::GetFlag(FLAGS_windows);
   if (steps < 1 || windows < 1) Die("--steps and --windows must be >= 1");
+  const int only_window = absl::GetFlag(FLAGS_only_window);
+  if (only_window < 0 || only_window > windows) Die("--only_window must be in [0, --windows]");
   const double pool_fraction = absl::GetFlag(FLAGS_pool_fraction);
   if (!(pool_fraction >= 0 && pool_fraction <= 1)) Die("--pool_fraction must be in [0, 1]");
   RuntimeOptions opts;
@@ -192,6 +205,17 @@ int main(int argc, char** argv) {
   opts.max_context = model.hparams().n_ctx_train;
   for (int c : contexts) opts.max_context = std::max(opts.max_context, c + std::max(steps, 10));
   LlamaRuntime rt(model, opts);
+  {
+    absl::StatusOr<std::string> file = ResolveModelPath(path);
+    absl::StatusOr<std::string> sha = file.ok() ? Sha256File(*file) : file.status();
+    if (!sha.ok()) Die(std::string(sha.status().message()));
+    std::string described;
+    absl::StatusOr<std::vector<bool>> mask = ResolveRetrievalHeads(
+        absl::GetFlag(FLAGS_retrieval_heads), *sha, model.hparams(), &described);
+    if (!mask.ok()) Die(std::string(mask.status().message()));
+    if (auto s = rt.SetRetrievalHeads(*mask); !s.ok()) Die(std::string(s.message()));
+    std::cerr << "retrieval heads: " << described << "\n";
+  }
 
   // The policies under test, each with its research variant (served: none);
   // dense is the reference.
@@ -280,6 +304,17 @@ int main(int argc, char** argv) {
     }
     policies = std::move(all);
   }
+  if (absl::GetFlag(FLAGS_without_retrieval)) {
+    std::vector<std::pair<AttentionPolicy, ResearchSelection>> all;
+    for (const auto& [p, research] : policies) {
+      all.push_back({p, research});
+      if (p.kind == AttentionPolicy::Kind::kDense || research.oracle_rank) continue;
+      AttentionPolicy q = p;
+      q.retrieval_dense = false;
+      all.push_back({q, research});
+    }
+    policies = std::move(all);
+  }
   std::vector<std::unique_ptr<ProbedAttention>> backends;
   for (const auto& [p, research] : policies) {
     if (auto s = p.Validate(); !s.ok()) Die(std::string(s.message()));
@@ -290,7 +325,9 @@ int main(int argc, char** argv) {
   // --dump_dir: one file of queries for the run, one of keys per context.
   const std::string dump = absl::GetFlag(FLAGS_dump_dir);
   if (!dump.empty()) {
-    if (windows > 1) Die("--dump_dir takes one window (the keys file is per context)");
+    if (windows > 1 && only_window == 0) {
+      Die("--dump_dir takes one window (the keys file is per context): --only_window");
+    }
     std::FILE* f = std::fopen((dump + "/queries.bin").c_str(), "wb");
     if (f == nullptr) Die("cannot write to --dump_dir " + dump);
     std::fclose(f);
@@ -314,6 +351,7 @@ int main(int argc, char** argv) {
       backends[pi]->Reset();
     }
     for (int w = 0; w < windows; ++w) {
+      if (only_window > 0 && w != only_window - 1) continue;
       // Window w starts at an even share of the text the windows can use.
       const size_t begin = windows == 1 ? 0 : (essay.size() - C - steps) * w / (windows - 1);
       const TokenId* text = essay.data() + begin;
@@ -461,6 +499,9 @@ int main(int argc, char** argv) {
   }
   if (const std::string scsv = absl::GetFlag(FLAGS_sites_csv); !scsv.empty()) {
     WriteSitesCsv(scsv, results);
+  }
+  if (const std::string tcsv = absl::GetFlag(FLAGS_steps_csv); !tcsv.empty()) {
+    WriteStepsCsv(tcsv, results);
   }
   if (const std::string lcsv = absl::GetFlag(FLAGS_layers_csv); !lcsv.empty()) {
     WriteLayersCsv(lcsv, results);

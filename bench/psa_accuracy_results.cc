@@ -122,6 +122,17 @@ void WriteLayersCsv(const std::string& path, const std::vector<PolicyResult>& re
   std::cerr << "wrote " << path << "\n";
 }
 
+void WriteStepsCsv(const std::string& path, const std::vector<PolicyResult>& results) {
+  std::ofstream out(path);
+  out << "context,policy,step,kl\n";
+  for (const PolicyResult& r : results) {
+    for (size_t s = 0; s < r.step_kl.size(); ++s) {
+      out << r.context << ",\"" << r.policy << "\"," << s << "," << r.step_kl[s] << "\n";
+    }
+  }
+  std::cerr << "wrote " << path << "\n";
+}
+
 void WriteSitesCsv(const std::string& path, const std::vector<PolicyResult>& results) {
   std::ofstream out(path);
   out << "context,policy,layer,kv_head,rel_err_mean,rel_err_max,large_miss_share\n";

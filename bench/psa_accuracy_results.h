@@ -65,6 +65,9 @@ void PrintResults(const std::vector<PolicyResult>& results, int n_head);
 // (a line on stderr names each).
 void WriteResultsCsv(const std::string& path, const std::vector<PolicyResult>& results);
 void WriteLayersCsv(const std::string& path, const std::vector<PolicyResult>& results);
+// Every teacher-forced step's KL against dense, per policy (steps of all
+// windows in order).
+void WriteStepsCsv(const std::string& path, const std::vector<PolicyResult>& results);
 // Per-(layer, KV head) output errors of every policy.
 void WriteSitesCsv(const std::string& path, const std::vector<PolicyResult>& results);
 

@@ -12,7 +12,7 @@ namespace psa {
 namespace {
 
 // ",rank=X" where the ranking is not the kind's default, then
-// ",sink=N,local=N" where they differ from the defaults.
+// ",sink=N,local=N" where they differ from the defaults, then ",noretrieval".
 std::string ForcedBlocks(const AttentionPolicy& p) {
   const AttentionPolicy d;
   const AttentionPolicy::Rank r = p.ranking();
@@ -21,7 +21,8 @@ std::string ForcedBlocks(const AttentionPolicy& p) {
                                                            : ",rank=estimate",
                       p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
                       p.local_blocks != d.local_blocks ? absl::StrCat(",local=", p.local_blocks)
-                                                       : "");
+                                                       : "",
+                      p.retrieval_dense ? "" : ",noretrieval");
 }
 
 }  // namespace
@@ -125,10 +126,11 @@ absl::Status ApplyOption(absl::string_view spec, absl::string_view opt, Attentio
     }
     if (opt == "certified") p->certified = true;
     else if (opt == "solo") p->share_reads = false;
+    else if (opt == "noretrieval") p->retrieval_dense = false;
     else {
       return Bad(spec, absl::StrCat("unknown option \"", opt,
                                     "\" (options: eps= G= min_blocks= k= rb= prefill= sink= "
-                                    "local= rank= certified solo)"));
+                                    "local= rank= certified solo noretrieval)"));
     }
     return absl::OkStatus();
   }
@@ -232,7 +234,7 @@ bool AttentionPolicy::operator==(const AttentionPolicy& o) const {
          share_reads == o.share_reads && resident_bias == o.resident_bias &&
          top_k == o.top_k && ranking() == o.ranking() &&
          sparse_prefill_rows == o.sparse_prefill_rows && sink_blocks == o.sink_blocks &&
-         local_blocks == o.local_blocks;
+         local_blocks == o.local_blocks && retrieval_dense == o.retrieval_dense;
 }
 
 }  // namespace psa

@@ -68,6 +68,11 @@ struct AttentionPolicy {
   // but the answers leave dense's greedy tokens much sooner (the question's
   // keys and values are approximate, and every later step reads them).
   int sparse_prefill_rows = 0;
+  // topk and psa: the (layer, KV head) sites the runtime's probe found to
+  // be retrieval heads that block ranking misses (AttentionTask::
+  // retrieval_head; compute_worker/runtime/retrieval_heads.h) attend every
+  // block on decode rows. Off (",noretrieval"): they select as the others.
+  bool retrieval_dense = true;
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)
 
@@ -86,7 +91,7 @@ struct AttentionPolicy {
   //                          not named take their "none" value, not base's
   // OPT: eps=X  G=N  min_blocks=N  k=N  rb=X (resident_bias)  prefill=N
   //      sink=N  local=N  rank=estimate|bound (printed where not the
-  //      kind's default)  certified  solo
+  //      kind's default)  certified  solo  noretrieval
   // A bare number after "psa:" is eps, after "topk:" k. Does not Validate()
   // (callers that send the policy elsewhere may leave fields unset).
   static absl::StatusOr<AttentionPolicy> Parse(absl::string_view spec,

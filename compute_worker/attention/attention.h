@@ -47,6 +47,10 @@ struct AttentionTask {
   // The rows are prompt rows (BatchEntry::prompt), however few: sparse
   // policies attend them as prefill, not as decode steps.
   bool prefill = false;
+  // The runtime's retrieval-head probe marked this (layer, KV head)
+  // (compute_worker/runtime/retrieval_heads.h): sparse policies attend its
+  // decode rows densely unless the policy says otherwise.
+  bool retrieval_head = false;
   // Query head g of the group, row i: q + i * q_stride + g * head_dim
   // (RoPE applied); outputs likewise.
   const float* q = nullptr;

@@ -29,6 +29,12 @@ std::string_view SparseAttention::name() const {
 }
 
 void SparseAttention::Run(const AttentionShape& shape, const AttentionTask& task) const {
+  // A retrieval head's target is one key that its block's metadata does
+  // not reveal (compute_worker/runtime/retrieval_heads.h): read it all.
+  if (!task.prefill && task.retrieval_head && policy_.retrieval_dense) {
+    dense_.Run(shape, task);
+    return;
+  }
   if (task.prefill) {
     // Rows whose selection would read every block anyway go dense too
     // (its many-row kernel is faster): a short context.
@@ -51,6 +57,7 @@ std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape
                                                             const AttentionTask& task) const {
   KvCache& kv = *task.kv;
   if (!kv.paged() || task.prefill || task.n_q != 1) return nullptr;
+  if (task.retrieval_head && policy_.retrieval_dense) return nullptr;  // Run() reads it all
   const int group = shape.group();
   const BlockLayout lay = LayoutOf(kv, task.q_pos0 + 1, policy_);
   const int n_cand = lay.n_cand();

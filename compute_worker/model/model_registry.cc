@@ -28,12 +28,13 @@ std::vector<RegisteredModel> Parse() {
     if (line.empty() || line[0] == '#') continue;
     std::vector<std::string> f = absl::StrSplit(line, '\t');
     RegisteredModel m;
-    // name, file, sha256, bytes, package, version, member, parts, about
-    if (f.size() != 9 || !absl::SimpleAtoi(f[3], &m.bytes)) continue;  // build test guards it
+    // name, file, sha256, bytes, package, version, member, parts, retrieval heads, about
+    if (f.size() != 10 || !absl::SimpleAtoi(f[3], &m.bytes)) continue;  // build test guards it
     m.name = f[0];
     m.file = f[1];
     m.sha256 = f[2];
-    m.about = f[8];
+    m.retrieval_heads = f[8] == "-" ? "" : f[8];
+    m.about = f[9];
     out.push_back(std::move(m));
   }
   return out;

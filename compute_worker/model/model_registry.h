@@ -18,6 +18,9 @@ struct RegisteredModel {
   std::string file;    // file name in the cache's models/ folder
   std::string sha256;  // of the whole file
   int64_t bytes = 0;
+  // Sites sparse policies attend densely, e.g. "L7.2,L17.1" (empty: none):
+  // compute_worker/runtime/retrieval_heads.h.
+  std::string retrieval_heads;
   std::string about;   // one line: family, quantisation, context
 };
 

@@ -48,6 +48,16 @@ void AddBias(float* y, const std::vector<float>& bias, int n_rows, int ld) {
 
 }  // namespace
 
+absl::Status LlamaRuntime::SetRetrievalHeads(std::vector<bool> sites) {
+  const size_t n = static_cast<size_t>(model_.hparams().n_layer) * model_.hparams().n_head_kv;
+  if (!sites.empty() && sites.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("retrieval heads: ", sites.size(),
+                                                   " sites given, the model has ", n));
+  }
+  retrieval_heads_ = std::move(sites);
+  return absl::OkStatus();
+}
+
 LlamaRuntime::LlamaRuntime(const LlamaModel& model, RuntimeOptions options,
                            std::unique_ptr<AttentionBackend> attention)
     : model_(model), options_(options), attention_(std::move(attention)) {
@@ -297,6 +307,8 @@ void LlamaRuntime::ForwardPass(absl::Span<const BatchEntry> batch, float* logits
       t.n_q = it.n_q;
       t.entry_rows = static_cast<int>(b.tokens.size());
       t.prefill = b.prompt;  // Forward() set it on every part
+      t.retrieval_head = !retrieval_heads_.empty() &&
+                         retrieval_heads_[static_cast<size_t>(l) * hp.n_head_kv + it.kv_head];
       const size_t head0 = static_cast<size_t>(it.kv_head) * group * D;
       t.q = &q_[static_cast<size_t>(it.row0) * E + head0];
       t.q_stride = E;

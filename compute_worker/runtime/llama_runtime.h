@@ -57,6 +57,12 @@ class LlamaRuntime {
   const AttentionBackend& default_attention() const { return *attention_; }
   const RuntimeOptions& options() const { return options_; }
   int max_context() const { return max_context_; }
+  // Sites (layer * n_head_kv + kv_head) whose attention tasks carry
+  // AttentionTask::retrieval_head (compute_worker/runtime/retrieval_heads.h).
+  // Empty (the default): none.
+  // INVALID_ARGUMENT unless empty or n_layer * n_head_kv long.
+  absl::Status SetRetrievalHeads(std::vector<bool> sites);
+  const std::vector<bool>& retrieval_heads() const { return retrieval_heads_; }
   // An empty cache for this model (block_size 0: the default).
   KvCache NewCache(int block_size = 0) const;
 
@@ -78,6 +84,7 @@ class LlamaRuntime {
   RuntimeOptions options_;
   std::unique_ptr<AttentionBackend> attention_;
   int max_context_;
+  std::vector<bool> retrieval_heads_;  // [layer * n_head_kv + kv_head]; empty: none
   // Pages fetched by all pool-backed caches when the last pass began: a pass
   // after one that fetched runs attention on more threads than cores.
   uint64_t fetches_seen_ = 0;

@@ -21,6 +21,7 @@
 #include "common/tls.h"
 #include "common/sha256.h"
 #include "compute_worker/model/model_registry.h"
+#include "compute_worker/runtime/retrieval_heads.h"
 #include "compute_worker/server/attention_metrics.h"
 #include "compute_worker/server/generation_service.h"
 #include "compute_worker/server/kv_page_fetcher.h"
@@ -78,6 +79,7 @@ ABSL_FLAG(std::optional<int>, sparse_prefill_rows, std::nullopt,
           "not the whole document; fewer bytes and a faster first token, but answers that "
           "leave dense's sooner); longer prompts are attended densely. 0: prefill always dense. "
           "Shorthand for --attention's prefill, when given");
+ABSL_FLAG(std::string, retrieval_heads, "registry", psa::kRetrievalHeadsFlagHelp);
 ABSL_FLAG(std::string, kv_shards, "",
           "KV service shards (host:port, comma-separated). With them, prompt prefixes are "
           "published to and loaded from the KV service; without, the worker keeps no shared KV");
@@ -218,6 +220,14 @@ int main(int argc, char** argv) {
   runtime_options.threads = absl::GetFlag(FLAGS_threads);
   runtime_options.max_context = absl::GetFlag(FLAGS_max_context);
   psa::LlamaRuntime runtime(**model, runtime_options);
+  {
+    std::string described;
+    absl::StatusOr<std::vector<bool>> sites = psa::ResolveRetrievalHeads(
+        absl::GetFlag(FLAGS_retrieval_heads), *sha, hp, &described);
+    if (!sites.ok()) return Fail(std::string(sites.status().message()));
+    if (absl::Status s = runtime.SetRetrievalHeads(*sites); !s.ok()) return Fail(std::string(s.message()));
+    std::fprintf(stderr, "psa-worker: retrieval heads: %s\n", described.c_str());
+  }
   psa::BatchScheduler::Options scheduler_options;
   scheduler_options.max_running = absl::GetFlag(FLAGS_max_running);
   scheduler_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);

@@ -14,6 +14,9 @@
 #include "compute_worker/runtime/generator.h"
 #include "compute_worker/kernels/matmul.h"
 #include "compute_worker/attention/sparse_attention.h"
+#include "compute_worker/model/model_registry.h"
+#include "compute_worker/runtime/retrieval_heads.h"
+#include "common/sha256.h"
 
 ABSL_FLAG(std::string, model, "",
           "GGUF model file, or a registered name such as qwen2.5-coder-1.5b "
@@ -43,6 +46,7 @@ ABSL_FLAG(int, threads, 0, "CPU threads (0: all cores).");
 ABSL_FLAG(int, ctx, 0, "Context limit in tokens (0: the model's).");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past end-of-turn tokens.");
 ABSL_FLAG(bool, quiet, false, "Print only the completion, no statistics.");
+ABSL_FLAG(std::string, retrieval_heads, "registry", psa::kRetrievalHeadsFlagHelp);
 ABSL_FLAG(std::string, attention, "psa",
           "Decode attention policy: dense, topk or psa, with options, e.g. psa:eps=0.95 or "
           "topk:k=128 (docs/attention.md; prefill is always dense).");
@@ -54,6 +58,22 @@ ABSL_FLAG(std::optional<int>, min_blocks, std::nullopt,
 ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
           "Shorthand for --attention's k (topk: KV blocks of 16 tokens attended per step), when "
           "given.");
+
+namespace {
+
+// The sites --retrieval_heads names for the model, as the worker marks them.
+absl::Status SetRetrievalHeads(const psa::LlamaModel& model, psa::LlamaRuntime* runtime) {
+  absl::StatusOr<std::string> file = psa::ResolveModelPath(absl::GetFlag(FLAGS_model));
+  if (!file.ok()) return file.status();
+  absl::StatusOr<std::string> sha = psa::Sha256File(*file);
+  if (!sha.ok()) return sha.status();
+  absl::StatusOr<std::vector<bool>> sites =
+      psa::ResolveRetrievalHeads(absl::GetFlag(FLAGS_retrieval_heads), *sha, model.hparams());
+  if (!sites.ok()) return sites.status();
+  return runtime->SetRetrievalHeads(*std::move(sites));
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   psa::ParseFlags(
@@ -140,6 +160,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   psa::LlamaRuntime runtime(**model, opts, psa::MakeAttention(policy));
+  if (absl::Status s = SetRetrievalHeads(**model, &runtime); !s.ok()) {
+    std::cerr << "error: " << s.message() << "\n";
+    return 2;
+  }
 
   auto result = psa::Generate(runtime, req, [](psa::TokenId, std::string_view piece) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);

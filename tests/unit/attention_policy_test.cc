@@ -109,6 +109,14 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   EXPECT_EQ(explicit_default.ToString(), AttentionPolicy{}.ToString());
   EXPECT_TRUE(explicit_default == AttentionPolicy{});
   EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->ranking(), Rank::kBound);
+  // Retrieval heads read densely unless the policy says otherwise.
+  EXPECT_TRUE(AttentionPolicy{}.retrieval_dense);
+  AttentionPolicy no_retrieval;
+  no_retrieval.retrieval_dense = false;
+  EXPECT_EQ(no_retrieval.ToString(), "psa(eps=0.9,G=4,min_blocks=24,noretrieval)");
+  EXPECT_FALSE(no_retrieval == AttentionPolicy{});
+  EXPECT_FALSE(AttentionPolicy::Parse("topk:k=8,noretrieval")->retrieval_dense);
+  policies.push_back(no_retrieval);
   EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->ranking(),
             Rank::kEstimate);
   for (const AttentionPolicy& p : policies) {
