@@ -17,7 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/attention_policy.h"
 #include "common/http_get.h"
+#include "common/sha256.h"
 #include "compute_worker/model/llama_model.h"
+#include "compute_worker/runtime/retrieval_heads.h"
 #include "gtest/gtest.h"
 #include "tests/support/generate_stream.h"
 #include "tests/support/reference_generation.h"
@@ -64,11 +66,17 @@ class ChaosTest : public ::testing::Test {
     auto model = LlamaModel::Load(ModelPath());
     ASSERT_TRUE(model.ok()) << model.status() << " (scripts/fetch_model.sh fetches it)";
     const Tokenizer& tok = (*model)->tokenizer();
-    // Each prompt's solo run in a fresh runtime, with the served default.
+    // Each prompt's solo run in a fresh runtime, with the served default
+    // and the retrieval heads the workers mark (the registry's).
+    absl::StatusOr<std::string> sha = Sha256File(ModelPath());
+    ASSERT_TRUE(sha.ok()) << sha.status();
+    absl::StatusOr<std::vector<bool>> sites =
+        ResolveRetrievalHeads("registry", *sha, (*model)->hparams());
+    ASSERT_TRUE(sites.ok()) << sites.status();
     for (int i = 0; i < kStreams; ++i) {
       solo_.push_back(psa::testing::ReferenceTokens(
           **model, tok.Encode(Prompt(i), tok.add_bos_default(), false), kTokens,
-          AttentionPolicy{}));
+          AttentionPolicy{}, *sites));
     }
     for (int i = 0; i < 2; ++i) {
       auto s = ServerProcess::Start(PSA_KV_SERVICE_BIN, {"--listen=127.0.0.1:0",

@@ -13,8 +13,10 @@ AttentionPolicy DensePolicy() {
 }
 
 std::vector<TokenId> ReferenceTokens(const LlamaModel& model, const std::vector<TokenId>& prompt,
-                                     int max_tokens, const AttentionPolicy& policy) {
+                                     int max_tokens, const AttentionPolicy& policy,
+                                     const std::vector<bool>& retrieval_heads) {
   LlamaRuntime runtime(model, RuntimeOptions{});
+  EXPECT_TRUE(runtime.SetRetrievalHeads(retrieval_heads).ok());
   auto attention = MakeAttention(policy);
   GenerationRequest request;
   request.prompt = prompt;

@@ -13,9 +13,12 @@ namespace psa::testing {
 AttentionPolicy DensePolicy();
 
 // Greedy tokens after `prompt`, ignoring EOS, on a fresh runtime over
-// `model`; empty (and a test failure) if generation fails.
+// `model` with `retrieval_heads` marked (LlamaRuntime::SetRetrievalHeads:
+// pass what the server marks, e.g. the registry's for the file, when the
+// policy is sparse); empty (and a test failure) if generation fails.
 std::vector<TokenId> ReferenceTokens(const LlamaModel& model, const std::vector<TokenId>& prompt,
-                                     int max_tokens, const AttentionPolicy& policy = DensePolicy());
+                                     int max_tokens, const AttentionPolicy& policy = DensePolicy(),
+                                     const std::vector<bool>& retrieval_heads = {});
 
 }  // namespace psa::testing
 

@@ -101,11 +101,13 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   // Each kind's own ranking by default, printed only where another is set.
   using Rank = AttentionPolicy::Rank;
   EXPECT_EQ(policies[2].ranking(), Rank::kEstimate);
-  EXPECT_EQ(policies[0].ranking(), Rank::kBound);
+  EXPECT_EQ(policies[0].ranking(), Rank::kEstimate);
   EXPECT_EQ(policies.back().ToString(), "topk(k=128,prefill=32,rank=bound)");
-  EXPECT_EQ(policies[7].ToString(), "psa(eps=0.9,G=8,min_blocks=24,rank=estimate,sink=2,local=0)");
+  EXPECT_EQ(policies[7].ToString(), "psa(eps=0.6,G=8,min_blocks=24,sink=2,local=0)");
+  policies[7].rank = Rank::kBound;
+  EXPECT_EQ(policies[7].ToString(), "psa(eps=0.6,G=8,min_blocks=24,rank=bound,sink=2,local=0)");
   AttentionPolicy explicit_default;
-  explicit_default.rank = Rank::kBound;
+  explicit_default.rank = Rank::kEstimate;
   EXPECT_EQ(explicit_default.ToString(), AttentionPolicy{}.ToString());
   EXPECT_TRUE(explicit_default == AttentionPolicy{});
   EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->ranking(), Rank::kBound);
@@ -113,7 +115,7 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   EXPECT_TRUE(AttentionPolicy{}.retrieval_dense);
   AttentionPolicy no_retrieval;
   no_retrieval.retrieval_dense = false;
-  EXPECT_EQ(no_retrieval.ToString(), "psa(eps=0.9,G=4,min_blocks=24,noretrieval)");
+  EXPECT_EQ(no_retrieval.ToString(), "psa(eps=0.6,G=4,min_blocks=24,noretrieval)");
   EXPECT_FALSE(no_retrieval == AttentionPolicy{});
   EXPECT_FALSE(AttentionPolicy::Parse("topk:k=8,noretrieval")->retrieval_dense);
   policies.push_back(no_retrieval);

@@ -281,7 +281,7 @@ TEST(SparseAttentionTest, PoliciesValidateTheirParameters) {
   g.group_blocks = 0;
   EXPECT_FALSE(g.Validate().ok());
   EXPECT_EQ(Psa(0.9f).ToString(), "psa(eps=0.9,G=4)");
-  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.9,G=4,min_blocks=24)");
+  EXPECT_EQ(AttentionPolicy{}.ToString(), "psa(eps=0.6,G=4,min_blocks=24)");
   AttentionPolicy m = Psa(0.9f);
   ResearchSelection r;
   r.tail = ResearchSelection::Tail::kMinSeen;

@@ -54,7 +54,7 @@ enum class DecodeMode { kDense, kTopK, kPsa };
 // The selection options of AttentionPolicy (common/attention_policy.h),
 // same meaning and defaults.
 struct Selection {
-  float epsilon = 0.9f;
+  float epsilon = 0.6f;
   int group_blocks = 4;
   int min_blocks = 24;
   bool certified = false;
@@ -62,7 +62,7 @@ struct Selection {
   int top_k = 64;
   int sink_blocks = 1;
   int local_blocks = 1;
-  bool rank_by_bound = true;  // AttentionPolicy::ranking(): psa's default; top-k's is false
+  bool rank_by_bound = false;  // AttentionPolicy::ranking(): the estimate by default
 };
 
 // Candidates of the ordered modes and of RunBlockScores. Candidate c of
