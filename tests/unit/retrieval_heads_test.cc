@@ -87,25 +87,10 @@ TEST(RetrievalHeadsTest, TheRegistryNamesTheSitesOfTheFileItKnows) {
   EXPECT_NE(misfit.status().message().find("registry: smollm2-135m"), std::string::npos);
 }
 
-// One decode row of `kv_head` through `backend`, the task marked or not.
+// One decode row of KV head 1, the task marked or not.
 Output Step(const AttentionBackend& backend, const AttentionShape& shape, KvCache& kv,
             const std::vector<float>& q, bool retrieval_head) {
-  Output o;
-  o.out.assign(shape.group() * shape.head_dim, 0.0f);
-  o.stats.resize(shape.group());
-  AttentionTask t;
-  t.kv = &kv;
-  t.kv_head = 1;
-  t.q_pos0 = kv.length() - 1;
-  t.n_q = 1;
-  t.retrieval_head = retrieval_head;
-  t.q = q.data();
-  t.q_stride = static_cast<int>(q.size());
-  t.out = o.out.data();
-  t.out_stride = static_cast<int>(o.out.size());
-  t.stats = o.stats.data();
-  backend.Run(shape, t);
-  return o;
+  return testing::Attend(backend, shape, kv, q, 1, retrieval_head);
 }
 
 TEST(RetrievalHeadsTest, AMarkedSiteReadsEveryBlockAsDenseDoes) {

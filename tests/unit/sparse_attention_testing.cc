@@ -31,7 +31,7 @@ KvCache RandomCache(int n_head_kv, int length, int block, uint32_t seed,
 }
 
 Output Attend(const AttentionBackend& backend, const AttentionShape& shape, KvCache& kv,
-              const std::vector<float>& q, int kv_head) {
+              const std::vector<float>& q, int kv_head, bool retrieval_head) {
   Output o;
   o.out.assign(shape.group() * shape.head_dim, 0.0f);
   o.stats.resize(shape.group());
@@ -40,6 +40,7 @@ Output Attend(const AttentionBackend& backend, const AttentionShape& shape, KvCa
   t.kv_head = kv_head;
   t.q_pos0 = kv.length() - 1;
   t.n_q = 1;
+  t.retrieval_head = retrieval_head;
   t.q = q.data();
   t.q_stride = static_cast<int>(q.size());
   t.out = o.out.data();

@@ -30,9 +30,10 @@ struct Output {
   std::vector<HeadStepStats> stats;
 };
 
-// One decode step (the cache's last position) of `kv_head`'s query group.
+// One decode step (the cache's last position) of `kv_head`'s query group,
+// the task marked as a retrieval head's or not (AttentionTask::retrieval_head).
 Output Attend(const AttentionBackend& backend, const AttentionShape& shape, KvCache& kv,
-              const std::vector<float>& q, int kv_head);
+              const std::vector<float>& q, int kv_head, bool retrieval_head = false);
 
 // Attention for `rows` prompt rows ending at position `end` - 1 (default:
 // the cache's last), as one task of a prefill pass in which the sequence
