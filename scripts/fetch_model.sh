@@ -21,7 +21,7 @@ registry = {}
 for line in open("compute_worker/model/models.tsv", encoding="utf-8"):
     if line.startswith("#") or not line.strip():
         continue
-    name, file, sha, size, package, version, member, parts, _retrieval, about = line.rstrip("\n").split("\t")
+    name, file, sha, size, package, version, member, parts, _retrieval, _attention, about = line.rstrip("\n").split("\t")
     registry[name] = dict(file=file, sha=sha, size=int(size), package=package,
                           version=version, member=member, parts=int(parts), about=about)
 

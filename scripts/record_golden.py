@@ -123,9 +123,9 @@ def die(msg: str) -> NoReturn:
 
 def read_registry(path: Path = REGISTRY_TSV) -> dict[str, dict[str, str]]:
     """models.tsv: tab-separated, '#' comments; name, file, sha256, bytes, package,
-    version, member, parts, retrieval heads, about."""
+    version, member, parts, retrieval heads, attention, about."""
     cols = ("name", "file", "sha256", "bytes", "package", "version", "member", "parts",
-            "retrieval_heads", "about")
+            "retrieval_heads", "attention", "about")
     registry: dict[str, dict[str, str]] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -28,19 +28,42 @@ std::vector<RegisteredModel> Parse() {
     if (line.empty() || line[0] == '#') continue;
     std::vector<std::string> f = absl::StrSplit(line, '\t');
     RegisteredModel m;
-    // name, file, sha256, bytes, package, version, member, parts, retrieval heads, about
-    if (f.size() != 10 || !absl::SimpleAtoi(f[3], &m.bytes)) continue;  // build test guards it
+    // name, file, sha256, bytes, package, version, member, parts, retrieval heads,
+    // attention, about
+    if (f.size() != 11 || !absl::SimpleAtoi(f[3], &m.bytes)) continue;  // build test guards it
     m.name = f[0];
     m.file = f[1];
     m.sha256 = f[2];
     m.retrieval_heads = f[8] == "-" ? "" : f[8];
-    m.about = f[9];
+    m.attention = f[9] == "-" ? "" : f[9];
+    m.about = f[10];
     out.push_back(std::move(m));
   }
   return out;
 }
 
 }  // namespace
+
+const RegisteredModel* RegisteredBySha256(const std::string& sha256) {
+  for (const RegisteredModel& m : ModelRegistry()) {
+    if (m.sha256 == sha256) return &m;
+  }
+  return nullptr;
+}
+
+absl::StatusOr<AttentionPolicy> DefaultPolicyFor(const std::string& sha256) {
+  const RegisteredModel* m = RegisteredBySha256(sha256);
+  if (m == nullptr || m->attention.empty()) return AttentionPolicy{};
+  absl::StatusOr<AttentionPolicy> p = AttentionPolicy::Parse(m->attention);
+  if (p.ok()) {
+    if (absl::Status s = p->Validate(); !s.ok()) p = s;
+  }
+  if (!p.ok()) {
+    return absl::InternalError(absl::StrCat("the model registry's policy for ", m->name, ": ",
+                                            p.status().message()));
+  }
+  return p;
+}
 
 const std::vector<RegisteredModel>& ModelRegistry() {
   static const std::vector<RegisteredModel>* registry = new std::vector<RegisteredModel>(Parse());

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/attention_policy.h"
 
 namespace psa {
 
@@ -21,11 +22,23 @@ struct RegisteredModel {
   // Sites sparse policies attend densely, e.g. "L7.2,L17.1" (empty: none):
   // compute_worker/runtime/retrieval_heads.h.
   std::string retrieval_heads;
+  // The default policy for this model, e.g. "psa:eps=0.9" (empty: the
+  // built-in defaults): DefaultPolicyFor().
+  std::string attention;
   std::string about;   // one line: family, quantisation, context
 };
 
 // Every registered model, in the registry's order.
 const std::vector<RegisteredModel>& ModelRegistry();
+
+// The registered model whose file has this sha256, or null.
+const RegisteredModel* RegisteredBySha256(const std::string& sha256);
+
+// The policy a worker serving the file with this sha256 parses its
+// --attention over: the registry's `attention` for it, else AttentionPolicy{}.
+// INTERNAL if the registry's entry does not parse or validate (the
+// registry test guards it).
+absl::StatusOr<AttentionPolicy> DefaultPolicyFor(const std::string& sha256);
 
 // The model cache's models/ folder: $PSA_CACHE_DIR/models, else
 // ~/.cache/psa-serve/models.

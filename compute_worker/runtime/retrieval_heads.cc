@@ -41,15 +41,9 @@ absl::StatusOr<std::vector<bool>> ResolveRetrievalHeads(absl::string_view flag,
   std::string source = "--retrieval_heads";
   absl::string_view sites = flag;
   if (flag == "registry") {
-    source = "registry: not registered";
-    sites = "";
-    for (const RegisteredModel& m : ModelRegistry()) {
-      if (m.sha256 == model_sha256) {
-        source = absl::StrCat("registry: ", m.name);
-        sites = m.retrieval_heads;
-        break;
-      }
-    }
+    const RegisteredModel* m = RegisteredBySha256(model_sha256);
+    source = m != nullptr ? absl::StrCat("registry: ", m->name) : "registry: not registered";
+    sites = m != nullptr ? absl::string_view(m->retrieval_heads) : absl::string_view();
   }
   absl::StatusOr<std::vector<bool>> mask = ParseRetrievalHeads(sites, hp);
   if (!mask.ok()) {

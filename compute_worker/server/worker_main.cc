@@ -62,7 +62,9 @@ ABSL_FLAG(int, prompt_threads, 2,
           "wait for them, more are refused with RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, attention, "psa",
           "Attention policy for requests that name none, with the worker's options: dense, "
-          "topk or psa, e.g. psa:eps=0.95,min_blocks=16 or topk:k=128 (docs/attention.md)");
+          "topk or psa, e.g. psa:eps=0.95,min_blocks=16 or topk:k=128 (docs/attention.md); "
+          "options it does not name come from the model registry's default for the file, "
+          "if it has one, else the built-in defaults");
 ABSL_FLAG(std::optional<double>, epsilon, std::nullopt,
           "Shorthand for --attention's eps (psa: attention mass to capture), when given");
 ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
@@ -131,9 +133,11 @@ void ShortenOpenMpSpinning(char** argv) {
 
 }  // namespace
 
-// --attention, with the shorthand flags given on the command line over it.
-static absl::StatusOr<psa::AttentionPolicy> DefaultPolicy() {
-  absl::StatusOr<psa::AttentionPolicy> p = psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention));
+// --attention over `base` (the model's default: the registry's), with the
+// shorthand flags given on the command line over it.
+static absl::StatusOr<psa::AttentionPolicy> DefaultPolicy(const psa::AttentionPolicy& base) {
+  absl::StatusOr<psa::AttentionPolicy> p =
+      psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention), base);
   if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat("--attention ", p.status().message()));
   if (auto x = absl::GetFlag(FLAGS_epsilon)) p->epsilon = static_cast<float>(*x);
   if (auto x = absl::GetFlag(FLAGS_top_k_blocks)) p->top_k = *x;
@@ -156,14 +160,15 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::string> resolved = psa::ResolveModelPath(absl::GetFlag(FLAGS_model));
   if (!resolved.ok()) return Fail(std::string(resolved.status().message()));
   const std::string model_path = *resolved;
-  absl::StatusOr<psa::AttentionPolicy> parsed = DefaultPolicy();
-  if (!parsed.ok()) return Fail(std::string(parsed.status().message()));
-  const psa::AttentionPolicy policy = *parsed;
-  if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
-
   std::fprintf(stderr, "psa-worker: loading %s\n", model_path.c_str());
   absl::StatusOr<std::string> sha = psa::Sha256File(model_path);
   if (!sha.ok()) return Fail(std::string(sha.status().message()));
+  absl::StatusOr<psa::AttentionPolicy> base = psa::DefaultPolicyFor(*sha);
+  if (!base.ok()) return Fail(std::string(base.status().message()));
+  absl::StatusOr<psa::AttentionPolicy> parsed = DefaultPolicy(*base);
+  if (!parsed.ok()) return Fail(std::string(parsed.status().message()));
+  const psa::AttentionPolicy policy = *parsed;
+  if (absl::Status s = policy.Validate(); !s.ok()) return Fail(std::string(s.message()));
   auto model = psa::LlamaModel::Load(model_path);
   if (!model.ok()) return Fail(absl::StrCat("cannot load the model: ", model.status().message()));
 

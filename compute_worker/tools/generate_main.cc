@@ -49,7 +49,8 @@ ABSL_FLAG(bool, quiet, false, "Print only the completion, no statistics.");
 ABSL_FLAG(std::string, retrieval_heads, "registry", psa::kRetrievalHeadsFlagHelp);
 ABSL_FLAG(std::string, attention, "psa",
           "Decode attention policy: dense, topk or psa, with options, e.g. psa:eps=0.95 or "
-          "topk:k=128 (docs/attention.md; prefill is always dense).");
+          "topk:k=128 (docs/attention.md; prefill is always dense); options it does not name "
+          "come from the model registry's default for the file, as the worker's.");
 ABSL_FLAG(std::optional<double>, epsilon, std::nullopt,
           "Shorthand for --attention's eps (psa: attention mass to capture, in (0, 1]), when given.");
 ABSL_FLAG(std::optional<int>, min_blocks, std::nullopt,
@@ -61,14 +62,12 @@ ABSL_FLAG(std::optional<int>, top_k_blocks, std::nullopt,
 
 namespace {
 
-// The sites --retrieval_heads names for the model, as the worker marks them.
-absl::Status SetRetrievalHeads(const psa::LlamaModel& model, psa::LlamaRuntime* runtime) {
-  absl::StatusOr<std::string> file = psa::ResolveModelPath(absl::GetFlag(FLAGS_model));
-  if (!file.ok()) return file.status();
-  absl::StatusOr<std::string> sha = psa::Sha256File(*file);
-  if (!sha.ok()) return sha.status();
+// The sites --retrieval_heads names for the model file with this sha256, as
+// the worker marks them.
+absl::Status SetRetrievalHeads(const std::string& sha, const psa::LlamaModel& model,
+                               psa::LlamaRuntime* runtime) {
   absl::StatusOr<std::vector<bool>> sites =
-      psa::ResolveRetrievalHeads(absl::GetFlag(FLAGS_retrieval_heads), *sha, model.hparams());
+      psa::ResolveRetrievalHeads(absl::GetFlag(FLAGS_retrieval_heads), sha, model.hparams());
   if (!sites.ok()) return sites.status();
   return runtime->SetRetrievalHeads(*std::move(sites));
 }
@@ -145,8 +144,17 @@ int main(int argc, char** argv) {
   psa::RuntimeOptions opts;
   opts.threads = absl::GetFlag(FLAGS_threads);
   opts.max_context = absl::GetFlag(FLAGS_ctx);
+  // Over the model registry's default for the file, as the worker does.
+  absl::StatusOr<std::string> file = psa::ResolveModelPath(absl::GetFlag(FLAGS_model));
+  absl::StatusOr<std::string> sha = file.ok() ? psa::Sha256File(*file) : file.status();
+  absl::StatusOr<psa::AttentionPolicy> base =
+      sha.ok() ? psa::DefaultPolicyFor(*sha) : absl::StatusOr<psa::AttentionPolicy>(sha.status());
+  if (!base.ok()) {
+    std::cerr << "error: " << base.status().message() << "\n";
+    return 2;
+  }
   absl::StatusOr<psa::AttentionPolicy> parsed =
-      psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention));
+      psa::AttentionPolicy::Parse(absl::GetFlag(FLAGS_attention), *base);
   if (!parsed.ok()) {
     std::cerr << "error: --attention " << parsed.status().message() << "\n";
     return 2;
@@ -160,7 +168,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   psa::LlamaRuntime runtime(**model, opts, psa::MakeAttention(policy));
-  if (absl::Status s = SetRetrievalHeads(**model, &runtime); !s.ok()) {
+  if (absl::Status s = SetRetrievalHeads(*sha, **model, &runtime); !s.ok()) {
     std::cerr << "error: " << s.message() << "\n";
     return 2;
   }

@@ -26,6 +26,30 @@ TEST(ModelRegistryTest, EveryLineOfTheRegistryParses) {
   EXPECT_EQ(ModelRegistry().front().name, "smollm2-135m");
 }
 
+TEST(ModelRegistryTest, EachModelsDefaultPolicyParsesAndIsTheWorkersBase) {
+  for (const RegisteredModel& m : ModelRegistry()) {
+    EXPECT_EQ(RegisteredBySha256(m.sha256), &m);
+    absl::StatusOr<AttentionPolicy> p = DefaultPolicyFor(m.sha256);
+    ASSERT_TRUE(p.ok()) << m.name << ": " << p.status();
+    if (m.attention.empty()) {
+      EXPECT_TRUE(*p == AttentionPolicy{}) << m.name;
+    }
+  }
+  // The 0.5B's diffuse attention wants a higher epsilon (docs/attention.md, "Defaults").
+  const RegisteredModel& qwen05 = ModelRegistry()[1];
+  ASSERT_EQ(qwen05.name, "qwen2.5-coder-0.5b");
+  absl::StatusOr<AttentionPolicy> p = DefaultPolicyFor(qwen05.sha256);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->epsilon, 0.9f);
+  EXPECT_EQ(p->min_blocks, AttentionPolicy{}.min_blocks);  // the rest: the built-in defaults
+  // A worker's --attention parses over it: what it names wins, the rest stays.
+  EXPECT_EQ(AttentionPolicy::Parse("psa:eps=0.7", *p)->epsilon, 0.7f);
+  EXPECT_EQ(AttentionPolicy::Parse("psa", *p)->epsilon, 0.9f);
+  // A file the registry does not know gets the built-in defaults.
+  EXPECT_EQ(RegisteredBySha256(std::string(64, '0')), nullptr);
+  EXPECT_TRUE(*DefaultPolicyFor(std::string(64, '0')) == AttentionPolicy{});
+}
+
 TEST(ModelRegistryTest, NamesResolveInTheCacheAndErrorsSayHowToFetch) {
   const std::filesystem::path cache =
       std::filesystem::path(testing::WriteTempFile({1}, "x")).parent_path() / "cache";
