@@ -100,6 +100,14 @@ void PrefixStore::LoadLoop() {
   }
 }
 
+CacheContents PrefixStore::WithSettings(const CacheContents& c,
+                                        const std::string& decode_settings) {
+  if (c.decoded_by.empty() || decode_settings.empty()) return c;
+  CacheContents named = c;
+  named.decoded_by = absl::StrCat(c.decoded_by, "+", decode_settings);
+  return named;
+}
+
 std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, int block_size,
                                                   const CacheContents& c, int n_blocks) {
   std::vector<std::string> out;
@@ -139,7 +147,7 @@ int PrefixStore::Load(const CacheContents& contents, KvCache* kv) {
   const int usable = prompt.empty() ? 0 : static_cast<int>((prompt.size() - 1) / B);
   if (usable == 0) return 0;
   const std::vector<std::string> hashes =
-      BlockHashes(layout_.model_id(), B, contents, usable);
+      BlockHashes(layout_.model_id(), B, WithSettings(contents, options_.decode_settings), usable);
   std::vector<int> candidates = {usable};
   for (int k = (usable - 1) / options_.checkpoint_blocks; k >= 1; --k) {
     candidates.push_back(k * options_.checkpoint_blocks);
@@ -255,7 +263,7 @@ void PrefixStore::PublishPromptBlocks(const CacheContents& prompt, const KvCache
   const int B = layout_.block_size();
   const int n = std::min<int>(prompt.tokens.size() / B, kv.full_blocks());
   if (n - kv.durable_blocks() < min_new_blocks) return;
-  Plan(BlockHashes(layout_.model_id(), B, prompt, n), n, kv);
+  Plan(BlockHashes(layout_.model_id(), B, WithSettings(prompt, options_.decode_settings), n), n, kv);
 }
 
 void PrefixStore::PublishCheckpoint(const CacheContents& sequence, const KvCache& kv) {
@@ -264,7 +272,7 @@ void PrefixStore::PublishCheckpoint(const CacheContents& sequence, const KvCache
   const int n = kv.full_blocks();
   if (n == 0 || n % C != 0 || n <= kv.durable_blocks()) return;  // most steps: nothing to do
   if (sequence.tokens.size() < static_cast<size_t>(n) * B) return;  // not the cache's tokens
-  Plan(BlockHashes(layout_.model_id(), B, sequence, n), n, kv);
+  Plan(BlockHashes(layout_.model_id(), B, WithSettings(sequence, options_.decode_settings), n), n, kv);
 }
 
 void PrefixStore::Plan(std::vector<std::string> hashes, int n, const KvCache& kv) {

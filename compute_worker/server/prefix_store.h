@@ -43,6 +43,11 @@ class PrefixStore {
     int max_queued_writes = 8;   // prompts waiting to be published; more are dropped
     absl::Duration fetch_timeout = absl::Seconds(30);
     int loader_threads = 2;      // prompts looked up and fetched at once
+    // Worker settings besides the policy that change what decode steps
+    // compute (the retrieval heads it marks, e.g. "retrieval:L7.2,L17.1"):
+    // joins the policy in the names of decoded blocks, so workers that
+    // differ in them never adopt each other's. Empty: the policy alone.
+    std::string decode_settings;
   };
   // `client` and `registry` must outlive the store. `layout` describes the
   // worker's KV (model id = weights' sha256).
@@ -93,6 +98,9 @@ class PrefixStore {
   // the chain, so no name is shared across salts.
   static std::vector<std::string> BlockHashes(const std::string& model_id, int block_size,
                                               const CacheContents& c, int n_blocks);
+  // `c` with `decode_settings` (Options::decode_settings) joined to its
+  // decoded_by, if it has one: what BlockHashes names.
+  static CacheContents WithSettings(const CacheContents& c, const std::string& decode_settings);
 
  private:
   struct PendingWrite {

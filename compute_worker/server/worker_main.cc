@@ -225,6 +225,7 @@ int main(int argc, char** argv) {
   runtime_options.threads = absl::GetFlag(FLAGS_threads);
   runtime_options.max_context = absl::GetFlag(FLAGS_max_context);
   psa::LlamaRuntime runtime(**model, runtime_options);
+  std::string retrieval_settings;  // the marked sites, for the KV service's names
   {
     std::string described;
     absl::StatusOr<std::vector<bool>> sites = psa::ResolveRetrievalHeads(
@@ -232,6 +233,9 @@ int main(int argc, char** argv) {
     if (!sites.ok()) return Fail(std::string(sites.status().message()));
     if (absl::Status s = runtime.SetRetrievalHeads(*sites); !s.ok()) return Fail(std::string(s.message()));
     std::fprintf(stderr, "psa-worker: retrieval heads: %s\n", described.c_str());
+    if (std::find(sites->begin(), sites->end(), true) != sites->end()) {
+      retrieval_settings = absl::StrCat("retrieval:", described.substr(0, described.find(" (")));
+    }
   }
   psa::BatchScheduler::Options scheduler_options;
   scheduler_options.max_running = absl::GetFlag(FLAGS_max_running);
@@ -253,6 +257,7 @@ int main(int argc, char** argv) {
     psa::PrefixStore::Options prefix_options;
     prefix_options.checkpoint_blocks = absl::GetFlag(FLAGS_prefix_checkpoint_blocks);
     if (prefix_options.checkpoint_blocks < 1) return Fail("--prefix_checkpoint_blocks must be >= 1");
+    prefix_options.decode_settings = retrieval_settings;
     prefix_store = std::make_unique<psa::PrefixStore>(kv_client.get(), layout, prefix_options,
                                                       &registry);
     psa::PrefixStore* store = prefix_store.get();

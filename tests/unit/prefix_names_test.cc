@@ -42,6 +42,22 @@ TEST(PrefixNamesTest, DecodedBlocksCarryThePolicyThatDecodedThem) {
   EXPECT_EQ(names(40, "psa(eps=0.9,G=4,min_blocks=24)"), psa);
 }
 
+TEST(PrefixNamesTest, AWorkersDecodeSettingsJoinTheNamesOfDecodedBlocksOnly) {
+  std::vector<TokenId> tokens(16 * 8);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<TokenId>(i * 7 + 3);
+  auto names = [&](const std::string& by, const std::string& settings) {
+    const CacheContents c{tokens, 40, by, ""};
+    return PrefixStore::BlockHashes("model", 16, PrefixStore::WithSettings(c, settings), 8);
+  };
+  const std::string psa = "psa(eps=0.6,G=4,min_blocks=24)";
+  const auto plain = names(psa, ""), marked = names(psa, "retrieval:L7.2 L17.1");
+  for (int b = 0; b < 2; ++b) EXPECT_EQ(marked[b], plain[b]) << b;  // the prompt's blocks
+  for (int b = 2; b < 8; ++b) EXPECT_NE(marked[b], plain[b]) << b;  // decoded under the sites
+  EXPECT_NE(names(psa, "retrieval:L7.2"), marked);
+  // Dense decode names as a prefill does, whatever the settings.
+  EXPECT_EQ(names("", "retrieval:L7.2"), names("", ""));
+}
+
 TEST(PrefixNamesTest, ASaltScopesEveryName) {
   const std::vector<TokenId> tokens = Tokens(16 * 4);
   auto names = [&](const std::string& salt) {
