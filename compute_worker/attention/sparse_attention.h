@@ -5,9 +5,12 @@
 // upper bound ub_j of scale * q.k over the block, from the box its keys lie
 // in (BlockBounds: never below the exact box bound
 // scale * sum_i max(q_i * kmax_ji, q_i * kmin_ji), above it by at most the
-// rounding of 8-bit steps). One selection serves a
-// GQA group: the group's score is the max over its query heads. Sink blocks
-// and the newest blocks (the partial tail included) are always attended.
+// rounding of 8-bit steps), and the group's rank score (rank_scores.h: by
+// default the heads' shares of the estimated mass; the bound's max over the
+// heads with rank=bound). One selection serves a GQA group. Sink blocks
+// and the newest blocks (the partial tail included) are always attended;
+// a task marked as a retrieval head's (AttentionTask::retrieval_head)
+// attends every block on decode rows unless the policy says noretrieval.
 //
 //  - topk: the k best-scored blocks (sinks and newest count towards k).
 //  - psa:  blocks in descending score, G per iteration, merged by online
