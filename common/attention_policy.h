@@ -70,10 +70,11 @@ struct AttentionPolicy {
   // but the answers leave dense's greedy tokens much sooner (the question's
   // keys and values are approximate, and every later step reads them).
   int sparse_prefill_rows = 0;
-  // topk and psa: the (layer, KV head) sites the runtime's probe found to
-  // be retrieval heads that block ranking misses (AttentionTask::
-  // retrieval_head; compute_worker/runtime/retrieval_heads.h) attend every
-  // block on decode rows. Off (",noretrieval"): they select as the others.
+  // topk and psa: the (layer, KV head) sites the runtime marks as retrieval
+  // heads that block ranking misses (the model registry's, or
+  // --retrieval_heads; AttentionTask::retrieval_head,
+  // compute_worker/runtime/retrieval_heads.h) attend every block on decode
+  // rows. Off (",noretrieval"): they select as the others.
   bool retrieval_dense = true;
   int sink_blocks = 1;     // always attended: the first blocks ...
   int local_blocks = 1;    // ... and the newest full blocks (plus the partial tail)

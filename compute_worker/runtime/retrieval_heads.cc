@@ -34,6 +34,14 @@ absl::StatusOr<std::vector<bool>> ParseRetrievalHeads(absl::string_view sites,
   return mask;
 }
 
+std::string SiteNames(const std::vector<bool>& mask, int n_head_kv) {
+  std::vector<std::string> names;
+  for (size_t i = 0; i < mask.size(); ++i) {
+    if (mask[i]) names.push_back(absl::StrCat("L", i / n_head_kv, ".", i % n_head_kv));
+  }
+  return absl::StrJoin(names, " ");
+}
+
 absl::StatusOr<std::vector<bool>> ResolveRetrievalHeads(absl::string_view flag,
                                                         const std::string& model_sha256,
                                                         const LlamaHparams& hp,
@@ -50,11 +58,8 @@ absl::StatusOr<std::vector<bool>> ResolveRetrievalHeads(absl::string_view flag,
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", mask.status().message()));
   }
   if (described != nullptr) {
-    std::vector<std::string> names;
-    for (size_t i = 0; i < mask->size(); ++i) {
-      if ((*mask)[i]) names.push_back(absl::StrCat("L", i / hp.n_head_kv, ".", i % hp.n_head_kv));
-    }
-    *described = absl::StrCat(names.empty() ? "none" : absl::StrJoin(names, " "), " (", source, ")");
+    const std::string names = SiteNames(*mask, hp.n_head_kv);
+    *described = absl::StrCat(names.empty() ? "none" : names, " (", source, ")");
   }
   return mask;
 }

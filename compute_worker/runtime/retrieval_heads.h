@@ -42,6 +42,9 @@ inline constexpr char kRetrievalHeadsFlagHelp[] =
 absl::StatusOr<std::vector<bool>> ParseRetrievalHeads(absl::string_view sites,
                                                       const LlamaHparams& hp);
 
+// The marked sites of `mask` as "L7.2 L17.1" (empty: none).
+std::string SiteNames(const std::vector<bool>& mask, int n_head_kv);
+
 // The sites a --retrieval_heads flag value names for a model whose GGUF
 // file has sha256 `model_sha256`: "registry" (the default), the registry's
 // entry for that file (none if it is not registered); otherwise a list as

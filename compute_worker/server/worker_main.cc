@@ -233,8 +233,8 @@ int main(int argc, char** argv) {
     if (!sites.ok()) return Fail(std::string(sites.status().message()));
     if (absl::Status s = runtime.SetRetrievalHeads(*sites); !s.ok()) return Fail(std::string(s.message()));
     std::fprintf(stderr, "psa-worker: retrieval heads: %s\n", described.c_str());
-    if (std::find(sites->begin(), sites->end(), true) != sites->end()) {
-      retrieval_settings = absl::StrCat("retrieval:", described.substr(0, described.find(" (")));
+    if (const std::string names = psa::SiteNames(*sites, hp.n_head_kv); !names.empty()) {
+      retrieval_settings = absl::StrCat("retrieval:", names);
     }
   }
   psa::BatchScheduler::Options scheduler_options;
