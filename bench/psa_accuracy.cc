@@ -49,7 +49,8 @@ ABSL_FLAG(std::string, contexts, "2048,4096,8192", "Context lengths.");
 ABSL_FLAG(int, steps, 32, "Teacher-forced decode steps per context (and window).");
 ABSL_FLAG(int, windows, 1,
           "Windows of text per context length, spread evenly over the haystack: each is "
-          "prefilled and decoded for --steps; a policy's figures sum over them.");
+          "prefilled and decoded for --steps; a policy's figures sum over them. 0: none, "
+          "only the needle probe (its rows' other columns are then 0).");
 ABSL_FLAG(int, only_window, 0,
           "> 0: run only this window (1-based) of --windows, e.g. to --dump_dir it.");
 ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
@@ -193,7 +194,10 @@ int main(int argc, char** argv) {
   }
   const int steps = absl::GetFlag(FLAGS_steps);
   const int windows = absl::GetFlag(FLAGS_windows);
-  if (steps < 1 || windows < 1) Die("--steps and --windows must be >= 1");
+  if (steps < 1 || windows < 0) Die("--steps must be >= 1 and --windows >= 0");
+  if (windows == 0 && absl::GetFlag(FLAGS_needle_depths) == 0) {
+    Die("--windows 0 runs only the needle probe: give --needle_depths");
+  }
   const int only_window = absl::GetFlag(FLAGS_only_window);
   if (only_window < 0 || only_window > windows) Die("--only_window must be in [0, --windows]");
   const double pool_fraction = absl::GetFlag(FLAGS_pool_fraction);
@@ -446,25 +450,46 @@ int main(int argc, char** argv) {
       d.touched = d.total = 1;
       results.push_back(d);
     }
+    // Every depth's prompt starts with the same text (head, then the essay up
+    // to the needle), and the depths go deeper in order: that shared prefix is
+    // prefilled once, a chunk per depth, and each depth prefills only its
+    // needle and the rest (about 0.65 of the prefill work of one prompt per
+    // depth at ten depths; the same prompt, prefilled in two pieces as a
+    // chunked prefill would).
+    const std::vector<TokenId> head = tok.Encode("<|im_start|>user\n", false, true);
+    const std::vector<TokenId> tail = tok.Encode(
+        "\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n",
+        false, true);
+    KvCache shared = rt.NewCache();
+    int shared_at = -1;  // essay tokens in `shared` after the head; -1: empty
     for (int di = 0; di < depths; ++di) {
       const double depth = depths == 1 ? 0.5 : static_cast<double>(di) / (depths - 1);
       const std::string key = std::to_string(10000 + (C * 7 + di * 7919) % 89999);
       const std::vector<TokenId> needle =
           tok.Encode(absl::StrCat(" The pass key is ", key, ". Remember it. "), false, false);
-      const std::vector<TokenId> head = tok.Encode("<|im_start|>user\n", false, true);
-      const std::vector<TokenId> tail = tok.Encode(
-          "\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n",
-          false, true);
       const int fill = C - static_cast<int>(head.size() + needle.size() + tail.size());
       const int at = static_cast<int>(depth * fill);
-      std::vector<TokenId> prompt = head;
-      prompt.insert(prompt.end(), essay.begin(), essay.begin() + at);
-      prompt.insert(prompt.end(), needle.begin(), needle.end());
-      prompt.insert(prompt.end(), essay.begin() + at, essay.begin() + fill);
-      prompt.insert(prompt.end(), tail.begin(), tail.end());
-      KvCache nbase = rt.NewCache();
+      const auto t0 = Clock::now();
+      if (at < shared_at) {  // a longer key moved the needle back: start again
+        shared = rt.NewCache();
+        shared_at = -1;
+      }
+      std::vector<TokenId> chunk;
+      if (shared_at < 0) {
+        chunk = head;
+        shared_at = 0;
+      }
+      chunk.insert(chunk.end(), essay.begin() + shared_at, essay.begin() + at);
       std::vector<float> first;
-      if (auto s = rt.Prefill(&nbase, prompt, &first); !s.ok()) Die(std::string(s.message()));
+      if (!chunk.empty()) {
+        if (auto s = rt.Prefill(&shared, chunk, &first); !s.ok()) Die(std::string(s.message()));
+      }
+      shared_at = at;
+      std::vector<TokenId> rest = needle;
+      rest.insert(rest.end(), essay.begin() + at, essay.begin() + fill);
+      rest.insert(rest.end(), tail.begin(), tail.end());
+      KvCache nbase = shared;
+      if (auto s = rt.Prefill(&nbase, rest, &first); !s.ok()) Die(std::string(s.message()));
       auto answer = [&](const AttentionBackend* backend) {
         KvCache kv = nbase;
         std::vector<float> lg = first;
@@ -479,14 +504,18 @@ int main(int argc, char** argv) {
         return tok.Decode(out);
       };
       const std::string dense_answer = answer(&rt.default_attention());
-      std::cerr << absl::StrFormat("  needle C=%d depth %.0f%%: dense says '%s' (%s)\n", C,
+      std::cerr << absl::StrFormat("  needle C=%d depth %.0f%%: dense says '%s' (%s)", C,
                                    depth * 100, dense_answer,
                                    dense_answer.find(key) != std::string::npos ? "found" : "missed");
       for (size_t pi = 0; pi < policies.size(); ++pi) {
         PolicyResult& r = results[first_row + pi];
         r.needles += 1;
-        r.needles_found += answer(backends[pi].get()).find(key) != std::string::npos;
+        const bool found = answer(backends[pi].get()).find(key) != std::string::npos;
+        r.needles_found += found;
+        std::cerr << (pi == 0 ? "; " : ", ") << r.policy << (found ? " found" : " missed");
       }
+      std::cerr << absl::StrFormat(" (%.0f s)\n",
+                                   std::chrono::duration<double>(Clock::now() - t0).count());
       PolicyResult* dense_row = &results.back();
       dense_row->needles += 1;
       dense_row->needles_found += dense_answer.find(key) != std::string::npos;
