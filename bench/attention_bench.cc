@@ -36,8 +36,8 @@ ABSL_FLAG(int, reps, 5, "Timed repetitions; the fastest is reported.");
 ABSL_FLAG(double, hot_fraction, 0.03, "Fraction of blocks the query aligns with.");
 ABSL_FLAG(double, epsilon, 0.95, "PSA epsilon.");
 ABSL_FLAG(std::string, rank, "",
-          "How top-k and PSA rank blocks: estimate or bound (Quest's); empty: each kind's "
-          "default (top-k the estimate, PSA the bound).");
+          "How top-k and PSA rank blocks: estimate or bound (Quest's); empty: the "
+          "policies' default (the estimate).");
 ABSL_FLAG(int, top_k, 0, "Top-k budget in blocks (0: PSA's mean budget, for equal KV).");
 ABSL_FLAG(std::string, shape, "smollm2",
           "Attention shape of one layer: smollm2 (3 KV heads, groups of 3, head dim 64) or "
@@ -242,7 +242,7 @@ int main(int argc, char** argv) {
 
   const std::string rank_flag = absl::GetFlag(FLAGS_rank);
   const absl::StatusOr<AttentionPolicy::Rank> ranked =
-      rank_flag.empty() ? AttentionPolicy::Rank::kKindDefault
+      rank_flag.empty() ? AttentionPolicy{}.rank
                         : AttentionPolicy::ParseRank(rank_flag);
   if (!ranked.ok()) {
     std::fprintf(stderr, "--rank: %s\n", std::string(ranked.status().message()).c_str());

@@ -11,14 +11,11 @@
 namespace psa {
 namespace {
 
-// ",rank=X" where the ranking is not the kind's default, then
+// ",rank=bound" where set, then
 // ",sink=N,local=N" where they differ from the defaults, then ",noretrieval".
 std::string ForcedBlocks(const AttentionPolicy& p) {
   const AttentionPolicy d;
-  const AttentionPolicy::Rank r = p.ranking();
-  return absl::StrCat(r == AttentionPolicy::DefaultRank(p.kind) ? ""
-                      : r == AttentionPolicy::Rank::kBound ? ",rank=bound"
-                                                           : ",rank=estimate",
+  return absl::StrCat(p.rank == AttentionPolicy::Rank::kBound ? ",rank=bound" : "",
                       p.sink_blocks != d.sink_blocks ? absl::StrCat(",sink=", p.sink_blocks) : "",
                       p.local_blocks != d.local_blocks ? absl::StrCat(",local=", p.local_blocks)
                                                        : "",
@@ -232,7 +229,7 @@ bool AttentionPolicy::operator==(const AttentionPolicy& o) const {
   return kind == o.kind && epsilon == o.epsilon && group_blocks == o.group_blocks &&
          certified == o.certified && min_blocks == o.min_blocks &&
          share_reads == o.share_reads && resident_bias == o.resident_bias &&
-         top_k == o.top_k && ranking() == o.ranking() &&
+         top_k == o.top_k && rank == o.rank &&
          sparse_prefill_rows == o.sparse_prefill_rows && sink_blocks == o.sink_blocks &&
          local_blocks == o.local_blocks && retrieval_dense == o.retrieval_dense;
 }

@@ -54,11 +54,9 @@ struct AttentionPolicy {
   // Its rare large misses are retrieval heads (retrieval_dense below).
   // kBound: the group's largest box upper bound, Quest's ranking; a few
   // outlying keys widen a box and rank its block high whatever the rest
-  // hold. kKindDefault: the kind's default; ranking() says which applies.
-  enum class Rank { kKindDefault, kEstimate, kBound };
-  Rank rank = Rank::kKindDefault;
-  static Rank DefaultRank(Kind) { return Rank::kEstimate; }
-  Rank ranking() const { return rank != Rank::kKindDefault ? rank : DefaultRank(kind); }
+  // hold. Both kinds default to the estimate.
+  enum class Rank { kEstimate, kBound };
+  Rank rank = Rank::kEstimate;
   // "estimate" or "bound"; INVALID_ARGUMENT naming the value otherwise.
   static absl::StatusOr<Rank> ParseRank(absl::string_view name);
   // Prefill rows of a sequence, at most this many in a pass, select as

@@ -72,7 +72,7 @@ std::unique_ptr<KvPageReader> SparseAttention::StartFetches(const AttentionShape
     thread_local std::vector<float> gscore;
     thread_local std::vector<int> order;
     gscore.resize(n_cand);
-    RankScores(kv.KeyBounds(task.layer, task.kv_head), policy_.ranking(), qs, group, shape.scale,
+    RankScores(kv.KeyBounds(task.layer, task.kv_head), policy_.rank, qs, group, shape.scale,
                lay.sink, n_cand, nullptr, nullptr, gscore.data());
     BiasNonResident(policy_, *reader, lay, gscore.data());
     order.resize(n_cand);
@@ -125,7 +125,7 @@ void SparseAttention::RunQuery(const AttentionShape& shape, const AttentionTask&
     float* bounds = stop.wants_bounds() ? ub.data() : nullptr;
     if (norm_rank) bounds = exact_stop ? scratch_ub.data() : ub.data();
     RankScores(kv.KeyBounds(task.layer, task.kv_head),
-               norm_rank ? AttentionPolicy::Rank::kBound : policy_.ranking(), qs, group, shape.scale,
+               norm_rank ? AttentionPolicy::Rank::kBound : policy_.rank, qs, group, shape.scale,
                sink, n_cand, bounds,
                stop.wants_estimate() && box_centre ? estimate.data() : nullptr,
                exact_rank ? scratch_g.data() : gscore.data(),

@@ -177,7 +177,7 @@ HostCandidates CpuSelection(const Batch& b, const AttentionPolicy& p) {
       }
       std::vector<float> ub(static_cast<size_t>(group) * n), centre(ub.size()), mean(ub.size()),
           gscore(n);
-      RankScores(kv.KeyBounds(0, h), p.ranking(), qs, group, b.shape.scale(), lay.sink, n, ub.data(),
+      RankScores(kv.KeyBounds(0, h), p.rank, qs, group, b.shape.scale(), lay.sink, n, ub.data(),
                  centre.data(), gscore.data(), mean.data());
       BlockRanking ranking;
       ranking.Reset(gscore.data(), n);
@@ -202,7 +202,7 @@ cuda::Selection ToSelection(const AttentionPolicy& p) {
   s.top_k = p.top_k;
   s.sink_blocks = p.sink_blocks;
   s.local_blocks = p.local_blocks;
-  s.rank_by_bound = p.ranking() == AttentionPolicy::Rank::kBound;
+  s.rank_by_bound = p.rank == AttentionPolicy::Rank::kBound;
   return s;
 }
 

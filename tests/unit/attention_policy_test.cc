@@ -98,10 +98,10 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   policies[7].rank = AttentionPolicy::Rank::kEstimate;
   policies.push_back(policies[2]);
   policies.back().rank = AttentionPolicy::Rank::kBound;
-  // Each kind's own ranking by default, printed only where another is set.
+  // The estimate by default, printed only where the bound is set.
   using Rank = AttentionPolicy::Rank;
-  EXPECT_EQ(policies[2].ranking(), Rank::kEstimate);
-  EXPECT_EQ(policies[0].ranking(), Rank::kEstimate);
+  EXPECT_EQ(policies[2].rank, Rank::kEstimate);
+  EXPECT_EQ(policies[0].rank, Rank::kEstimate);
   EXPECT_EQ(policies.back().ToString(), "topk(k=128,prefill=32,rank=bound)");
   EXPECT_EQ(policies[7].ToString(), "psa(eps=0.6,G=8,min_blocks=24,sink=2,local=0)");
   policies[7].rank = Rank::kBound;
@@ -110,7 +110,7 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   explicit_default.rank = Rank::kEstimate;
   EXPECT_EQ(explicit_default.ToString(), AttentionPolicy{}.ToString());
   EXPECT_TRUE(explicit_default == AttentionPolicy{});
-  EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->ranking(), Rank::kBound);
+  EXPECT_EQ(AttentionPolicy::Parse("topk:rank=bound")->rank, Rank::kBound);
   // Retrieval heads read densely unless the policy says otherwise.
   EXPECT_TRUE(AttentionPolicy{}.retrieval_dense);
   AttentionPolicy no_retrieval;
@@ -119,13 +119,13 @@ TEST(AttentionPolicyTest, ReadsBackExactlyWhatItPrints) {
   EXPECT_FALSE(no_retrieval == AttentionPolicy{});
   EXPECT_FALSE(AttentionPolicy::Parse("topk:k=8,noretrieval")->retrieval_dense);
   policies.push_back(no_retrieval);
-  EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->ranking(),
+  EXPECT_EQ(AttentionPolicy::Parse("psa:rank=estimate", *AttentionPolicy::Parse("psa:rank=bound"))->rank,
             Rank::kEstimate);
   for (const AttentionPolicy& p : policies) {
     auto back = AttentionPolicy::Parse(p.ToString(), AttentionPolicy{});
     ASSERT_TRUE(back.ok()) << p.ToString() << ": " << back.status();
     EXPECT_EQ(back->ToString(), p.ToString());
-    EXPECT_EQ(back->ranking(), p.ranking()) << p.ToString();
+    EXPECT_EQ(back->rank, p.rank) << p.ToString();
     if (p.kind == Kind::kPsa) {
       EXPECT_TRUE(*back == p) << p.ToString();
     }

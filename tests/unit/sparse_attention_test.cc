@@ -241,7 +241,7 @@ TEST(SparseAttentionTest, OracleTakesTheHeaviestBlocksAndStopsOnTheExactMass) {
   double forced = mass[0] + mass[blocks - 1];
   std::vector<double> rest(mass.begin() + 1, mass.end() - 1);
   std::sort(rest.rbegin(), rest.rend());
-  const std::vector<int> in_order = CandidatesInOrder(kv, q, 0.125f, Psa(0.5f).ranking());
+  const std::vector<int> in_order = CandidatesInOrder(kv, q, 0.125f, Psa(0.5f).rank);
   for (float eps : {0.5f, 0.8f, 0.95f}) {
     AttentionPolicy p = Psa(eps);
     ResearchSelection r;

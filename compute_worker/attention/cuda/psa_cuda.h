@@ -62,7 +62,7 @@ struct Selection {
   int top_k = 64;
   int sink_blocks = 1;
   int local_blocks = 1;
-  bool rank_by_bound = false;  // AttentionPolicy::ranking(): the estimate by default
+  bool rank_by_bound = false;  // AttentionPolicy::rank: the estimate by default
 };
 
 // Candidates of the ordered modes and of RunBlockScores. Candidate c of
