@@ -56,7 +56,8 @@ ABSL_FLAG(int, only_window, 0,
 ABSL_FLAG(std::string, epsilons, "0.8,0.9,0.95,0.98,0.99", "PSA epsilons to sweep.");
 ABSL_FLAG(std::string, topk, "8,16,32,64,128", "Top-k block budgets to sweep.");
 ABSL_FLAG(int, group_blocks, 4, "PSA blocks per iteration (G).");
-ABSL_FLAG(int, min_blocks, 0, "PSA: blocks every head attends before it may stop.");
+ABSL_FLAG(int, min_blocks, psa::AttentionPolicy{}.min_blocks,
+          "PSA: blocks every head attends before it may stop (default: the policy's).");
 ABSL_FLAG(bool, certified, false, "Also sweep PSA with the certified stop.");
 ABSL_FLAG(bool, paper_estimate, false,
           "Also sweep PSA with the paper's AS_min tail estimate (policy suffix ',min').");
@@ -289,7 +290,7 @@ int main(int argc, char** argv) {
   // Every policy in each ranking asked for (those a research ranking
   // overrides once).
   std::vector<AttentionPolicy::Rank> ranks;
-  if (absl::GetFlag(FLAGS_ranks).empty()) ranks.push_back(AttentionPolicy::Rank::kKindDefault);
+  if (absl::GetFlag(FLAGS_ranks).empty()) ranks.push_back(AttentionPolicy{}.rank);
   for (const std::string& r : SplitList(absl::GetFlag(FLAGS_ranks))) {
     absl::StatusOr<AttentionPolicy::Rank> rank = AttentionPolicy::ParseRank(r);
     if (!rank.ok()) Die("--ranks: " + std::string(rank.status().message()));
