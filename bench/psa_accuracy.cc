@@ -454,9 +454,9 @@ int main(int argc, char** argv) {
     // Every depth's prompt starts with the same text (head, then the essay up
     // to the needle), and the depths go deeper in order: that shared prefix is
     // prefilled once, a chunk per depth, and each depth prefills only its
-    // needle and the rest (about 0.65 of the prefill work of one prompt per
-    // depth at ten depths; the same prompt, prefilled in two pieces as a
-    // chunked prefill would).
+    // needle and the rest (the same prompt, prefilled in two pieces as a
+    // chunked prefill would). Ten depths at 32K took 0.74 of ten whole
+    // prefills: attention, quadratic, is most of a long prefill.
     const std::vector<TokenId> head = tok.Encode("<|im_start|>user\n", false, true);
     const std::vector<TokenId> tail = tok.Encode(
         "\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n",
