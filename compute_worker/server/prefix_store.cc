@@ -108,6 +108,11 @@ CacheContents PrefixStore::WithSettings(const CacheContents& c,
   return named;
 }
 
+std::vector<std::string> PrefixStore::NamesOf(const CacheContents& c, int n_blocks) const {
+  return BlockHashes(layout_.model_id(), layout_.block_size(),
+                     WithSettings(c, options_.decode_settings), n_blocks);
+}
+
 std::vector<std::string> PrefixStore::BlockHashes(const std::string& model_id, int block_size,
                                                   const CacheContents& c, int n_blocks) {
   std::vector<std::string> out;
@@ -146,8 +151,7 @@ int PrefixStore::Load(const CacheContents& contents, KvCache* kv) {
   const int B = layout_.block_size();
   const int usable = prompt.empty() ? 0 : static_cast<int>((prompt.size() - 1) / B);
   if (usable == 0) return 0;
-  const std::vector<std::string> hashes =
-      BlockHashes(layout_.model_id(), B, WithSettings(contents, options_.decode_settings), usable);
+  const std::vector<std::string> hashes = NamesOf(contents, usable);
   std::vector<int> candidates = {usable};
   for (int k = (usable - 1) / options_.checkpoint_blocks; k >= 1; --k) {
     candidates.push_back(k * options_.checkpoint_blocks);
@@ -263,7 +267,7 @@ void PrefixStore::PublishPromptBlocks(const CacheContents& prompt, const KvCache
   const int B = layout_.block_size();
   const int n = std::min<int>(prompt.tokens.size() / B, kv.full_blocks());
   if (n - kv.durable_blocks() < min_new_blocks) return;
-  Plan(BlockHashes(layout_.model_id(), B, WithSettings(prompt, options_.decode_settings), n), n, kv);
+  Plan(NamesOf(prompt, n), n, kv);
 }
 
 void PrefixStore::PublishCheckpoint(const CacheContents& sequence, const KvCache& kv) {
@@ -272,7 +276,7 @@ void PrefixStore::PublishCheckpoint(const CacheContents& sequence, const KvCache
   const int n = kv.full_blocks();
   if (n == 0 || n % C != 0 || n <= kv.durable_blocks()) return;  // most steps: nothing to do
   if (sequence.tokens.size() < static_cast<size_t>(n) * B) return;  // not the cache's tokens
-  Plan(BlockHashes(layout_.model_id(), B, WithSettings(sequence, options_.decode_settings), n), n, kv);
+  Plan(NamesOf(sequence, n), n, kv);
 }
 
 void PrefixStore::Plan(std::vector<std::string> hashes, int n, const KvCache& kv) {

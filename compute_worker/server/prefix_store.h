@@ -103,6 +103,9 @@ class PrefixStore {
   static CacheContents WithSettings(const CacheContents& c, const std::string& decode_settings);
 
  private:
+  // BlockHashes of `c`'s first n_blocks for this worker: its model, block
+  // size and decode settings.
+  std::vector<std::string> NamesOf(const CacheContents& c, int n_blocks) const;
   struct PendingWrite {
     std::vector<std::string> hashes;       // per block
     int n_blocks = 0;
